@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The quick start: generate a small corpus, train a tokenizer on it, convert it into text shards
+# and into tokenized shards, then inspect and verify the result. Everything lands in demo-output/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-demo-output}
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+echo "== 1. generate a small corpus (8 MB of JSONL.zst in 8 files)"
+python tools/make_corpus.py "$OUT/corpus" --mb 8 --num-files 8 --format jsonl.zst
+
+echo "== 2. train a byte-level BPE tokenizer on it (offline)"
+shardloader train-tokenizer "$OUT/corpus" --output "$OUT/tokenizer" --vocab-size 4096
+
+echo "== 3. convert to Arrow text shards"
+shardloader convert "$OUT/corpus" --output "$OUT/text-shards" --shard-bytes 2MB --task-bytes 1MB
+
+echo "== 4. convert to tokenized shards (token ids, EOS after every document)"
+shardloader convert "$OUT/corpus" --output "$OUT/token-shards" --tokenizer "$OUT/tokenizer" \
+    --shard-bytes 2MB --task-bytes 1MB
+
+echo "== 5. inspect and verify"
+shardloader inspect "$OUT/token-shards" --samples 2 --shards 3
+shardloader verify "$OUT/text-shards"
+shardloader verify "$OUT/token-shards"
+echo "done: see $OUT/"

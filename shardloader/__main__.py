@@ -1,0 +1,5 @@
+"""``python -m shardloader`` runs the command-line interface."""
+
+from shardloader.cli import main
+
+raise SystemExit(main())

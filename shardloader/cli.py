@@ -1,0 +1,271 @@
+"""Command-line interface: ``shardloader convert | merge | inspect | verify | train-tokenizer``.
+
+Flags mirror the fields of the config objects. This module parses and prints; the work happens in
+the library. Errors from shardloader print as one line (``error: <location>: <what>``) and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from shardloader import __version__
+from shardloader.convert import ConvertConfig, ConvertResult, convert, merge
+from shardloader.errors import ShardloaderError
+from shardloader.manifest import Manifest, read_manifest
+from shardloader.verify import iter_samples, verify
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse ``"64MB"``, ``"64MiB"``, ``"1.5G"`` or ``"1000"`` into bytes (K/M/G are powers of 2)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MB)")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * (1 << (10 * " kmgt".index(unit))) if unit else number)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _add_convert(sub: Any) -> None:
+    p = sub.add_parser("convert", help="convert a raw corpus into shards and a manifest")
+    p.add_argument("inputs", nargs="+", help="files, directories or globs (local or fsspec URLs)")
+    p.add_argument("-o", "--output", required=True, help="output directory or URL")
+    p.add_argument("--format", default="arrow", choices=["arrow", "tar"])
+    p.add_argument("--compression", default="zstd", choices=["zstd", "none"])
+    p.add_argument("--compression-level", type=int, default=3)
+    p.add_argument("--shard-bytes", type=parse_size, default=ConvertConfig.shard_bytes,
+                   help="close a shard at this many uncompressed bytes (default 128MiB)")
+    p.add_argument("--shard-samples", type=int, default=None,
+                   help="close a shard at this many samples")
+    p.add_argument("--batch-bytes", type=parse_size, default=ConvertConfig.batch_bytes,
+                   help="Arrow record batch size, uncompressed (default 4MiB)")
+    p.add_argument("--task-bytes", type=parse_size, default=ConvertConfig.task_bytes,
+                   help="group input files into tasks of about this many bytes (default 64MiB)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id",
+                   help="field with the document id; ids are made from file:line where missing "
+                   "(pass '' to always make them)")
+    p.add_argument("--keep-fields", default="",
+                   help="comma-separated extra fields to keep, each name or name:type "
+                   "(string, int64, float64, bool, json)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or a local Hugging Face tokenizer directory: store token ids")
+    p.add_argument("--eos-token", default=None)
+    p.add_argument("--bos-token", default=None)
+    p.add_argument("--no-eos", dest="add_eos", action="store_false",
+                   help="do not append EOS to tokenized documents")
+    p.add_argument("--add-bos", action="store_true", help="prepend BOS to tokenized documents")
+    p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
+    p.add_argument("--num-proc", type=int, default=None, help="worker processes (default: CPUs)")
+    p.add_argument("--num-tasks", type=int, default=1,
+                   help="split the conversion into this many independent slices (machines)")
+    p.add_argument("--task-index", type=int, default=0, help="which slice this run converts")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different dataset already in the output")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    config = ConvertConfig(
+        output=args.output,
+        format=args.format,
+        compression=args.compression,
+        compression_level=args.compression_level,
+        shard_bytes=args.shard_bytes,
+        shard_samples=args.shard_samples,
+        batch_bytes=args.batch_bytes,
+        task_bytes=args.task_bytes,
+        text_field=args.text_field,
+        id_field=args.id_field or None,
+        keep_fields=tuple(f for f in args.keep_fields.split(",") if f.strip()),
+        tokenizer=args.tokenizer,
+        eos_token=args.eos_token,
+        bos_token=args.bos_token,
+        add_eos=args.add_eos,
+        add_bos=args.add_bos,
+        on_bad_record=args.on_bad_record,
+        num_proc=args.num_proc,
+        num_tasks=args.num_tasks,
+        task_index=args.task_index,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+    result = convert(args.inputs, config)
+    _print_result(result)
+    return 0
+
+
+def _print_result(r: ConvertResult) -> None:
+    if r.tasks_run == 0 and r.manifest is not None:
+        print(f"{r.output}: already converted, nothing to do")
+        _print_manifest(r.manifest)
+        return
+    rate = r.num_input_bytes / max(r.wall_s, 1e-9) / 1e6
+    ratio = r.num_input_bytes / r.num_output_bytes if r.num_output_bytes else 0.0
+    print(f"converted {r.num_docs:,} documents in {r.wall_s:.1f} s ({rate:.1f} MB/s of input text)")
+    print(f"  tasks:      {r.tasks_run} run, {r.tasks_skipped} already done, {r.tasks_total} total")
+    print(f"  bytes in:   {_fmt_bytes(r.num_input_bytes)} (uncompressed input)")
+    print(f"  bytes out:  {_fmt_bytes(r.num_output_bytes)} (compression ratio {ratio:.2f}x)")
+    if r.num_tokens:
+        print(f"  tokens:     {r.num_tokens:,} ({r.num_tokens / max(r.wall_s, 1e-9):,.0f}/s)")
+    skipped = sum(r.skipped.values())
+    print(f"  skipped:    {skipped}" + (f" {dict(r.skipped)}" if skipped else ""))
+    for example in r.skipped_examples[:5]:
+        print(f"    {example}")
+    if r.manifest is not None:
+        _print_manifest(r.manifest)
+    else:
+        print(f"  this slice is done; when every slice is, run: shardloader merge {r.output}")
+
+
+def _print_manifest(m: Manifest) -> None:
+    payload = "token ids" if m.tokenized else "text"
+    print(
+        f"dataset: {len(m.shards)} {m.format} shards ({m.compression}), {m.num_samples:,} samples "
+        f"of {payload}, {_fmt_bytes(m.num_bytes)}"
+        + (f", {m.num_tokens:,} tokens" if m.tokenized else "")
+    )
+    if m.skipped:
+        print(f"  skipped records: {dict(m.skipped)}")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    manifest = merge(args.output)
+    print(f"{args.output}: manifest written")
+    _print_manifest(manifest)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    m = read_manifest(args.dataset)
+    _print_manifest(m)
+    print(f"  fields: {json.dumps(dict(m.fields))}")
+    if m.tokenizer:
+        print(f"  tokenizer: {m.tokenizer['fingerprint'][:23]}… vocab {m.tokenizer['vocab_size']}, "
+              f"dtype {m.token_dtype}")
+    print(f"  sources: {len(m.sources)} files; created by {m.created_by}")
+    sizes = [s.num_samples for s in m.shards]
+    if sizes:
+        print(f"  samples per shard: min {min(sizes)}, max {max(sizes)}")
+    for s in m.shards[: args.shards]:
+        print(f"  {s.path}: {s.num_samples} samples, {_fmt_bytes(s.num_bytes)}, "
+              f"first id {s.first_sample_id}")
+    if len(m.shards) > args.shards:
+        print(f"  ... {len(m.shards) - args.shards} more shards")
+    for sample in iter_samples(args.dataset, limit=args.samples):
+        shown = {k: v for k, v in sample.items() if k not in ("text", "input_ids")}
+        if "text" in sample:
+            text = sample["text"]
+            shown["text"] = text[:160] + (f"… ({len(text)} chars)" if len(text) > 160 else "")
+        else:
+            ids = sample["input_ids"]
+            shown["input_ids"] = f"{ids[:12].tolist()}… ({len(ids)} tokens)"
+        print(f"  sample {json.dumps(shown, ensure_ascii=False)}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify(args.dataset)
+    for problem in report.problems:
+        print(f"BAD {problem}")
+    status = "OK" if report.ok else f"FAILED: {len(report.problems)} bad shards"
+    print(f"{status}: {report.num_shards} shards, {report.num_samples:,} samples, "
+          f"{_fmt_bytes(report.num_bytes)} checked")
+    return 0 if report.ok else 1
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from shardloader.sources import BadRecords, RecordSpec, read_documents
+    from shardloader.storage import list_files
+    from shardloader.tokenizer import train_bpe_tokenizer
+
+    files = list_files(args.inputs)
+    spec = RecordSpec(text_field=args.text_field, id_field=None)
+    bad = BadRecords(args.on_bad_record)
+    budget = args.max_bytes
+
+    def texts() -> Any:
+        nonlocal budget
+        for f in files:
+            for doc in read_documents(f, spec=spec, bad=bad):
+                yield doc.text
+                budget -= len(doc.text)
+                if budget <= 0:
+                    return
+
+    path = train_bpe_tokenizer(texts(), args.output, vocab_size=args.vocab_size)
+    print(f"tokenizer written to {path} (vocab {args.vocab_size}, byte-level BPE)")
+    if bad.total:
+        print(f"  skipped records: {dict(bad.counts)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``shardloader`` command."""
+    parser = argparse.ArgumentParser(prog="shardloader", description="Convert text corpora into compressed shards for LLM training.")
+    parser.add_argument("--version", action="version", version=f"shardloader {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    p = sub.add_parser("merge", help="write the manifest of a conversion run in slices")
+    p.add_argument("output")
+    p = sub.add_parser("inspect", help="print a dataset's manifest summary and a few samples")
+    p.add_argument("dataset")
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--shards", type=int, default=5)
+    p = sub.add_parser("verify", help="re-read every shard and check counts and checksums")
+    p.add_argument("dataset")
+    p = sub.add_parser("train-tokenizer", help="train a small byte-level BPE tokenizer offline")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="directory for tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--max-bytes", type=parse_size, default=parse_size("200MB"),
+                   help="train on at most this much text (default 200MiB)")
+    p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
+    return parser
+
+
+_COMMANDS = {
+    "convert": _convert,
+    "merge": _merge,
+    "inspect": _inspect,
+    "verify": _verify,
+    "train-tokenizer": _train_tokenizer,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _COMMANDS[args.command](args)
+    except ShardloaderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(0)

@@ -1,0 +1,179 @@
+"""Arrow IPC file shards: zstd-compressed record batches of a few MB, random access by batch.
+
+A text shard has columns ``id`` (string) and ``text`` (string), a tokenized shard ``id`` and
+``input_ids`` (list of uint16 or uint32), each followed by the kept fields (``json`` fields are
+stored as JSON text). Shards open as they are with ``pyarrow.ipc.open_file`` and
+``pyarrow.dataset.dataset(path, format="arrow")``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+
+from shardloader.errors import ShardError
+from shardloader.formats import extra_fields
+
+BATCH_ROWS = 65536
+_ARROW_TYPES = {
+    "string": pa.string(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "json": pa.string(),
+}
+
+
+def arrow_schema(fields: Mapping[str, str], token_dtype: str | None) -> pa.Schema:
+    """The Arrow schema of shards with these fields."""
+    out = []
+    for name, kind in fields.items():
+        if kind == "tokens":
+            out.append(pa.field(name, pa.list_(pa.from_numpy_dtype(np.dtype(token_dtype)))))
+        else:
+            out.append(pa.field(name, _ARROW_TYPES[kind]))
+    return pa.schema(out)
+
+
+class ArrowShardWriter:
+    """Buffers samples and writes a compressed record batch every ``batch_bytes``."""
+
+    def __init__(
+        self,
+        sink: Any,
+        *,
+        fields: Mapping[str, str],
+        token_dtype: str | None,
+        compression: str,
+        compression_level: int,
+        batch_bytes: int,
+    ) -> None:
+        self._schema = arrow_schema(fields, token_dtype)
+        self._extras = extra_fields(fields)
+        self._tokens = "input_ids" in fields
+        self._dtype = np.dtype(token_dtype) if token_dtype else None
+        codec = pa.Codec("zstd", compression_level) if compression == "zstd" else None
+        self._writer = pa.ipc.new_file(
+            sink, self._schema, options=pa.ipc.IpcWriteOptions(compression=codec)
+        )
+        self._batch_bytes = batch_bytes
+        self._ids: list[str] = []
+        self._payloads: list[Any] = []
+        self._fields: dict[str, list[Any]] = {k: [] for k in self._extras}
+        self._buffered = 0
+
+    def write(
+        self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
+    ) -> None:
+        """Add one sample."""
+        self._ids.append(doc_id)
+        self._payloads.append(payload)
+        for key, values in self._fields.items():
+            values.append(fields.get(key) if fields else None)
+        self._buffered += len(payload) if isinstance(payload, bytes) else payload.nbytes
+        if self._buffered >= self._batch_bytes or len(self._ids) >= BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._ids:
+            return
+        arrays = [pa.array(self._ids, pa.string())]
+        if self._tokens:
+            lengths = np.fromiter((len(p) for p in self._payloads), np.int64, len(self._payloads))
+            offsets = np.zeros(len(lengths) + 1, np.int32)
+            np.cumsum(lengths, out=offsets[1:])
+            values = np.concatenate(self._payloads).astype(self._dtype, copy=False)
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)))
+        else:
+            arrays.append(pa.array(self._payloads, pa.binary()).view(pa.string()))
+        for key, kind in self._extras.items():
+            values_ = self._fields[key]
+            if kind == "json":
+                values_ = [
+                    None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True)
+                    for v in values_
+                ]
+            arrays.append(pa.array(values_, _ARROW_TYPES[kind]))
+        self._writer.write_batch(pa.record_batch(arrays, schema=self._schema))
+        self._ids, self._payloads, self._buffered = [], [], 0
+        self._fields = {k: [] for k in self._extras}
+
+    def close(self) -> None:
+        """Write the last batch and the file footer."""
+        self._flush()
+        self._writer.close()
+
+
+class ArrowFormat:
+    """Arrow IPC file shards (``.arrow``)."""
+
+    name = "arrow"
+
+    def file_suffix(self, compression: str) -> str:
+        """Always ``.arrow``: compression is per record batch, inside the file."""
+        return ".arrow"
+
+    def open_writer(
+        self,
+        sink: Any,
+        *,
+        shard_name: str,
+        fields: Mapping[str, str],
+        token_dtype: str | None,
+        compression: str,
+        compression_level: int,
+        batch_bytes: int,
+    ) -> ArrowShardWriter:
+        """Start an Arrow shard."""
+        return ArrowShardWriter(
+            sink,
+            fields=fields,
+            token_dtype=token_dtype,
+            compression=compression,
+            compression_level=compression_level,
+            batch_bytes=batch_bytes,
+        )
+
+    def iter_samples(
+        self,
+        source: IO[bytes],
+        *,
+        fields: Mapping[str, str],
+        token_dtype: str | None,
+        compression: str,
+        where: str,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the samples of an Arrow shard."""
+        try:
+            reader = pa.ipc.open_file(source)
+            expected = arrow_schema(fields, token_dtype)
+            if not reader.schema.equals(expected):
+                raise ShardError(
+                    f"{where}: schema {reader.schema} does not match the manifest's {expected}"
+                )
+            for index in range(reader.num_record_batches):
+                batch = reader.get_batch(index)
+                yield from _batch_samples(batch, fields)
+        except pa.ArrowException as err:
+            raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
+
+
+def _batch_samples(batch: pa.RecordBatch, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+    columns: dict[str, list[Any]] = {}
+    for name, kind in fields.items():
+        column = batch.column(name)
+        if kind == "tokens":
+            values = column.values.to_numpy(zero_copy_only=False)
+            offsets = column.offsets.to_numpy()
+            columns[name] = [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        elif kind == "json":
+            columns[name] = [None if v is None else json.loads(v) for v in column.to_pylist()]
+        else:
+            columns[name] = column.to_pylist()
+    names = list(columns)
+    for row in zip(*columns.values(), strict=True):
+        yield dict(zip(names, row, strict=True))
