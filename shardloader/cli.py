@@ -25,7 +25,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """Parse ``"64MB"``, ``"64MiB"``, ``"1.5G"`` or ``"1000"`` into bytes (K/M/G are powers of 2)."""
+    """Parse ``"64MB"``, ``"64MiB"``, ``"1.5G"`` or ``"1000"`` into bytes (K/M/G: powers of 2)."""
     m = _SIZE.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MB)")
@@ -48,35 +48,66 @@ def _add_convert(sub: Any) -> None:
     p.add_argument("--format", default="arrow", choices=["arrow", "tar"])
     p.add_argument("--compression", default="zstd", choices=["zstd", "none"])
     p.add_argument("--compression-level", type=int, default=3)
-    p.add_argument("--shard-bytes", type=parse_size, default=ConvertConfig.shard_bytes,
-                   help="close a shard at this many uncompressed bytes (default 128MiB)")
-    p.add_argument("--shard-samples", type=int, default=None,
-                   help="close a shard at this many samples")
-    p.add_argument("--batch-bytes", type=parse_size, default=ConvertConfig.batch_bytes,
-                   help="Arrow record batch size, uncompressed (default 4MiB)")
-    p.add_argument("--task-bytes", type=parse_size, default=ConvertConfig.task_bytes,
-                   help="group input files into tasks of about this many bytes (default 64MiB)")
+    p.add_argument(
+        "--shard-bytes",
+        type=parse_size,
+        default=ConvertConfig.shard_bytes,
+        help="close a shard at this many uncompressed bytes (default 128MiB)",
+    )
+    p.add_argument(
+        "--shard-samples", type=int, default=None, help="close a shard at this many samples"
+    )
+    p.add_argument(
+        "--batch-bytes",
+        type=parse_size,
+        default=ConvertConfig.batch_bytes,
+        help="Arrow record batch size, uncompressed (default 4MiB)",
+    )
+    p.add_argument(
+        "--task-bytes",
+        type=parse_size,
+        default=ConvertConfig.task_bytes,
+        help="group input files into tasks of about this many bytes (default 64MiB)",
+    )
     p.add_argument("--text-field", default="text")
-    p.add_argument("--id-field", default="id",
-                   help="field with the document id; ids are made from file:line where missing "
-                   "(pass '' to always make them)")
-    p.add_argument("--keep-fields", default="",
-                   help="comma-separated extra fields to keep, each name or name:type "
-                   "(string, int64, float64, bool, json)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or a local Hugging Face tokenizer directory: store token ids")
+    p.add_argument(
+        "--id-field",
+        default="id",
+        help="field with the document id; ids are made from file:line where missing "
+        "(pass '' to always make them)",
+    )
+    p.add_argument(
+        "--keep-fields",
+        default="",
+        help="comma-separated extra fields to keep, each name or name:type "
+        "(string, int64, float64, bool, json)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or a local Hugging Face tokenizer directory: store token ids",
+    )
     p.add_argument("--eos-token", default=None)
     p.add_argument("--bos-token", default=None)
-    p.add_argument("--no-eos", dest="add_eos", action="store_false",
-                   help="do not append EOS to tokenized documents")
+    p.add_argument(
+        "--no-eos",
+        dest="add_eos",
+        action="store_false",
+        help="do not append EOS to tokenized documents",
+    )
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to tokenized documents")
     p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
     p.add_argument("--num-proc", type=int, default=None, help="worker processes (default: CPUs)")
-    p.add_argument("--num-tasks", type=int, default=1,
-                   help="split the conversion into this many independent slices (machines)")
+    p.add_argument(
+        "--num-tasks",
+        type=int,
+        default=1,
+        help="split the conversion into this many independent slices (machines)",
+    )
     p.add_argument("--task-index", type=int, default=0, help="which slice this run converts")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a different dataset already in the output")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a different dataset already in the output"
+    )
     p.add_argument("--progress", dest="progress", action="store_true", default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -157,15 +188,19 @@ def _inspect(args: argparse.Namespace) -> int:
     _print_manifest(m)
     print(f"  fields: {json.dumps(dict(m.fields))}")
     if m.tokenizer:
-        print(f"  tokenizer: {m.tokenizer['fingerprint'][:23]}… vocab {m.tokenizer['vocab_size']}, "
-              f"dtype {m.token_dtype}")
+        print(
+            f"  tokenizer: {m.tokenizer['fingerprint'][:23]}… vocab {m.tokenizer['vocab_size']}, "
+            f"dtype {m.token_dtype}"
+        )
     print(f"  sources: {len(m.sources)} files; created by {m.created_by}")
     sizes = [s.num_samples for s in m.shards]
     if sizes:
         print(f"  samples per shard: min {min(sizes)}, max {max(sizes)}")
     for s in m.shards[: args.shards]:
-        print(f"  {s.path}: {s.num_samples} samples, {_fmt_bytes(s.num_bytes)}, "
-              f"first id {s.first_sample_id}")
+        print(
+            f"  {s.path}: {s.num_samples} samples, {_fmt_bytes(s.num_bytes)}, "
+            f"first id {s.first_sample_id}"
+        )
     if len(m.shards) > args.shards:
         print(f"  ... {len(m.shards) - args.shards} more shards")
     for sample in iter_samples(args.dataset, limit=args.samples):
@@ -185,8 +220,10 @@ def _verify(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"BAD {problem}")
     status = "OK" if report.ok else f"FAILED: {len(report.problems)} bad shards"
-    print(f"{status}: {report.num_shards} shards, {report.num_samples:,} samples, "
-          f"{_fmt_bytes(report.num_bytes)} checked")
+    print(
+        f"{status}: {report.num_shards} shards, {report.num_samples:,} samples, "
+        f"{_fmt_bytes(report.num_bytes)} checked"
+    )
     return 0 if report.ok else 1
 
 
@@ -218,7 +255,10 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``shardloader`` command."""
-    parser = argparse.ArgumentParser(prog="shardloader", description="Convert text corpora into compressed shards for LLM training.")
+    parser = argparse.ArgumentParser(
+        prog="shardloader",
+        description="Convert text corpora into compressed shards for LLM training.",
+    )
     parser.add_argument("--version", action="version", version=f"shardloader {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,8 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="directory for tokenizer.json")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--text-field", default="text")
-    p.add_argument("--max-bytes", type=parse_size, default=parse_size("200MB"),
-                   help="train on at most this much text (default 200MiB)")
+    p.add_argument(
+        "--max-bytes",
+        type=parse_size,
+        default=parse_size("200MB"),
+        help="train on at most this much text (default 200MiB)",
+    )
     p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
     return parser
 

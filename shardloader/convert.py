@@ -22,7 +22,7 @@ tokenizer dominates (``tools/bench_convert.py``).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,7 +33,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,13 @@ from shardloader.manifest import (
     parse_manifest,
     shards_with_ids,
 )
-from shardloader.sources import ON_BAD_RECORD, BadRecords, RecordSpec, parse_keep_fields, read_documents
+from shardloader.sources import (
+    ON_BAD_RECORD,
+    BadRecords,
+    RecordSpec,
+    parse_keep_fields,
+    read_documents,
+)
 from shardloader.storage import InputFile, OutputDir
 from shardloader.tokenizer import TextTokenizer
 
@@ -138,7 +144,9 @@ class ConvertConfig:
                 f"num_tasks={self.num_tasks}"
             )
         if not -7 <= self.compression_level <= 22:
-            raise ConfigError(f"compression_level must be in [-7, 22], got {self.compression_level}")
+            raise ConfigError(
+                f"compression_level must be in [-7, 22], got {self.compression_level}"
+            )
         parse_keep_fields(self.keep_fields)  # validates
 
     def output_settings(self, tokenizer_fingerprint: str | None) -> dict[str, Any]:
@@ -202,7 +210,7 @@ class Task:
 
 
 def plan_tasks(files: Sequence[InputFile], task_bytes: int) -> list[Task]:
-    """Group consecutive files into tasks of at least ``task_bytes`` bytes (the last may be less)."""
+    """Group consecutive files into tasks of at least ``task_bytes`` bytes (the last: any size)."""
     tasks: list[Task] = []
     group: list[InputFile] = []
     size = 0
@@ -336,7 +344,9 @@ def run_task(
         else None
     )
     token_dtype = tokenizer.info.dtype if tokenizer else None
-    series = ShardSeries(out, config, task.index, _fields(bool(config.tokenizer), config.keep_fields), token_dtype)
+    series = ShardSeries(
+        out, config, task.index, _fields(bool(config.tokenizer), config.keep_fields), token_dtype
+    )
     spec = RecordSpec(
         text_field=config.text_field,
         id_field=config.id_field,
@@ -411,7 +421,7 @@ def run_task(
     record = {
         "task": task.index,
         "settings": settings_fingerprint,
-        "shards": [dataclasses.asdict(s) for s in shards],
+        "shards": [s._asdict() for s in shards],
         "sources": sources,
         "num_docs": totals["docs"],
         "num_input_bytes": totals["bytes"],
@@ -468,7 +478,9 @@ class _Progress:
         elif time.monotonic() - self._last_log >= 10:
             self._last_log = time.monotonic()
             rate = self._bytes / max(time.monotonic() - self._start, 1e-9) / MiB
-            log.info("converted %d documents, %.1f MB (%.1f MB/s)", self._docs, self._bytes / 1e6, rate)
+            log.info(
+                "converted %d documents, %.1f MB (%.1f MB/s)", self._docs, self._bytes / 1e6, rate
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -489,10 +501,8 @@ def _run_tasks(
         try:
             pending = [pool.apply_async(_pool_task, (t, config, fingerprint)) for t in tasks]
             while not all(r.ready() for r in pending):
-                try:
+                with contextlib.suppress(queue_mod.Empty):
                     progress.update(*q.get(timeout=0.2))
-                except queue_mod.Empty:
-                    pass
                 for r in pending:  # fail fast: the first task error stops the pool
                     if r.ready() and not r.successful():
                         r.get()
@@ -514,9 +524,7 @@ def _run_tasks(
 # ---- the driver -------------------------------------------------------------------------------
 
 
-def _check_output(
-    out: OutputDir, plan: dict[str, Any], config: ConvertConfig
-) -> Manifest | None:
+def _check_output(out: OutputDir, plan: dict[str, Any], config: ConvertConfig) -> Manifest | None:
     """Make sure ``out`` is empty or holds this same conversion; return its manifest if done."""
     if out.exists(MANIFEST_NAME):
         existing = parse_manifest(out.read_bytes(MANIFEST_NAME), where=out.url_of(MANIFEST_NAME))
@@ -536,7 +544,8 @@ def _check_output(
             return None  # resume
         if not config.overwrite:
             raise ConfigError(
-                f"{out.url}: holds an unfinished conversion of other inputs or settings; rerun that "
+                f"{out.url}: holds an unfinished conversion of other inputs or settings; rerun "
+                "that "
                 "conversion to finish it, choose another output, or pass --overwrite"
             )
         _clear(out)
@@ -727,4 +736,3 @@ def _result(
         wall_s=wall_s,
         skipped_examples=tuple(examples[:20]),
     )
-

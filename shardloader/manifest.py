@@ -1,9 +1,8 @@
 """The manifest: one versioned JSON file beside the shards that says what they hold.
 
-The per-shard table is stored column by column (``"shards": {"path": [...], "num_samples": [...]}``),
-which keeps the file small and makes reading it a single ``json.loads`` plus a few list checks: a
-manifest of 100,000 shards (about 12 MB) reads in about 0.35 s on one core here, most of it in
-``json.loads`` (``tools/bench_manifest.py``). Everything a reader needs is here: the format and
+The per-shard table is stored column by column (``"shards": {"path": [...], ...}``), which keeps
+the file small and makes reading it a single ``json.loads`` plus one pass of checks: see
+``tools/bench_manifest.py`` for the cost at 100,000 shards. Everything a reader needs is here: the format and
 schema, per shard its path relative to the manifest, sample count, size, checksum and first global
 sample id, plus the tokenizer fingerprint, the conversion settings, the source files and the
 counts of skipped records. Nothing time-dependent is written, so the same conversion always
@@ -14,9 +13,9 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, overload
 
 from shardloader import storage
 from shardloader.errors import ManifestError
@@ -28,8 +27,7 @@ FIELD_TYPES = ("string", "int64", "float64", "bool", "json", "tokens")
 _SHARD_COLUMNS = ("path", "num_samples", "num_bytes", "checksum", "first_sample_id", "num_tokens")
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ShardInfo:
+class ShardInfo(NamedTuple):
     """One shard as the manifest records it.
 
     Attributes:
@@ -47,6 +45,56 @@ class ShardInfo:
     checksum: str
     first_sample_id: int = 0
     num_tokens: int = 0
+
+
+class ShardTable(Sequence[ShardInfo]):
+    """The shard table, kept column by column; rows are built only when asked for.
+
+    Reading a 100,000-shard manifest builds six lists, not 100,000 objects; the planner reads
+    whole columns (``table.column("num_samples")``).
+    """
+
+    __slots__ = ("_columns",)
+
+    def __init__(self, columns: Mapping[str, Sequence[Any]]) -> None:
+        self._columns = {col: list(columns[col]) for col in _SHARD_COLUMNS}
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[ShardInfo]) -> ShardTable:
+        """Build a table from ``ShardInfo`` rows."""
+        rows = list(rows)
+        return cls({col: [getattr(r, col) for r in rows] for col in _SHARD_COLUMNS})
+
+    def column(self, name: str) -> list[Any]:
+        """One column as a list (do not modify it)."""
+        return self._columns[name]
+
+    def __len__(self) -> int:
+        return len(self._columns["path"])
+
+    @overload
+    def __getitem__(self, index: int) -> ShardInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ShardInfo]: ...
+
+    def __getitem__(self, index: int | slice) -> ShardInfo | list[ShardInfo]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        cols = self._columns
+        return ShardInfo(*(cols[col][index] for col in _SHARD_COLUMNS))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ShardTable):
+            return self._columns == other._columns
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ShardTable({len(self)} shards)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +120,7 @@ class Manifest:
     format: str
     compression: str
     fields: Mapping[str, str]
-    shards: tuple[ShardInfo, ...]
+    shards: ShardTable
     checksum_algorithm: str = "sha256"
     token_dtype: str | None = None
     tokenizer: Mapping[str, Any] | None = None
@@ -82,20 +130,24 @@ class Manifest:
     skipped_examples: tuple[str, ...] = ()
     created_by: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.shards, ShardTable):
+            object.__setattr__(self, "shards", ShardTable.from_rows(self.shards))
+
     @property
     def num_samples(self) -> int:
         """Total number of samples in all shards."""
-        return sum(s.num_samples for s in self.shards)
+        return sum(self.shards.column("num_samples"))
 
     @property
     def num_bytes(self) -> int:
         """Total size of all shard files in bytes."""
-        return sum(s.num_bytes for s in self.shards)
+        return sum(self.shards.column("num_bytes"))
 
     @property
     def num_tokens(self) -> int:
         """Total number of tokens (0 for text shards)."""
-        return sum(s.num_tokens for s in self.shards)
+        return sum(self.shards.column("num_tokens"))
 
     @property
     def tokenized(self) -> bool:
@@ -103,23 +155,14 @@ class Manifest:
         return "input_ids" in self.fields
 
 
-def shards_with_ids(shards: Sequence[ShardInfo]) -> tuple[ShardInfo, ...]:
+def shards_with_ids(shards: Iterable[ShardInfo]) -> ShardTable:
     """Return ``shards`` with ``first_sample_id`` set from the running sum of sample counts."""
     out = []
     first = 0
     for s in shards:
-        out.append(
-            ShardInfo(
-                path=s.path,
-                num_samples=s.num_samples,
-                num_bytes=s.num_bytes,
-                checksum=s.checksum,
-                first_sample_id=first,
-                num_tokens=s.num_tokens,
-            )
-        )
+        out.append(s._replace(first_sample_id=first))
         first += s.num_samples
-    return tuple(out)
+    return ShardTable.from_rows(out)
 
 
 def manifest_to_json(manifest: Manifest) -> bytes:
@@ -144,9 +187,15 @@ def manifest_to_json(manifest: Manifest) -> bytes:
         "skipped": dict(manifest.skipped),
         "skipped_examples": list(manifest.skipped_examples),
         "sources": [dict(s) for s in manifest.sources],
-        "shards": {col: [getattr(s, col) for s in shards] for col in _SHARD_COLUMNS},
     }
-    return (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    # Everything but the shard table is indented for people; each shard column is one compact
+    # line, which keeps a 100,000-shard manifest small and quick to parse.
+    head = json.dumps(doc, indent=1, ensure_ascii=False)
+    columns = ",\n".join(
+        f'  "{col}": ' + json.dumps(shards.column(col), separators=(",", ":"))
+        for col in _SHARD_COLUMNS
+    )
+    return (head[:-2] + ',\n "shards": {\n' + columns + "\n }\n}\n").encode("utf-8")
 
 
 def parse_manifest(data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
@@ -191,25 +240,28 @@ def parse_manifest(data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
     return manifest
 
 
-def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> tuple[ShardInfo, ...]:
+def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> ShardTable:
     lengths = {col: len(columns[col]) for col in _SHARD_COLUMNS}
     if len(set(lengths.values())) != 1:
         raise ManifestError(f"{where}: shard columns have different lengths {lengths}")
-    rows = zip(*(columns[col] for col in _SHARD_COLUMNS), strict=True)
-    shards = tuple(
-        ShardInfo(
-            path=path,
-            num_samples=num_samples,
-            num_bytes=num_bytes,
-            checksum=checksum,
-            first_sample_id=first,
-            num_tokens=num_tokens,
-        )
-        for path, num_samples, num_bytes, checksum, first, num_tokens in rows
-    )
-    for path in columns["path"]:
-        check_relative_path(path, where)
-    return shards
+    for col in ("num_samples", "num_bytes", "first_sample_id", "num_tokens"):
+        values = columns[col]
+        if not all(type(v) is int and v >= 0 for v in values):
+            bad = next(v for v in values if type(v) is not int or v < 0)
+            raise ManifestError(f"{where}: shard column {col!r} holds {bad!r}, not a count")
+    _check_relative_paths(columns["path"], where)
+    return ShardTable(columns)
+
+
+def _check_relative_paths(paths: list[str], where: str) -> None:
+    """Check every path; a few substring scans of the joined paths clear the common case."""
+    if not all(type(p) is str and p and "\n" not in p for p in paths):
+        for p in paths:
+            check_relative_path(p, where)
+    joined = "\n".join(paths)
+    if joined.startswith("/") or any(t in joined for t in ("..", ":", "\\", "\n/")):
+        for p in paths:
+            check_relative_path(p, where)
 
 
 def check_relative_path(path: str, where: str) -> None:
@@ -224,6 +276,7 @@ def check_relative_path(path: str, where: str) -> None:
         or path.startswith(("/", "\\"))
         or "://" in path
         or "\\" in path
+        or any(c < " " for c in path)
         or (len(path) > 1 and path[1] == ":")
         or ".." in posixpath.normpath(path).split("/")
     ):
@@ -240,13 +293,15 @@ def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -
     if unknown:
         raise ManifestError(f"{where}: unknown field types {unknown}")
     expected = 0
-    for s in manifest.shards:
-        if s.first_sample_id != expected or s.num_samples < 0:
+    shards = manifest.shards
+    firsts = shards.column("first_sample_id")
+    for index, num_samples in enumerate(shards.column("num_samples")):
+        if firsts[index] != expected:
             raise ManifestError(
-                f"{where}: shard {s.path} has first_sample_id {s.first_sample_id}, expected "
-                f"{expected} (the sum of the sample counts before it)"
+                f"{where}: shard {shards[index].path} has first_sample_id {firsts[index]}, "
+                f"expected {expected} (the sum of the sample counts before it)"
             )
-        expected += s.num_samples
+        expected += num_samples
     for key, actual in (
         ("num_shards", len(manifest.shards)),
         ("num_samples", expected),

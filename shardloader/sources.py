@@ -155,7 +155,10 @@ def read_documents(
     try:
         f = storage.open_read(source.url)
     except FileNotFoundError as err:
-        raise CorpusError(f"{source.url}: file disappeared while converting ({err})") from err
+        raise CorpusError(
+            f"{source.url}: cannot open, no such file ({err}); is it a dangling link, or was it "
+            "removed during the conversion?"
+        ) from err
     except OSError as err:
         raise CorpusError(f"{source.url}: cannot open ({type(err).__name__}: {err})") from err
     with f:
@@ -175,14 +178,18 @@ def _iter_chunks(f: IO[bytes], codec: str, url: str) -> Iterator[bytes]:
         while chunk := f.read(CHUNK_BYTES):
             yield chunk
         return
-    new = (lambda: zlib.decompressobj(31)) if codec == "gzip" else (
-        lambda: zstandard.ZstdDecompressor().decompressobj()
+    new = (
+        (lambda: zlib.decompressobj(31))
+        if codec == "gzip"
+        else (lambda: zstandard.ZstdDecompressor().decompressobj())
     )
     errors: tuple[type[Exception], ...] = (zlib.error, zstandard.ZstdError)
     dec = new()
     fed = False  # whether the current member/frame has received input
     out = 0
+    empty = True  # a 0-byte file lacks even the header, so it is truncated, not an empty corpus
     while data := f.read(CHUNK_BYTES):
+        empty = False
         while data:
             try:
                 piece = dec.decompress(data)
@@ -200,6 +207,10 @@ def _iter_chunks(f: IO[bytes], codec: str, url: str) -> Iterator[bytes]:
                 dec, fed = new(), False
             else:
                 data = b""
+    if empty:
+        raise CorpusError(
+            f"{url}: empty {codec} file (0 bytes, not even a header); recreate or exclude the file"
+        )
     if fed:
         raise CorpusError(
             f"{url}: truncated {codec} file (the stream ends after {out} decompressed bytes "
@@ -227,6 +238,45 @@ def _iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
         tail = b"".join(pending)
         if tail:
             yield tail
+
+
+def _type_name(value: Any) -> str:
+    """Name ``value``'s type as JSON does (``null``, ``an array``), not as Python does."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _lone_surrogate(doc: Document, spec: RecordSpec) -> str:
+    r"""Describe the first lone surrogate in ``doc``'s text, id or kept fields ("" if none).
+
+    Only JSON ``\uD8xx`` escapes produce them (UTF-8 decoding never does), and they cannot be
+    encoded, so the shard writers would fail on them far from the input line.
+    """
+    values: list[tuple[str, Any]] = [(spec.text_field, doc.text), (spec.id_field or "id", doc.id)]
+    values += list((doc.fields or {}).items())
+    for name, value in values:
+        if value is None or isinstance(value, (bool, int, float)):
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (
+                f"field {name!r} holds a lone surrogate {text[err.start]!r} at character "
+                f"{err.start} (JSON \\uD8xx escapes must come in pairs)"
+            )
+    return ""
 
 
 def _utf8_error(err: UnicodeDecodeError) -> str:
@@ -265,20 +315,25 @@ def _read_jsonl(
             bad.report(
                 "not_object",
                 f"{url}:{line_no}",
-                f"expected a JSON object per line, found {type(record).__name__}",
+                f"expected a JSON object per line, found {_type_name(record)}",
             )
             continue
         doc = _make_document(record, f"{name}:{line_no}", f"{url}:{line_no}", spec, bad)
-        if doc is not None:
-            yield doc
+        if doc is None:
+            continue
+        if b"\\u" in raw:  # only escapes can make lone surrogates; skip the check otherwise
+            problem = _lone_surrogate(doc, spec)
+            if problem:
+                bad.report("bad_utf8", doc.where, problem)
+                continue
+        yield doc
     stats["bytes"] += num_bytes
 
 
 def _make_document(
     record: Mapping[str, Any], default_id: str, where: str, spec: RecordSpec, bad: BadRecords
 ) -> Document | None:
-    text = record.get(spec.text_field)
-    if text is None:
+    if spec.text_field not in record:
         present = ", ".join(sorted(record)[:8]) or "none"
         bad.report(
             "missing_text",
@@ -287,11 +342,15 @@ def _make_document(
             "choose the text field with --text-field",
         )
         return None
+    text = record[spec.text_field]
+    if text is None:
+        bad.report("missing_text", where, f"field {spec.text_field!r} is null, expected a string")
+        return None
     if not isinstance(text, str):
         bad.report(
             "bad_text_type",
             where,
-            f"field {spec.text_field!r} is {type(text).__name__}, expected a string",
+            f"field {spec.text_field!r} is {_type_name(text)}, expected a string",
         )
         return None
     if not text:
@@ -308,7 +367,7 @@ def _make_document(
             bad.report(
                 "bad_id",
                 where,
-                f"id field {spec.id_field!r} is {type(value).__name__} {value!r}, expected a "
+                f"id field {spec.id_field!r} is {_type_name(value)} ({value!r:.40}), expected a "
                 "non-empty string or an integer",
             )
             return None
@@ -336,7 +395,7 @@ def _check_field(value: Any, kind: str) -> str:
         and _INT64[0] <= value <= _INT64[1],
         "float64": isinstance(value, (int, float)) and not isinstance(value, bool),
     }[kind]
-    return "" if ok else f"is {type(value).__name__} {value!r:.40}, expected {kind}"
+    return "" if ok else f"is {_type_name(value)} ({value!r:.40}), expected {kind}"
 
 
 def _read_text_file(
@@ -352,7 +411,8 @@ def _read_text_file(
         bad.report(
             "bad_utf8",
             f"{url}:{line}",
-            f"invalid UTF-8 at byte {err.start} of the file ({err.object[err.start:err.start + 4]!r}"
+            f"invalid UTF-8 at byte {err.start} of the file "
+            f"({err.object[err.start : err.start + 4]!r}"
             f": {err.reason}); is it a text file?",
         )
         return
@@ -398,9 +458,14 @@ def _read_parquet(
             table = pf.read_row_group(group, columns=columns)
         except (pa.ArrowException, OSError) as err:
             raise CorpusError(f"{url}: row group {group}: cannot be read ({err})") from err
-        rows = table.to_pylist()
+        try:
+            rows: list[dict[str, Any] | None] = list(table.to_pylist())
+        except UnicodeDecodeError:  # Parquet does not validate UTF-8; find the bad rows
+            rows = _decode_rows(table, url, row, group, bad)
         for offset, record in enumerate(rows):
             stats["records"] += 1
+            if record is None:
+                continue
             where = f"{url}: row {row + offset} (row group {group})"
             text = record.get(spec.text_field)
             if isinstance(text, str):
@@ -409,3 +474,32 @@ def _read_parquet(
             if doc is not None:
                 yield doc
         row += len(rows)
+
+
+def _decode_rows(
+    table: pa.Table, url: str, first_row: int, group: int, bad: BadRecords
+) -> list[dict[str, Any] | None]:
+    """Decode a row group cell by cell, reporting invalid UTF-8; ``None`` marks a bad row.
+
+    Only used when the fast whole-table decode fails, so its cost (a few microseconds per cell)
+    is paid for bad row groups alone.
+    """
+    rows: list[dict[str, Any] | None] = []
+    for index in range(table.num_rows):
+        record: dict[str, Any] = {}
+        for column in table.column_names:
+            try:
+                record[column] = table.column(column)[index].as_py()
+            except UnicodeDecodeError as err:
+                bad.report(
+                    "bad_utf8",
+                    f"{url}: row {first_row + index} (row group {group})",
+                    f"column {column!r} holds invalid UTF-8 "
+                    f"({err.object[err.start : err.start + 4]!r}: {err.reason})",
+                )
+                break
+        else:
+            rows.append(record)
+            continue
+        rows.append(None)
+    return rows

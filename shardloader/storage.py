@@ -8,6 +8,7 @@ its final name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -195,7 +196,9 @@ def list_files(patterns: Iterable[str], **storage_options: Any) -> list[InputFil
             entries = {path: fs.info(path)}
         root_url = _protocol_url(fs, root.rstrip("/") or "/")
         for p in sorted(entries):
-            found.append(InputFile(_protocol_url(fs, p), int(entries[p].get("size") or 0), root_url))
+            found.append(
+                InputFile(_protocol_url(fs, p), int(entries[p].get("size") or 0), root_url)
+            )
     return found
 
 
@@ -237,7 +240,7 @@ class AtomicWriter:
         return True
 
     def close(self) -> None:
-        """Accept close() from writers that close their sink; publishing needs :meth:`commit`."""
+        """Do nothing: writers may close their sink, but publishing needs :meth:`commit`."""
 
     @property
     def num_bytes(self) -> int:
@@ -257,9 +260,7 @@ class AtomicWriter:
             os.replace(self._tmp, self._final)
         else:
             final = self._final
-            with_retries(
-                lambda: self._fs.put_file(self._tmp, final), url=final, what="upload"
-            )
+            with_retries(lambda: self._fs.put_file(self._tmp, final), url=final, what="upload")
             os.unlink(self._tmp)
 
     def abort(self) -> None:
@@ -267,10 +268,8 @@ class AtomicWriter:
         if not self._file.closed:
             self._file.close()
         self.closed = True
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
 
     def __enter__(self) -> AtomicWriter:
         return self

@@ -4,8 +4,10 @@ Encoding never adds the tokenizer's own special tokens (``add_special_tokens=Fal
 are added explicitly by the caller (conversion appends EOS to every document by default), so the
 same ids come out whatever the tokenizer's post-processor would do.
 
-The fingerprint is the sha256 of the vocabulary (token -> id, added tokens included) and the
-special token ids: two tokenizers with the same fingerprint map ids to the same strings.
+The fingerprint is the sha256 of the vocabulary (token -> id, added tokens included) and of which
+added tokens are special: two tokenizers with the same fingerprint map ids to the same strings.
+Which token plays EOS or BOS is recorded beside it, not in it, so loading ``tokenizer.json`` alone
+or its directory (with ``tokenizer_config.json``) gives the same fingerprint.
 """
 
 from __future__ import annotations
@@ -94,11 +96,20 @@ class TextTokenizer:
             raise ConfigError(f"{path}: no tokenizer here (expected tokenizer.json or a directory)")
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1 if vocab else 0
-        self.eos_token = eos_token or _special(config, "eos_token") or _first_in(EOS_CANDIDATES, vocab)
-        self.bos_token = bos_token or _special(config, "bos_token") or _first_in(BOS_CANDIDATES, vocab)
+        self.eos_token = (
+            eos_token or _special(config, "eos_token") or _first_in(EOS_CANDIDATES, vocab)
+        )
+        self.bos_token = (
+            bos_token or _special(config, "bos_token") or _first_in(BOS_CANDIDATES, vocab)
+        )
         self.eos_id = self._token_id(self.eos_token, vocab, "eos")
         self.bos_id = self._token_id(self.bos_token, vocab, "bos")
-        self._fingerprint = _fingerprint(vocab, self.eos_id, self.bos_id)
+        special = sorted(
+            token.content
+            for token in self._tok.get_added_tokens_decoder().values()
+            if token.special
+        )
+        self._fingerprint = _fingerprint(vocab, special)
 
     def _load_file(self, p: Path) -> tokenizers.Tokenizer:
         try:
@@ -166,9 +177,9 @@ def _first_in(candidates: Sequence[str], vocab: dict[str, int]) -> str | None:
     return next((c for c in candidates if c in vocab), None)
 
 
-def _fingerprint(vocab: dict[str, int], eos_id: int | None, bos_id: int | None) -> str:
+def _fingerprint(vocab: dict[str, int], special: list[str]) -> str:
     canonical = json.dumps(
-        {"vocab": sorted(vocab.items(), key=lambda kv: kv[1]), "eos": eos_id, "bos": bos_id},
+        {"vocab": sorted(vocab.items(), key=lambda kv: kv[1]), "special": special},
         ensure_ascii=False,
         separators=(",", ":"),
     )

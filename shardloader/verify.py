@@ -30,7 +30,7 @@ def read_shard(url: str, shard: ShardInfo, manifest: Manifest, *, check: bool = 
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError as err:
-        raise ShardError(f"{url}: shard is missing ({err}); run \"shardloader verify\"") from err
+        raise ShardError(f'{url}: shard is missing ({err}); run "shardloader verify"') from err
     if check:
         if len(data) != shard.num_bytes:
             raise ShardError(
@@ -113,9 +113,7 @@ def verify(dataset: str) -> VerifyReport:
             report.num_bytes += len(data)
             count = sum(1 for _ in decode_shard(data, manifest, where=url))
             if count != shard.num_samples:
-                raise ShardError(
-                    f"{url}: holds {count} samples, manifest says {shard.num_samples}"
-                )
+                raise ShardError(f"{url}: holds {count} samples, manifest says {shard.num_samples}")
             report.num_samples += count
         except ShardError as err:
             report.problems.append(str(err))

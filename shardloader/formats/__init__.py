@@ -20,7 +20,9 @@ COMPRESSIONS = ("zstd", "none")
 class ShardWriter(Protocol):
     """Writes the samples of one shard."""
 
-    def write(self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None) -> None:
+    def write(
+        self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
+    ) -> None:
         """Add one sample: UTF-8 text bytes or a token id array, plus kept fields."""
 
     def close(self) -> None:

@@ -34,7 +34,9 @@ class TarShardWriter:
                 sink, closefd=False
             )
             stream = self._zstd
-        self._tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(  # noqa: SIM115 - closed in close()
+            fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT
+        )
         self._prefix = shard_name
         self._index = 0
 

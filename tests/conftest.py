@@ -1,0 +1,98 @@
+"""Shared fixtures: small deterministic corpora in every input format, and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+import shardloader
+
+SCRIPTS = [
+    "plain ascii words",
+    "naïve café déjà vu",
+    "Ελληνικά κείμενα",
+    "русский текст",
+    "中文文本测试",
+    "日本語のテキスト",
+    "한국어 텍스트",
+    "עברית",
+    "العربية",
+    "emoji 🙂🚀👩‍👩‍👧",
+    "control \x01\x02\x1f\x7f chars\ttab",
+    "windows\r\nnewline",
+]
+
+
+def make_docs(n: int, seed: int = 0, *, with_ids: bool = True) -> list[dict[str, Any]]:
+    """Deterministic documents of varied (long-tailed) lengths and scripts."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = rng.choices(SCRIPTS, k=max(1, int(rng.lognormvariate(2.5, 1.0))))
+        text = f"doc {i}: " + " ".join(words)
+        doc: dict[str, Any] = {"text": text, "score": rng.random(), "lang": rng.choice("ab")}
+        if with_ids:
+            doc["id"] = f"doc-{seed}-{i:05d}"
+        docs.append(doc)
+    return docs
+
+
+def write_jsonl(path: Path, docs: Sequence[dict[str, Any]]) -> Path:
+    """Write ``docs`` as JSONL, compressed by the suffix (.gz, .zst)."""
+    data = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    elif path.suffix == ".zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_parquet(path: Path, docs: Sequence[dict[str, Any]], row_group_size: int = 50) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(list(docs)), path, row_group_size=row_group_size)
+    return path
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """A mixed corpus: JSONL, .gz, .zst and Parquet files; returns (dir, docs in order)."""
+    root = tmp_path / "corpus"
+    docs = make_docs(600)
+    write_jsonl(root / "a.jsonl", docs[:150])
+    write_jsonl(root / "b.jsonl.gz", docs[150:300])
+    write_jsonl(root / "c.jsonl.zst", docs[300:450])
+    write_parquet(root / "d.parquet", docs[450:])
+    return root, docs
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer (vocab 600) trained on the test documents."""
+    out = tmp_path_factory.mktemp("tokenizer")
+    texts = [d["text"] for d in make_docs(2000, seed=1)]
+    shardloader.train_bpe_tokenizer(texts, str(out), vocab_size=600)
+    return out
+
+
+@pytest.fixture
+def read_back() -> Callable[[Path], list[dict[str, Any]]]:
+    def _read(path: Path) -> list[dict[str, Any]]:
+        return list(shardloader.iter_samples(str(path)))
+
+    return _read

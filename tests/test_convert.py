@@ -1,0 +1,344 @@
+"""Conversion: determinism across process counts, crash + resume, slices + merge, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import shardloader
+from shardloader import ConfigError, ConvertConfig, ManifestError, TextTokenizer, convert, merge
+from tests.conftest import make_docs, sha, write_jsonl
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every published file (shards + manifest), by relative path."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.iterdir())
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def many_files(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """24 JSONL files of uneven sizes, so small task_bytes gives many tasks."""
+    root = tmp_path / "many"
+    docs = make_docs(1200, seed=3)
+    bounds = [0]
+    for i in range(24):
+        bounds.append(min(len(docs), bounds[-1] + 20 + (i * 7) % 60))
+    bounds[-1] = len(docs)
+    for i in range(24):
+        suffix = [".jsonl", ".jsonl.gz", ".jsonl.zst"][i % 3]
+        write_jsonl(root / f"part-{i:03d}{suffix}", docs[bounds[i] : bounds[i + 1]])
+    return root, docs
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardloader", *args], capture_output=True, text=True, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "tar"])
+def test_output_identical_for_1_and_2_processes(many_files, tmp_path, fmt):
+    root, docs = many_files
+    digests = []
+    for num_proc in (1, 2):
+        out = tmp_path / f"out{num_proc}"
+        result = convert(
+            [str(root)],
+            ConvertConfig(
+                output=str(out), format=fmt, task_bytes=4000, shard_samples=40, num_proc=num_proc
+            ),
+        )
+        assert result.tasks_total > 4  # really split into tasks
+        assert result.manifest is not None
+        assert result.manifest.num_samples == len(docs)
+        digests.append(tree_digest(out))
+    assert digests[0] == digests[1]
+    assert "_manifest.json" in digests[0]
+
+
+def test_tokenized_shards_decode_to_the_original_text(tmp_path, tokenizer_dir):
+    docs = make_docs(200, seed=5)
+    write_jsonl(tmp_path / "in.jsonl.zst", docs)
+    out = tmp_path / "out"
+    result = convert(
+        [str(tmp_path / "in.jsonl.zst")],
+        ConvertConfig(output=str(out), tokenizer=str(tokenizer_dir), shard_samples=60, num_proc=2),
+    )
+    manifest = result.manifest
+    assert manifest is not None
+    tok = TextTokenizer(str(tokenizer_dir))
+    assert manifest.fields == {"id": "string", "input_ids": "tokens"}
+    assert manifest.token_dtype == "uint16"
+    assert manifest.tokenizer["fingerprint"] == tok.info.fingerprint
+    samples = list(shardloader.iter_samples(str(out)))
+    assert [s["id"] for s in samples] == [d["id"] for d in docs]
+    total = 0
+    for sample, doc in zip(samples, docs, strict=True):
+        ids = sample["input_ids"]
+        assert ids.dtype.name == "uint16"
+        assert int(ids[-1]) == tok.eos_id
+        assert tok.decode(ids[:-1]) == doc["text"]
+        total += len(ids)
+    assert manifest.num_tokens == total == result.num_tokens
+
+
+def test_bos_and_no_eos(tmp_path, tokenizer_dir):
+    docs = make_docs(10)
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    out = tmp_path / "out"
+    convert(
+        [str(tmp_path / "in.jsonl")],
+        ConvertConfig(output=str(out), tokenizer=str(tokenizer_dir), add_eos=False, add_bos=True),
+    )
+    tok = TextTokenizer(str(tokenizer_dir))
+    for sample, doc in zip(shardloader.iter_samples(str(out)), docs, strict=True):
+        assert int(sample["input_ids"][0]) == tok.bos_id
+        assert tok.decode(sample["input_ids"][1:]) == doc["text"]
+
+
+def test_text_folder_one_document_per_file(tmp_path, read_back):
+    root = tmp_path / "texts"
+    texts = {"a/one.txt": "first\n", "a/two.md": "second\r\nline", "b/three": "third 🙂\x00"}
+    for rel, text in texts.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(text.encode("utf-8"))
+    (root / ".hidden").write_text("ignored")
+    out = tmp_path / "out"
+    convert([str(root)], ConvertConfig(output=str(out), num_proc=1))
+    samples = read_back(out)
+    assert {s["id"]: s["text"] for s in samples} == texts
+
+
+def test_generated_ids_name_file_and_line(tmp_path, read_back):
+    docs = make_docs(5, with_ids=False)
+    write_jsonl(tmp_path / "in" / "x.jsonl", docs)
+    out = tmp_path / "out"
+    convert([str(tmp_path / "in" / "*.jsonl")], ConvertConfig(output=str(out), num_proc=1))
+    assert [s["id"] for s in read_back(out)] == [f"x.jsonl:{i}" for i in range(1, 6)]
+
+
+def test_globs_and_input_order(tmp_path, read_back):
+    a, b = make_docs(3, seed=1), make_docs(3, seed=2)
+    write_jsonl(tmp_path / "in" / "b.jsonl", b)
+    write_jsonl(tmp_path / "in" / "a.jsonl", a)
+    out = tmp_path / "out"
+    convert(
+        [str(tmp_path / "in" / "b.jsonl"), str(tmp_path / "in" / "a*")],
+        ConvertConfig(output=str(out), num_proc=1),
+    )
+    assert [s["id"] for s in read_back(out)] == [d["id"] for d in b + a]
+
+
+def test_fsspec_output_url(corpus, tmp_path):
+    root, docs = corpus
+    url = f"memory://shardloader-test-{os.getpid()}/out"
+    result = convert([str(root)], ConvertConfig(output=url, shard_samples=100, num_proc=1))
+    assert result.manifest is not None
+    samples = list(shardloader.iter_samples(url))
+    assert [sha(s["text"]) for s in samples] == [sha(d["text"]) for d in docs]
+    assert shardloader.verify(url).ok
+
+
+def test_rerun_is_a_no_op_and_other_inputs_are_refused(corpus, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "out"
+    config = ConvertConfig(output=str(out), num_proc=1)
+    convert([str(root)], config)
+    before = tree_digest(out)
+    again = convert([str(root)], config)
+    assert again.tasks_run == 0
+    assert again.manifest is not None
+    assert tree_digest(out) == before
+    with pytest.raises(ConfigError, match="already holds another dataset.*--overwrite"):
+        convert([str(root / "a.jsonl")], config)
+    with pytest.raises(ConfigError, match="already holds another dataset"):
+        convert([str(root)], ConvertConfig(output=str(out), format="tar", num_proc=1))
+    replaced = convert([str(root / "a.jsonl")], ConvertConfig(output=str(out), overwrite=True))
+    assert replaced.manifest is not None
+    assert replaced.manifest.num_samples == 150
+    assert shardloader.verify(str(out)).ok
+
+
+def test_non_empty_output_is_refused(corpus, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not empty"):
+        convert([str(root)], ConvertConfig(output=str(out)))
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_slices_then_merge_equal_one_run(many_files, tmp_path):
+    root, docs = many_files
+    single = tmp_path / "single"
+    base = dict(task_bytes=4000, shard_samples=50, num_proc=1)
+    convert([str(root)], ConvertConfig(output=str(single), **base))
+    sliced = tmp_path / "sliced"
+    for index in range(3):
+        r = convert(
+            [str(root)],
+            ConvertConfig(output=str(sliced), num_tasks=3, task_index=index, **base),
+        )
+        assert r.manifest is None
+        assert not (sliced / "_manifest.json").exists()
+        if index == 1:
+            with pytest.raises(ManifestError, match="tasks are not finished"):
+                merge(str(sliced))
+    manifest = merge(str(sliced))
+    assert manifest.num_samples == len(docs)
+    assert tree_digest(sliced) == tree_digest(single)
+
+
+def test_cli_slices_and_merge(many_files, tmp_path):
+    root, docs = many_files
+    out = tmp_path / "out"
+    for index in range(2):
+        proc = run_cli(
+            "convert",
+            str(root),
+            "-o",
+            str(out),
+            "--num-tasks",
+            "2",
+            "--task-index",
+            str(index),
+            "--task-bytes",
+            "4KB",
+            "--num-proc",
+            "1",
+        )
+        assert "shardloader merge" in proc.stdout
+    proc = run_cli("merge", str(out))
+    assert f"{len(docs):,} samples" in proc.stdout
+    assert shardloader.read_manifest(str(out)).num_samples == len(docs)
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_is_byte_identical(tmp_path):
+    """Kill the whole conversion (parent and pool workers) after a few tasks, then resume."""
+    root = tmp_path / "big"
+    docs = make_docs(6000, seed=9)
+    for i in range(60):
+        write_jsonl(root / f"part-{i:03d}.jsonl.gz", docs[i * 100 : (i + 1) * 100])
+    args = ["convert", str(root), "--task-bytes", "1", "--shard-samples", "30", "--num-proc", "2"]
+    reference = tmp_path / "reference"
+    run_cli(*args, "-o", str(reference))
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardloader", *args, "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(list((out / "_work").glob("task-*.json"))) < 3:
+        assert proc.poll() is None, "conversion ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_manifest.json").exists()
+    done = len(list((out / "_work").glob("task-*.json")))
+    assert 3 <= done < 60
+
+    rerun = run_cli(*args, "-o", str(out))
+    assert f"{done} already done" in rerun.stdout or "already done" in rerun.stdout
+    assert tree_digest(out) == tree_digest(reference)
+    assert list((out / "_work" / "tmp").iterdir()) == []
+    assert shardloader.verify(str(out)).ok
+
+
+def test_leftover_temporaries_and_half_tasks_are_redone(many_files, tmp_path):
+    root, _ = many_files
+    config = ConvertConfig(
+        output=str(tmp_path / "out"), task_bytes=4000, shard_samples=40, num_proc=1
+    )
+    convert([str(root)], config)
+    reference = tree_digest(tmp_path / "out")
+    out = tmp_path / "out"
+    # Simulate a crash inside task 2: its record and manifest gone, a shard half-written.
+    (out / "_manifest.json").unlink()
+    (out / "_work" / "task-00002.json").unlink()
+    shard = sorted(out.glob("shard-00002-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    (out / "_work" / "tmp" / "00002-shard-00002-0001.arrow").write_bytes(b"partial")
+    result = convert([str(root)], config)
+    assert result.tasks_run == 1
+    assert tree_digest(out) == reference
+
+
+def test_cli_convert_inspect_verify(corpus, tmp_path):
+    root, docs = corpus
+    out = tmp_path / "out"
+    proc = run_cli(
+        "convert", str(root), "-o", str(out), "--shard-samples", "100", "--keep-fields", "lang"
+    )
+    assert f"converted {len(docs):,} documents" in proc.stdout
+    assert "skipped:    0" in proc.stdout
+    assert "compression ratio" in proc.stdout
+    proc = run_cli("inspect", str(out), "--samples", "2")
+    assert f"{len(docs):,} samples" in proc.stdout
+    assert docs[0]["id"] in proc.stdout
+    proc = run_cli("verify", str(out))
+    assert proc.stdout.startswith("OK: 6 shards")
+
+
+def test_verify_names_each_bad_shard(corpus, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "out"
+    convert([str(root)], ConvertConfig(output=str(out), shard_samples=100, num_proc=1))
+    shards = shardloader.read_manifest(str(out)).shards
+    flipped = out / shards[1].path
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    truncated = out / shards[3].path
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    (out / shards[4].path).unlink()
+    proc = run_cli("verify", str(out), check=False)
+    assert proc.returncode == 1
+    bad = [line for line in proc.stdout.splitlines() if line.startswith("BAD ")]
+    assert len(bad) == 3
+    assert shards[1].path in bad[0]
+    assert "does not match manifest" in bad[0]
+    assert shards[3].path in bad[1]
+    assert "size" in bad[1]
+    assert shards[4].path in bad[2]
+    assert "missing" in bad[2]
+    assert "FAILED: 3 bad shards" in proc.stdout
+
+
+def test_python_api_and_manifest_contents(corpus, tmp_path):
+    root, docs = corpus
+    out = tmp_path / "out"
+    result = convert(str(root), ConvertConfig(output=str(out), num_proc=1))
+    raw = json.loads((out / "_manifest.json").read_text())
+    assert raw["version"] == 1
+    assert raw["checksum_algorithm"] == "sha256"
+    assert raw["totals"]["num_samples"] == len(docs)
+    assert raw["config"]["format"] == "arrow"
+    assert [s["num_records"] for s in raw["sources"]] == [150, 150, 150, 150]
+    assert raw["skipped"] == {}
+    manifest = result.manifest
+    assert manifest is not None
+    for shard in manifest.shards:
+        data = (out / shard.path).read_bytes()
+        assert len(data) == shard.num_bytes
+        assert hashlib.sha256(data).hexdigest() == shard.checksum

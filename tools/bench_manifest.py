@@ -1,0 +1,71 @@
+"""How long reading a manifest takes, from 1,000 to 100,000 shards.
+
+Run: ``python tools/bench_manifest.py`` (prints size on disk, parse time and peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tempfile
+import time
+import tracemalloc
+
+from shardloader.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    manifest_to_json,
+    read_manifest,
+    shards_with_ids,
+)
+
+
+def make_manifest(num_shards: int) -> Manifest:
+    shards = [
+        ShardInfo(
+            path=f"shard-{i // 16:05d}-{i % 16:04d}.arrow",
+            num_samples=30_000 + i % 977,
+            num_bytes=64_000_000 + i,
+            checksum=hashlib.sha256(str(i).encode()).hexdigest(),
+            num_tokens=0,
+        )
+        for i in range(num_shards)
+    ]
+    return Manifest(
+        format="arrow",
+        compression="zstd",
+        fields={"id": "string", "text": "string"},
+        shards=shards_with_ids(shards),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shards", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"{'shards':>8} {'file MB':>8} {'read s (median)':>16} {'peak MB':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.shards:
+            path = os.path.join(tmp, MANIFEST_NAME)
+            with open(path, "wb") as f:
+                f.write(manifest_to_json(make_manifest(n)))
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                m = read_manifest(tmp)
+                times.append(time.perf_counter() - start)
+                assert len(m.shards) == n
+            tracemalloc.start()
+            read_manifest(tmp)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            times.sort()
+            size = os.path.getsize(path) / 1e6
+            print(f"{n:>8} {size:>8.1f} {times[len(times) // 2]:>16.3f} {peak / 1e6:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
