@@ -418,6 +418,14 @@ def run_task(
         series.abort()
         raise
     report(done_docs, done_bytes)
+    if bad.total:
+        log.warning(
+            "task %d: skipped %d bad records %s; first at %s",
+            task.index,
+            bad.total,
+            dict(sorted(bad.counts.items())),
+            bad.examples[0],
+        )
     record = {
         "task": task.index,
         "settings": settings_fingerprint,
@@ -542,6 +550,12 @@ def _check_output(out: OutputDir, plan: dict[str, Any], config: ConvertConfig) -
         old = json.loads(out.read_bytes(PLAN_NAME))
         if old.get("fingerprint") == plan["fingerprint"]:
             return None  # resume
+        if not _finished_tasks(out, old.get("fingerprint", "")):
+            # A run that failed before finishing any task (say, on a bad record the user has
+            # since fixed or chosen to skip) leaves nothing worth keeping: start over.
+            log.info("%s: replacing an earlier run that finished no task", out.url)
+            _clear(out)
+            return None
         if not config.overwrite:
             raise ConfigError(
                 f"{out.url}: holds an unfinished conversion of other inputs or settings; rerun "

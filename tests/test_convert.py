@@ -342,3 +342,32 @@ def test_python_api_and_manifest_contents(corpus, tmp_path):
         data = (out / shard.path).read_bytes()
         assert len(data) == shard.num_bytes
         assert hashlib.sha256(data).hexdigest() == shard.checksum
+
+
+def test_fsspec_input_urls_and_globs(tmp_path, read_back):
+    import fsspec
+
+    docs = make_docs(40, seed=11)
+    fs = fsspec.filesystem("memory")
+    base = f"memory://inputs-{os.getpid()}"
+    for i, chunk in enumerate((docs[:25], docs[25:])):
+        with fs.open(f"{base}/part-{i}.jsonl", "wb") as f:
+            f.write("".join(json.dumps(d) + "\n" for d in chunk).encode())
+    out = tmp_path / "out"
+    result = convert([f"{base}/part-*.jsonl"], ConvertConfig(output=str(out), num_proc=1))
+    assert result.manifest is not None
+    assert [s["id"] for s in read_back(out)] == [d["id"] for d in docs]
+    urls = [src["url"] for src in result.manifest.sources]
+    assert len(urls) == 2
+    for i, url in enumerate(urls):  # fsspec's canonical memory URLs have a third slash
+        assert url.startswith("memory://")
+        assert url.endswith(f"inputs-{os.getpid()}/part-{i}.jsonl")
+
+
+def test_progress_bar_and_summary(corpus, tmp_path):
+    root, docs = corpus
+    proc = run_cli("convert", str(root), "-o", str(tmp_path / "out"), "--progress")
+    assert "convert:" in proc.stderr  # tqdm bar
+    assert "docs=" in proc.stderr
+    for needle in ("tasks:", "bytes in:", "bytes out:", "skipped:    0", "dataset: 1 arrow shards"):
+        assert needle in proc.stdout
