@@ -169,3 +169,17 @@ def test_tar_headers_are_deterministic(corpus, tmp_path):
         )
     assert digests[0] == digests[1]
     assert len(digests[0]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [(b"a.txt", 0), (b"shard-00001-0002-0000003.json", 1234), (b"x" * 99, 8**11 - 1)],
+)
+def test_ustar_header_matches_tarfile(name, size):
+    import tarfile
+
+    from shardloader.formats.tar import ustar_header
+
+    info = tarfile.TarInfo(name.decode())
+    info.size, info.mode, info.mtime = size, 0o444, 0
+    assert ustar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)

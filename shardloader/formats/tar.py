@@ -20,32 +20,73 @@ import zstandard
 from shardloader.errors import ShardError
 from shardloader.formats import extra_fields
 
+_BLOCK = 512
+_END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
+_FLUSH_BYTES = 1 << 20
+
+
+def _ustar_template() -> tuple[bytearray, int]:
+    """A USTAR header for a regular file (mode 0444, uid/gid 0, mtime 0) with name and size blank.
+
+    ``tarfile`` builds each header in Python at ~70 us a member, which made tar conversion 5x
+    slower than Arrow; filling two fields of a template costs ~3 us.
+    """
+    info = tarfile.TarInfo("x")
+    info.mode, info.mtime, info.size = 0o444, 0, 0
+    header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    header[0:100] = bytes(100)  # name
+    header[124:136] = bytes(12)  # size
+    header[148:156] = b" " * 8  # checksum, computed as if it were spaces
+    return header, sum(header)
+
+
+_TEMPLATE, _TEMPLATE_SUM = _ustar_template()
+
+
+def ustar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte USTAR header of a regular file ``name`` (< 100 bytes) of ``size`` bytes."""
+    header = bytearray(_TEMPLATE)
+    header[0 : len(name)] = name
+    size_field = b"%011o\0" % size
+    header[124:136] = size_field
+    checksum = _TEMPLATE_SUM + sum(name) + sum(size_field)  # the blanked fields summed to 0
+    header[148:156] = b"%06o\0 " % checksum
+    return bytes(header)
+
 
 class TarShardWriter:
-    """Streams samples as tar members, through a zstd frame when compressed."""
+    """Streams samples as tar members, through a zstd frame when compressed.
+
+    Headers are USTAR with fixed owner, mode and time, so the same samples give the same bytes.
+    """
 
     def __init__(
         self, sink: Any, *, shard_name: str, compression: str, compression_level: int
     ) -> None:
+        self._sink = sink
         self._zstd = None
-        stream: Any = sink
         if compression == "zstd":
             self._zstd = zstandard.ZstdCompressor(level=compression_level).stream_writer(
                 sink, closefd=False
             )
-            stream = self._zstd
-        self._tar = tarfile.open(  # noqa: SIM115 - closed in close()
-            fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT
-        )
         self._prefix = shard_name
         self._index = 0
+        self._buffer = bytearray()
 
     def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o444
-        info.mtime = 0
-        self._tar.addfile(info, io.BytesIO(data))
+        buf = self._buffer
+        buf += ustar_header(name.encode("utf-8"), len(data))
+        buf += data
+        pad = -len(data) % _BLOCK
+        if pad:
+            buf += bytes(pad)
+        if len(buf) >= _FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            (self._zstd or self._sink).write(bytes(self._buffer))
+            self._buffer = bytearray()
 
     def write(
         self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
@@ -63,8 +104,9 @@ class TarShardWriter:
             self._add(key + ".npy", buf.getvalue())
 
     def close(self) -> None:
-        """Write the tar end blocks and end the zstd frame."""
-        self._tar.close()
+        """Write the end-of-archive blocks and end the zstd frame."""
+        self._buffer += _END_OF_ARCHIVE
+        self._flush()
         if self._zstd is not None:
             self._zstd.flush(zstandard.FLUSH_FRAME)
             self._zstd.close()
