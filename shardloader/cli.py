@@ -47,7 +47,12 @@ def _add_convert(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory or URL")
     p.add_argument("--format", default="arrow", choices=["arrow", "tar"])
     p.add_argument("--compression", default="zstd", choices=["zstd", "none"])
-    p.add_argument("--compression-level", type=int, default=3)
+    p.add_argument(
+        "--compression-level",
+        type=int,
+        default=ConvertConfig.compression_level,
+        help="zstd level (default 2)",
+    )
     p.add_argument(
         "--shard-bytes",
         type=parse_size,

@@ -371,3 +371,43 @@ def test_progress_bar_and_summary(corpus, tmp_path):
     assert "docs=" in proc.stderr
     for needle in ("tasks:", "bytes in:", "bytes out:", "skipped:    0", "dataset: 1 arrow shards"):
         assert needle in proc.stdout
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "tar"])
+def test_whole_file_and_line_readers_give_identical_output(tmp_path, monkeypatch, fmt):
+    """Clean JSONL goes through pyarrow's JSON reader; the result must not depend on it."""
+    from shardloader import sources
+    from shardloader.storage import list_files
+
+    root = tmp_path / "in"
+    docs = make_docs(900, seed=21)
+    for doc in docs[::3]:
+        del doc["id"]  # generated ids in the fast path too
+    write_jsonl(root / "a.jsonl", docs[:300])
+    write_jsonl(root / "b.jsonl.zst", docs[300:600])
+    (root / "c.jsonl").write_text(  # a blank line: this file must take the line reader
+        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[600:700]) + "\n"
+    )
+    write_jsonl(root / "d.jsonl.gz", docs[700:])
+    spec = sources.RecordSpec(keep_fields={"lang": "string", "score": "float64"})
+    taken = [sources.read_jsonl_table(f, spec=spec) is not None for f in list_files([str(root)])]
+    assert taken == [True, True, False, True]
+
+    settings = dict(
+        format=fmt,
+        keep_fields=("lang", "score:float64"),
+        shard_bytes=20_000,
+        batch_bytes=3_000,
+        task_bytes=10**9,
+        num_proc=1,
+    )
+    convert([str(root)], ConvertConfig(output=str(tmp_path / "fast"), **settings))
+    monkeypatch.setattr(sources, "FAST_JSONL_MAX_BYTES", 0)
+    convert([str(root)], ConvertConfig(output=str(tmp_path / "slow"), **settings))
+    fast, slow = tree_digest(tmp_path / "fast"), tree_digest(tmp_path / "slow")
+    assert len(fast) > 10  # many shards, so shard and batch cuts fall inside files
+    assert fast == slow
+    samples = list(shardloader.iter_samples(str(tmp_path / "fast")))
+    assert [s["text"] for s in samples] == [d["text"] for d in docs]
+    assert samples[0]["id"] == "a.jsonl:1"
+    assert samples[1]["id"] == docs[1]["id"]

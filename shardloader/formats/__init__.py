@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 
 from shardloader.errors import ConfigError
 
@@ -24,6 +25,14 @@ class ShardWriter(Protocol):
         self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
     ) -> None:
         """Add one sample: UTF-8 text bytes or a token id array, plus kept fields."""
+
+    def write_columns(
+        self, ids: pa.Array, texts: pa.Array, fields: Mapping[str, pa.Array], sizes: np.ndarray
+    ) -> None:
+        """Add many text samples at once; ``sizes`` are the UTF-8 byte lengths of ``texts``.
+
+        The output is the same as writing the rows one by one.
+        """
 
     def close(self) -> None:
         """Finish the shard (footer, compression frame); does not close the sink."""

@@ -39,8 +39,25 @@ def arrow_schema(fields: Mapping[str, str], token_dtype: str | None) -> pa.Schem
     return pa.schema(out)
 
 
+def rows_before_limit(sizes: np.ndarray, used: int, limit: int) -> int:
+    """How many of ``sizes`` to take so the running total (from ``used``) just reaches ``limit``.
+
+    The row that crosses the limit is included, as a writer that checks after each row would do;
+    returns ``len(sizes)`` when the limit is not reached.
+    """
+    if used >= limit:
+        return min(1, len(sizes))
+    cum = np.cumsum(sizes)
+    return min(int(np.searchsorted(cum, limit - used, side="left")) + 1, len(sizes))
+
+
 class ArrowShardWriter:
-    """Buffers samples and writes a compressed record batch every ``batch_bytes``."""
+    """Buffers samples and writes a compressed record batch every ``batch_bytes``.
+
+    Rows come one at a time (:meth:`write`) or as Arrow columns (:meth:`write_columns`); either
+    way a batch ends after the row that brings it to ``batch_bytes`` of payload or ``BATCH_ROWS``
+    rows, and its arrays are rebuilt contiguous, so the bytes do not depend on how rows came in.
+    """
 
     def __init__(
         self,
@@ -64,7 +81,10 @@ class ArrowShardWriter:
         self._ids: list[str] = []
         self._payloads: list[Any] = []
         self._fields: dict[str, list[Any]] = {k: [] for k in self._extras}
+        self._pieces: list[list[pa.Array]] = []  # column slices waiting for the next batch
+        self._rows_only = True  # whether every piece was built here from rows
         self._buffered = 0
+        self._num_rows = 0
 
     def write(
         self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
@@ -75,10 +95,30 @@ class ArrowShardWriter:
         for key, values in self._fields.items():
             values.append(fields.get(key) if fields else None)
         self._buffered += len(payload) if isinstance(payload, bytes) else payload.nbytes
-        if self._buffered >= self._batch_bytes or len(self._ids) >= BATCH_ROWS:
+        self._num_rows += 1
+        if self._buffered >= self._batch_bytes or self._num_rows >= BATCH_ROWS:
             self._flush()
 
-    def _flush(self) -> None:
+    def write_columns(
+        self, ids: pa.Array, texts: pa.Array, fields: Mapping[str, pa.Array], sizes: np.ndarray
+    ) -> None:
+        """Add many text samples at once; ``sizes`` are the UTF-8 byte lengths of ``texts``."""
+        start, n = 0, len(texts)
+        while start < n:
+            take = rows_before_limit(sizes[start:], self._buffered, self._batch_bytes)
+            take = min(take, BATCH_ROWS - self._num_rows)
+            self._rows_to_piece()
+            piece = [ids.slice(start, take), texts.slice(start, take)]
+            piece += [fields[k].slice(start, take) for k in self._extras]
+            self._pieces.append(piece)
+            self._rows_only = False
+            self._buffered += int(sizes[start : start + take].sum())
+            self._num_rows += take
+            start += take
+            if self._buffered >= self._batch_bytes or self._num_rows >= BATCH_ROWS:
+                self._flush()
+
+    def _rows_to_piece(self) -> None:
         if not self._ids:
             return
         arrays = [pa.array(self._ids, pa.string())]
@@ -98,9 +138,21 @@ class ArrowShardWriter:
                     for v in values_
                 ]
             arrays.append(pa.array(values_, _ARROW_TYPES[kind]))
-        self._writer.write_batch(pa.record_batch(arrays, schema=self._schema))
-        self._ids, self._payloads, self._buffered = [], [], 0
+        self._pieces.append(arrays)
+        self._ids, self._payloads = [], []
         self._fields = {k: [] for k in self._extras}
+
+    def _flush(self) -> None:
+        self._rows_to_piece()
+        if not self._pieces:
+            return
+        if len(self._pieces) == 1 and self._rows_only:
+            arrays = self._pieces[0]
+        else:  # concat_arrays normalizes slices and validity bitmaps, which serialize differently
+            arrays = [pa.concat_arrays(list(column)) for column in zip(*self._pieces, strict=True)]
+        self._writer.write_batch(pa.record_batch(arrays, schema=self._schema))
+        self._pieces, self._buffered, self._num_rows = [], 0, 0
+        self._rows_only = True
 
     def close(self) -> None:
         """Write the last batch and the file footer."""

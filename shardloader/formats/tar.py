@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
+import pyarrow as pa
 import zstandard
 
 from shardloader.errors import ShardError
@@ -102,6 +103,16 @@ class TarShardWriter:
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.ascontiguousarray(payload), allow_pickle=False)
             self._add(key + ".npy", buf.getvalue())
+
+    def write_columns(
+        self, ids: pa.Array, texts: pa.Array, fields: Mapping[str, pa.Array], sizes: np.ndarray
+    ) -> None:
+        """Add many text samples at once (row by row: tar has no columns)."""
+        names = list(fields)
+        columns = [fields[k].to_pylist() for k in names]
+        for row, (doc_id, text) in enumerate(zip(ids.to_pylist(), texts.to_pylist(), strict=True)):
+            values = {k: col[row] for k, col in zip(names, columns, strict=True)} if names else None
+            self.write(doc_id, text.encode("utf-8"), values)
 
     def close(self) -> None:
         """Write the end-of-archive blocks and end the zstd frame."""
