@@ -157,9 +157,12 @@ class _PieceTable:
         self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         ranks = np.arange(len(words), dtype=np.float64)
         weights = 1.0 / (ranks + ZIPF_SHIFT) ** ZIPF_EXPONENT
-        self.word_cdf = np.cumsum(weights) / weights.sum()
+        # math.fsum, not BLAS or SIMD sums, so the result cannot depend on the machine.
+        total = math.fsum(weights.tolist())
+        self.word_cdf = np.cumsum(weights) / total
         self.word_cdf[-1] = 1.0
-        self.mean_word_bytes = float((weights / weights.sum()) @ self.lengths[: len(words)])
+        pairs = zip(weights.tolist(), self.lengths[: len(words)].tolist(), strict=True)
+        self.mean_word_bytes = math.fsum(weight * size for weight, size in pairs) / total
 
     def gather(self, pieces: np.ndarray) -> bytes:
         """Concatenate the byte strings of ``pieces`` (an index array) into one bytes object."""
