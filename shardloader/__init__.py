@@ -15,6 +15,7 @@ from shardloader.errors import (
     StorageError,
 )
 from shardloader.manifest import Manifest, ShardInfo, read_manifest
+from shardloader.plan import EpochPlan, PlanConfig, ResumePoint, WorkerPlan, plan_epoch
 from shardloader.tokenizer import TextTokenizer, train_bpe_tokenizer
 from shardloader.verify import VerifyReport, iter_samples, verify
 
@@ -23,19 +24,24 @@ __all__ = [
     "ConvertConfig",
     "ConvertResult",
     "CorpusError",
+    "EpochPlan",
     "Manifest",
     "ManifestError",
+    "PlanConfig",
     "ResumeError",
+    "ResumePoint",
     "ShardError",
     "ShardInfo",
     "ShardloaderError",
     "StorageError",
     "TextTokenizer",
     "VerifyReport",
+    "WorkerPlan",
     "__version__",
     "convert",
     "iter_samples",
     "merge",
+    "plan_epoch",
     "read_manifest",
     "train_bpe_tokenizer",
     "verify",
