@@ -57,6 +57,7 @@ from shardloader.sources import (
     Document,
     DocumentTable,
     RecordSpec,
+    kind_of,
     parse_keep_fields,
     read_documents,
     read_jsonl_table,
@@ -496,7 +497,7 @@ def _pool_task(task: Task, config: ConvertConfig, fingerprint: str) -> dict[str,
 
 
 class _Progress:
-    def __init__(self, total_bytes: int, enabled: bool | None) -> None:
+    def __init__(self, total_bytes: int | None, enabled: bool | None) -> None:
         self._bar: Any = None
         self._docs = 0
         self._bytes = 0
@@ -533,8 +534,10 @@ class _Progress:
 def _run_tasks(
     tasks: Sequence[Task], config: ConvertConfig, fingerprint: str, num_proc: int
 ) -> list[dict[str, Any]]:
-    total = sum(f.num_bytes for t in tasks for f in t.files)
-    progress = _Progress(total, config.progress)
+    files = [f for t in tasks for f in t.files]
+    # Progress counts text bytes read; the stored size is their total only for plain files.
+    plain = all(kind_of(f.url)[1] == "none" and kind_of(f.url)[0] != "parquet" for f in files)
+    progress = _Progress(sum(f.num_bytes for f in files) if plain else None, config.progress)
     try:
         if num_proc <= 1 or len(tasks) <= 1:
             return [run_task(t, config, fingerprint, progress.update) for t in tasks]

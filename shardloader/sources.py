@@ -41,7 +41,7 @@ _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _INT64 = (-(2**63), 2**63 - 1)
 _UTF8_BOM = b"\xef\xbb\xbf"
-FAST_JSONL_MAX_BYTES = 1 << 30
+FAST_JSONL_MAX_BYTES = 512 << 20  # whole-file parsing holds ~3x this in memory
 FAST_JSONL_BLOCK = 16 << 20
 _ARROW_KEEP_TYPES = {
     "string": pa.string(),
