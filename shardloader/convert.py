@@ -364,7 +364,8 @@ def run_task(
         task: The task.
         config: The conversion settings.
         settings_fingerprint: Fingerprint of the output settings, stored in the record.
-        report: Called now and then with (documents, input bytes) done since the last call.
+        report: Called now and then with (documents, input bytes) done since the last call; by the
+            end of each file its bytes add up to the uncompressed bytes read from it.
         fast_jsonl: Use the whole-file JSONL reader where it applies (tests turn it off to check
             that both readers give the same output).
 
@@ -411,10 +412,11 @@ def run_task(
             stats = Counter[str]()
             skipped_before = bad.total
             table = read_jsonl_table(source, spec=spec, stats=stats) if fast_jsonl else None
+            file_bytes = 0  # text bytes reported for this file so far
             if table is not None and tokenizer is None:
                 series.write_table(table)
                 totals["docs"] += len(table.sizes)
-                report(len(table.sizes), int(table.sizes.sum()))
+                done_docs += len(table.sizes)
                 docs: Iterable[Document] = ()
             elif table is not None:
                 docs = table.documents()
@@ -425,6 +427,7 @@ def run_task(
                 totals["docs"] += 1
                 done_docs += 1
                 done_bytes += len(data)
+                file_bytes += len(data)
                 if tokenizer is not None:
                     pending.append(doc)
                     pending_bytes += len(data)
@@ -439,6 +442,8 @@ def run_task(
                     last_report = now
             if pending:
                 flush_tokens()
+            # Progress counted text bytes; settle this file at its raw (JSON) input bytes.
+            done_bytes += stats["bytes"] - file_bytes
             totals["bytes"] += stats["bytes"]
             sources.append(
                 {

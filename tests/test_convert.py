@@ -411,3 +411,29 @@ def test_whole_file_and_line_readers_give_identical_output(tmp_path, monkeypatch
     assert [s["text"] for s in samples] == [d["text"] for d in docs]
     assert samples[0]["id"] == "a.jsonl:1"
     assert samples[1]["id"] == docs[1]["id"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_progress_reports_add_up_to_the_input(many_files, tmp_path, fast):
+    from collections import Counter
+
+    from shardloader.convert import Task, run_task
+    from shardloader.storage import list_files
+
+    root, docs = many_files
+    plain = [f for f in list_files([str(root)]) if f.url.endswith(".jsonl")]
+    reported: Counter[str] = Counter()
+
+    def report(num_docs: int, num_bytes: int) -> None:
+        reported["docs"] += num_docs
+        reported["bytes"] += num_bytes
+
+    record = run_task(
+        Task(0, tuple(plain)),
+        ConvertConfig(output=str(tmp_path / "o")),
+        "fp",
+        report,
+        fast_jsonl=fast,
+    )
+    assert reported["docs"] == record["num_docs"] > 0
+    assert reported["bytes"] == record["num_input_bytes"] == sum(f.num_bytes for f in plain)
