@@ -683,7 +683,7 @@ def convert(inputs: Sequence[str] | str, config: ConvertConfig) -> ConvertResult
     todo = [t for t in mine if t.index not in finished]
     if len(todo) < len(mine):
         log.info("resuming: %d of %d tasks already done", len(mine) - len(todo), len(mine))
-    num_proc = config.num_proc or len(os.sched_getaffinity(0))
+    num_proc = config.num_proc or _available_cpus()
     records = _run_tasks(todo, config, plan["fingerprint"], num_proc)
     manifest = None
     if config.num_tasks == 1:
@@ -692,6 +692,13 @@ def convert(inputs: Sequence[str] | str, config: ConvertConfig) -> ConvertResult
     return _result(
         out.url, manifest, records, len(mine) - len(todo), len(tasks), time.monotonic() - start
     )
+
+
+def _available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _finished_tasks(out: OutputDir, fingerprint: str) -> list[int]:
