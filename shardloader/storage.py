@@ -124,16 +124,34 @@ def with_retries(fn: Callable[[], T], *, url: str, what: str, retries: int = RET
     raise AssertionError("unreachable")
 
 
+def _uncached_on_miss(fs: fsspec.AbstractFileSystem, path: str, fn: Callable[[], T]) -> T:
+    """Call ``fn``; if it finds no file, forget cached listings of ``path`` and call it again.
+
+    Object-store filesystems (s3fs, gcsfs) cache directory listings per instance and answer
+    "missing" from a listing taken before another process (a pool worker, another machine)
+    wrote the file; a miss therefore costs one fresh look before it counts.
+    """
+    try:
+        return fn()
+    except FileNotFoundError:
+        fs.invalidate_cache(path)
+        return fn()
+
+
 def read_bytes(url: str, **storage_options: Any) -> bytes:
     """Read a whole file. Raises ``FileNotFoundError`` when it does not exist."""
     fs, path = url_to_fs(url, **storage_options)
-    return with_retries(lambda: fs.cat_file(path), url=url, what="read")
+    return with_retries(
+        lambda: _uncached_on_miss(fs, path, lambda: fs.cat_file(path)), url=url, what="read"
+    )
 
 
 def open_read(url: str, **storage_options: Any) -> IO[bytes]:
     """Open ``url`` for binary reading. Raises ``FileNotFoundError`` when it does not exist."""
     fs, path = url_to_fs(url, **storage_options)
-    return with_retries(lambda: fs.open(path, "rb"), url=url, what="open")
+    return with_retries(
+        lambda: _uncached_on_miss(fs, path, lambda: fs.open(path, "rb")), url=url, what="open"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +188,7 @@ def list_files(patterns: Iterable[str], **storage_options: Any) -> list[InputFil
     for pattern in patterns:
         url = normalize(pattern)
         fs, path = url_to_fs(url, **storage_options)
+        fs.invalidate_cache(path)  # listings cached earlier may predate files written since
         if any(c in path for c in _GLOB_CHARS):
             matches = fs.glob(path, detail=True)
             root = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
@@ -305,33 +324,43 @@ class OutputDir:
     def _full(self, rel: str) -> str:
         return posixpath.join(self._path, rel)
 
+    def _fresh(self, rel: str) -> str:
+        """Full path of ``rel``, with cached listings of it and its parents forgotten.
+
+        Pool workers and other machines write into this directory while this process looks at
+        it, so a listing that s3fs cached earlier would hide their files.
+        """
+        full = self._full(rel) if rel else self._path
+        self._fs.invalidate_cache(full)
+        return full
+
     def url_of(self, rel: str) -> str:
         """Full URL of ``rel`` inside this directory."""
         return join(self.url, rel)
 
     def exists(self, rel: str) -> bool:
         """Whether ``rel`` exists."""
-        return bool(self._fs.exists(self._full(rel)))
+        return bool(self._fs.exists(self._fresh(rel)))
 
     def size(self, rel: str) -> int:
         """Size of ``rel`` in bytes."""
-        return int(self._fs.size(self._full(rel)))
+        return int(self._fs.size(self._fresh(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
         """Read ``rel`` whole; raises ``FileNotFoundError`` when missing."""
-        full = self._full(rel)
+        full = self._fresh(rel)
         return with_retries(lambda: self._fs.cat_file(full), url=self.url_of(rel), what="read")
 
     def list(self, rel: str = "") -> list[str]:
         """Names of the files directly in ``rel`` (empty when it does not exist)."""
-        full = self._full(rel) if rel else self._path
+        full = self._fresh(rel)
         if not self._fs.exists(full):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self._fs.ls(full, detail=False))
 
     def remove(self, rel: str, *, recursive: bool = False) -> None:
         """Remove ``rel`` if it exists."""
-        full = self._full(rel)
+        full = self._fresh(rel)
         if self._fs.exists(full):
             self._fs.rm(full, recursive=recursive)
 

@@ -6,7 +6,7 @@ import gzip
 import hashlib
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 import zstandard
 
 import shardloader
+from tests.s3 import S3Server
 
 SCRIPTS = [
     "plain ascii words",
@@ -96,3 +97,33 @@ def read_back() -> Callable[[Path], list[dict[str, Any]]]:
         return list(shardloader.iter_samples(str(path)))
 
     return _read
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """``rclone serve s3`` on 127.0.0.1, reached by plain ``s3://bucket/key`` URLs.
+
+    For the session, fsspec's config sends ``s3://`` to it in this process
+    (``fsspec.config.conf["s3"]``) and in child processes (``FSSPEC_S3``, read when fsspec is
+    imported: CLI subprocesses and spawned pool workers). Both are restored afterwards.
+    """
+    import fsspec.config
+
+    server = S3Server()
+    try:
+        server.start()
+        had_conf = "s3" in fsspec.config.conf
+        old_conf = fsspec.config.conf.get("s3")
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in server.env.items():
+                mp.setenv(name, value)
+            fsspec.config.conf["s3"] = server.storage_options
+            try:
+                yield server
+            finally:
+                if had_conf:
+                    fsspec.config.conf["s3"] = old_conf
+                else:
+                    fsspec.config.conf.pop("s3", None)
+    finally:
+        server.close()
