@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 from shardloader.convert import ConvertConfig, ConvertResult, convert, merge
@@ -16,8 +18,31 @@ from shardloader.errors import (
 )
 from shardloader.manifest import Manifest, ShardInfo, read_manifest
 from shardloader.plan import EpochPlan, PlanConfig, ResumePoint, WorkerPlan, plan_epoch
+from shardloader.state import LoaderState, merge_states
 from shardloader.tokenizer import TextTokenizer, train_bpe_tokenizer
 from shardloader.verify import VerifyReport, iter_samples, verify
+from shardloader.world import WorldInfo
+
+if TYPE_CHECKING:
+    from shardloader.dataset import ShardDataset, StreamConfig
+    from shardloader.loader import ShardLoader
+
+# These import torch (about a second): loaded on first use, so `shardloader convert` and its
+# pool workers start without it.
+_LAZY = {
+    "ShardDataset": "shardloader.dataset",
+    "StreamConfig": "shardloader.dataset",
+    "ShardLoader": "shardloader.loader",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'shardloader' has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",
@@ -25,22 +50,28 @@ __all__ = [
     "ConvertResult",
     "CorpusError",
     "EpochPlan",
+    "LoaderState",
     "Manifest",
     "ManifestError",
     "PlanConfig",
     "ResumeError",
     "ResumePoint",
+    "ShardDataset",
     "ShardError",
     "ShardInfo",
+    "ShardLoader",
     "ShardloaderError",
     "StorageError",
+    "StreamConfig",
     "TextTokenizer",
     "VerifyReport",
     "WorkerPlan",
+    "WorldInfo",
     "__version__",
     "convert",
     "iter_samples",
     "merge",
+    "merge_states",
     "plan_epoch",
     "read_manifest",
     "train_bpe_tokenizer",

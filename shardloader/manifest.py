@@ -321,15 +321,17 @@ def manifest_url(dataset_url: str) -> str:
     return storage.join(dataset_url, MANIFEST_NAME)
 
 
-def read_manifest(dataset_url: str) -> Manifest:
+def read_manifest(dataset_url: str, **storage_options: Any) -> Manifest:
     """Read and validate the manifest of the dataset at ``dataset_url``.
+
+    ``storage_options`` go to the filesystem (fsspec), e.g. an S3 endpoint.
 
     Raises:
         ManifestError: No manifest there (the conversion did not finish?) or it is invalid.
     """
     url = manifest_url(dataset_url)
     try:
-        data = storage.read_bytes(url)
+        data = storage.read_bytes(url, **storage_options)
     except FileNotFoundError as err:
         raise ManifestError(
             f"{url}: no manifest found; convert a corpus there first, or finish the conversion "

@@ -70,6 +70,29 @@ class ShardFormat(Protocol):
     ) -> Iterator[dict[str, Any]]:
         """Yield the samples of one shard in order; ``where`` names it in errors."""
 
+    def read_columns(
+        self,
+        path: str,
+        *,
+        fields: Mapping[str, str],
+        token_dtype: str | None,
+        compression: str,
+        where: str,
+    ) -> ShardColumns:
+        """Decode the local shard file ``path`` for random access; ``where`` names it in errors."""
+
+
+class ShardColumns(Protocol):
+    """A decoded shard, for random access by row."""
+
+    num_rows: int
+
+    def take(self, rows: np.ndarray) -> dict[str, list[Any]]:
+        """The values of rows ``rows`` (offsets in the shard, any order), column by column.
+
+        Text and string fields come as ``str``, token ids as numpy arrays, ``json`` fields parsed.
+        """
+
 
 def get_format(name: str) -> ShardFormat:
     """Return the format registered as ``name``.

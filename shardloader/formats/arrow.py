@@ -213,6 +213,59 @@ class ArrowFormat:
         except pa.ArrowException as err:
             raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
 
+    def read_columns(
+        self,
+        path: str,
+        *,
+        fields: Mapping[str, str],
+        token_dtype: str | None,
+        compression: str,
+        where: str,
+    ) -> ArrowColumns:
+        """Memory-map an Arrow shard and decode its record batches."""
+        try:
+            with pa.memory_map(path) as source:
+                reader = pa.ipc.open_file(source)
+                expected = arrow_schema(fields, token_dtype)
+                if not reader.schema.equals(expected):
+                    raise ShardError(
+                        f"{where}: schema {reader.schema} does not match the manifest's {expected}"
+                    )
+                table = reader.read_all()
+        except pa.ArrowException as err:
+            raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
+        return ArrowColumns(table, fields)
+
+
+class ArrowColumns:
+    """A decoded Arrow shard; rows are converted to Python only when taken.
+
+    Args:
+        table: The shard's rows.
+        fields: The manifest's field types.
+    """
+
+    def __init__(self, table: pa.Table, fields: Mapping[str, str]) -> None:
+        self._table = table.combine_chunks()
+        self._fields = dict(fields)
+        self.num_rows = table.num_rows
+
+    def take(self, rows: np.ndarray) -> dict[str, list[Any]]:
+        """The values of ``rows``, column by column."""
+        taken = self._table.take(pa.array(rows, type=pa.int64()))
+        out: dict[str, list[Any]] = {}
+        for name, kind in self._fields.items():
+            column = taken.column(name).combine_chunks()
+            if kind == "tokens":
+                values = column.values.to_numpy(zero_copy_only=False)
+                offsets = column.offsets.to_numpy()
+                out[name] = [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+            elif kind == "json":
+                out[name] = [None if v is None else json.loads(v) for v in column.to_pylist()]
+            else:
+                out[name] = column.to_pylist()
+        return out
+
 
 def _batch_samples(batch: pa.RecordBatch, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
     columns: dict[str, list[Any]] = {}

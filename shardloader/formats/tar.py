@@ -185,6 +185,46 @@ class TarFormat:
         except (tarfile.TarError, zstandard.ZstdError, EOFError) as err:
             raise ShardError(f"{where}: not a readable tar shard ({err})") from err
 
+    def read_columns(
+        self,
+        path: str,
+        *,
+        fields: Mapping[str, str],
+        token_dtype: str | None,
+        compression: str,
+        where: str,
+    ) -> TarColumns:
+        """Decode a whole tar shard (tar has no random access)."""
+        with open(path, "rb") as source:
+            samples = list(
+                self.iter_samples(
+                    source,
+                    fields=fields,
+                    token_dtype=token_dtype,
+                    compression=compression,
+                    where=where,
+                )
+            )
+        return TarColumns(samples, list(fields))
+
+
+class TarColumns:
+    """A decoded tar shard held as Python objects.
+
+    Args:
+        samples: The shard's samples in order.
+        names: The manifest's field names.
+    """
+
+    def __init__(self, samples: list[dict[str, Any]], names: list[str]) -> None:
+        self._columns = {name: [s.get(name) for s in samples] for name in names}
+        self.num_rows = len(samples)
+
+    def take(self, rows: np.ndarray) -> dict[str, list[Any]]:
+        """The values of ``rows``, column by column."""
+        index = rows.tolist()
+        return {name: [column[i] for i in index] for name, column in self._columns.items()}
+
 
 def _sample(parts: dict[str, bytes], payload: str, extras: list[str], where: str) -> dict[str, Any]:
     try:

@@ -1,0 +1,170 @@
+"""`ShardLoader`: a torch ``DataLoader`` that knows which samples the training loop consumed.
+
+Each DataLoader worker reads ahead (``prefetch_factor`` batches), so the position of a worker's
+dataset copy is not what training has seen. `ShardLoader` wraps ``collate_fn`` so that every
+batch leaves its worker together with that worker's cursor, taken right after the batch's last
+sample was read (`ShardDataset.cursor`); the main process records a cursor only when it hands
+the batch to the loop. `state_dict` is therefore exact with any ``num_workers``,
+``prefetch_factor``, ``pin_memory`` or ``persistent_workers``, and costs a tuple of ints per
+batch. When an epoch ends the loader moves its dataset to the next epoch (so ``set_epoch`` is
+optional) and the state to the start of that epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+from torch.utils.data import default_collate, default_convert
+
+from shardloader.dataset import ShardDataset
+from shardloader.errors import ConfigError
+from shardloader.state import LoaderState, merge_states
+
+log = logging.getLogger(__name__)
+
+Cursor = tuple[int, int, int, int, int, int, bool]
+
+
+class _CursorCollate:
+    """Collates as the user asked, then attaches the worker's cursor."""
+
+    def __init__(self, collate: Callable[[Any], Any], dataset: ShardDataset) -> None:
+        self.collate = collate
+        self.dataset = dataset
+
+    def __call__(self, samples: Any) -> tuple[Any, Cursor]:
+        batch = self.collate(samples)
+        info = torch.utils.data.get_worker_info()
+        dataset = info.dataset if info is not None else self.dataset
+        assert isinstance(dataset, ShardDataset)
+        return batch, dataset.cursor()
+
+
+class ShardLoader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` over a `ShardDataset` with an exact ``state_dict`` / ``load_state_dict``.
+
+    Takes every ``DataLoader`` argument (``batch_size``, ``num_workers``, ``collate_fn``,
+    ``pin_memory``, ``prefetch_factor``, ``persistent_workers``, ``timeout``, ``drop_last``...).
+    Batches are what ``collate_fn`` makes, unchanged.
+
+    Args:
+        dataset: The dataset to load.
+        **kwargs: Passed to ``torch.utils.data.DataLoader``.
+    """
+
+    def __init__(self, dataset: ShardDataset, **kwargs: Any) -> None:
+        if not isinstance(dataset, ShardDataset):
+            raise ConfigError(f"ShardLoader needs a ShardDataset, got {type(dataset).__name__}")
+        collate = kwargs.pop("collate_fn", None)
+        if collate is None:
+            collate = default_convert if kwargs.get("batch_size", 1) is None else default_collate
+        super().__init__(dataset, collate_fn=_CursorCollate(collate, dataset), **kwargs)
+        self._cursors: dict[int, Cursor] = {}
+        self._last_worker: int | None = None
+        self._epoch_done: int | None = None
+
+    @property
+    def shard_dataset(self) -> ShardDataset:
+        """The dataset, typed."""
+        dataset = self.dataset
+        assert isinstance(dataset, ShardDataset)
+        return dataset
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        dataset = self.shard_dataset
+        if self._epoch_done is not None and dataset.epoch == self._epoch_done:
+            dataset.set_epoch(self._epoch_done + 1)
+        self._epoch_done = None
+        self._cursors, self._last_worker = {}, None
+        epoch = dataset.epoch
+        for batch, cursor in super().__iter__():
+            if cursor[0] == epoch:
+                old = self._cursors.get(cursor[3])
+                if old is None or cursor[5] >= old[5]:
+                    self._cursors[cursor[3]] = cursor
+                self._last_worker = cursor[3]
+            yield batch
+        self._epoch_done = epoch
+
+    def state_dict(self, *, gather: bool = False) -> dict[str, Any]:
+        """The position of the training loop: what it consumed, not what workers read ahead.
+
+        Args:
+            gather: Collect every rank's position (a collective over torch.distributed: call it
+                on all ranks). Needed only to resume on another world size or worker count;
+                without it the state resumes exactly on the same topology.
+
+        Returns:
+            A JSON-friendly dict (`shardloader.state.LoaderState`).
+        """
+        state = self._state()
+        if gather:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                states: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(states, state.to_dict())
+                state = merge_states(states)
+            else:
+                state = replace(state, complete=True)
+        return state.to_dict()
+
+    def _state(self) -> LoaderState:
+        dataset = self.shard_dataset
+        if self._epoch_done is not None and dataset.epoch == self._epoch_done:
+            return self._next_epoch_state(self._epoch_done)
+        epoch = dataset.epoch
+        anchor = dataset.anchor(epoch)
+        if not self._cursors:
+            return anchor
+        some = next(iter(self._cursors.values()))
+        _, rank, world_size, _, num_workers, _, _ = some
+        consumed = np.zeros((world_size, max(num_workers, 1)), np.int64)
+        for cursor in self._cursors.values():
+            consumed[:, cursor[3]] = cursor[5]
+        return replace(
+            anchor,
+            world_size=world_size,
+            num_workers=num_workers,
+            consumed=consumed,
+            complete=world_size == 1,
+            rank=rank,
+            previous=anchor.resume_point(),
+            rotation=0
+            if self._last_worker is None
+            else (self._last_worker + 1) % max(num_workers, 1),
+            extra=None,
+        )
+
+    def _next_epoch_state(self, done: int) -> LoaderState:
+        dataset = self.shard_dataset
+        world = dataset.world()
+        num_workers = self.num_workers
+        return LoaderState(
+            dataset=dataset.fingerprint,
+            config=dataset.config.plan_config(),
+            epoch=done + 1,
+            world_size=world.world_size,
+            num_workers=num_workers,
+            consumed=np.zeros((world.world_size, max(num_workers, 1)), np.int64),
+            rank=world.rank,
+            carry_in=dataset.carry_in(done + 1, world.world_size, num_workers),
+        )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state_dict` output (or `shardloader.merge_states` of all ranks).
+
+        Call before iterating; persistent workers are restarted so they see the new position.
+
+        Raises:
+            ResumeError: The state is from another dataset or config, or malformed.
+        """
+        self.shard_dataset.load_state_dict(state)
+        self._cursors, self._last_worker = {}, None
+        self._epoch_done = None
+        self._iterator = None  # persistent workers hold the old position: start fresh ones

@@ -1,0 +1,209 @@
+"""Runs one worker's plan: fetch shards via a fetcher, decode them via their format, yield samples.
+
+A worker's share comes as windows of shard pieces (`shardloader.plan.WorkerPlan`). For each
+window the reader makes sure every shard the window touches is on local disk and decoded, asks
+the fetcher to start on the shards of the next windows, then yields the window's samples in plan
+order. Decoded shards are kept only while the current window needs them, so a worker holds about
+``shuffle_window`` shards in memory. Rows are converted to Python objects a window at a time
+(one Arrow ``take`` per shard), not one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from shardloader.formats import ShardColumns, get_format
+from shardloader.manifest import Manifest
+from shardloader.plan import Window, WorkerPlan
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, Any]
+
+
+class LocalFile(Protocol):
+    """A shard on local disk, pinned until released."""
+
+    path: str
+
+    def release(self) -> None:
+        """Unpin the shard."""
+
+
+class Fetcher(Protocol):
+    """Gets shards onto local disk (`shardloader.cache.ShardFetcher`)."""
+
+    def open(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = ...) -> LocalFile:
+        """Block until ``url`` is local and checked; return it pinned."""
+
+    def prefetch(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = ...) -> None:
+        """Start fetching ``url`` in the background."""
+
+
+class ShardReader:
+    """Reads the samples of worker plans, in plan order.
+
+    Args:
+        manifest: The dataset's manifest.
+        shard_urls: Full URL of every shard, in manifest order.
+        fetcher: Brings shards to local disk (and caches remote ones).
+        prefetch_windows: Windows ahead whose shards are fetched in the background.
+        mark_padding: Add ``is_padding`` to every sample (under the ``"pad"`` policy).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        shard_urls: Sequence[str],
+        *,
+        fetcher: Fetcher,
+        prefetch_windows: int = 1,
+        mark_padding: bool = False,
+    ) -> None:
+        self._manifest = manifest
+        self._urls = list(shard_urls)
+        self._fetcher = fetcher
+        self._prefetch_windows = prefetch_windows
+        self._mark_padding = mark_padding
+        self._format = get_format(manifest.format)
+        self._sizes = manifest.shards.column("num_bytes")
+        self._checksums = manifest.shards.column("checksum")
+        counts = np.array(manifest.shards.column("num_samples"), dtype=np.int64)
+        self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._names = list(manifest.fields)
+        self._open: dict[int, tuple[LocalFile, ShardColumns]] = {}
+
+    def iter_samples(self, plan: WorkerPlan) -> Iterator[Sample]:
+        """Yield the samples of ``plan`` in its reading order.
+
+        Each sample is a dict: ``id`` (the source id), ``sample_id`` (the global position in
+        manifest order), ``text`` or ``input_ids``, then the kept fields.
+        """
+        try:
+            windows = plan.windows
+            for index, window in enumerate(plan.iter_windows()):
+                ahead = windows[index + 1 : index + 1 + self._prefetch_windows]
+                yield from self._window(
+                    window.sample_ids, window.padded, window.shard_indices, ahead
+                )
+        finally:
+            self.close()
+
+    def _window(
+        self,
+        ids: np.ndarray,
+        padded: np.ndarray,
+        shards: list[int],
+        ahead: Sequence[Window],
+    ) -> Iterator[Sample]:
+        for index in [i for i in self._open if i not in shards]:
+            self._release(index)
+        for shard in _window_shards(ahead, self._first):
+            if shard not in self._open and shard not in shards:
+                self._prefetch(shard)
+        n = len(ids)
+        columns: dict[str, list[Any]] = {name: [None] * n for name in self._names}
+        owner = np.searchsorted(self._first, ids, side="right") - 1
+        for shard in shards:
+            decoded = self._decoded(shard)
+            positions = np.flatnonzero(owner == shard)
+            taken = decoded.take(ids[positions] - self._first[shard])
+            where = positions.tolist()
+            for name in self._names:
+                out, values = columns[name], taken[name]
+                for i, value in zip(where, values, strict=True):
+                    out[i] = value
+        names = ["id", "sample_id", *self._names[1:]]
+        rows = [columns["id"], ids.tolist(), *(columns[n] for n in self._names[1:])]
+        if self._mark_padding:
+            names.append("is_padding")
+            rows.append(padded.tolist())
+        for row in zip(*rows, strict=True):
+            yield dict(zip(names, row, strict=True))
+
+    def _decoded(self, shard: int) -> ShardColumns:
+        if shard not in self._open:
+            local = self._fetcher.open(
+                self._urls[shard],
+                num_bytes=self._sizes[shard],
+                checksum=self._checksums[shard],
+                algorithm=self._manifest.checksum_algorithm,
+            )
+            try:
+                decoded = self._format.read_columns(
+                    local.path,
+                    fields=self._manifest.fields,
+                    token_dtype=self._manifest.token_dtype,
+                    compression=self._manifest.compression,
+                    where=self._urls[shard],
+                )
+            except BaseException:
+                local.release()
+                raise
+            self._open[shard] = (local, decoded)
+        return self._open[shard][1]
+
+    def _prefetch(self, shard: int) -> None:
+        self._fetcher.prefetch(
+            self._urls[shard],
+            num_bytes=self._sizes[shard],
+            checksum=self._checksums[shard],
+            algorithm=self._manifest.checksum_algorithm,
+        )
+
+    def _release(self, shard: int) -> None:
+        local, _ = self._open.pop(shard)
+        local.release()
+
+    def close(self) -> None:
+        """Release every shard still held."""
+        for index in list(self._open):
+            self._release(index)
+
+
+def _window_shards(windows: Sequence[Window], first: np.ndarray) -> list[int]:
+    """Distinct shards the windows touch, in order of first use."""
+    out: dict[int, None] = {}
+    for window in windows:
+        if window.ids is not None:
+            for shard in (np.searchsorted(first, window.ids, side="right") - 1).tolist():
+                out[shard] = None
+        else:
+            for span in window.spans:
+                out[span.shard_index] = None
+    return list(out)
+
+
+def apply_transform(
+    samples: Iterator[Sample], transform: Callable[[Sample], Any] | None
+) -> Iterator[Any]:
+    """``transform`` applied to each sample (or the samples as they are)."""
+    if transform is None:
+        return samples
+    return (transform(s) for s in samples)
+
+
+class _TmpLocal:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def release(self) -> None:
+        pass
+
+
+class _TmpLocalFetcher:
+    def __init__(self, **kwargs: Any) -> None:
+        pass
+
+    def open(self, url: str, **kwargs: Any) -> _TmpLocal:
+        return _TmpLocal(url)
+
+    def prefetch(self, url: str, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,100 @@
+"""Where this process stands: its rank and world size, and its DataLoader worker, if any.
+
+The one module that reads the environment. Rank and world size come, in this order, from what
+the user passed, from ``torch.distributed`` when a process group is initialized, from the
+``RANK`` / ``WORLD_SIZE`` variables that ``torchrun`` sets, and otherwise default to a single
+process. They are resolved when iteration starts, never when a dataset is built, so a dataset
+may be made before ``init_process_group``.
+
+DataLoader workers have no process group of their own: a forked worker inherits its parent's,
+while a spawned one does not. `ShardDataset` therefore resolves the world in the rank's own
+process when it is pickled for a spawned worker (`in_spawning_process`) and hands it over.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.context
+import os
+from dataclasses import dataclass
+
+from shardloader.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class WorldInfo:
+    """A rank and its DataLoader worker.
+
+    Attributes:
+        rank: This process's rank, ``0 <= rank < world_size``.
+        world_size: Number of ranks.
+        worker_id: This DataLoader worker's index, 0 in the main process.
+        num_workers: DataLoader workers of the rank; 0 when reading in the main process.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    worker_id: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ConfigError(
+                f"rank {self.rank} and world_size {self.world_size} do not fit; "
+                "expected world_size >= 1 and 0 <= rank < world_size"
+            )
+        if self.num_workers < 0 or not 0 <= self.worker_id < max(self.num_workers, 1):
+            raise ConfigError(
+                f"worker_id {self.worker_id} and num_workers {self.num_workers} do not fit"
+            )
+
+
+def detect_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Resolve ``(rank, world_size)``: explicit values, then torch.distributed, then the env.
+
+    Raises:
+        ConfigError: Only one of ``rank`` / ``world_size`` was given, or they do not fit.
+    """
+    if (rank is None) != (world_size is None):
+        raise ConfigError("pass both rank and world_size, or neither (to detect them)")
+    if rank is None or world_size is None:
+        rank, world_size = _from_distributed() or _from_env() or (0, 1)
+    WorldInfo(rank=rank, world_size=world_size)
+    return rank, world_size
+
+
+def detect_world(rank: int | None = None, world_size: int | None = None) -> WorldInfo:
+    """The full `WorldInfo` of this process, DataLoader worker included."""
+    import torch.utils.data
+
+    rank, world_size = detect_rank(rank, world_size)
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return WorldInfo(rank=rank, world_size=world_size)
+    return WorldInfo(
+        rank=rank, world_size=world_size, worker_id=info.id, num_workers=info.num_workers
+    )
+
+
+def in_spawning_process() -> bool:
+    """Whether this process is pickling an object for a child it is starting (spawn)."""
+    return multiprocessing.context.get_spawning_popen() is not None
+
+
+def _from_distributed() -> tuple[int, int] | None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _from_env() -> tuple[int, int] | None:
+    rank, world_size = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is None or world_size is None:
+        return None
+    try:
+        return int(rank), int(world_size)
+    except ValueError as err:
+        raise ConfigError(
+            f"RANK={rank!r} and WORLD_SIZE={world_size!r} in the environment are not integers"
+        ) from err

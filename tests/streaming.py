@@ -1,0 +1,46 @@
+"""Helpers for the streaming tests: small converted datasets with uneven shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shardloader import ConvertConfig, convert, read_manifest
+from tests.conftest import make_docs, write_jsonl
+
+# 1,003 samples in 7 shards of very different sizes (one file per shard).
+SHARD_SIZES = (300, 17, 200, 153, 1, 212, 120)
+NUM_SAMPLES = sum(SHARD_SIZES)
+
+
+def make_dataset(root: Path, *, fmt: str = "arrow", tokenizer: str | None = None) -> Path:
+    """Convert ``SHARD_SIZES`` documents per file into one shard per file under ``root``."""
+    docs = make_docs(NUM_SAMPLES, seed=7)
+    corpus = root / "corpus"
+    start = 0
+    for index, size in enumerate(SHARD_SIZES):
+        write_jsonl(corpus / f"part-{index}.jsonl", docs[start : start + size])
+        start += size
+    out = root / f"dataset-{fmt}{'-tok' if tokenizer else ''}"
+    config = ConvertConfig(
+        output=str(out),
+        format=fmt,
+        task_bytes=1,
+        num_proc=1,
+        keep_fields=("score:float64", "lang"),
+        tokenizer=tokenizer,
+    )
+    convert([str(corpus)], config)
+    sizes = tuple(read_manifest(str(out)).shards.column("num_samples"))
+    assert sizes == SHARD_SIZES
+    return out
+
+
+def source_docs() -> list[dict[str, Any]]:
+    """The documents of `make_dataset`, in sample-id order."""
+    return make_docs(NUM_SAMPLES, seed=7)
+
+
+def ids_of(batch: list[dict[str, Any]]) -> list[int]:
+    """A collate_fn that keeps only the sample ids (cheap, picklable)."""
+    return [int(sample["sample_id"]) for sample in batch]

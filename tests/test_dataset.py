@@ -1,0 +1,345 @@
+"""ShardDataset and ShardLoader in one process (ranks given explicitly) and with real workers."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from shardloader import (
+    ResumeError,
+    ShardDataset,
+    ShardLoader,
+    StreamConfig,
+    TextTokenizer,
+    merge_states,
+)
+from tests.streaming import NUM_SAMPLES, SHARD_SIZES, ids_of, make_dataset, source_docs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("stream"))
+
+
+@pytest.fixture(scope="module")
+def tar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("stream-tar"), fmt="tar")
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("stream-tok"), tokenizer=str(tokenizer_dir))
+
+
+def read_ids(
+    dataset: ShardDataset, *, num_workers: int = 0, batch_size: int = 8, **kwargs: Any
+) -> list[int]:
+    loader = ShardLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=ids_of, **kwargs
+    )
+    return [i for batch in loader for i in batch]
+
+
+@pytest.mark.parametrize("fixture", ["dataset_dir", "tar_dir"])
+def test_one_process_reads_every_sample_once_with_its_content(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    path = request.getfixturevalue(fixture)
+    docs = source_docs()
+    samples = list(ShardDataset(str(path), config=StreamConfig(seed=3)))
+    assert sorted(s["sample_id"] for s in samples) == list(range(NUM_SAMPLES))
+    for sample in samples:
+        doc = docs[sample["sample_id"]]
+        assert sample["id"] == doc["id"]
+        assert sample["text"] == doc["text"]
+        assert sample["score"] == doc["score"]
+        assert sample["lang"] == doc["lang"]
+        assert set(sample) == {"id", "sample_id", "text", "score", "lang"}
+
+
+def test_tokenized_samples_are_the_tokenizer_output(token_dir: Path, tokenizer_dir: Path) -> None:
+    tokenizer = TextTokenizer(str(tokenizer_dir))
+    docs = source_docs()
+    samples = list(ShardDataset(str(token_dir)))
+    assert len(samples) == NUM_SAMPLES
+    for sample in samples[:50]:
+        expected = tokenizer.encode_batch([docs[sample["sample_id"]]["text"]])[0]
+        assert sample["input_ids"].dtype == np.uint16
+        assert sample["input_ids"].tolist() == expected.tolist()
+        assert expected[-1] == tokenizer.eos_id
+
+
+def test_order_depends_on_seed_and_epoch_only(dataset_dir: Path) -> None:
+    def order(seed: int, epoch: int) -> list[int]:
+        dataset = ShardDataset(str(dataset_dir), config=StreamConfig(seed=seed))
+        dataset.set_epoch(epoch)
+        return [s["sample_id"] for s in dataset]
+
+    first = order(0, 0)
+    assert order(0, 0) == first
+    assert order(0, 1) != first
+    assert order(1, 0) != first
+    assert sorted(order(0, 1)) == sorted(first) == list(range(NUM_SAMPLES))
+    unshuffled = ShardDataset(str(dataset_dir), config=StreamConfig(shuffle=False))
+    assert [s["sample_id"] for s in unshuffled] == list(range(NUM_SAMPLES))
+    # The shuffle mixes shards: few consecutive samples come from the same shard.
+    bounds = np.cumsum(SHARD_SIZES)
+    shard = np.searchsorted(bounds, first, side="right")
+    assert (shard[1:] == shard[:-1]).mean() < 0.6
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("num_workers", [0, 1, 3])
+def test_ranks_split_exactly_with_workers(
+    dataset_dir: Path, world_size: int, num_workers: int
+) -> None:
+    per_rank = []
+    for rank in range(world_size):
+        dataset = ShardDataset(str(dataset_dir), rank=rank, world_size=world_size)
+        per_rank.append(read_ids(dataset, num_workers=num_workers, batch_size=7))
+        assert len(dataset) == len(per_rank[-1])
+    counts = {len(ids) for ids in per_rank}
+    assert counts == {NUM_SAMPLES // world_size}
+    union = [i for ids in per_rank for i in ids]
+    assert len(union) == len(set(union))
+    assert NUM_SAMPLES - len(union) == NUM_SAMPLES % world_size
+
+
+def test_pad_policy_fills_ranks_with_marked_repeats(dataset_dir: Path) -> None:
+    config = StreamConfig(policy="pad")
+    samples = []
+    for rank in range(4):
+        ranked = list(ShardDataset(str(dataset_dir), config=config, rank=rank, world_size=4))
+        assert len(ranked) == -(-NUM_SAMPLES // 4)
+        samples += ranked
+    real = [s["sample_id"] for s in samples if not s["is_padding"]]
+    padding = [s["sample_id"] for s in samples if s["is_padding"]]
+    assert sorted(real) == list(range(NUM_SAMPLES))
+    assert len(padding) == 4 * -(-NUM_SAMPLES // 4) - NUM_SAMPLES
+
+
+def test_drop_policy_serves_every_sample_once_per_epoch_over_epochs(dataset_dir: Path) -> None:
+    world_size, epochs = 4, 3
+    seen: collections.Counter[int] = collections.Counter()
+    loaders = [
+        ShardLoader(
+            ShardDataset(str(dataset_dir), rank=r, world_size=world_size),
+            batch_size=10,
+            collate_fn=ids_of,
+        )
+        for r in range(world_size)
+    ]
+    for _ in range(epochs):  # no set_epoch: the loader moves to the next epoch itself
+        counts = set()
+        for loader in loaders:
+            ids = [i for batch in loader for i in batch]
+            counts.add(len(ids))
+            seen.update(ids)
+        assert len(counts) == 1
+    leftover = loaders[0].state_dict()["carry_in"]
+    assert len(leftover) == (epochs * NUM_SAMPLES) % world_size
+    assert loaders[0].state_dict()["epoch"] == epochs
+    for sample_id in range(NUM_SAMPLES):
+        assert seen[sample_id] + leftover.count(sample_id) == epochs
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_set_epoch_reaches_persistent_workers(dataset_dir: Path, context: str) -> None:
+    dataset = ShardDataset(str(dataset_dir), config=StreamConfig(seed=5))
+    loader = ShardLoader(
+        dataset,
+        batch_size=16,
+        num_workers=2,
+        collate_fn=ids_of,
+        persistent_workers=True,
+        multiprocessing_context=context,
+    )
+    orders = []
+    for epoch in (0, 1, 0):
+        dataset.set_epoch(epoch)
+        orders.append([i for batch in loader for i in batch])
+    assert orders[0] == orders[2]
+    assert orders[0] != orders[1]
+    assert sorted(orders[1]) == sorted(orders[0]) == list(range(NUM_SAMPLES))
+
+
+def test_transform_runs_in_workers(dataset_dir: Path) -> None:
+    dataset = ShardDataset(str(dataset_dir), transform=_text_length)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    docs = source_docs()
+    got = dict(iter(loader))
+    assert got == {i: len(d["text"]) for i, d in enumerate(docs)}
+
+
+def _text_length(sample: dict[str, Any]) -> tuple[int, int]:
+    return sample["sample_id"], len(sample["text"])
+
+
+def run_with_break(
+    dataset_dir: Path,
+    *,
+    stop_after: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    **kwargs: Any,
+) -> tuple[list[list[int]], dict[str, Any]]:
+    dataset = ShardDataset(str(dataset_dir), rank=rank, world_size=world_size)
+    loader = ShardLoader(
+        dataset, batch_size=6, num_workers=num_workers, collate_fn=ids_of, **kwargs
+    )
+    batches: list[list[int]] = []
+    state: dict[str, Any] = loader.state_dict()
+    for batch in loader:
+        if len(batches) == stop_after:
+            break
+        batches.append(batch)
+        state = loader.state_dict()
+    return batches, json.loads(json.dumps(state))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+@pytest.mark.parametrize("stop_after", [0, 1, 5, 23])
+def test_resume_gives_the_same_remaining_batches(
+    dataset_dir: Path, num_workers: int, stop_after: int
+) -> None:
+    full, _ = run_with_break(dataset_dir, stop_after=-1, num_workers=num_workers)
+    head, state = (
+        run_with_break(
+            dataset_dir, stop_after=stop_after, num_workers=num_workers, prefetch_factor=4
+        )
+        if num_workers
+        else run_with_break(dataset_dir, stop_after=stop_after, num_workers=0)
+    )
+    assert head == full[:stop_after]
+    dataset = ShardDataset(str(dataset_dir))
+    loader = ShardLoader(dataset, batch_size=6, num_workers=num_workers, collate_fn=ids_of)
+    loader.load_state_dict(state)
+    assert list(loader) == full[stop_after:]
+
+
+def test_resume_twice_and_across_the_epoch_end(dataset_dir: Path) -> None:
+    full, _ = run_with_break(dataset_dir, stop_after=-1, num_workers=2)
+    dataset = ShardDataset(str(dataset_dir))
+    loader = ShardLoader(dataset, batch_size=6, num_workers=2, collate_fn=ids_of)
+    _, state = run_with_break(dataset_dir, stop_after=10, num_workers=2)
+    loader.load_state_dict(state)
+    got = []
+    for batch in loader:
+        got.append(batch)
+        if len(got) == 30:
+            state = loader.state_dict()
+            break
+    again = ShardLoader(
+        ShardDataset(str(dataset_dir)), batch_size=6, num_workers=2, collate_fn=ids_of
+    )
+    again.load_state_dict(state)
+    rest = list(again)
+    assert full[10:] == got + rest
+    # The epoch ended: the state now points at the next epoch's start.
+    after = again.state_dict()
+    assert after["epoch"] == 1
+    assert not any(map(any, after["consumed"]))
+    second = ShardLoader(ShardDataset(str(dataset_dir)), batch_size=6, collate_fn=ids_of)
+    second.load_state_dict(after)
+    reference = ShardDataset(str(dataset_dir))
+    reference.set_epoch(1)
+    assert [i for b in second for i in b] == read_ids(reference, batch_size=6)
+
+
+def test_resume_in_a_fresh_process(dataset_dir: Path, tmp_path: Path) -> None:
+    full, _ = run_with_break(dataset_dir, stop_after=-1, num_workers=2)
+    _, state = run_with_break(dataset_dir, stop_after=7, num_workers=2, prefetch_factor=8)
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    code = f"""
+import json, sys
+from shardloader import ShardDataset, ShardLoader
+from tests.streaming import ids_of
+loader = ShardLoader(ShardDataset({str(dataset_dir)!r}), batch_size=6, num_workers=2,
+                     collate_fn=ids_of)
+loader.load_state_dict(json.load(open({str(tmp_path / "state.json")!r})))
+print(json.dumps(list(loader)))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == full[7:]
+
+
+@pytest.mark.parametrize(("old", "new"), [((2, 2), (3, 1)), ((3, 1), (2, 3)), ((4, 3), (1, 0))])
+def test_elastic_resume_loses_and_repeats_nothing(
+    dataset_dir: Path, old: tuple[int, int], new: tuple[int, int]
+) -> None:
+    old_world, old_workers = old
+    consumed: list[int] = []
+    states = []
+    for rank in range(old_world):
+        batches, state = run_with_break(
+            dataset_dir, stop_after=9, num_workers=old_workers, rank=rank, world_size=old_world
+        )
+        consumed += [i for b in batches for i in b]
+        states.append(state)
+    partial = ShardDataset(str(dataset_dir), rank=0, world_size=new[0])
+    partial.load_state_dict(states[0])
+    with pytest.raises(ResumeError, match="merge the states of all ranks"):
+        list(partial)
+    merged = merge_states(states).to_dict()
+    new_world, new_workers = new
+    rest = []
+    for rank in range(new_world):
+        loader = ShardLoader(
+            ShardDataset(str(dataset_dir), rank=rank, world_size=new_world),
+            batch_size=5,
+            num_workers=new_workers,
+            collate_fn=ids_of,
+        )
+        loader.load_state_dict(merged)
+        rest.append([i for b in loader for i in b])
+    assert len({len(r) for r in rest}) == 1
+    served = consumed + [i for r in rest for i in r]
+    assert len(served) == len(set(served))
+    # Left out: what no division by the old and the new world size could place.
+    assert NUM_SAMPLES - len(served) <= (old_world - 1) + (new_world - 1)
+
+
+def test_state_from_another_dataset_or_config_is_refused(dataset_dir: Path, tar_dir: Path) -> None:
+    _, state = run_with_break(dataset_dir, stop_after=3, num_workers=0)
+    other = ShardDataset(str(tar_dir))  # same documents, other shard bytes
+    with pytest.raises(ResumeError, match="saved for dataset"):
+        other.load_state_dict(state)
+    reseeded = ShardDataset(str(dataset_dir), config=StreamConfig(seed=9))
+    with pytest.raises(ResumeError, match="seed, shuffle"):
+        reseeded.load_state_dict(state)
+    with pytest.raises(ResumeError, match="not a shardloader loader state"):
+        reseeded.load_state_dict({"epoch": 3})
+
+
+def test_stateful_dataloader_from_torchdata_resumes_exactly(dataset_dir: Path) -> None:
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+    def make() -> Any:
+        return stateful.StatefulDataLoader(
+            ShardDataset(str(dataset_dir)), batch_size=6, num_workers=2, collate_fn=ids_of
+        )
+
+    full = list(make())
+    loader = make()
+    head = []
+    for batch in loader:
+        head.append(batch)
+        if len(head) == 11:
+            break
+    state = loader.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + list(resumed) == full

@@ -1,0 +1,110 @@
+"""Real ranks (gloo) and real DataLoader workers: exact sets of sample ids per rank.
+
+Ranks are started by ``torch.multiprocessing.spawn`` (workers forked, and spawned) and by
+``torchrun``; every rank writes the ids it read, and the tests check: equal counts per rank, no id
+twice, and the union is the epoch less at most ``world_size - 1`` ids (the ``drop`` policy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.multiprocessing
+
+from tests import dist_stream
+from tests.streaming import NUM_SAMPLES, make_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "dist_stream.py"
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("dist"))
+
+
+def load_ranks(out: Path, tag: str, world_size: int) -> list[list[list[int]]]:
+    return [json.loads((out / f"{tag}-rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def check_exact(per_rank: list[list[int]], world_size: int) -> None:
+    counts = [len(ids) for ids in per_rank]
+    assert counts == [NUM_SAMPLES // world_size] * world_size
+    union = [i for ids in per_rank for i in ids]
+    assert len(union) == len(set(union)), "a sample was read twice"
+    assert set(union) <= set(range(NUM_SAMPLES))
+    assert NUM_SAMPLES - len(union) == NUM_SAMPLES % world_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_spawned_ranks_split_exactly_for_every_worker_count(
+    dataset_dir: Path, tmp_path: Path, world_size: int
+) -> None:
+    runs: list[Any] = [(f"w{k}", k, None) for k in range(4)]
+    if world_size == 2:
+        runs.append(("spawned-workers", 2, "spawn"))
+    torch.multiprocessing.spawn(
+        dist_stream.spawn_main,
+        args=(world_size, str(tmp_path / "init"), str(dataset_dir), str(tmp_path), runs),
+        nprocs=world_size,
+        join=True,
+    )
+    for tag, _, _ in runs:
+        batches = load_ranks(tmp_path, tag, world_size)
+        check_exact([[i for b in rank for i in b] for rank in batches], world_size)
+    # The worker count changes how a rank's share is split, not which samples it holds.
+    shares = [
+        [sorted(i for b in rank for i in b) for rank in load_ranks(tmp_path, tag, world_size)]
+        for tag, _, _ in runs
+    ]
+    assert all(share == shares[0] for share in shares)
+
+
+def torchrun(nproc: int, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(SCRIPT),
+        *args,
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_torchrun_ranks_split_exactly_and_resume_on_the_same_and_other_world_size(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
+    data, out = str(dataset_dir), str(tmp_path)
+    torchrun(2, data, out, "full", "--workers", "2")
+    full = load_ranks(tmp_path, "full", 2)
+    check_exact([[i for b in rank for i in b] for rank in full], 2)
+
+    state = str(tmp_path / "state.json")
+    torchrun(2, data, out, "head", "--workers", "2", "--stop-after", "20", "--save", state)
+    head = load_ranks(tmp_path, "head", 2)
+    assert head == [rank[:20] for rank in full]
+
+    # Same topology: the rest is exactly the rest of the uninterrupted run, batch by batch.
+    torchrun(2, data, out, "same", "--workers", "2", "--resume", state)
+    assert load_ranks(tmp_path, "same", 2) == [rank[20:] for rank in full]
+
+    # Elastic: 2 ranks x 2 workers -> 3 ranks x 1 worker finishes the epoch, nothing twice.
+    torchrun(3, data, out, "grown", "--workers", "1", "--resume", state)
+    grown = [[i for b in rank for i in b] for rank in load_ranks(tmp_path, "grown", 3)]
+    assert len({len(r) for r in grown}) == 1
+    served = [i for rank in head for b in rank for i in b] + [i for r in grown for i in r]
+    assert len(served) == len(set(served))
+    assert NUM_SAMPLES - len(served) <= (2 - 1) + (3 - 1)
