@@ -4,11 +4,22 @@ Paths are URLs (``s3://bucket/dir``, ``memory://x``) or local paths. Reads retry
 with exponential backoff and jitter; writes go to a temporary name and are published whole
 (``os.replace`` locally, a single PUT remotely), so a crash never leaves a half-written file under
 its final name.
+
+Shard downloads (:func:`iter_download`, used by :mod:`shardloader.cache`) stream one GET in blocks
+and give every network wait its own deadline, so a hung server costs ``timeout_s`` and not
+forever; :func:`retry_until` retries them until a deadline, resuming where the last try stopped.
+On an async filesystem (s3fs, HTTP, gcsfs) each wait is a coroutine run on fsspec's event loop
+under ``asyncio.wait_for``, so a stalled request is cancelled (its connection closed), not merely
+abandoned in a thread. Setting botocore's ``read_timeout`` is not enough: s3fs and botocore retry
+timed-out and refused requests inside one call (a refused connection alone costs 3.7 s there).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -16,16 +27,18 @@ import posixpath
 import random
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs as _fsspec_url_to_fs
 
-from shardloader.errors import StorageError
+from shardloader.errors import ShardloaderError, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,8 +51,15 @@ _NOT_TRANSIENT = (
     PermissionError,
     FileExistsError,
 )
+# Errors that retrying cannot fix: programming or configuration errors, and ours.
+_PERMANENT = (*_NOT_TRANSIENT, ShardloaderError, ValueError, TypeError, NotImplementedError)
+_PERMANENT_NAMES = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "NoRegionError"}
+)
 RETRIES = 5
 BACKOFF_S = 0.2
+MAX_BACKOFF_S = 10.0
+DOWNLOAD_BLOCK_BYTES = 4 << 20
 
 
 def is_url(path: str) -> bool:
@@ -102,26 +122,235 @@ def _fs_is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocol or "local" in protocol
 
 
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying might cure ``err``: connection refused or reset, timeouts, 5xx, throttling.
+
+    Missing files, denied access, bad requests (HTTP 4xx other than 408 and 429, S3 ``EINVAL``
+    codes), missing credentials and shardloader's own errors are permanent.
+    """
+    if not isinstance(err, Exception) or isinstance(err, _PERMANENT):
+        return False
+    if type(err).__name__ in _PERMANENT_NAMES:
+        return False
+    if isinstance(err, OSError) and err.errno == errno.EINVAL:
+        return False
+    status = getattr(err, "status", None)  # aiohttp.ClientResponseError (http://)
+    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+
+
+def backoff_s(attempt: int, *, base_s: float = BACKOFF_S, max_s: float = MAX_BACKOFF_S) -> float:
+    """Delay before retry number ``attempt`` (1-based): doubling from ``base_s``, jittered ±50%."""
+    return min(max_s, base_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+
+
 def with_retries(fn: Callable[[], T], *, url: str, what: str, retries: int = RETRIES) -> T:
     """Call ``fn``, retrying transient errors with exponential backoff and jitter.
 
-    ``FileNotFoundError`` and other permanent errors pass through at once; after the last try a
-    transient error becomes a :class:`StorageError` naming the URL and the cause.
+    ``FileNotFoundError`` and other permanent errors (see :func:`is_transient`) pass through at
+    once; after the last try a transient error becomes a :class:`StorageError` naming the URL and
+    the cause.
     """
     for attempt in range(retries):
         try:
             return fn()
-        except _NOT_TRANSIENT:
-            raise
         except Exception as err:  # noqa: BLE001 - fsspec backends raise anything
+            if not is_transient(err):
+                raise
             if attempt == retries - 1:
                 raise StorageError(
                     f"{url}: {what} failed after {retries} tries ({type(err).__name__}: {err})"
                 ) from err
-            delay = BACKOFF_S * (2**attempt) * (0.5 + random.random())
+            delay = backoff_s(attempt + 1)
             log.warning("%s: %s failed (%s); retrying in %.2fs", url, what, err, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def retry_until(
+    fn: Callable[[], T],
+    *,
+    url: str,
+    what: str,
+    deadline_s: float,
+    stop: threading.Event | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Call ``fn`` until it succeeds, retrying transient errors until ``deadline_s`` have passed.
+
+    Retries wait with exponential backoff and jitter (:func:`backoff_s`), never past the deadline;
+    ``fn`` should bound its own attempts (e.g. :func:`iter_download`'s ``timeout_s``). Permanent
+    errors (:func:`is_transient`) pass through at once.
+
+    Args:
+        fn: One attempt.
+        url: Named in log lines and errors.
+        what: What is being done (``"download"``), for messages.
+        deadline_s: Seconds after the first try after which no new try starts.
+        stop: When set, waiting stops and a :class:`StorageError` is raised (used on shutdown).
+        on_retry: Called with each transient error before the retry (e.g. to count retries).
+
+    Raises:
+        StorageError: Still failing at the deadline; names the URL, the tries and the last cause.
+    """
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - fsspec backends raise anything
+            if not is_transient(err):
+                raise
+            elapsed = time.monotonic() - start
+            remaining = deadline_s - elapsed
+            if remaining <= 0:
+                raise StorageError(
+                    f"{url}: {what} failed after {attempt} tries in {elapsed:.1f}s "
+                    f"(last: {type(err).__name__}: {err}); check that the storage is reachable, "
+                    "or allow longer with retry_deadline_s"
+                ) from err
+            delay = min(backoff_s(attempt), remaining)
+            if on_retry is not None:
+                on_retry(err)
+            log.warning(
+                "%s: %s try %d failed (%s: %s); retrying in %.2fs",
+                url,
+                what,
+                attempt,
+                type(err).__name__,
+                err,
+                delay,
+            )
+            if stop is not None and stop.wait(delay):
+                raise StorageError(f"{url}: {what} stopped (shutting down)") from err
+            if stop is None:
+                time.sleep(delay)
+
+
+def _run_bounded(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout_s: float, what: str
+) -> T:
+    """Run ``coro`` on fsspec's event loop; cancel it and raise ``TimeoutError`` after timeout_s."""
+    future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout_s), loop)
+    try:
+        # The grace covers a busy loop; wait_for itself cancels the coroutine at timeout_s.
+        return future.result(timeout_s + 5.0)
+    except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as err:
+        future.cancel()
+        raise TimeoutError(f"{what}: no answer within timeout_s={timeout_s:g}") from err
+
+
+async def _read_block(body: Any, num_bytes: int) -> bytes:
+    """Read up to ``num_bytes`` from an aiobotocore body (less only at the end)."""
+    parts: list[bytes] = []
+    have = 0
+    while have < num_bytes:
+        chunk = await body.read(num_bytes - have)
+        if not chunk:
+            break
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
+
+
+def _iter_s3(
+    fs: Any, path: str, offset: int, timeout_s: float, block_bytes: int
+) -> Generator[bytes, None, None]:
+    """One streamed GET (from ``offset``), read a block at a time, the next block in flight."""
+    bucket, key, version = fs.split_path(path)
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if version:
+        kwargs["VersionId"] = version
+    if offset:
+        kwargs["Range"] = f"bytes={offset}-"
+    response = _run_bounded(fs.loop, fs._call_s3("get_object", **kwargs), timeout_s, "GET")
+    body = response["Body"]
+    pending: concurrent.futures.Future[bytes] | None = None
+    try:
+
+        def submit() -> concurrent.futures.Future[bytes]:
+            coro = asyncio.wait_for(_read_block(body, block_bytes), timeout_s)
+            return asyncio.run_coroutine_threadsafe(coro, fs.loop)
+
+        pending = submit()
+        while True:
+            try:
+                block = pending.result(timeout_s + 5.0)
+            except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as err:
+                raise TimeoutError(
+                    f"read stalled: no {block_bytes >> 20} MiB block within timeout_s={timeout_s:g}"
+                ) from err
+            if not block:
+                return
+            pending = submit()  # the loop reads ahead while the caller hashes and writes
+            yield block
+    finally:
+        # Closing the body ends a read in flight at once; collect its error so that asyncio
+        # does not log "exception was never retrieved".
+        fs.loop.call_soon_threadsafe(body.close)
+        if pending is not None:
+            try:
+                pending.result(timeout_s + 5.0)
+            except BaseException:  # noqa: BLE001 - the attempt is over either way
+                pending.cancel()
+
+
+def _iter_async_ranges(
+    fs: AsyncFileSystem, path: str, offset: int, timeout_s: float, block_bytes: int
+) -> Generator[bytes, None, None]:
+    """Ranged reads of ``block_bytes`` each, for async filesystems other than s3fs."""
+    info = _run_bounded(fs.loop, fs._info(path), timeout_s, "stat")
+    size = info.get("size")
+    if size is None:  # e.g. HTTP without Content-Length: one whole read
+        yield _run_bounded(fs.loop, fs._cat_file(path, start=offset), timeout_s, "GET")
+        return
+    while offset < size:
+        end = min(offset + block_bytes, size)
+        block = _run_bounded(fs.loop, fs._cat_file(path, start=offset, end=end), timeout_s, "GET")
+        if not block:
+            return
+        offset += len(block)
+        yield block
+
+
+def _iter_sync(
+    fs: fsspec.AbstractFileSystem, path: str, offset: int, block_bytes: int
+) -> Generator[bytes, None, None]:
+    with fs.open(path, "rb") as f:
+        if offset:
+            f.seek(offset)
+        while block := f.read(block_bytes):
+            yield block
+
+
+def iter_download(
+    url: str,
+    *,
+    offset: int = 0,
+    timeout_s: float = 60.0,
+    block_bytes: int = DOWNLOAD_BLOCK_BYTES,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Generator[bytes, None, None]:
+    """Yield the bytes of ``url`` from ``offset`` on, in blocks of up to ``block_bytes``.
+
+    One attempt, no retries (wrap it in :func:`retry_until`, restarting at the bytes received).
+    On async filesystems every network wait (the request, each block) must end within
+    ``timeout_s``, else the request is cancelled and ``TimeoutError`` raised. s3fs gets one
+    streamed GET (``Range: bytes=offset-``) with the next block read while the caller processes
+    the last; other async filesystems get ranged reads. Synchronous filesystems (``memory://``,
+    SFTP) are read in the calling thread with their own timeouts.
+
+    Raises:
+        FileNotFoundError: ``url`` does not exist.
+        TimeoutError: A request or block took longer than ``timeout_s``.
+        OSError: Other failures of the backend (see :func:`is_transient`).
+    """
+    fs, path = url_to_fs(url, **dict(storage_options or {}))
+    if isinstance(fs, AsyncFileSystem) and fs.async_impl:
+        if hasattr(fs, "_call_s3"):
+            return _iter_s3(fs, path, offset, timeout_s, block_bytes)
+        return _iter_async_ranges(fs, path, offset, timeout_s, block_bytes)
+    return _iter_sync(fs, path, offset, block_bytes)
 
 
 def _uncached_on_miss(fs: fsspec.AbstractFileSystem, path: str, fn: Callable[[], T]) -> T:

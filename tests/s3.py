@@ -8,9 +8,11 @@ in a fraction of a second, much faster than a moto server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,7 +57,9 @@ class S3Server:
     """``rclone serve s3`` on a free loopback port, serving a fresh temporary directory.
 
     Use as a context manager (or call :meth:`close`). :meth:`start` returns once the server
-    answers a signed S3 request.
+    answers a signed S3 request. To test outages, :meth:`stop` and :meth:`start_again` (same
+    port, same objects) take it down and up, and :meth:`pause` / :meth:`resume` (SIGSTOP /
+    SIGCONT) make it hang: connections are still accepted by the kernel but never answered.
 
     Args:
         data_dir: Directory to serve (default: a new temporary directory, removed on close).
@@ -66,6 +71,7 @@ class S3Server:
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="shardloader-s3-"))
         self.start_timeout_s = start_timeout_s
         self.port = 0
+        self.is_paused = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = self.data_dir.parent / f"{self.data_dir.name}.rclone.log"
 
@@ -118,19 +124,74 @@ class S3Server:
         """
         for attempt in range(attempts):
             self.port = _free_port()
-            with open(self._log, "wb") as log:
-                self._proc = subprocess.Popen(
-                    self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-                )
-            if self._wait_ready():
+            if self._launch():
                 return self
-            self._stop()
             if attempt == attempts - 1:
                 raise RuntimeError(
                     f"{self.endpoint_url}: rclone serve s3 did not answer within "
                     f"{self.start_timeout_s}s; its log:\n{self.log_text()}"
                 )
         raise AssertionError("unreachable")
+
+    def start_again(self, attempts: int = 10) -> S3Server:
+        """Start a stopped server on the port it had, serving the same objects.
+
+        Clients that cached the endpoint (s3fs instances, child processes) reach it again.
+
+        Raises:
+            RuntimeError: The port could not be bound again, or the server did not answer.
+        """
+        if self.port == 0:
+            raise RuntimeError("start_again() before start()")
+        if self._proc is not None:
+            raise RuntimeError(f"{self.endpoint_url}: the server is running; stop() it first")
+        delay = 0.05
+        for _ in range(attempts):
+            if self._launch():
+                return self
+            time.sleep(delay)  # the port may linger in the kernel for a moment after a stop
+            delay = min(delay * 2, 1.0)
+        raise RuntimeError(
+            f"{self.endpoint_url}: rclone serve s3 did not start again on the same port; "
+            f"its log:\n{self.log_text()}"
+        )
+
+    def _launch(self) -> bool:
+        """Start rclone on :attr:`port`; True once it answers, False (and stopped) if not."""
+        with open(self._log, "ab") as log:
+            self._proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        if self._wait_ready():
+            return True
+        self._stop()
+        return False
+
+    def stop(self) -> None:
+        """Stop the server (its port then refuses connections); :meth:`start_again` undoes it."""
+        self._stop()
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): requests hang until :meth:`resume`."""
+        if self._proc is None:
+            raise RuntimeError("pause() of a server that is not running")
+        self._proc.send_signal(signal.SIGSTOP)
+        self.is_paused = True
+
+    def resume(self) -> None:
+        """Let a paused server go on (SIGCONT); it then answers what waited."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+        self.is_paused = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[S3Server]:
+        """Pause the server for the ``with`` block, resuming it even on error."""
+        self.pause()
+        try:
+            yield self
+        finally:
+            self.resume()
 
     def log_text(self) -> str:
         """What the server wrote to stdout/stderr so far."""
@@ -176,6 +237,9 @@ class S3Server:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
+        if self.is_paused:
+            proc.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only when woken
+            self.is_paused = False
         proc.terminate()
         try:
             proc.wait(timeout=10)
