@@ -1,0 +1,358 @@
+"""Turn upstream samples into token documents for packing: token ids, text, and SFT records.
+
+A sample is a dict from the reader. Its kind follows from its fields, checked in this order:
+
+- ``input_ids`` (tokenized shards): used as they are; conversion already appended EOS (and BOS
+  with ``--add-bos``), so nothing is added here.
+- ``messages`` (a chat: a list of ``{"role", "content"}``): rendered with the tokenizer's chat
+  template; only the assistant turns get a loss.
+- ``prompt`` and ``response``: rendered as a two-turn chat (user, assistant) when the tokenizer has
+  a chat template, else encoded as ``[BOS] prompt response EOS`` (BOS and EOS as configured), with
+  a loss on the response and its EOS only.
+- the text field (``text`` by default): encoded without the tokenizer's own special tokens, then
+  BOS / EOS added as configured (by default EOS only, as ``shardloader convert`` does), so text
+  shards and tokenized shards of the same corpus give the same ids.
+
+Texts are encoded in one batched call per group of samples (Rust-side parallel in ``tokenizers``).
+
+Chat templates: a conversation is rendered once per assistant turn, without and with that turn,
+and the turn's characters are the difference (``render(turns[:i], add_generation_prompt=True)``
+must be a prefix of ``render(turns[:i + 1])``; templates that rewrite earlier turns are refused).
+The whole conversation is then tokenized once with offsets, and every token that overlaps an
+assistant turn's characters gets a loss, so the ids are exactly what inference would see. What
+the template writes after the content (an end-of-turn token, a newline) belongs to the turn: the
+model learns to end its answer. BOS / EOS are whatever the template writes.
+
+The tokenizer is a :class:`shardloader.TextTokenizer` or a Hugging Face fast tokenizer
+(``transformers.AutoTokenizer.from_pretrained(dir, local_files_only=True)``); only the latter
+carries a chat template. :func:`check_tokenizer` compares its fingerprint with a manifest's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from shardloader.errors import ConfigError, CorpusError
+from shardloader.manifest import Manifest
+from shardloader.tokenizer import TextTokenizer, _fingerprint
+
+
+class EncodedDoc(NamedTuple):
+    """One document as token ids, with the tokens that get a loss (``None``: all of them)."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray | None
+
+
+class Encoder(Protocol):
+    """Turns a group of samples into one :class:`EncodedDoc` each, in order."""
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> list[EncodedDoc]:
+        """Encode ``samples``."""
+        ...
+
+
+def _describe(sample: Mapping[str, Any]) -> str:
+    if "id" in sample:
+        return f"sample {sample['id']!r}"
+    if "sample_id" in sample:
+        return f"sample_id {sample['sample_id']}"
+    return "sample"
+
+
+def _token_array(sample: Mapping[str, Any]) -> np.ndarray:
+    ids = sample["input_ids"]
+    array = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
+    if array.ndim != 1 or not (array.dtype.kind in "iu" or array.size == 0):
+        raise CorpusError(
+            f"{_describe(sample)}: input_ids must be a 1-D integer array, got {array.dtype}"
+            f" of shape {array.shape}"
+        )
+    return array
+
+
+def encode_token_samples(samples: Sequence[Mapping[str, Any]]) -> list[EncodedDoc]:
+    """The encoder for tokenized shards: take each sample's ``input_ids`` as they are.
+
+    Raises:
+        CorpusError: A sample has no ``input_ids`` (text shards need a tokenizer) or they are not
+            a 1-D integer array.
+    """
+    docs = []
+    for sample in samples:
+        if "input_ids" not in sample:
+            raise CorpusError(
+                f"{_describe(sample)}: no input_ids; pass a tokenizer to pack text or SFT samples"
+            )
+        docs.append(EncodedDoc(_token_array(sample), None))
+    return docs
+
+
+class _Backend:
+    """What the encoder needs from either kind of tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        if isinstance(tokenizer, TextTokenizer):
+            self.name = tokenizer.path
+            self.eos_id, self.bos_id = tokenizer.eos_id, tokenizer.bos_id
+            self.rust: Any = None
+            self.chat_template: str | None = None
+        elif getattr(tokenizer, "backend_tokenizer", None) is not None:
+            self.name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+            self.eos_id = tokenizer.eos_token_id
+            self.bos_id = tokenizer.bos_token_id
+            self.rust = tokenizer.backend_tokenizer
+            self.chat_template = getattr(tokenizer, "chat_template", None)
+        else:
+            raise ConfigError(
+                f"tokenizer {type(tokenizer).__name__} is neither a shardloader.TextTokenizer nor"
+                " a Hugging Face fast tokenizer; load one with AutoTokenizer (use_fast=True)"
+            )
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        if self.rust is None:
+            out: list[np.ndarray] = self.tokenizer.encode_batch(texts, add_bos=False, add_eos=False)
+            return out
+        encode = getattr(self.rust, "encode_batch_fast", self.rust.encode_batch)
+        return [np.array(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        encodings = self.rust.encode_batch(texts, add_special_tokens=False)
+        return [
+            (np.array(e.ids, dtype=np.int64), np.array(e.offsets, dtype=np.int64).reshape(-1, 2))
+            for e in encodings
+        ]
+
+    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool) -> str:
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return str(text)
+
+    def special(self, token_id: int | None, what: str, option: str) -> list[int]:
+        if token_id is None:
+            raise ConfigError(f"{self.name}: no {what} token; set {option}=False or choose one")
+        return [token_id]
+
+
+class SampleEncoder:
+    """Encodes any mix of token, text and SFT samples (see the module docstring for the rules).
+
+    Args:
+        tokenizer: A :class:`shardloader.TextTokenizer` or a Hugging Face fast tokenizer; ``None``
+            accepts tokenized samples only.
+        add_bos: Prepend BOS to text and to template-less prompt/response samples.
+        add_eos: Append EOS to text and to template-less prompt/response samples.
+        text_field: The field that holds the text of text samples.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        *,
+        add_bos: bool = False,
+        add_eos: bool = True,
+        text_field: str = "text",
+    ) -> None:
+        self._backend = _Backend(tokenizer) if tokenizer is not None else None
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+        self.text_field = text_field
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> list[EncodedDoc]:
+        """Encode ``samples``, batching the tokenizer calls of each kind.
+
+        Raises:
+            CorpusError: A sample has none of the fields above, or malformed ones.
+            ConfigError: Text or SFT samples but no tokenizer; ``messages`` but no chat template.
+        """
+        docs: list[EncodedDoc | None] = [None] * len(samples)
+        texts: list[int] = []
+        chats: list[int] = []
+        pairs: list[int] = []
+        for i, sample in enumerate(samples):
+            if "input_ids" in sample:
+                docs[i] = EncodedDoc(_token_array(sample), None)
+            elif "messages" in sample:
+                chats.append(i)
+            elif "prompt" in sample and "response" in sample:
+                pairs.append(i)
+            elif self.text_field in sample:
+                texts.append(i)
+            else:
+                raise CorpusError(
+                    f"{_describe(sample)}: none of input_ids, messages, prompt/response or"
+                    f" {self.text_field!r}; fields are {sorted(sample)}"
+                )
+        if texts or chats or pairs:
+            backend = self._require_backend(samples[(texts or chats or pairs)[0]])
+            self._encode_texts(backend, samples, texts, docs)
+            if pairs and backend.chat_template is None:
+                self._encode_pairs(backend, samples, pairs, docs)
+            else:
+                chats = sorted(chats + pairs)
+            self._encode_chats(backend, samples, chats, docs)
+        return [doc for doc in docs if doc is not None]
+
+    def _require_backend(self, sample: Mapping[str, Any]) -> _Backend:
+        if self._backend is None:
+            raise ConfigError(
+                f"{_describe(sample)}: text or SFT samples need a tokenizer; pass tokenizer="
+            )
+        return self._backend
+
+    def _affixes(self, backend: _Backend) -> tuple[list[int], list[int]]:
+        head = backend.special(backend.bos_id, "BOS", "add_bos") if self.add_bos else []
+        tail = backend.special(backend.eos_id, "EOS", "add_eos") if self.add_eos else []
+        return head, tail
+
+    def _encode_texts(
+        self,
+        backend: _Backend,
+        samples: Sequence[Mapping[str, Any]],
+        indices: list[int],
+        docs: list[EncodedDoc | None],
+    ) -> None:
+        if not indices:
+            return
+        head, tail = self._affixes(backend)
+        encoded = backend.encode([_text(samples[i], self.text_field) for i in indices])
+        for i, ids in zip(indices, encoded, strict=True):
+            if head or tail:
+                ids = np.concatenate([np.array(head, np.int64), ids, np.array(tail, np.int64)])
+            docs[i] = EncodedDoc(ids, None)
+
+    def _encode_pairs(
+        self,
+        backend: _Backend,
+        samples: Sequence[Mapping[str, Any]],
+        indices: list[int],
+        docs: list[EncodedDoc | None],
+    ) -> None:
+        head, tail = self._affixes(backend)
+        texts = [_text(samples[i], "prompt") for i in indices]
+        texts += [_text(samples[i], "response") for i in indices]
+        encoded = backend.encode(texts)
+        for k, i in enumerate(indices):
+            prompt = np.concatenate([np.array(head, np.int64), encoded[k]])
+            response = np.concatenate([encoded[len(indices) + k], np.array(tail, np.int64)])
+            mask = np.zeros(len(prompt) + len(response), dtype=bool)
+            mask[len(prompt) :] = True
+            docs[i] = EncodedDoc(np.concatenate([prompt, response]), mask)
+
+    def _encode_chats(
+        self,
+        backend: _Backend,
+        samples: Sequence[Mapping[str, Any]],
+        indices: list[int],
+        docs: list[EncodedDoc | None],
+    ) -> None:
+        if not indices:
+            return
+        if backend.chat_template is None:
+            raise ConfigError(
+                f"{_describe(samples[indices[0]])}: chat messages need a tokenizer with a chat"
+                f" template, and {backend.name} has none; load it with transformers.AutoTokenizer"
+                " and set tokenizer.chat_template"
+            )
+        rendered = [_render_turns(backend, samples[i]) for i in indices]
+        encoded = backend.encode_with_offsets([text for text, _ in rendered])
+        for i, (_, spans), (ids, offsets) in zip(indices, rendered, encoded, strict=True):
+            mask = np.zeros(len(ids), dtype=bool)
+            for start, end in spans:
+                mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+            docs[i] = EncodedDoc(ids, mask)
+
+
+def _text(sample: Mapping[str, Any], field: str) -> str:
+    value = sample.get(field)
+    if not isinstance(value, str):
+        raise CorpusError(
+            f"{_describe(sample)}: field {field!r} must be a string, got {type(value).__name__}"
+        )
+    return value
+
+
+def _messages(sample: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    if "messages" not in sample:
+        return [
+            {"role": "user", "content": _text(sample, "prompt")},
+            {"role": "assistant", "content": _text(sample, "response")},
+        ]
+    messages = sample["messages"]
+    if not isinstance(messages, Sequence) or not all(
+        isinstance(m, Mapping) and isinstance(m.get("role"), str) for m in messages
+    ):
+        raise CorpusError(
+            f"{_describe(sample)}: messages must be a list of {{role, content}} dicts"
+        )
+    return list(messages)
+
+
+def _render_turns(
+    backend: _Backend, sample: Mapping[str, Any]
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render a chat; return the text and the character spans of its assistant turns."""
+    messages = _messages(sample)
+    full = backend.render(messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = backend.render(messages[:i], add_generation_prompt=True)
+        upto = backend.render(messages[: i + 1], add_generation_prompt=False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise ConfigError(
+                f"{_describe(sample)}: the chat template renders turn {i} differently once later"
+                " turns follow, so its tokens cannot be found; use a template whose renderings"
+                " of a conversation's prefixes are prefixes of its rendering"
+            )
+        spans.append((len(before), len(upto)))
+    if not spans:
+        raise CorpusError(f"{_describe(sample)}: no assistant turn, so nothing to learn from")
+    return full, spans
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The vocabulary fingerprint of a TextTokenizer or Hugging Face fast tokenizer.
+
+    It is the one ``shardloader convert`` records in the manifest (vocabulary plus which added
+    tokens are special), so the two kinds of tokenizer loaded from one directory agree.
+    """
+    if isinstance(tokenizer, TextTokenizer):
+        return tokenizer.info.fingerprint
+    rust = _Backend(tokenizer).rust
+    vocab = rust.get_vocab(with_added_tokens=True)
+    special = sorted(t.content for t in rust.get_added_tokens_decoder().values() if t.special)
+    return _fingerprint(vocab, special)
+
+
+def check_tokenizer(manifest: Manifest, tokenizer: Any, *, where: str = "dataset") -> None:
+    """Refuse a tokenizer whose fingerprint differs from the one the shards were tokenized with.
+
+    Text shards (no tokenizer in the manifest) accept any tokenizer.
+
+    Args:
+        manifest: The manifest of the shards.
+        tokenizer: The tokenizer about to be used with them.
+        where: The dataset URL, for the message.
+
+    Raises:
+        ConfigError: The fingerprints differ; the message names both.
+    """
+    if not manifest.tokenizer:
+        return
+    expected = manifest.tokenizer.get("fingerprint")
+    actual = tokenizer_fingerprint(tokenizer)
+    if expected != actual:
+        name = _Backend(tokenizer).name
+        raise ConfigError(
+            f"{where}: shards were tokenized with the tokenizer of fingerprint {expected}, but"
+            f" {name} has fingerprint {actual}; use the tokenizer the shards were converted with"
+        )
