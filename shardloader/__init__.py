@@ -17,6 +17,22 @@ from shardloader.errors import (
     StorageError,
 )
 from shardloader.manifest import Manifest, ShardInfo, read_manifest
+from shardloader.pack import (
+    PackConfig,
+    PackedRow,
+    Packer,
+    PackingCollator,
+    PackStats,
+    best_fit_decreasing,
+    collate_rows,
+)
+from shardloader.pack_attention import document_attention_mask, model_inputs
+from shardloader.pack_encode import (
+    EncodedDoc,
+    SampleEncoder,
+    check_tokenizer,
+    tokenizer_fingerprint,
+)
 from shardloader.plan import EpochPlan, PlanConfig, ResumePoint, WorkerPlan, plan_epoch
 from shardloader.state import LoaderState, merge_states
 from shardloader.tokenizer import TextTokenizer, train_bpe_tokenizer
@@ -49,13 +65,20 @@ __all__ = [
     "ConvertConfig",
     "ConvertResult",
     "CorpusError",
+    "EncodedDoc",
     "EpochPlan",
     "LoaderState",
     "Manifest",
     "ManifestError",
+    "PackConfig",
+    "PackStats",
+    "PackedRow",
+    "Packer",
+    "PackingCollator",
     "PlanConfig",
     "ResumeError",
     "ResumePoint",
+    "SampleEncoder",
     "ShardDataset",
     "ShardError",
     "ShardInfo",
@@ -68,12 +91,18 @@ __all__ = [
     "WorkerPlan",
     "WorldInfo",
     "__version__",
+    "best_fit_decreasing",
+    "check_tokenizer",
+    "collate_rows",
     "convert",
+    "document_attention_mask",
     "iter_samples",
     "merge",
     "merge_states",
+    "model_inputs",
     "plan_epoch",
     "read_manifest",
+    "tokenizer_fingerprint",
     "train_bpe_tokenizer",
     "verify",
 ]

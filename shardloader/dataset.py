@@ -35,9 +35,12 @@ import torch.utils.data
 from shardloader import storage
 from shardloader.errors import ConfigError, ResumeError
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
+from shardloader.pack import PackConfig, Packer
+from shardloader.pack_encode import check_tokenizer
 from shardloader.plan import POLICIES, EpochPlan, IdArray, PlanConfig, plan_carry_in, plan_epoch
 from shardloader.reader import ShardReader
 from shardloader.state import LoaderState, dataset_fingerprint
+from shardloader.tokenizer import TextTokenizer
 from shardloader.world import WorldInfo, detect_rank, detect_world, in_spawning_process
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,8 @@ class StreamConfig:
         cache_bytes: Bound on the cache's size; shards in use are never evicted.
         prefetch_windows: Windows ahead whose shards are fetched in the background.
         prefetch_threads: Concurrent background downloads per process.
-        timeout_s: Deadline of one attempt to fetch a shard.
+        timeout_s: Longest wait for any one network step of a fetch (the request, each 4 MiB
+            block); a hung server costs this much, then the fetch is retried.
         retry_deadline_s: How long transient fetch failures are retried before giving up.
         verify_local: Also check the checksum of local shards (remote ones always are).
     """
@@ -129,7 +133,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         source: The dataset: a directory or URL holding ``_manifest.json`` (``s3://``, ``gs://``,
             ``http(s)://``, ``memory://``, local paths), or the manifest's own URL.
         config: Order, split, fetch and cache settings.
-        transform: Applied to every sample inside the worker (e.g. tokenizing text).
+        transform: Applied to every sample inside the worker, before packing.
+        pack: Pack documents into fixed-length rows inside the workers
+            (`shardloader.pack.PackConfig`); the dataset then yields `PackedRow` s, which
+            `ShardLoader` collates with `shardloader.pack.collate_rows` by default.
+        tokenizer: For packing text shards (or SFT fields): a tokenizer path, a
+            `shardloader.TextTokenizer` or a Hugging Face fast tokenizer. With tokenized shards it
+            is checked against the manifest's fingerprint.
         rank: This rank; by default detected when iteration starts (torch.distributed, then
             ``RANK``). Pass with ``world_size`` or not at all.
         world_size: Number of ranks; detected like ``rank``.
@@ -145,6 +155,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         *,
         config: StreamConfig | None = None,
         transform: Callable[[dict[str, Any]], Any] | None = None,
+        pack: PackConfig | None = None,
+        tokenizer: Any = None,
         rank: int | None = None,
         world_size: int | None = None,
         storage_options: Mapping[str, Any] | None = None,
@@ -157,6 +169,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.source = storage.normalize(source)
         self.config = config or StreamConfig()
         self.transform = transform
+        if pack is not None and not isinstance(pack, PackConfig):
+            raise ConfigError(f"pack is a {type(pack).__name__}; expected a PackConfig")
+        self.pack = pack
+        self.tokenizer = TextTokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self._rank = rank
         self._world_size = world_size
         self._storage_options = dict(storage_options or {})
@@ -169,6 +185,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self._world: WorldInfo | None = None
         self._reading_epoch = 0
         self._position = 0
+        self._skip = 0  # packing: what the packer drops of the sample at _position
         self._plan_worker = 0
         self._finished = False
 
@@ -178,7 +195,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def manifest(self) -> Manifest:
         """The dataset's manifest, read on first use."""
         if self._manifest is None:
-            self._manifest = read_manifest(self.source, **self._storage_options)
+            manifest = read_manifest(self.source, **self._storage_options)
+            if manifest.tokenized and self.tokenizer is not None:
+                check_tokenizer(manifest, self.tokenizer, where=self.source)
+            self._manifest = manifest
         return self._manifest
 
     @property
@@ -270,11 +290,33 @@ class ShardDataset(torch.utils.data.IterableDataset):
             prefetch_windows=self.config.prefetch_windows,
             mark_padding=self.config.policy == "pad",
         )
+        self._skip = 0
+        samples = reader.iter_samples(worker_plan)
         transform = self.transform
-        for sample in reader.iter_samples(worker_plan):
-            self._position += 1
-            yield sample if transform is None else transform(sample)
+        if transform is not None:
+            samples = (transform(s) for s in samples)
+        if self.pack is None:
+            for sample in samples:
+                self._position += 1
+                yield sample
+        else:
+            packer = Packer(self.pack, tokenizer=self.tokenizer)
+            skip = self._resume_skip(epoch, world)
+            for row in packer.pack(enumerate(samples), skip=skip):
+                self._position, self._skip = row.cursor
+                yield row
         self._finished = True
+
+    def _resume_skip(self, epoch: int, world: WorldInfo) -> int:
+        """The packer's skip for this worker's first sample when continuing a saved state."""
+        state = self._resume
+        if state is None or state.epoch != epoch or state.extra is None:
+            return 0
+        same = (state.world_size, max(state.num_workers, 1)) == (
+            world.world_size,
+            max(world.num_workers, 1),
+        )
+        return int(state.extra[world.rank][self._plan_worker] or 0) if same else 0
 
     def _rotated(self, epoch: int, world: WorldInfo) -> int:
         """Which worker's share this DataLoader worker reads (turns kept across a resume)."""
@@ -286,10 +328,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _get_fetcher(self) -> Any:
         if self._fetcher is None:
-            try:
-                from shardloader.cache import ShardFetcher
-            except ImportError:  # TEMPORARY until cache.py lands
-                from shardloader.reader import _TmpLocalFetcher as ShardFetcher
+            from shardloader.cache import ShardFetcher
 
             self._fetcher = ShardFetcher(
                 cache_dir=self.config.cache_dir,
@@ -318,12 +357,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     # --- position -----------------------------------------------------------------------
 
-    def cursor(self) -> tuple[int, int, int, int, int, int, bool]:
+    def cursor(self) -> tuple[int, int, int, int, int, int, bool, int]:
         """This process's position, cheap enough to ship with every batch (`ShardLoader`).
 
         Returns:
-            ``(epoch, rank, world_size, worker, num_workers, position, finished)``; ``worker``
-            is the share being read (see `LoaderState.rotation`).
+            ``(epoch, rank, world_size, worker, num_workers, position, finished, skip)``;
+            ``worker`` is the share being read (see `LoaderState.rotation`); with packing,
+            ``position`` and ``skip`` are the last row's cursor (where the next row starts).
         """
         world = self._world or self.world()
         return (
@@ -334,6 +374,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             world.num_workers,
             self._position,
             self._finished,
+            self._skip,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -343,7 +384,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         process that iterates the dataset itself. With a plain DataLoader and workers, the main
         process's copy does not see the workers' progress: use `ShardLoader.state_dict`.
         """
-        epoch, rank, world_size, worker_id, num_workers, position, finished = self.cursor()
+        epoch, rank, world_size, worker_id, num_workers, position, finished, skip = self.cursor()
         return {
             "kind": WORKER_STATE_KIND,
             "epoch": epoch,
@@ -353,6 +394,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             "num_workers": num_workers,
             "position": position,
             "finished": finished,
+            "skip": skip,
             "anchor": self.anchor(epoch).to_dict(),
         }
 
@@ -371,7 +413,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
             consumed=np.zeros((world.world_size, max(world.num_workers, 1)), np.int64),
             complete=True,
             carry_in=self.carry_in(epoch, world.world_size, world.num_workers),
+            pack=self.pack_fingerprint,
         )
+
+    @property
+    def pack_fingerprint(self) -> dict[str, Any] | None:
+        """The packing settings a saved state must match (``None`` without packing)."""
+        return None if self.pack is None else self.pack.to_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a saved position: a `LoaderState` dict or one worker's `state_dict`.
@@ -385,7 +433,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
             loaded = _from_worker_state(state)
         else:
             loaded = LoaderState.from_dict(state)
-        loaded.check(dataset=self.fingerprint, config=self.config.plan_config())
+        loaded.check(
+            dataset=self.fingerprint, config=self.config.plan_config(), pack=self.pack_fingerprint
+        )
         self._resume = loaded
         self.set_epoch(loaded.epoch)
 
@@ -405,6 +455,9 @@ def _from_worker_state(state: Mapping[str, Any]) -> LoaderState:
         raise ResumeError("worker state does not match the topology of its anchor")
     consumed = np.zeros((int(state["world_size"]), max(int(state["num_workers"]), 1)), np.int64)
     consumed[:, worker_id] = position
+    extra = [[0] * consumed.shape[1] for _ in range(consumed.shape[0])]
+    for row in extra:
+        row[worker_id] = int(state.get("skip", 0))
     previous = anchor.resume_point()
     return replace(
         anchor,
@@ -414,4 +467,5 @@ def _from_worker_state(state: Mapping[str, Any]) -> LoaderState:
         complete=False,
         rank=rank,
         previous=previous,
+        extra=tuple(tuple(row) for row in extra),
     )

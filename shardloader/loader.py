@@ -23,11 +23,12 @@ from torch.utils.data import default_collate, default_convert
 
 from shardloader.dataset import ShardDataset
 from shardloader.errors import ConfigError
+from shardloader.pack import PackConfig, PackedRow, collate_rows
 from shardloader.state import LoaderState, merge_states
 
 log = logging.getLogger(__name__)
 
-Cursor = tuple[int, int, int, int, int, int, bool]
+Cursor = tuple[int, int, int, int, int, int, bool, int]
 
 
 class _CursorCollate:
@@ -43,6 +44,16 @@ class _CursorCollate:
         dataset = info.dataset if info is not None else self.dataset
         assert isinstance(dataset, ShardDataset)
         return batch, dataset.cursor()
+
+
+class _RowCollate:
+    """`shardloader.pack.collate_rows` with the dataset's packing settings."""
+
+    def __init__(self, config: PackConfig) -> None:
+        self.config = config
+
+    def __call__(self, rows: list[PackedRow]) -> dict[str, Any]:
+        return collate_rows(rows, self.config)
 
 
 class ShardLoader(torch.utils.data.DataLoader):
@@ -61,6 +72,8 @@ class ShardLoader(torch.utils.data.DataLoader):
         if not isinstance(dataset, ShardDataset):
             raise ConfigError(f"ShardLoader needs a ShardDataset, got {type(dataset).__name__}")
         collate = kwargs.pop("collate_fn", None)
+        if collate is None and dataset.pack is not None:
+            collate = _RowCollate(dataset.pack)
         if collate is None:
             collate = default_convert if kwargs.get("batch_size", 1) is None else default_collate
         super().__init__(dataset, collate_fn=_CursorCollate(collate, dataset), **kwargs)
@@ -123,10 +136,12 @@ class ShardLoader(torch.utils.data.DataLoader):
         if not self._cursors:
             return anchor
         some = next(iter(self._cursors.values()))
-        _, rank, world_size, _, num_workers, _, _ = some
+        _, rank, world_size, _, num_workers, _, _, _ = some
         consumed = np.zeros((world_size, max(num_workers, 1)), np.int64)
+        skips = np.zeros_like(consumed)
         for cursor in self._cursors.values():
             consumed[:, cursor[3]] = cursor[5]
+            skips[:, cursor[3]] = cursor[7]
         return replace(
             anchor,
             world_size=world_size,
@@ -138,7 +153,7 @@ class ShardLoader(torch.utils.data.DataLoader):
             rotation=0
             if self._last_worker is None
             else (self._last_worker + 1) % max(num_workers, 1),
-            extra=None,
+            extra=None if dataset.pack is None else tuple(map(tuple, skips.tolist())),
         )
 
     def _next_epoch_state(self, done: int) -> LoaderState:
@@ -154,6 +169,7 @@ class ShardLoader(torch.utils.data.DataLoader):
             consumed=np.zeros((world.world_size, max(num_workers, 1)), np.int64),
             rank=world.rank,
             carry_in=dataset.carry_in(done + 1, world.world_size, num_workers),
+            pack=dataset.pack_fingerprint,
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ from shardloader.plan import Window, WorkerPlan
 log = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
+SLICE = 2048  # samples made into Python objects at a time (memory and first-sample latency)
 
 
 class LocalFile(Protocol):
@@ -105,22 +106,44 @@ class ShardReader:
         for shard in _window_shards(ahead, self._first):
             if shard not in self._open and shard not in shards:
                 self._prefetch(shard)
+        decoded = {shard: self._decoded(shard) for shard in shards}
+        owner = np.searchsorted(self._first, ids, side="right") - 1
+        names = ["id", "sample_id", *self._names[1:]]
+        if self._mark_padding:
+            names.append("is_padding")
+        for start in range(0, len(ids), SLICE):
+            yield from self._slice(
+                ids[start : start + SLICE],
+                owner[start : start + SLICE],
+                padded[start : start + SLICE],
+                decoded,
+                names,
+            )
+
+    def _slice(
+        self,
+        ids: np.ndarray,
+        owner: np.ndarray,
+        padded: np.ndarray,
+        decoded: dict[int, ShardColumns],
+        names: list[str],
+    ) -> Iterator[Sample]:
+        """Samples of one slice of a window: one ``take`` per shard, then Python dicts."""
         n = len(ids)
         columns: dict[str, list[Any]] = {name: [None] * n for name in self._names}
-        owner = np.searchsorted(self._first, ids, side="right") - 1
-        for shard in shards:
-            decoded = self._decoded(shard)
+        for shard in np.unique(owner).tolist():
             positions = np.flatnonzero(owner == shard)
-            taken = decoded.take(ids[positions] - self._first[shard])
+            taken = decoded[shard].take(ids[positions] - self._first[shard])
+            if len(positions) == n:
+                columns = taken
+                break
             where = positions.tolist()
             for name in self._names:
                 out, values = columns[name], taken[name]
                 for i, value in zip(where, values, strict=True):
                     out[i] = value
-        names = ["id", "sample_id", *self._names[1:]]
         rows = [columns["id"], ids.tolist(), *(columns[n] for n in self._names[1:])]
         if self._mark_padding:
-            names.append("is_padding")
             rows.append(padded.tolist())
         for row in zip(*rows, strict=True):
             yield dict(zip(names, row, strict=True))
@@ -185,25 +208,3 @@ def apply_transform(
     if transform is None:
         return samples
     return (transform(s) for s in samples)
-
-
-class _TmpLocal:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def release(self) -> None:
-        pass
-
-
-class _TmpLocalFetcher:
-    def __init__(self, **kwargs: Any) -> None:
-        pass
-
-    def open(self, url: str, **kwargs: Any) -> _TmpLocal:
-        return _TmpLocal(url)
-
-    def prefetch(self, url: str, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

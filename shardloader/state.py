@@ -59,8 +59,10 @@ class LoaderState:
         rotation: The worker whose batch comes next (DataLoader workers take turns); a resumed
             loader's worker ``i`` reads the share of worker ``(i + rotation) % num_workers``
             so batches keep their order.
-        extra: Per (rank, worker) state of later stages (e.g. a packer), JSON-friendly;
-            ``extra[rank][worker]``, ``None`` where there is none.
+        pack: The packing settings (`shardloader.pack.PackConfig.to_dict`), if packing.
+        extra: With packing, how much of the next sample each (rank, worker)'s packer had
+            used (the row cursor's ``skip``), ``extra[rank][worker]``; exact only on the same
+            topology (elsewhere a partly packed document is served again whole).
     """
 
     dataset: str
@@ -74,6 +76,7 @@ class LoaderState:
     carry_in: IdArray = field(default_factory=lambda: np.zeros(0, np.int64))
     previous: ResumePoint | None = None
     rotation: int = 0
+    pack: Mapping[str, Any] | None = None
     extra: tuple[tuple[Any, ...], ...] | None = None
 
     def __post_init__(self) -> None:
@@ -104,7 +107,9 @@ class LoaderState:
             previous=self.previous,
         )
 
-    def check(self, *, dataset: str, config: PlanConfig) -> None:
+    def check(
+        self, *, dataset: str, config: PlanConfig, pack: Mapping[str, Any] | None = None
+    ) -> None:
         """Refuse a state made on another dataset or with another plan config.
 
         Raises:
@@ -119,6 +124,11 @@ class LoaderState:
             raise ResumeError(
                 f"loader state was saved with {self.config}, but this loader has {config}; "
                 "seed, shuffle, shuffle_window and policy must match to resume"
+            )
+        if (self.pack or None) != (pack or None):
+            raise ResumeError(
+                f"loader state was saved with packing {self.pack}, but this loader packs with "
+                f"{pack}; the packing settings must match to resume"
             )
 
     def check_topology(self, world_size: int, num_workers: int) -> None:
@@ -152,6 +162,7 @@ class LoaderState:
             "carry_in": self.carry_in.tolist(),
             "previous": _point_to_dict(self.previous),
             "rotation": self.rotation,
+            "pack": None if self.pack is None else dict(self.pack),
             "extra": None if self.extra is None else [list(row) for row in self.extra],
         }
 
@@ -186,6 +197,7 @@ class LoaderState:
                 carry_in=np.array(data["carry_in"], dtype=np.int64),
                 previous=_point_from_dict(data.get("previous")),
                 rotation=int(data.get("rotation", 0)),
+                pack=data.get("pack"),
                 extra=None if extra is None else tuple(tuple(row) for row in extra),
             )
         except (KeyError, TypeError, ValueError) as err:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from shardloader import (
+    PackConfig,
     ResumeError,
     ShardDataset,
     ShardLoader,
@@ -343,3 +344,94 @@ def test_stateful_dataloader_from_torchdata_resumes_exactly(dataset_dir: Path) -
     resumed = make()
     resumed.load_state_dict(state)
     assert head + list(resumed) == full
+
+
+def _init_worker(worker_id: int) -> None:
+    torch.manual_seed(worker_id)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_plain_dataloader_with_every_knob_splits_exactly(
+    dataset_dir: Path, drop_last: bool
+) -> None:
+    per_rank = []
+    for rank in range(2):
+        loader = torch.utils.data.DataLoader(
+            ShardDataset(str(dataset_dir), rank=rank, world_size=2),
+            batch_size=8,
+            num_workers=2,
+            collate_fn=ids_of,
+            pin_memory=False,
+            prefetch_factor=3,
+            persistent_workers=True,
+            timeout=60,
+            worker_init_fn=_init_worker,
+            drop_last=drop_last,
+        )
+        per_rank.append([i for batch in loader for i in batch])
+        again = [i for batch in loader for i in batch]  # persistent workers, second pass
+        assert again == per_rank[-1]
+    union = [i for ids in per_rank for i in ids]
+    assert len(union) == len(set(union))
+    if drop_last:  # each worker drops its last partial batch: fewer than 2 x 8 per rank
+        assert all(NUM_SAMPLES // 2 - 16 < len(ids) <= NUM_SAMPLES // 2 for ids in per_rank)
+    else:
+        assert [len(ids) for ids in per_rank] == [NUM_SAMPLES // 2] * 2
+
+
+def test_default_collate_batches_tokens_and_ids(token_dir: Path) -> None:
+    loader = ShardLoader(
+        ShardDataset(str(token_dir), transform=_first_tokens), batch_size=16, num_workers=1
+    )
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (16, 2)
+    assert batch["sample_id"].dtype == torch.int64
+    assert len(batch["id"]) == 16
+
+
+def _first_tokens(sample: dict[str, Any]) -> dict[str, Any]:
+    return {**sample, "input_ids": sample["input_ids"][:2].astype(np.int64)}
+
+
+@pytest.mark.parametrize("mode", ["concat", "bfd"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_packed_rows_resume_exactly_to_the_token(
+    token_dir: Path, mode: str, num_workers: int
+) -> None:
+    pack = PackConfig(seq_len=64, mode=mode, buffer_size=32)
+
+    def make() -> ShardLoader:
+        dataset = ShardDataset(str(token_dir), pack=pack)
+        return ShardLoader(dataset, batch_size=4, num_workers=num_workers)
+
+    full = [b["input_ids"] for b in make()]
+    assert all(b.shape[1] == 64 for b in full)
+    loader = make()
+    head = []
+    for batch in loader:
+        head.append(batch["input_ids"])
+        if len(head) == 9:
+            state = json.loads(json.dumps(loader.state_dict()))
+            break
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [b["input_ids"] for b in resumed]
+    assert len(head) + len(rest) == len(full)
+    for got, want in zip(head + rest, full, strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ResumeError, match="packing"):
+        ShardDataset(str(token_dir), pack=PackConfig(seq_len=32)).load_state_dict(state)
+
+
+def test_packing_text_shards_matches_tokenized_shards(
+    dataset_dir: Path, token_dir: Path, tokenizer_dir: Path
+) -> None:
+    pack = PackConfig(seq_len=128)
+    from_text = ShardLoader(
+        ShardDataset(str(dataset_dir), pack=pack, tokenizer=str(tokenizer_dir)), batch_size=8
+    )
+    from_tokens = ShardLoader(ShardDataset(str(token_dir), pack=pack), batch_size=8)
+    for a, b in zip(from_text, from_tokens, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["position_ids"], b["position_ids"])

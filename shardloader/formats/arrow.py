@@ -246,7 +246,7 @@ class ArrowColumns:
     """
 
     def __init__(self, table: pa.Table, fields: Mapping[str, str]) -> None:
-        self._table = table.combine_chunks()
+        self._table = table
         self._fields = dict(fields)
         self.num_rows = table.num_rows
 
