@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The quick start: generate a small corpus, train a tokenizer on it, convert it into text shards
-# and into tokenized shards, then inspect and verify the result. Everything lands in demo-output/.
+# and into tokenized shards, inspect and verify the result, then stream packed batches and resume
+# mid-epoch. Everything lands in demo-output/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-demo-output}
@@ -24,4 +25,7 @@ echo "== 5. inspect and verify"
 shardloader inspect "$OUT/token-shards" --samples 2 --shards 3
 shardloader verify "$OUT/text-shards"
 shardloader verify "$OUT/token-shards"
+
+echo "== 6. stream packed batches (2 DataLoader workers), stop, save the position, resume exactly"
+python examples/stream.py "$OUT/token-shards" --seq-len 512 --batch-size 8 --workers 2
 echo "done: see $OUT/"

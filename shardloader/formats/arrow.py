@@ -238,7 +238,11 @@ class ArrowFormat:
 
 
 class ArrowColumns:
-    """A decoded Arrow shard; rows are converted to Python only when taken.
+    """A decoded Arrow shard, each column made ready for indexing on first use.
+
+    Token columns become one numpy array of values plus offsets (a sample is a zero-copy slice);
+    other columns become one Python list (or parsed JSON). Taking rows is then plain indexing,
+    several times faster than an Arrow ``take`` per window slice.
 
     Args:
         table: The shard's rows.
@@ -248,22 +252,39 @@ class ArrowColumns:
     def __init__(self, table: pa.Table, fields: Mapping[str, str]) -> None:
         self._table = table
         self._fields = dict(fields)
+        self._ready: dict[str, Any] = {}
         self.num_rows = table.num_rows
+
+    def _column(self, name: str) -> Any:
+        if name not in self._ready:
+            kind = self._fields[name]
+            column = self._table.column(name)
+            if kind == "tokens":
+                array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+                start = array.offsets[0].as_py() if len(array) else 0
+                values = array.values.to_numpy(zero_copy_only=False)
+                offsets = array.offsets.to_numpy() - start
+                self._ready[name] = (values[start:] if start else values, offsets)
+            elif kind == "json":
+                self._ready[name] = [
+                    None if v is None else json.loads(v) for v in column.to_pylist()
+                ]
+            else:
+                self._ready[name] = column.to_pylist()
+        return self._ready[name]
 
     def take(self, rows: np.ndarray) -> dict[str, list[Any]]:
         """The values of ``rows``, column by column."""
-        taken = self._table.take(pa.array(rows, type=pa.int64()))
+        index = rows.tolist()
         out: dict[str, list[Any]] = {}
         for name, kind in self._fields.items():
-            column = taken.column(name).combine_chunks()
+            column = self._column(name)
             if kind == "tokens":
-                values = column.values.to_numpy(zero_copy_only=False)
-                offsets = column.offsets.to_numpy()
-                out[name] = [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-            elif kind == "json":
-                out[name] = [None if v is None else json.loads(v) for v in column.to_pylist()]
+                values, offsets = column
+                starts, ends = offsets[rows].tolist(), offsets[rows + 1].tolist()
+                out[name] = [values[a:b] for a, b in zip(starts, ends, strict=True)]
             else:
-                out[name] = column.to_pylist()
+                out[name] = [column[i] for i in index]
         return out
 
 
