@@ -181,6 +181,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self._resume: LoaderState | None = None
         self._handed_world: tuple[int, int] | None = None  # resolved by the spawning rank
         self._fetcher: Any = None
+        # Fetch counters of this process's finished epochs (bytes_fetched, retries, ...).
+        self.fetch_stats: dict[str, float] = {}
         # What this process has yielded in the epoch it is reading.
         self._world: WorldInfo | None = None
         self._reading_epoch = 0
@@ -295,17 +297,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
         transform = self.transform
         if transform is not None:
             samples = (transform(s) for s in samples)
-        if self.pack is None:
-            for sample in samples:
-                self._position += 1
-                yield sample
-        else:
-            packer = Packer(self.pack, tokenizer=self.tokenizer)
-            skip = self._resume_skip(epoch, world)
-            for row in packer.pack(enumerate(samples), skip=skip):
-                self._position, self._skip = row.cursor
-                yield row
-        self._finished = True
+        try:
+            if self.pack is None:
+                for sample in samples:
+                    self._position += 1
+                    yield sample
+            else:
+                packer = Packer(self.pack, tokenizer=self.tokenizer)
+                skip = self._resume_skip(epoch, world)
+                for row in packer.pack(enumerate(samples), skip=skip):
+                    self._position, self._skip = row.cursor
+                    yield row
+            self._finished = True
+        finally:
+            # Stop background fetches (an abandoned or failed epoch must not keep retrying);
+            # the cache is on disk, so the next epoch's fetcher finds what was fetched.
+            self.close()
 
     def _resume_skip(self, epoch: int, world: WorldInfo) -> int:
         """The packer's skip for this worker's first sample when continuing a saved state."""
@@ -345,6 +352,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """Stop background fetches of this process."""
         if self._fetcher is not None:
             self._fetcher.close()
+            for name, value in self._fetcher.stats.items():
+                self.fetch_stats[name] = self.fetch_stats.get(name, 0) + value
             self._fetcher = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -103,6 +103,9 @@ class ShardReader:
     ) -> Iterator[Sample]:
         for index in [i for i in self._open if i not in shards]:
             self._release(index)
+        for shard in shards:  # fetched side by side, not one after the other
+            if shard not in self._open:
+                self._prefetch(shard)
         for shard in _window_shards(ahead, self._first):
             if shard not in self._open and shard not in shards:
                 self._prefetch(shard)

@@ -86,7 +86,7 @@ def test_server_down_mid_epoch_then_back_loses_nothing(server: S3Server, tmp_pat
             time.sleep(0.2)
     assert restarted.wait(30)
     assert sorted(got) == list(range(NUM_SAMPLES))
-    assert dataset._fetcher.stats["retries"] >= 1  # it did wait for the server
+    assert dataset.fetch_stats["retries"] >= 1  # it did wait for the server
 
 
 def test_a_replaced_shard_is_refused_naming_it(server: S3Server, tmp_path: Path) -> None:
