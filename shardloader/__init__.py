@@ -42,6 +42,7 @@ from shardloader.world import WorldInfo
 if TYPE_CHECKING:
     from shardloader.dataset import ShardDataset, StreamConfig
     from shardloader.loader import ShardLoader
+    from shardloader.train import TrainConfig, TrainResult
 
 # These import torch (about a second): loaded on first use, so `shardloader convert` and its
 # pool workers start without it.
@@ -49,6 +50,8 @@ _LAZY = {
     "ShardDataset": "shardloader.dataset",
     "StreamConfig": "shardloader.dataset",
     "ShardLoader": "shardloader.loader",
+    "TrainConfig": "shardloader.train",
+    "TrainResult": "shardloader.train",
 }
 
 
@@ -87,6 +90,8 @@ __all__ = [
     "StorageError",
     "StreamConfig",
     "TextTokenizer",
+    "TrainConfig",
+    "TrainResult",
     "VerifyReport",
     "WorkerPlan",
     "WorldInfo",

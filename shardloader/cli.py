@@ -288,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on at most this much text (default 200MiB)",
     )
     p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
+    # Its flags live with TrainConfig in shardloader.train, which imports torch: parsed there.
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a causal LM on shards (run it under torchrun for many processes)",
+        add_help=False,
+    )
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -302,6 +309,11 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # all its flags, --help included, belong to shardloader.train
+        from shardloader.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

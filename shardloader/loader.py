@@ -120,16 +120,27 @@ class ShardLoader(torch.utils.data.DataLoader):
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # A rank whose epoch has ended while others still read says so in the terms of
+                # that epoch (all of it consumed), so that the ranks' states merge.
+                done = self._epoch_finished()
+                held = self._state(hold_epoch=True).to_dict() if done else state.to_dict()
                 states: list[Any] = [None] * dist.get_world_size()
-                dist.all_gather_object(states, state.to_dict())
-                state = merge_states(states)
+                dist.all_gather_object(states, (done, held, state.to_dict()))
+                if all(d for d, _, _ in states):
+                    state = merge_states([s for _, _, s in states])
+                else:
+                    state = merge_states([h for _, h, _ in states])
             else:
                 state = replace(state, complete=True)
         return state.to_dict()
 
-    def _state(self) -> LoaderState:
+    def _epoch_finished(self) -> bool:
+        return self._epoch_done is not None and self.shard_dataset.epoch == self._epoch_done
+
+    def _state(self, *, hold_epoch: bool = False) -> LoaderState:
         dataset = self.shard_dataset
-        if self._epoch_done is not None and dataset.epoch == self._epoch_done:
+        if self._epoch_finished() and not hold_epoch:
+            assert self._epoch_done is not None
             return self._next_epoch_state(self._epoch_done)
         epoch = dataset.epoch
         anchor = dataset.anchor(epoch)

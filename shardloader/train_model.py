@@ -1,0 +1,153 @@
+"""The model side of training: build a causal LM locally, then wrap it in DDP or FSDP2.
+
+Nothing is downloaded: ``model`` is a preset name (a Llama built from a config, its vocabulary
+sized to the data), a directory with ``config.json`` (plus weights to fine-tune, or none to
+start from random weights) or a ``config.json`` file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardloader.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Llama shapes, parameters without embeddings: tiny ~0.1M (tests and the CPU demo), small ~4.4M,
+# 100m ~85M (GPU runs; ~110M with a 32k vocabulary, tied embeddings).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
+    "100m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+    ),
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def build_model(
+    model: str,
+    *,
+    vocab_size: int,
+    max_positions: int,
+    seed: int,
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """A causal LM, on the CPU in fp32, identical on every rank.
+
+    Args:
+        model: A preset (``tiny``, ``small``, ``100m``), a local directory or a ``config.json``.
+        vocab_size: Tokens the data uses (the tokenizer's vocabulary); presets get exactly
+            this, a loaded model must have at least this many embeddings.
+        max_positions: Longest row the model will see (``seq_len``).
+        seed: Seeds the initialization of models built from a config.
+        attn_implementation: transformers' attention (``sdpa``, ``eager``, ``flash_attention_2``).
+
+    Raises:
+        ConfigError: Unknown preset, missing path, or a model too small for the data.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    if model in PRESETS:
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            **PRESETS[model],
+        )
+        config._attn_implementation = attn_implementation
+        return AutoModelForCausalLM.from_config(config)
+    path = Path(model)
+    if not path.exists():
+        raise ConfigError(
+            f"{model}: no such model directory or config, and not a preset "
+            f"({', '.join(PRESETS)}); models are loaded from local paths only"
+        )
+    directory = path.parent if path.is_file() else path
+    if path.is_file() or not any((directory / name).exists() for name in _WEIGHT_FILES):
+        config = AutoConfig.from_pretrained(str(path))
+        config._attn_implementation = attn_implementation
+        log.info("%s: no weights, building %s from its config", model, type(config).__name__)
+        built = AutoModelForCausalLM.from_config(config)
+    else:
+        built = AutoModelForCausalLM.from_pretrained(
+            str(directory), attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    embeddings = built.get_input_embeddings().num_embeddings
+    if embeddings < vocab_size:
+        raise ConfigError(
+            f"{model}: the model has {embeddings} token embeddings, the data's tokenizer "
+            f"{vocab_size}; use the model's own tokenizer to convert the corpus"
+        )
+    return built
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the unwrapped model (before sharding)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def parallelize(model: nn.Module, *, parallel: str, device: torch.device) -> nn.Module:
+    """Wrap ``model`` for data parallelism over the default process group.
+
+    Args:
+        model: The model, on ``device``.
+        parallel: ``"ddp"`` (replicated weights) or ``"fsdp"`` (FSDP2 ``fully_shard`` of each
+            decoder layer, then of the whole model).
+        device: Where the model lives.
+
+    Returns:
+        The model itself when not distributed, else the wrapped model.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    layers = _decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers causal LM (``model.model.layers`` and kin)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return list(module)
+    return []
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DDP wrapper (FSDP2 wraps in place)."""
+    inner: Any = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
