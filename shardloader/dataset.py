@@ -262,6 +262,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             num_workers=num_workers,
             resume=resume,
             carry_in=carry_in,
+            keep_ranks=self.pack is not None,  # ranks pack different numbers of documents
         )
 
     def carry_in(self, epoch: int, world_size: int, num_workers: int) -> IdArray:

@@ -293,6 +293,7 @@ def plan_epoch(
     num_workers: int,
     resume: ResumePoint | None = None,
     carry_in: Sequence[int] | npt.NDArray[np.integer] | None = None,
+    keep_ranks: bool = False,
 ) -> EpochPlan:
     """Plan one rank's share of an epoch, or of the rest of an interrupted epoch.
 
@@ -309,6 +310,10 @@ def plan_epoch(
             and the world size the epoch was started with (``world_size``, or that of the
             first resume point); pass them when that is not how those epochs ran. A resumed
             epoch must get the same ``carry_in`` as when it started.
+        keep_ranks: On the topology of ``resume``, continue every worker's own rest even when
+            ranks consumed different numbers of samples (packing: a row holds a varying number
+            of documents), so the resume is exact; by default such a rest is split anew so that
+            ranks get equal counts. Pass the same value for every resume of an epoch.
 
     Returns:
         The rank's plan, with one `WorkerPlan` per worker.
@@ -338,7 +343,7 @@ def plan_epoch(
     else:
         carry = _check_carry(carry_in, int(first[-1]))
     fresh = _FreshEpoch(sizes=sizes, first=first, config=config, epoch=epoch, carry=carry)
-    planner = _planner_for(resume, world_size, max(num_workers, 1), fresh)
+    planner = _planner_for(resume, world_size, max(num_workers, 1), fresh, keep_ranks)
     workers = tuple(planner.worker_plan(rank, w) for w in range(planner.num_workers))
     leftover = planner.leftover_ids()
     leftover.setflags(write=False)
@@ -612,7 +617,11 @@ class _TailPlanner:
 
 
 def _planner_for(
-    point: ResumePoint | None, world_size: int, num_workers: int, fresh: _FreshEpoch
+    point: ResumePoint | None,
+    world_size: int,
+    num_workers: int,
+    fresh: _FreshEpoch,
+    keep_ranks: bool = False,
 ) -> _Planner:
     """The planner for ``world_size x num_workers`` after resuming from ``point``."""
     if point is None:
@@ -627,7 +636,9 @@ def _planner_for(
             f"resume point was planned with {point.config}, this plan has {fresh.config}; "
             "resume with the saved config"
         )
-    base = _planner_for(point.previous, point.world_size, max(point.num_workers, 1), fresh)
+    base = _planner_for(
+        point.previous, point.world_size, max(point.num_workers, 1), fresh, keep_ranks
+    )
     planned = base.worker_counts()
     over = np.argwhere(point.consumed > planned)
     if len(over):
@@ -640,7 +651,7 @@ def _planner_for(
     tail = _TailPlanner(base, point.consumed)
     per_rank = tail.worker_counts().sum(axis=1)
     same = (world_size, num_workers) == (tail.world_size, tail.num_workers)
-    if same and (per_rank == per_rank[0]).all():
+    if same and (keep_ranks or (per_rank == per_rank[0]).all()):
         return tail
     depth = 1
     while point.previous is not None:

@@ -507,7 +507,7 @@ class _Trainer:
                 wait_total += metrics.data_wait_s
                 step_total += elapsed
                 if samples_file is not None:
-                    ids = [int(i) for m in present for i in dict.fromkeys(m["sample_ids"].tolist())]
+                    ids = list(dict.fromkeys(i for m in present for i in m["sample_ids"].tolist()))
                     samples_file.write(json.dumps({"step": self.step, "sample_ids": ids}) + "\n")
                     samples_file.flush()
                 if self.step % config.log_every == 0:
@@ -579,7 +579,7 @@ class _Trainer:
         )
         if bar is not None:
             bar.set_postfix_str(line.split(" | ", 1)[1])
-            bar.update(1 if bar.total is None else min(1, bar.total - bar.n))
+            bar.update(m.step - bar.n)
         else:
             log.info("%s", line)
 

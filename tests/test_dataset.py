@@ -393,6 +393,34 @@ def _first_tokens(sample: dict[str, Any]) -> dict[str, Any]:
     return {**sample, "input_ids": sample["input_ids"][:2].astype(np.int64)}
 
 
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_packed_ranks_that_consumed_unequal_counts_resume_exactly_from_a_merged_state(
+    token_dir: Path, num_workers: int
+) -> None:
+    # Rows hold different numbers of documents, so after the same number of batches the ranks
+    # have consumed different counts. The merged (all-rank) state must still resume each rank
+    # exactly on the same topology, not split the rest anew.
+    pack = PackConfig(seq_len=64)
+
+    def make(rank: int) -> ShardLoader:
+        dataset = ShardDataset(str(token_dir), pack=pack, rank=rank, world_size=2)
+        return ShardLoader(dataset, batch_size=4, num_workers=num_workers)
+
+    states, full = [], []
+    for rank in range(2):
+        full.append([b["sample_ids"].tolist() for b in make(rank)])
+        loader = make(rank)
+        for _, _ in zip(range(5), loader, strict=False):
+            pass
+        states.append(loader.state_dict())
+    merged = merge_states(states).to_dict()
+    assert len({tuple(row) for row in merged["consumed"]}) == 2  # unequal: not vacuous
+    for rank in range(2):
+        resumed = make(rank)
+        resumed.load_state_dict(json.loads(json.dumps(merged)))
+        assert [b["sample_ids"].tolist() for b in resumed] == full[rank][5:]
+
+
 @pytest.mark.parametrize("mode", ["concat", "bfd"])
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_packed_rows_resume_exactly_to_the_token(

@@ -42,6 +42,16 @@ def token_data(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
     return make_dataset(tmp_path_factory.mktemp("train"), tokenizer=str(tokenizer_dir))
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """One intra-op thread, as torchrun's ranks get (OMP_NUM_THREADS=1): on a 2-core machine
+    shared with other processes, spinning OpenMP threads slow a step down 100-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_run(data: Path, out: Path, **overrides: Any) -> TrainConfig:
     settings: dict[str, Any] = dict(
         data=str(data),
@@ -145,6 +155,25 @@ def test_one_epoch_trains_every_document_once(token_data: Path, tmp_path: Path) 
     assert result.checkpoint is not None
 
 
+def test_two_epochs_train_every_document_once_per_epoch(token_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    train(small_run(token_data, out, epochs=2, seq_len=256, batch_size=8))
+    epoch_of = {m["step"]: m["epoch"] for m in read_jsonl(out / "metrics.jsonl")}
+    per_epoch: dict[int, set[int]] = {0: set(), 1: set()}
+    for s in samples_by_rank(out)[0]:
+        per_epoch[epoch_of[s["step"]]].update(s["sample_ids"])
+    assert per_epoch[0] == per_epoch[1] == set(range(NUM_SAMPLES))
+
+
+def test_text_shards_are_tokenized_in_the_workers(tmp_path: Path, tokenizer_dir: Path) -> None:
+    text = make_dataset(tmp_path / "text")
+    with pytest.raises(ConfigError, match="text shards; pass --tokenizer"):
+        train(small_run(text, tmp_path / "none", max_steps=2))
+    result = train(small_run(text, tmp_path / "out", max_steps=3, tokenizer=str(tokenizer_dir)))
+    assert result.steps == 3
+    assert all(m.tokens > 0 for m in result.history)
+
+
 def test_resume_in_process_continues_exactly(token_data: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     train(small_run(token_data, full, max_steps=12, schedule_steps=12, num_workers=2))
@@ -162,6 +191,17 @@ def test_resume_in_process_continues_exactly(token_data: Path, tmp_path: Path) -
     assert resumed.history[0].step == 7  # steps 1-6 came from the checkpoint
     assert losses(part) == losses(full)
     assert samples_by_rank(part) == samples_by_rank(full)
+
+
+def test_gradient_accumulation_matches_one_big_batch(token_data: Path, tmp_path: Path) -> None:
+    # The same rows in the same order (no workers): 1 x 4 rows, or 2 micro-batches of 2 rows.
+    # The loss is normalized by the step's token count, so the updates agree.
+    whole = train(small_run(token_data, tmp_path / "a", max_steps=6, batch_size=4))
+    split = train(small_run(token_data, tmp_path / "b", max_steps=6, batch_size=2, grad_accum=2))
+    assert [m.tokens for m in split.history] == [m.tokens for m in whole.history]
+    for a, b in zip(whole.history, split.history, strict=True):
+        assert b.loss == pytest.approx(a.loss, rel=1e-5)
+    assert samples_by_rank(tmp_path / "a") == samples_by_rank(tmp_path / "b")
 
 
 def test_resume_of_a_finished_run_does_nothing(token_data: Path, tmp_path: Path) -> None:
@@ -364,3 +404,25 @@ def check_partial(by_rank: dict[int, list[dict[str, Any]]], world_size: int) -> 
     union = set().union(*docs)
     assert sum(len(d) for d in docs) == len(union)  # disjoint
     return union
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints(
+    token_data: Path, tmp_path: Path
+) -> None:
+    data = str(token_data)
+    steps = ("--schedule-steps", "8", "--num-workers", "1")
+    run_torchrun(2, data, tmp_path / "ddp", *steps, "--max-steps", "8")
+    run_torchrun(2, data, tmp_path / "fsdp", *steps, "--max-steps", "5", "--parallel", "fsdp")
+    shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-00000005").iterdir())
+    assert "__0_0.distcp" in shards
+    assert "__1_0.distcp" in shards
+    run_torchrun(
+        2, data, tmp_path / "fsdp", *steps, "--max-steps", "8", "--parallel", "fsdp", "--resume"
+    )
+    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert [s for s, _ in fsdp] == list(range(1, 9))
+    # Same data, same math; sharded reductions add in another order, hence approx.
+    assert [loss for _, loss in fsdp] == pytest.approx([loss for _, loss in ddp], rel=1e-4)
+    assert samples_by_rank(tmp_path / "fsdp") == samples_by_rank(tmp_path / "ddp")
