@@ -186,6 +186,7 @@ class TrainResult:
     elapsed_s: float
     final_loss: float
     data_wait_fraction: float
+    steady_data_wait_fraction: float  # without the run's first step (DataLoader start-up)
     checkpoint: str | None
     history: list[StepMetrics] = field(default_factory=list)
 
@@ -471,7 +472,8 @@ class _Trainer:
             )
         metrics_file = open(self.output / METRICS_FILE, "a") if runtime.rank == 0 else None  # noqa: SIM115
         bar = _progress(config, runtime, self.step, config.max_steps)
-        started, trained_tokens, wait_total, step_total = time.perf_counter(), 0, 0.0, 0.0
+        started, trained_tokens = time.perf_counter(), 0
+        wait_total = step_total = steady_wait = steady_total = 0.0
         last_saved = None
         try:
             while self._more():
@@ -506,6 +508,9 @@ class _Trainer:
                 trained_tokens += metrics.tokens
                 wait_total += metrics.data_wait_s
                 step_total += elapsed
+                if len(history) > 1:
+                    steady_wait += metrics.data_wait_s
+                    steady_total += elapsed
                 if samples_file is not None:
                     ids = list(dict.fromkeys(i for m in present for i in m["sample_ids"].tolist()))
                     samples_file.write(json.dumps({"step": self.step, "sample_ids": ids}) + "\n")
@@ -530,6 +535,7 @@ class _Trainer:
             elapsed_s=elapsed,
             final_loss=history[-1].loss if history else float("nan"),
             data_wait_fraction=wait_total / step_total if step_total else 0.0,
+            steady_data_wait_fraction=steady_wait / steady_total if steady_total else 0.0,
             checkpoint=str(last_saved or latest_checkpoint(self.checkpoints) or "") or None,
             history=history,
         )
@@ -638,13 +644,15 @@ def _train(config: TrainConfig) -> TrainResult:
     if runtime.rank == 0:
         log.info(
             "done: %d steps, %d tokens in %.1f s (%.1fk tok/s), final loss %.4f, "
-            "data wait %.1f%% of step time, checkpoint %s",
+            "data wait %.1f%% of step time (%.1f%% after the first step, which includes the "
+            "DataLoader's start-up), checkpoint %s",
             result.steps,
             result.tokens,
             result.elapsed_s,
             result.tokens_per_s / 1e3,
             result.final_loss,
             100 * result.data_wait_fraction,
+            100 * result.steady_data_wait_fraction,
             result.checkpoint,
         )
     return result
