@@ -43,13 +43,20 @@ from shardloader.errors import ConfigError, ShardloaderError
 from shardloader.loader import ShardLoader
 from shardloader.pack import IGNORE_INDEX, PackConfig
 from shardloader.pack_attention import model_inputs
-from shardloader.train_model import PRESETS, build_model, count_parameters, parallelize
+from shardloader.train_model import (
+    PRESETS,
+    build_model,
+    count_parameters,
+    export_model,
+    parallelize,
+)
 
 log = logging.getLogger("shardloader.train")  # also when run as __main__
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
 
 
 def _opt(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
@@ -95,6 +102,7 @@ class TrainConfig:
     attn_implementation: str = _opt("sdpa", "sdpa, eager or flash_attention_2")
     checkpoint_every: int = _opt(0, "save every this many steps (0: only at the end)")
     keep_checkpoints: int = _opt(2, "complete checkpoints to keep (0: all)")
+    save_model: bool = _opt(True, "at the end, write OUT/model/ (from_pretrained reads it)")
     resume: bool = _opt(False, "continue from the newest checkpoint in output_dir")
     log_every: int = _opt(1, "log and record metrics every this many steps")
     log_samples: bool = _opt(False, "each rank writes the sample ids of each step")
@@ -639,6 +647,10 @@ def _train(config: TrainConfig) -> TrainResult:
         trainer.restore()
     try:
         result = trainer.run()
+        if config.save_model:
+            export_model(trainer.model, str(trainer.output / MODEL_DIR), rank=runtime.rank)
+            if runtime.rank == 0:
+                log.info("model written to %s", trainer.output / MODEL_DIR)
     finally:
         trainer.loader.shard_dataset.close()
     if runtime.rank == 0:

@@ -93,8 +93,8 @@ def build_model(
         built = AutoModelForCausalLM.from_config(config)
     else:
         built = AutoModelForCausalLM.from_pretrained(
-            str(directory), attn_implementation=attn_implementation, dtype=torch.float32
-        )
+            str(directory), attn_implementation=attn_implementation
+        ).float()  # fp32 master weights, whatever the checkpoint's dtype
     embeddings = built.get_input_embeddings().num_embeddings
     if embeddings < vocab_size:
         raise ConfigError(
@@ -151,3 +151,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a DDP wrapper (FSDP2 wraps in place)."""
     inner: Any = getattr(model, "module", None)
     return inner if isinstance(inner, nn.Module) else model
+
+
+def export_model(model: nn.Module, directory: str, *, rank: int) -> None:
+    """Write the trained model as a Hugging Face checkpoint (``from_pretrained`` reads it).
+
+    A collective under FSDP (the full weights are gathered to rank 0's CPU); rank 0 writes.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if rank == 0:
+        inner: Any = unwrap(model)
+        inner.save_pretrained(directory, state_dict=state)

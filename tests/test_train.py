@@ -144,6 +144,17 @@ def test_loss_falls_on_a_memorizable_corpus(token_data: Path, tmp_path: Path) ->
     assert [m["step"] for m in read_jsonl(tmp_path / "out" / "metrics.jsonl")] == list(range(1, 61))
 
 
+def test_the_trained_model_is_written_and_fine_tuned_from(token_data: Path, tmp_path: Path) -> None:
+    first = train(small_run(token_data, tmp_path / "a", max_steps=40))
+    model_dir = tmp_path / "a" / "model"
+    assert (model_dir / "config.json").is_file()
+    # Fine-tuning from the written weights starts where the first run ended, not from scratch.
+    again = train(small_run(token_data, tmp_path / "b", max_steps=2, model=str(model_dir)))
+    fresh = train(small_run(token_data, tmp_path / "c", max_steps=2))
+    assert again.history[0].loss < first.history[-1].loss + 0.5
+    assert again.history[0].loss < fresh.history[0].loss - 1.0
+
+
 def test_one_epoch_trains_every_document_once(token_data: Path, tmp_path: Path) -> None:
     result = train(small_run(token_data, tmp_path / "out", epochs=1, shuffle=True))
     steps = samples_by_rank(tmp_path / "out")[0]
@@ -426,3 +437,11 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints(
     # Same data, same math; sharded reductions add in another order, hence approx.
     assert [loss for _, loss in fsdp] == pytest.approx([loss for _, loss in ddp], rel=1e-4)
     assert samples_by_rank(tmp_path / "fsdp") == samples_by_rank(tmp_path / "ddp")
+    # The exported weights: gathered from the FSDP shards, they match the DDP run's.
+    from transformers import AutoModelForCausalLM
+
+    ddp_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ddp" / "model"))
+    fsdp_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "model"))
+    ddp_params = dict(ddp_model.named_parameters())
+    for name, param in fsdp_model.named_parameters():
+        torch.testing.assert_close(param, ddp_params[name], rtol=1e-3, atol=1e-4)
