@@ -343,7 +343,14 @@ def make_dataset(spec: dict[str, Any]) -> Any:
         key = "txt" if task == "text" else "npy"
         column = "text" if task == "text" else "input_ids"
         return (
-            wds.WebDataset(urls, shardshuffle=100, seed=seed, empty_check=False)
+            # split_by_node: the default (single_node_only) raises under torch.distributed
+            wds.WebDataset(
+                urls,
+                shardshuffle=100,
+                seed=seed,
+                empty_check=False,
+                nodesplitter=wds.split_by_node,
+            )
             .shuffle(spec["shuffle_buffer"])
             .decode()
             .map(lambda sample: {"id": sample["__key__"], column: sample[key]})
