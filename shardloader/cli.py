@@ -17,7 +17,7 @@ from typing import Any
 
 from shardloader import __version__
 from shardloader.convert import ConvertConfig, ConvertResult, convert, merge
-from shardloader.errors import ShardloaderError
+from shardloader.errors import ConfigError, ShardloaderError
 from shardloader.manifest import Manifest, read_manifest
 from shardloader.verify import iter_samples, verify
 
@@ -258,6 +258,60 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from shardloader.profile import profile_dataset
+
+    try:
+        workers = [int(w) for w in args.num_workers.split(",") if w]
+    except ValueError:
+        raise ConfigError(
+            f"--num-workers takes counts like 0,2; got {args.num_workers!r}"
+        ) from None
+    report = profile_dataset(
+        args.dataset,
+        tokenizer=args.tokenizer,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        seconds=args.seconds,
+        cache_dir=args.cache_dir,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+        return 0
+    kind = "tokenized" if report.tokenized else "text"
+    where = "remote" if report.remote else "local"
+    print(
+        f"{report.source}: {report.num_shards} {kind} shards, "
+        f"{_fmt_bytes(report.dataset_bytes)} ({where}), "
+        f"{_fmt_bytes(report.mean_shard_bytes)} per shard"
+    )
+    print(f"\n{'stage':<16} {'rate':>22} {'tokens/s':>12}  note")
+    for stage in report.stages:
+        rate = "-"
+        if stage.seconds > 0 and stage.unit == "MB":
+            rate = f"{stage.rate:,.1f} MB/s"
+        elif stage.seconds > 0:
+            scaled = f"{stage.rate / 1e6:.2f}M" if stage.rate >= 1e6 else f"{stage.rate / 1e3:.1f}k"
+            rate = f"{scaled} {stage.unit}/s"
+        tps = f"{stage.tokens_per_s / 1e6:.2f}M" if stage.tokens_per_s else "-"
+        print(f"{stage.name:<16} {rate:>22} {tps:>12}  {stage.note}")
+    print(
+        f"{'one worker':<16} {'':>22} {report.per_worker_tokens_per_s / 1e6:>11.2f}M"
+        "  decode + tokenize + pack + collate in turn"
+    )
+    print()
+    for run in report.loaders:
+        print(
+            f"ShardLoader num_workers={run.num_workers}: {run.tokens_per_s / 1e6:.2f}M trained "
+            f"tokens/s, first batch after {run.first_batch_s:.2f} s ({run.batches} batches)"
+        )
+    print(f"\nbottleneck: {report.bottleneck}")
+    for line in report.suggestions:
+        print(f"  - {line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``shardloader`` command."""
     parser = argparse.ArgumentParser(
@@ -288,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on at most this much text (default 200MiB)",
     )
     p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
+    p = sub.add_parser(
+        "profile", help="time each stage of reading a dataset here; name the bottleneck"
+    )
+    p.add_argument("dataset")
+    p.add_argument("--tokenizer", help="local tokenizer (needed for text shards)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--num-workers", default="0,2", help="comma-separated worker counts to run the loader with"
+    )
+    p.add_argument("--seconds", type=float, default=2.0, help="time budget of each stage")
+    p.add_argument("--cache-dir", help="cache of the loader runs (default: a temporary one)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     # Its flags live with TrainConfig in shardloader.train, which imports torch: parsed there.
     p = sub.add_parser(
         "train",
@@ -304,6 +371,7 @@ _COMMANDS = {
     "inspect": _inspect,
     "verify": _verify,
     "train-tokenizer": _train_tokenizer,
+    "profile": _profile,
 }
 
 

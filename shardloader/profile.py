@@ -1,0 +1,443 @@
+"""Why is my loader slow: time each stage of the pipeline on the user's data and machine.
+
+`profile_dataset` runs the stages one after the other in this process, each on real shards and
+for a bounded time, and converts every rate to tokens/s so that they compare:
+
+- fetch: the shard bytes onto local disk through `shardloader.cache.ShardFetcher` (a download
+  into a fresh cache for remote sources; a read of the file for local ones);
+- decode: `formats` ``read_columns`` plus taking every row (decompression, Arrow to Python);
+- tokenize (text shards with a tokenizer): `SampleEncoder`;
+- pack: `Packer` over token documents; collate: `collate_rows` into ``[batch_size, seq_len]``;
+- host-to-device: pinned copy of a batch to the GPU (when there is one);
+- end to end: `ShardLoader` over `ShardDataset` with each requested ``num_workers``.
+
+The slowest stage is the bottleneck. One worker runs decode, tokenize, pack and collate in turn,
+so it makes ``1 / sum(1 / rate)`` tokens/s; `suggest` (a pure function of the figures) turns them
+into advice on workers, cache, tokenizing ahead and shard size, with the rate each would reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shardloader import storage
+from shardloader.errors import ConfigError
+from shardloader.formats import get_format
+from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
+from shardloader.pack import IGNORE_INDEX, PackConfig, Packer, collate_rows
+from shardloader.pack_encode import SampleEncoder
+from shardloader.tokenizer import TextTokenizer
+
+DEFAULT_CACHE_BYTES = 16 << 30  # StreamConfig's default
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One stage's measurement.
+
+    Attributes:
+        name: ``fetch``, ``decode``, ``tokenize``, ``pack``, ``collate`` or ``host_to_device``.
+        seconds: Time spent.
+        amount: What it processed, in ``unit``.
+        unit: ``MB``, ``samples``, ``tokens`` or ``rows``.
+        tokens_per_s: The rate in tokens/s (``None`` when skipped).
+        note: Why skipped, or what the figure includes.
+    """
+
+    name: str
+    seconds: float
+    amount: float
+    unit: str
+    tokens_per_s: float | None
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        """``amount`` per second."""
+        return self.amount / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class LoaderResult:
+    """`ShardLoader` end to end with ``num_workers`` workers."""
+
+    num_workers: int
+    tokens_per_s: float
+    first_batch_s: float
+    batches: int
+
+
+@dataclass(frozen=True)
+class ProfileReport:
+    """What `profile_dataset` measured, and what it suggests."""
+
+    source: str
+    remote: bool
+    num_shards: int
+    dataset_bytes: int
+    mean_shard_bytes: float
+    tokenized: bool
+    stages: tuple[StageResult, ...]
+    loaders: tuple[LoaderResult, ...]
+    per_worker_tokens_per_s: float
+    bottleneck: str
+    suggestions: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``shardloader profile --json``)."""
+        return dataclasses.asdict(self)
+
+
+def profile_dataset(
+    source: str,
+    *,
+    tokenizer: str | None = None,
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    num_workers: Sequence[int] = (0, 2),
+    seconds: float = 2.0,
+    cache_dir: str | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ProfileReport:
+    """Measure every stage of reading ``source`` (module docstring).
+
+    Args:
+        source: A converted dataset (directory or URL).
+        tokenizer: Local tokenizer path; needed to pack text shards.
+        seq_len: Tokens per packed row.
+        batch_size: Rows per batch.
+        num_workers: Worker counts to run the whole loader with.
+        seconds: Time budget of each stage (at least one shard is always read).
+        cache_dir: Cache of the end-to-end runs (default: a temporary directory, removed).
+        cache_bytes: The cache size to judge the dataset against.
+        storage_options: For fsspec (remote sources).
+
+    Raises:
+        ConfigError: Text shards without a tokenizer, or a bad setting.
+        ManifestError: ``source`` holds no dataset.
+    """
+    if seconds <= 0 or seq_len < 1 or batch_size < 1:
+        raise ConfigError("seconds, seq_len and batch_size must be > 0")
+    options = dict(storage_options or {})
+    url = storage.normalize(source)
+    manifest = read_manifest(url, **options)
+    tokenized = manifest.token_dtype is not None
+    if not tokenized and tokenizer is None:
+        raise ConfigError(
+            f"{source}: text shards; pass --tokenizer to measure tokenizing and packing"
+        )
+    text_tokenizer = TextTokenizer(tokenizer) if tokenizer is not None else None
+    urls = [shard_url for _, shard_url in iter_shard_urls(url, manifest)]
+    remote = not storage.is_local(urls[0]) if urls else False
+    scratch = tempfile.mkdtemp(prefix="shardloader-profile-")
+    try:
+        fetch, paths = _fetch(manifest, urls, options, scratch, seconds)
+        decode, samples, num_decoded = _decode(manifest, urls, paths, seconds)
+        docs, tokenize = _tokenize(samples, text_tokenizer, seconds)
+        tokens_per_sample = sum(len(d) for d in docs) / max(len(docs), 1)
+        stored = sum(manifest.shards[i].num_bytes for i in range(num_decoded))
+        tokens_per_byte = tokens_per_sample * len(samples) / max(stored, 1)
+        fetch = dataclasses.replace(fetch, tokens_per_s=fetch.rate * 1e6 * tokens_per_byte)
+        decode = dataclasses.replace(decode, tokens_per_s=decode.rate * tokens_per_sample)
+        pack, rows = _pack(docs, PackConfig(seq_len=seq_len), seconds)
+        collate, batch = _collate(rows, PackConfig(seq_len=seq_len), batch_size, seconds)
+        stages = [fetch, decode, tokenize, pack, collate, _host_to_device(batch)]
+        loaders = tuple(
+            _run_loader(
+                url,
+                tokenizer,
+                seq_len,
+                batch_size,
+                k,
+                seconds,
+                cache_dir or os.path.join(scratch, "cache"),
+                options,
+            )
+            for k in num_workers
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    cpu = [s for s in stages if s.name != "fetch" and s.name != "host_to_device"]
+    per_worker = _serial_rate([s.tokens_per_s for s in cpu])
+    timed = [s for s in stages if s.tokens_per_s]
+    bottleneck = min(timed, key=lambda s: s.tokens_per_s or 0.0).name
+    sizes = manifest.shards.column("num_bytes")
+    report = ProfileReport(
+        source=url,
+        remote=remote,
+        num_shards=len(sizes),
+        dataset_bytes=int(sum(sizes)),
+        mean_shard_bytes=float(np.mean(sizes)) if sizes else 0.0,
+        tokenized=tokenized,
+        stages=tuple(stages),
+        loaders=loaders,
+        per_worker_tokens_per_s=per_worker,
+        bottleneck=bottleneck,
+        suggestions=(),
+    )
+    advice = suggest(report, cpu_count=os.cpu_count() or 1, cache_bytes=cache_bytes)
+    return dataclasses.replace(report, suggestions=tuple(advice))
+
+
+def _serial_rate(rates: Sequence[float | None]) -> float:
+    """Tokens/s of stages run one after the other by one process."""
+    known = [r for r in rates if r]
+    return 1.0 / sum(1.0 / r for r in known) if known else 0.0
+
+
+def _fetch(
+    manifest: Manifest,
+    urls: list[str],
+    options: Mapping[str, Any],
+    scratch: str,
+    seconds: float,
+) -> tuple[StageResult, list[str]]:
+    from shardloader.cache import ShardFetcher
+
+    fetcher = ShardFetcher(
+        cache_dir=os.path.join(scratch, "fetch"), storage_options=options, prefetch_threads=0
+    )
+    paths: list[str] = []
+    done = 0
+    start = time.perf_counter()
+    try:
+        for index, shard_url in enumerate(urls):
+            info = manifest.shards[index]
+            local = fetcher.open(
+                shard_url,
+                num_bytes=info.num_bytes,
+                checksum=info.checksum,
+                algorithm=manifest.checksum_algorithm,
+            )
+            if storage.is_local(shard_url):  # no download: time reading the file instead
+                with open(local.path, "rb") as f:
+                    while f.read(1 << 22):
+                        pass
+            paths.append(local.path)
+            done += info.num_bytes
+            local.release()
+            if time.perf_counter() - start >= seconds:
+                break
+    finally:
+        fetcher.close()
+    note = "download into a fresh cache" if not storage.is_local(urls[0]) else "file read"
+    elapsed = time.perf_counter() - start
+    return StageResult("fetch", elapsed, done / 1e6, "MB", None, note), paths
+
+
+def _decode(
+    manifest: Manifest, urls: list[str], paths: list[str], seconds: float
+) -> tuple[StageResult, list[dict[str, Any]], int]:
+    fmt = get_format(manifest.format)
+    field = "input_ids" if manifest.token_dtype is not None else "text"
+    samples: list[dict[str, Any]] = []
+    num_decoded = 0
+    start = time.perf_counter()
+    for index, path in enumerate(paths):
+        num_decoded += 1
+        columns = fmt.read_columns(
+            path,
+            fields=manifest.fields,
+            token_dtype=manifest.token_dtype,
+            compression=manifest.compression,
+            where=urls[index],
+        )
+        taken = columns.take(np.arange(columns.num_rows))
+        first = manifest.shards[index].first_sample_id
+        samples.extend(
+            {"sample_id": first + i, field: value} for i, value in enumerate(taken[field])
+        )
+        if time.perf_counter() - start >= seconds:
+            break
+    elapsed = time.perf_counter() - start
+    return StageResult("decode", elapsed, len(samples), "samples", None), samples, num_decoded
+
+
+def _tokenize(
+    samples: list[dict[str, Any]], tokenizer: TextTokenizer | None, seconds: float
+) -> tuple[list[np.ndarray], StageResult]:
+    if not samples or "text" not in samples[0]:
+        docs = [np.asarray(s["input_ids"]) for s in samples]
+        return docs, StageResult("tokenize", 0.0, 0, "tokens", None, "tokenized shards")
+    encoder = SampleEncoder(tokenizer)
+    docs = []
+    start = time.perf_counter()
+    for begin in range(0, len(samples), 256):
+        docs.extend(d.input_ids for d in encoder(samples[begin : begin + 256]))
+        if time.perf_counter() - start >= seconds:
+            break
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(d) for d in docs)
+    return docs, StageResult("tokenize", elapsed, tokens, "tokens", tokens / max(elapsed, 1e-9))
+
+
+def _pack(
+    docs: list[np.ndarray], config: PackConfig, seconds: float
+) -> tuple[StageResult, list[Any]]:
+    packer = Packer(config)
+    rows = []
+    tokens = 0
+    start = time.perf_counter()
+    samples = ((i, {"input_ids": d}) for i, d in enumerate(docs))
+    for row in packer.pack(samples):
+        rows.append(row)
+        tokens += len(row.input_ids)
+        if len(rows) % 64 == 0 and time.perf_counter() - start >= seconds:
+            break
+    elapsed = time.perf_counter() - start
+    rate = tokens / max(elapsed, 1e-9)
+    return StageResult("pack", elapsed, tokens, "tokens", rate), rows
+
+
+def _collate(
+    rows: list[Any], config: PackConfig, batch_size: int, seconds: float
+) -> tuple[StageResult, dict[str, Any] | None]:
+    if rows:  # the first call imports torch: not part of the rate
+        collate_rows(rows[:batch_size], config)
+    batch = None
+    tokens = 0
+    start = time.perf_counter()
+    for begin in range(0, len(rows), batch_size):
+        batch = collate_rows(rows[begin : begin + batch_size], config)
+        tokens += int(batch["input_ids"].numel())
+        if time.perf_counter() - start >= seconds:
+            break
+    elapsed = time.perf_counter() - start
+    rate = tokens / max(elapsed, 1e-9) if tokens else None
+    return StageResult("collate", elapsed, tokens, "tokens", rate), batch
+
+
+def _host_to_device(batch: dict[str, Any] | None) -> StageResult:
+    import torch
+
+    if batch is None or not torch.cuda.is_available():
+        return StageResult("host_to_device", 0.0, 0, "tokens", None, "no GPU")
+    tensors = [v.pin_memory() for v in batch.values() if isinstance(v, torch.Tensor)]
+    tokens = int(batch["input_ids"].numel())
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    repeats = 20
+    for _ in range(repeats):
+        for t in tensors:
+            t.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    rate = tokens * repeats / elapsed
+    return StageResult("host_to_device", elapsed, tokens * repeats, "tokens", rate, "pinned")
+
+
+def _run_loader(
+    url: str,
+    tokenizer: str | None,
+    seq_len: int,
+    batch_size: int,
+    num_workers: int,
+    seconds: float,
+    cache_dir: str,
+    options: Mapping[str, Any],
+) -> LoaderResult:
+    from shardloader.dataset import ShardDataset, StreamConfig
+    from shardloader.loader import ShardLoader
+
+    dataset = ShardDataset(
+        url,
+        config=StreamConfig(cache_dir=cache_dir),
+        pack=PackConfig(seq_len=seq_len),
+        tokenizer=tokenizer,
+        rank=0,
+        world_size=1,
+        storage_options=options,
+    )
+    loader = ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    tokens = batches = 0
+    first = 0.0
+    start = time.perf_counter()
+    iterator = iter(loader)
+    try:
+        for batch in iterator:
+            if batches == 0:
+                first = time.perf_counter() - start
+            batches += 1
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            if time.perf_counter() - start >= seconds + first:
+                break
+    finally:
+        del iterator  # shuts the workers down
+        dataset.close()
+    elapsed = time.perf_counter() - start - first
+    rate = tokens / elapsed if elapsed > 0 else 0.0
+    return LoaderResult(num_workers, rate, first, batches)
+
+
+def suggest(report: ProfileReport, *, cpu_count: int, cache_bytes: int) -> list[str]:
+    """Advice from the measured figures, each with the rate it would reach (pure)."""
+    advice = []
+    rates = {s.name: s.tokens_per_s for s in report.stages if s.tokens_per_s}
+    per_worker = report.per_worker_tokens_per_s
+    fetch = rates.get("fetch", float("inf"))
+    usable = max(1, cpu_count - 1)  # one core for the training process
+    best = min(usable * per_worker, fetch)
+    for k in sorted({k for k in (1, 2, 4, 8, 16, 32) if k < usable} | {usable}):
+        reach = min(k * per_worker, fetch)
+        if reach >= 0.9 * best:
+            capped = " (capped by fetch)" if reach == fetch else ""
+            advice.append(
+                f"num_workers={k}: about {_fmt(reach)} tokens/s "
+                f"({k} x {_fmt(per_worker)} per worker{capped}); this machine has {cpu_count} cores"
+            )
+            break
+    tokenize = rates.get("tokenize")
+    if tokenize and per_worker and per_worker / tokenize > 0.3:  # a third of a worker's time
+        decode_only = _serial_rate(
+            [rates.get(n) for n in ("decode", "pack", "collate") if rates.get(n)]
+        )
+        advice.append(
+            f"tokenizing costs {per_worker / tokenize:.0%} of a worker's time: convert with "
+            f"--tokenizer to store token ids; a worker would then make about "
+            f"{_fmt(decode_only)} tokens/s instead of {_fmt(per_worker)}"
+        )
+    if report.bottleneck == "fetch":
+        advice.append(
+            f"fetching is the slowest stage ({_fmt(fetch)} tokens/s): keep prefetch on "
+            "(prefetch_windows, prefetch_threads), put cache_dir on a local SSD, or use larger "
+            "shards so that each request moves more bytes"
+        )
+    if report.remote:
+        if report.dataset_bytes > cache_bytes:
+            advice.append(
+                f"the dataset ({report.dataset_bytes / 1e9:.1f} GB) is larger than the cache "
+                f"({cache_bytes / 1e9:.1f} GB): every epoch downloads it again; raise cache_bytes "
+                f"to at least {report.dataset_bytes / 1e9:.1f} GB if the disk allows"
+            )
+        else:
+            advice.append(
+                f"the cache ({cache_bytes / 1e9:.1f} GB) holds the whole dataset "
+                f"({report.dataset_bytes / 1e9:.2f} GB): epochs after the first read local disk"
+            )
+    if report.mean_shard_bytes < 8e6 and report.num_shards > 16:
+        advice.append(
+            f"shards are small ({report.mean_shard_bytes / 1e6:.1f} MB on average): each costs a "
+            "request and an open; reconvert with --shard-bytes 64MB"
+        )
+    elif report.mean_shard_bytes > 2e9:
+        advice.append(
+            f"shards are large ({report.mean_shard_bytes / 1e9:.1f} GB): the first batch waits "
+            "for a whole shard; reconvert with --shard-bytes 256MB"
+        )
+    return advice
+
+
+def _fmt(rate: float) -> str:
+    if rate >= 1e6:
+        return f"{rate / 1e6:.1f}M"
+    return f"{rate / 1e3:.0f}k"

@@ -1,0 +1,168 @@
+"""`shardloader profile`: every stage measured on real shards, the bottleneck, the advice."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardloader import ConfigError
+from shardloader.profile import ProfileReport, StageResult, profile_dataset, suggest
+from tests.s3 import S3Server
+from tests.streaming import make_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("profile")
+    return {
+        "text": make_dataset(root),
+        "tokens": make_dataset(root, tokenizer=str(tokenizer_dir)),
+    }
+
+
+def stage(report: ProfileReport, name: str) -> StageResult:
+    return next(s for s in report.stages if s.name == name)
+
+
+def test_every_stage_of_tokenized_shards_is_measured(datasets: dict[str, Path]) -> None:
+    report = profile_dataset(str(datasets["tokens"]), seq_len=64, num_workers=(0, 2), seconds=0.3)
+    assert report.tokenized
+    assert not report.remote
+    assert report.num_shards == 7
+    for name in ("fetch", "decode", "pack", "collate"):
+        assert stage(report, name).tokens_per_s > 0, name
+    assert stage(report, "decode").amount == 1003  # every shard decoded, every row taken
+    assert stage(report, "tokenize").tokens_per_s is None  # nothing to tokenize
+    timed = {s.name: s.tokens_per_s for s in report.stages if s.tokens_per_s}
+    assert report.bottleneck == min(timed, key=timed.__getitem__)
+    assert [run.num_workers for run in report.loaders] == [0, 2]
+    assert all(run.batches > 0 and run.tokens_per_s > 0 for run in report.loaders)
+    assert report.suggestions  # at least the worker count
+
+
+def test_text_shards_need_a_tokenizer_and_then_time_it(
+    datasets: dict[str, Path], tokenizer_dir: Path
+) -> None:
+    with pytest.raises(ConfigError, match="text shards; pass --tokenizer"):
+        profile_dataset(str(datasets["text"]), seconds=0.1)
+    report = profile_dataset(
+        str(datasets["text"]),
+        tokenizer=str(tokenizer_dir),
+        seq_len=64,
+        num_workers=(0,),
+        seconds=0.3,
+    )
+    assert not report.tokenized
+    assert stage(report, "tokenize").amount > 0
+    assert stage(report, "tokenize").tokens_per_s > 0
+
+
+@pytest.mark.s3
+def test_a_remote_dataset_is_downloaded_and_judged_against_the_cache(
+    datasets: dict[str, Path], tmp_path: Path
+) -> None:
+    with S3Server() as s3:
+        shutil.copytree(datasets["tokens"], s3.data_dir / "data" / "set")
+        report = profile_dataset(
+            "s3://data/set",
+            seq_len=64,
+            num_workers=(0,),
+            seconds=0.3,
+            cache_dir=str(tmp_path / "cache"),
+            storage_options=s3.storage_options,
+        )
+    assert report.remote
+    assert stage(report, "fetch").note == "download into a fresh cache"
+    assert stage(report, "fetch").amount > 0
+    assert any("holds the whole dataset" in line for line in report.suggestions)
+
+
+def synthetic(**changes: object) -> ProfileReport:
+    stages = (
+        StageResult("fetch", 1.0, 100.0, "MB", 50e6),
+        StageResult("decode", 1.0, 1e5, "samples", 40e6),
+        StageResult("tokenize", 1.0, 1e6, "tokens", 1e6),
+        StageResult("pack", 1.0, 3e7, "tokens", 30e6),
+        StageResult("collate", 1.0, 6e7, "tokens", 60e6),
+    )
+    report = ProfileReport(
+        source="s3://b/d",
+        remote=True,
+        num_shards=100,
+        dataset_bytes=int(50e9),
+        mean_shard_bytes=5e8,
+        tokenized=False,
+        stages=stages,
+        loaders=(),
+        per_worker_tokens_per_s=0.95e6,
+        bottleneck="tokenize",
+        suggestions=(),
+    )
+    return dataclasses.replace(report, **changes)  # type: ignore[arg-type]
+
+
+def test_advice_follows_the_figures() -> None:
+    advice = suggest(synthetic(), cpu_count=16, cache_bytes=16 << 30)
+    text = "\n".join(advice)
+    # 15 usable cores (one left to training) x 0.95M = 14.25M, under the fetch's 50M; 8 workers
+    # reach only 7.6M, so it takes all 15.
+    assert "num_workers=15: about 14.2M tokens/s" in text
+    assert "convert with --tokenizer" in text
+    assert "larger than the cache" in text
+    assert "50.0 GB" in text
+    assert "shards are small" not in text
+
+
+def test_advice_on_fetch_small_shards_and_a_cache_that_fits() -> None:
+    report = synthetic(
+        bottleneck="fetch",
+        per_worker_tokens_per_s=20e6,
+        dataset_bytes=int(1e9),
+        mean_shard_bytes=2e6,
+        num_shards=500,
+        stages=(StageResult("fetch", 1.0, 10.0, "MB", 5e6),),
+    )
+    advice = "\n".join(suggest(report, cpu_count=4, cache_bytes=16 << 30))
+    assert "fetching is the slowest stage" in advice
+    assert "(capped by fetch)" in advice  # one worker already out-runs the fetch
+    assert "holds the whole dataset" in advice
+    assert "shards are small (2.0 MB" in advice
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shardloader", "profile", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_cli_prints_a_table_and_json(datasets: dict[str, Path]) -> None:
+    common = (str(datasets["tokens"]), "--seq-len", "64", "--num-workers", "0", "--seconds", "0.2")
+    table = run_cli(*common)
+    assert table.returncode == 0, table.stderr
+    assert "bottleneck:" in table.stdout
+    assert "decode" in table.stdout
+    as_json = run_cli(*common, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert {s["name"] for s in report["stages"]} >= {"fetch", "decode", "pack", "collate"}
+
+
+def test_cli_names_a_missing_dataset(tmp_path: Path) -> None:
+    result = run_cli(str(tmp_path / "nothing-here"))
+    assert result.returncode == 1
+    assert "nothing-here" in result.stderr
+    assert "no manifest" in result.stderr
+    assert "Traceback" not in result.stderr
