@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,6 +45,8 @@ from shardloader.tokenizer import TextTokenizer
 from shardloader.world import WorldInfo, detect_rank, detect_world, in_spawning_process
 
 log = logging.getLogger(__name__)
+
+STAGES = ("produce", "fetch_wait", "decode", "collate")
 
 WORKER_STATE_KIND = "shardloader.worker_state"
 GiB = 1 << 30
@@ -183,6 +186,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self._fetcher: Any = None
         # Fetch counters of this process's finished epochs (bytes_fetched, retries, ...).
         self.fetch_stats: dict[str, float] = {}
+        # Seconds this process spent per stage, since it started (see `stage_seconds`).
+        self._stages = dict.fromkeys(STAGES, 0.0)
+        self._reader: ShardReader | None = None
         # What this process has yielded in the epoch it is reading.
         self._world: WorldInfo | None = None
         self._reading_epoch = 0
@@ -294,23 +300,31 @@ class ShardDataset(torch.utils.data.IterableDataset):
             mark_padding=self.config.policy == "pad",
         )
         self._skip = 0
+        self._reader = reader
         samples = reader.iter_samples(worker_plan)
         transform = self.transform
         if transform is not None:
             samples = (transform(s) for s in samples)
+        items: Iterator[Any] = samples
+        if self.pack is not None:
+            packer = Packer(self.pack, tokenizer=self.tokenizer)
+            items = packer.pack(enumerate(samples), skip=self._resume_skip(epoch, world))
+        stages = self._stages
         try:
-            if self.pack is None:
-                for sample in samples:
+            started = time.perf_counter()
+            for item in items:
+                stages["produce"] += time.perf_counter() - started
+                if self.pack is None:
                     self._position += 1
-                    yield sample
-            else:
-                packer = Packer(self.pack, tokenizer=self.tokenizer)
-                skip = self._resume_skip(epoch, world)
-                for row in packer.pack(enumerate(samples), skip=skip):
-                    self._position, self._skip = row.cursor
-                    yield row
+                else:
+                    self._position, self._skip = item.cursor
+                yield item
+                started = time.perf_counter()
             self._finished = True
         finally:
+            for name, seconds in reader.stage_seconds.items():
+                stages[name] += seconds
+            self._reader = None
             # Stop background fetches (an abandoned or failed epoch must not keep retrying);
             # the cache is on disk, so the next epoch's fetcher finds what was fetched.
             self.close()
@@ -360,12 +374,28 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_fetcher"] = None
+        state["_reader"] = None
         if in_spawning_process() and self._rank is None and self._handed_world is None:
             # A spawned worker has no process group: resolve the world here, in the rank.
             state["_handed_world"] = detect_rank()
         return state
 
     # --- position -----------------------------------------------------------------------
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds this process has spent per stage since it started: cheap counters.
+
+        ``fetch_wait``: blocked on the fetcher (download or cache); ``decode``: decompressing
+        shards and building samples; ``pack``: the rest of producing items (the transform,
+        tokenizing and packing); ``collate``: in ``collate_fn`` (`ShardLoader` adds it).
+        """
+        stages = dict(self._stages)
+        if self._reader is not None:  # the epoch being read
+            for name, seconds in self._reader.stage_seconds.items():
+                stages[name] += seconds
+        produce = stages.pop("produce")
+        stages["pack"] = max(0.0, produce - stages["fetch_wait"] - stages["decode"])
+        return stages
 
     def cursor(self) -> tuple[int, int, int, int, int, int, bool, int]:
         """This process's position, cheap enough to ship with every batch (`ShardLoader`).

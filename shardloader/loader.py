@@ -13,6 +13,7 @@ optional) and the state to the start of that epoch.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
@@ -32,18 +33,21 @@ Cursor = tuple[int, int, int, int, int, int, bool, int]
 
 
 class _CursorCollate:
-    """Collates as the user asked, then attaches the worker's cursor."""
+    """Collates as the user asked, then attaches the worker's cursor and stage counters."""
 
     def __init__(self, collate: Callable[[Any], Any], dataset: ShardDataset) -> None:
         self.collate = collate
         self.dataset = dataset
 
-    def __call__(self, samples: Any) -> tuple[Any, Cursor]:
+    def __call__(self, samples: Any) -> tuple[Any, Cursor, tuple[int, dict[str, float]]]:
+        started = time.perf_counter()
         batch = self.collate(samples)
         info = torch.utils.data.get_worker_info()
         dataset = info.dataset if info is not None else self.dataset
         assert isinstance(dataset, ShardDataset)
-        return batch, dataset.cursor()
+        dataset._stages["collate"] += time.perf_counter() - started
+        worker = info.id if info is not None else -1
+        return batch, dataset.cursor(), (worker, dataset.stage_seconds())
 
 
 class _RowCollate:
@@ -80,6 +84,10 @@ class ShardLoader(torch.utils.data.DataLoader):
         self._cursors: dict[int, Cursor] = {}
         self._last_worker: int | None = None
         self._epoch_done: int | None = None
+        # Stage counters: the latest of each live process (worker id, or -1 for this one), and
+        # the sum of the processes that ended (workers of earlier epochs).
+        self._stages: dict[int, dict[str, float]] = {}
+        self._stages_ended: dict[str, float] = {}
 
     @property
     def shard_dataset(self) -> ShardDataset:
@@ -94,8 +102,11 @@ class ShardLoader(torch.utils.data.DataLoader):
             dataset.set_epoch(self._epoch_done + 1)
         self._epoch_done = None
         self._cursors, self._last_worker = {}, None
+        if self.num_workers > 0 and not (self.persistent_workers and self._iterator is not None):
+            self._end_workers()  # new worker processes count from zero
         epoch = dataset.epoch
-        for batch, cursor in super().__iter__():
+        for batch, cursor, (worker, stages) in super().__iter__():
+            self._stages[worker] = stages
             if cursor[0] == epoch:
                 old = self._cursors.get(cursor[3])
                 if old is None or cursor[5] >= old[5]:
@@ -103,6 +114,28 @@ class ShardLoader(torch.utils.data.DataLoader):
                 self._last_worker = cursor[3]
             yield batch
         self._epoch_done = epoch
+
+    def _end_workers(self) -> None:
+        for stages in self._stages.values():
+            for name, seconds in stages.items():
+                self._stages_ended[name] = self._stages_ended.get(name, 0.0) + seconds
+        self._stages = {}
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds the loader's processes spent per stage, summed over its workers.
+
+        ``fetch_wait`` (blocked on downloads or the cache), ``decode`` (decompressing shards,
+        building samples), ``pack`` (transform, tokenizing, packing), ``collate``. Counted
+        since each process started, as of its latest batch to reach the loop; cheap enough to
+        log every step. Divided by wall time and ``max(num_workers, 1)`` they tell how busy the
+        workers are and with what (`shardloader profile` measures the same on demand).
+        """
+        total = dict.fromkeys(("fetch_wait", "decode", "pack", "collate"), 0.0)
+        total.update(self._stages_ended)
+        for stages in self._stages.values():
+            for name, seconds in stages.items():
+                total[name] = total.get(name, 0.0) + seconds
+        return total
 
     def state_dict(self, *, gather: bool = False) -> dict[str, Any]:
         """The position of the training loop: what it consumed, not what workers read ahead.
@@ -194,4 +227,6 @@ class ShardLoader(torch.utils.data.DataLoader):
         self.shard_dataset.load_state_dict(state)
         self._cursors, self._last_worker = {}, None
         self._epoch_done = None
+        if self.num_workers > 0:
+            self._end_workers()
         self._iterator = None  # persistent workers hold the old position: start fresh ones

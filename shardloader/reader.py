@@ -11,6 +11,7 @@ order. Decoded shards are kept only while the current window needs them, so a wo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -77,6 +78,8 @@ class ShardReader:
         self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._names = list(manifest.fields)
         self._open: dict[int, tuple[LocalFile, ShardColumns]] = {}
+        # Seconds blocked on the fetcher, and spent decoding shards and building samples.
+        self.stage_seconds = {"fetch_wait": 0.0, "decode": 0.0}
 
     def iter_samples(self, plan: WorkerPlan) -> Iterator[Sample]:
         """Yield the samples of ``plan`` in its reading order.
@@ -132,6 +135,7 @@ class ShardReader:
         names: list[str],
     ) -> Iterator[Sample]:
         """Samples of one slice of a window: one ``take`` per shard, then Python dicts."""
+        started = time.perf_counter()
         n = len(ids)
         columns: dict[str, list[Any]] = {name: [None] * n for name in self._names}
         for shard in np.unique(owner).tolist():
@@ -148,17 +152,21 @@ class ShardReader:
         rows = [columns["id"], ids.tolist(), *(columns[n] for n in self._names[1:])]
         if self._mark_padding:
             rows.append(padded.tolist())
-        for row in zip(*rows, strict=True):
-            yield dict(zip(names, row, strict=True))
+        samples = [dict(zip(names, row, strict=True)) for row in zip(*rows, strict=True)]
+        self.stage_seconds["decode"] += time.perf_counter() - started
+        yield from samples
 
     def _decoded(self, shard: int) -> ShardColumns:
         if shard not in self._open:
+            started = time.perf_counter()
             local = self._fetcher.open(
                 self._urls[shard],
                 num_bytes=self._sizes[shard],
                 checksum=self._checksums[shard],
                 algorithm=self._manifest.checksum_algorithm,
             )
+            fetched = time.perf_counter()
+            self.stage_seconds["fetch_wait"] += fetched - started
             try:
                 decoded = self._format.read_columns(
                     local.path,
@@ -171,6 +179,7 @@ class ShardReader:
                 local.release()
                 raise
             self._open[shard] = (local, decoded)
+            self.stage_seconds["decode"] += time.perf_counter() - fetched
         return self._open[shard][1]
 
     def _prefetch(self, shard: int) -> None:

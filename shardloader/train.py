@@ -165,6 +165,9 @@ class StepMetrics:
     tokens: int
     step_s: float
     data_wait_s: float
+    # Rank 0's loader since the previous record: seconds per stage over the workers' capacity
+    # (wall time x max(num_workers, 1)); see ShardLoader.stage_seconds.
+    loader_busy: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -394,6 +397,7 @@ class _Trainer:
         self.epochs_done = 0
         self._it: Iterator[Any] | None = None
         self._saved_step = -1  # the step of the newest checkpoint this run wrote or loaded
+        self._stages_at: tuple[float, dict[str, float]] = (time.perf_counter(), {})
         self.output = Path(config.output_dir)
         self.checkpoints = self.output / CHECKPOINTS_DIR
 
@@ -584,12 +588,20 @@ class _Trainer:
     def _report(self, m: StepMetrics, metrics_file: Any, bar: Any) -> None:
         if self.runtime.rank != 0:
             return
+        now, stages = time.perf_counter(), self.loader.stage_seconds()
+        capacity = (now - self._stages_at[0]) * max(self.config.num_workers, 1)
+        m.loader_busy = {
+            name: round((seconds - self._stages_at[1].get(name, 0.0)) / capacity, 4)
+            for name, seconds in stages.items()
+        }
+        self._stages_at = (now, stages)
         metrics_file.write(json.dumps(m.to_dict()) + "\n")
         metrics_file.flush()
         line = (
             f"step {m.step}{'/' + str(self.config.max_steps) if self.config.max_steps else ''}"
             f" | epoch {m.epoch} | loss {m.loss:.4f} | lr {m.lr:.2e} | "
-            f"{m.tokens_per_s / 1e3:.1f}k tok/s | data wait {m.data_wait_fraction:.1%}"
+            f"{m.tokens_per_s / 1e3:.1f}k tok/s | data wait {m.data_wait_fraction:.1%} | "
+            f"workers busy {sum(m.loader_busy.values()):.0%}"
         )
         if bar is not None:
             bar.set_postfix_str(line.split(" | ", 1)[1])

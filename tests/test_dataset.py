@@ -463,3 +463,24 @@ def test_packing_text_shards_matches_tokenized_shards(
         assert torch.equal(a["input_ids"], b["input_ids"])
         assert torch.equal(a["labels"], b["labels"])
         assert torch.equal(a["position_ids"], b["position_ids"])
+
+
+@pytest.mark.parametrize(("num_workers", "persistent"), [(0, False), (2, False), (2, True)])
+def test_stage_counters_grow_and_survive_worker_restarts(
+    token_dir: Path, num_workers: int, persistent: bool
+) -> None:
+    dataset = ShardDataset(str(token_dir), pack=PackConfig(seq_len=64))
+    loader = ShardLoader(
+        dataset, batch_size=4, num_workers=num_workers, persistent_workers=persistent
+    )
+    assert set(loader.stage_seconds().values()) == {0.0}
+    batches = sum(1 for _ in loader)
+    first = loader.stage_seconds()
+    assert batches > 0
+    assert first["decode"] > 0
+    assert first["pack"] > 0
+    assert first["collate"] > 0
+    assert sum(1 for _ in loader) > 0  # the next epoch: new workers unless persistent
+    second = loader.stage_seconds()
+    assert all(second[name] >= first[name] for name in first)
+    assert second["decode"] > first["decode"]  # the second epoch decoded its shards again
