@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -65,8 +66,6 @@ def run_part(part: str, args: argparse.Namespace) -> Path | None:
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
-    import os
-
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -113,6 +112,28 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "vs_bound": s.get("ratio_to_bound"),
                 }
             )
+    splits = results.get("splits")
+    if splits:
+        for world_size in sorted({r["world_size"] for r in splits["rows"]}):
+            rows_w = [r for r in splits["rows"] if r["world_size"] == world_size]
+            exact = [
+                r["system"]
+                for r in rows_w
+                if r["equal"]
+                and not r["duplicated"]
+                and (not r["lost"] or r.get("lost_served_next_epoch"))
+            ]
+            rows.append(
+                {
+                    "part": "splits",
+                    "what": f"{world_size} ranks x 2 workers: exact",
+                    "unit": "",
+                    "value": None,
+                    "text": ", ".join(exact) or "none",
+                    "vs_peer": None,
+                    "vs_bound": None,
+                }
+            )
     pack = results.get("pack")
     if pack:
         table = pack["datasets"]["corpus"]
@@ -143,7 +164,7 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         peer = f"{row['vs_peer']:.2f}x" if row["vs_peer"] else "-"
         bound = f"{row['vs_bound']:.0%}" if row["vs_bound"] else "-"
-        figure = f"{row['value']:.1f} {row['unit']}"
+        figure = row["text"] if row.get("text") else f"{row['value']:.1f} {row['unit']}"
         print(f"{row['part']:<8} {row['what']:<34} {figure:>16} {peer:>13} {bound:>9}")
 
 
@@ -210,6 +231,10 @@ def main() -> int:
         parser.error(f"unknown parts {sorted(set(parts) - set(PARTS))}; choose from {PARTS}")
     if not (args.skip_setup or args.report_only):
         subprocess.run(["bash", "tools/bench_setup.sh"], cwd=ROOT, check=True)
+    if Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve() and VENV_PYTHON.exists():
+        # Go on in the benchmark venv, which has matplotlib for the plot.
+        argv = [str(VENV_PYTHON), __file__, *sys.argv[1:], "--skip-setup"]
+        os.execv(argv[0], argv)
     BENCH_DIR.mkdir(exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
     for part in parts:
