@@ -259,7 +259,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from shardloader.profile import profile_dataset
+    from shardloader.profiling import profile_dataset
 
     try:
         workers = [int(w) for w in args.num_workers.split(",") if w]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shardloader import ConfigError
-from shardloader.profile import ProfileReport, StageResult, profile_dataset, suggest
+from shardloader.profiling import ProfileReport, StageResult, profile_dataset, suggest
 from tests.s3 import S3Server
 from tests.streaming import make_dataset
 
