@@ -484,3 +484,30 @@ def test_stage_counters_grow_and_survive_worker_restarts(
     second = loader.stage_seconds()
     assert all(second[name] >= first[name] for name in first)
     assert second["decode"] > first["decode"]  # the second epoch decoded its shards again
+
+
+def test_reading_never_imports_pandas(dataset_dir: Path, token_dir: Path, tmp_path: Path) -> None:
+    """pyarrow's ``to_numpy`` can take its pandas path, which imports pandas where it is
+    installed: 0.13 s in every DataLoader worker's first batch. A stand-in ``pandas`` that
+    leaves a mark when imported must stay unmarked through text, token and packed reads."""
+    fake = tmp_path / "fake" / "pandas"
+    fake.mkdir(parents=True)
+    mark = tmp_path / "imported"
+    fake.joinpath("__init__.py").write_text(
+        f"open({str(mark)!r}, 'w').close()\nraise ImportError('stand-in pandas')\n"
+    )
+    code = f"""
+import sys
+sys.path.insert(0, {str(fake.parent)!r})
+from shardloader import PackConfig, ShardDataset, ShardLoader
+text = sum(1 for _ in ShardDataset({str(dataset_dir)!r}))
+tokens = sum(1 for _ in ShardDataset({str(token_dir)!r}))
+packed = ShardDataset({str(token_dir)!r}, pack=PackConfig(seq_len=64))
+rows = sum(b["input_ids"].shape[0] for b in ShardLoader(packed, batch_size=4, num_workers=1))
+print(text, tokens, rows > 0)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.split() == [str(NUM_SAMPLES), str(NUM_SAMPLES), "True"], out.stdout
+    assert not mark.exists(), "reading shards imported pandas"

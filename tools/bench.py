@@ -2,7 +2,8 @@
 
 Usage::
 
-    python tools/bench.py [--mb 300] [--repeats 3] [--parts convert,stream,pack,splits] [--quick]
+    python tools/bench.py [--mb 300] [--stream-mb MB] [--repeats 3] [--quick]
+                          [--parts convert,stream,pack,splits]
 
 Sets up ``.venv-bench`` (``tools/bench_setup.sh``: pinned peers beside the CPU torch), then runs,
 one after the other on this machine, each part's own benchmark with that interpreter:
@@ -45,9 +46,20 @@ def run_part(part: str, args: argparse.Namespace) -> Path | None:
     out = BENCH_DIR / f"results-{part}.json"
     python = str(args.python)
     common = ["--repeats", str(args.repeats)] if args.repeats else []
+    stream_mb = args.stream_mb if args.stream_mb is not None else args.mb
     commands = {
         "convert": [python, "tools/bench_convert.py", "--mb", str(args.mb), *common],
-        "stream": [python, "tools/bench_stream.py", "--mb", str(args.stream_mb), *common],
+        # One corpus for every part; the stream part's second size (peak RSS growth) is left
+        # out at full size: a second, bigger corpus would double its time.
+        "stream": [
+            python,
+            "tools/bench_stream.py",
+            "--mb",
+            str(stream_mb),
+            "--large-mb",
+            "0",
+            *common,
+        ],
         "pack": [python, "tools/bench_pack.py", "--mb", str(min(args.mb, 40.0))],
         "splits": [python, "tools/bench_splits.py"],
     }
@@ -215,7 +227,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--mb", type=float, default=300.0, help="convert corpus size in MB (300)")
     parser.add_argument(
-        "--stream-mb", type=float, default=40.0, help="stream corpus size in MB (40)"
+        "--stream-mb",
+        type=float,
+        default=None,
+        help="stream corpus size in MB (default: --mb, the same corpus as convert)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="runs per figure (3)")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset")

@@ -441,7 +441,12 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
         import webdataset  # noqa: F401
     elif system == "hf":
         import datasets  # noqa: F401
-    elif system == "raw-get":
+    if spec["source"] == "s3":
+        # Every system's S3 client library (s3fs: shardloader, WebDataset here, HF, raw GET;
+        # boto3: Mosaic, LitData) is imported before the clock starts, like the system itself:
+        # an import is paid once per process, and ~0.25 s of it would otherwise swamp the
+        # first batch of some systems and not others.
+        import boto3  # noqa: F401
         import s3fs  # noqa: F401
     torch.set_num_threads(1)
     rss_import = rss_mb()
