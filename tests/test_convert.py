@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +18,9 @@ import pytest
 import shardloader
 from shardloader import ConfigError, ConvertConfig, ManifestError, TextTokenizer, convert, merge
 from tests.conftest import make_docs, sha, write_jsonl
+
+# The module (the package exports a function of the same name).
+CONVERT = importlib.import_module("shardloader.convert")
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -52,11 +57,13 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("fmt", ["arrow", "tar"])
-def test_output_identical_for_1_and_2_processes(many_files, tmp_path, fmt):
+def test_output_identical_for_1_and_2_processes(many_files, tmp_path, fmt, monkeypatch):
     root, docs = many_files
     digests = []
-    for num_proc in (1, 2):
-        out = tmp_path / f"out{num_proc}"
+    for num_proc, method in ((1, None), (2, "fork"), (2, "spawn")):
+        if method is not None:
+            monkeypatch.setattr(CONVERT, "pool_start_method", lambda m=method: m)
+        out = tmp_path / f"out{num_proc}-{method}"
         result = convert(
             [str(root)],
             ConvertConfig(
@@ -67,8 +74,28 @@ def test_output_identical_for_1_and_2_processes(many_files, tmp_path, fmt):
         assert result.manifest is not None
         assert result.manifest.num_samples == len(docs)
         digests.append(tree_digest(out))
-    assert digests[0] == digests[1]
+    assert digests[0] == digests[1] == digests[2]
     assert "_manifest.json" in digests[0]
+
+
+def test_workers_fork_only_while_no_other_thread_runs():
+    """Forking a process that runs threads can copy a held lock into the child."""
+    mod, fn = "shardloader.convert", "pool_start_method"
+    fresh = subprocess.run(
+        [sys.executable, "-c", f"import importlib; print(importlib.import_module({mod!r}).{fn}())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert fresh.stdout.strip() == ("fork" if sys.platform == "linux" else "spawn")
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    try:
+        assert CONVERT.pool_start_method() == "spawn"
+    finally:
+        release.set()
+        thread.join()
 
 
 def test_tokenized_shards_decode_to_the_original_text(tmp_path, tokenizer_dir):
