@@ -511,3 +511,64 @@ print(text, tokens, rows > 0)
     )
     assert out.stdout.split() == [str(NUM_SAMPLES), str(NUM_SAMPLES), "True"], out.stdout
     assert not mark.exists(), "reading shards imported pandas"
+
+
+def _mixed_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tensors of every kind a collate might make, from the samples' ids."""
+    ids = torch.tensor([s["sample_id"] for s in samples], dtype=torch.int64)
+    return {
+        "small": ids,  # int64 that fits in 16 bits
+        "big": ids * (1 << 40) - 7,  # int64 that needs all 64
+        "negative": -ids - 100,
+        "float": ids.to(torch.float32) / 3,
+        "half": ids.to(torch.float16),
+        "bf16": ids.to(torch.bfloat16),  # numpy has no bfloat16: goes as a tensor
+        "flags": ids % 2 == 0,
+        "empty": torch.zeros(0, dtype=torch.int64),
+        "nested": [ids[:1], (ids.to(torch.int32), "text")],
+        "view": torch.arange(100)[10:20:3],
+        "count": len(samples),
+    }
+
+
+def _assert_same(a: Any, b: Any) -> None:
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype
+        assert a.shape == b.shape
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_worker_batches_arrive_as_the_collate_made_them(dataset_dir: Path) -> None:
+    """Workers send small tensors by value (narrowed int64): dtypes and values must survive."""
+
+    dataset = ShardDataset(str(dataset_dir), config=StreamConfig(seed=1))
+    loader = ShardLoader(dataset, batch_size=16, num_workers=2, collate_fn=_mixed_batch)
+    seen = []
+    for batch in loader:
+        ids = batch["small"].tolist()
+        seen += ids
+        _assert_same(batch, _mixed_batch([{"sample_id": i} for i in ids]))
+    assert sorted(seen) == list(range(NUM_SAMPLES))
+
+
+def test_pinning_thread_turns_wired_arrays_into_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With pin_memory=True the DataLoader's pinning thread meets the wire format first."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from shardloader.loader import _to_wire
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())
+    batch = {"input_ids": torch.arange(6, dtype=torch.int64).view(2, 3), "n": 2}
+    pinned = pin_memory(_to_wire(batch))
+    _assert_same(pinned, batch)
