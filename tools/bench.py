@@ -9,8 +9,9 @@ Sets up ``.venv-bench`` (``tools/bench_setup.sh``: pinned peers beside the CPU t
 one after the other on this machine, each part's own benchmark with that interpreter:
 
 - ``convert``: ``tools/bench_convert.py`` (text, and text + tokenize; MB/s, output bytes),
-- ``stream``: ``tools/bench_stream.py`` (shuffled reads, local and loopback S3, 0 and 2 workers;
-  samples/s, tokens/s, first batch, peak RSS; bounds: memmap of token ids and raw S3 GET),
+- ``stream``: ``tools/bench_stream.py`` (shuffled reads of text, token ids and packed [8 x 2048]
+  rows, local and loopback S3, 0 and 2 workers; samples/s, tokens/s, first batch, peak RSS;
+  bounds: memmap of token ids and raw S3 GET),
 - ``pack``: ``tools/bench_pack.py`` (packed [8 x 2048] batches; tokens/s, utilization),
 - ``splits``: ``tools/bench_splits.py`` (2 and 3 ranks x 2 workers over 7 uneven shards: lost,
   duplicated, per-rank counts) when present.
@@ -198,6 +199,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for task, key, unit in (
             ("text", "samples_per_s", "samples/s"),
             ("tokens", "tokens_per_s", "tokens/s"),
+            ("packed", "tokens_per_s", "tokens/s in [8 x 2048] rows"),
         ):
             series = {}
             for s in results["stream"]["summaries"]:

@@ -13,7 +13,9 @@ Every system is read the way its documentation shows, with its own shuffle on, t
 what the loop consumed, unless the spec says otherwise) with the same ``batch_size`` and the same
 collate function:
 ``collate_text`` (a list of the texts) or ``collate_tokens`` (one flat tensor of all the token ids
-of the batch, so that one object per batch crosses from a worker to the main process).
+of the batch, so that one object per batch crosses from a worker to the main process). Packed
+rows (task ``packed``) are each system's own batches: shardloader's ``ShardLoader`` collate of
+``PackConfig`` rows (a dict of ``[8, 2048]`` tensors), LitData's stacked ``TokensLoader`` blocks.
 
 - shardloader: ``ShardDataset`` over Arrow shards (zstd), ``StreamConfig(seed, shuffle=True)``.
 - mosaic: ``StreamingDataset`` over MDS (zstd) written by one ``MDSWriter``; ``remote`` is the
@@ -291,12 +293,13 @@ def make_dataset(spec: dict[str, Any]) -> Any:
     seed, batch_size = spec["seed"], spec["batch_size"]
 
     if system == "shardloader":
-        from shardloader import ShardDataset, StreamConfig
+        from shardloader import PackConfig, ShardDataset, StreamConfig
 
         config = StreamConfig(
             seed=seed, shuffle=True, cache_dir=spec["cache_dir"], cache_bytes=spec["cache_bytes"]
         )
-        return ShardDataset(url, config=config, storage_options=storage_options or None)
+        pack = PackConfig(seq_len=spec["block_size"]) if task == "packed" else None
+        return ShardDataset(url, config=config, pack=pack, storage_options=storage_options or None)
 
     if system == "mosaic":
         from streaming import StreamingDataset
@@ -323,7 +326,7 @@ def make_dataset(spec: dict[str, Any]) -> Any:
         from litdata import StreamingDataset, TokensLoader
 
         options: dict[str, Any] = {"shuffle": True, "seed": seed, "cache_dir": spec["cache_dir"]}
-        if task == "tokens":
+        if task in ("tokens", "packed"):
             options["item_loader"] = TokensLoader(block_size=spec["block_size"])
         if s3:
             options["storage_options"] = {
@@ -458,6 +461,7 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
         result = run_raw_get(spec)
     else:
         tokens = spec["task"] == "tokens"
+        packed = spec["task"] == "packed"
         started = time.perf_counter()
         dataset = make_dataset(spec)
         loader_class: Any = DataLoader
@@ -465,11 +469,11 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
             from shardloader import ShardLoader  # a DataLoader that also tracks what was consumed
 
             loader_class = ShardLoader
+        collate: dict[str, Any] = {}  # packed: each system's own batches of rows
+        if not packed:
+            collate["collate_fn"] = collate_tokens if tokens else collate_text
         loader = loader_class(
-            dataset,
-            batch_size=spec["batch_size"],
-            num_workers=spec["num_workers"],
-            collate_fn=collate_tokens if tokens else collate_text,
+            dataset, batch_size=spec["batch_size"], num_workers=spec["num_workers"], **collate
         )
         first_batch_s = 0.0
         num_samples = num_tokens = num_batches = 0
@@ -477,7 +481,11 @@ def run_pass(spec: dict[str, Any]) -> dict[str, Any]:
             if num_batches == 0:
                 first_batch_s = time.perf_counter() - started
             num_batches += 1
-            if tokens:
+            if packed:  # [batch, seq_len] rows: shardloader's dict, LitData's tensor
+                rows = batch["input_ids"] if isinstance(batch, dict) else batch
+                num_samples += rows.shape[0]
+                num_tokens += rows.numel()
+            elif tokens:
                 ids, count = batch
                 num_samples += count
                 num_tokens += ids.numel()
