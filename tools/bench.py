@@ -181,6 +181,136 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         print(f"{row['part']:<8} {row['what']:<34} {figure:>16} {peer:>13} {bound:>9}")
 
 
+STREAM_SYSTEMS = ("shardloader", "mosaic", "litdata", "webdataset", "hf")
+STREAM_NAMES = {
+    "shardloader": "shardloader",
+    "mosaic": "Mosaic",
+    "litdata": "LitData",
+    "webdataset": "WebDataset",
+    "hf": "HF",
+}
+
+
+def _fmt_range(values: list[float] | None, scale: float = 1.0) -> str:
+    """``median [min-max]`` of a (median, min, max) triple."""
+    if not values or not values[0]:
+        return "-"
+    median, low, high = (v / scale for v in values)
+    return f"{median:.1f} [{low:.1f}-{high:.1f}]"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's tables, from a results file: the summary, streaming and conversion."""
+    lines = [
+        "| part | measurement | shardloader | vs best peer | vs bound |",
+        "|---|---|---|---|---|",
+    ]
+    for row in summary_rows(results):
+        figure = row["text"] if row.get("text") else f"{row['value']:.1f} {row['unit']}"
+        peer = f"{row['vs_peer']:.2f}x" if row["vs_peer"] else "-"
+        bound = f"{row['vs_bound']:.0%}" if row["vs_bound"] else "-"
+        lines.append(f"| {row['part']} | {row['what']} | {figure} | {peer} | {bound} |")
+    stream = results.get("stream")
+    if stream:
+        lines += ["", _stream_markdown(stream)]
+    convert = results.get("convert")
+    if convert:
+        lines += ["", _convert_markdown(convert)]
+    return "\n".join(lines) + "\n"
+
+
+def _stream_markdown(stream: dict[str, Any]) -> str:
+    by_key = {
+        (s["task"], s["source"], s["num_workers"], s["system"]): s
+        for s in stream["summaries"]
+        if s["size"] == "main"
+    }
+    names = " | ".join(STREAM_NAMES[p] for p in STREAM_SYSTEMS[1:])
+    lines = [
+        f"| task | source | workers | shardloader | vs best peer | {names} | bound | vs bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    seen = sorted(
+        {k[:3] for k in by_key},
+        key=lambda k: (("text", "tokens", "packed").index(k[0]), k[1] != "local", k[2]),
+    )
+    for task, source, workers in seen:
+        unit, key, scale = (
+            ("k samples/s", "samples_per_s", 1e3)
+            if task == "text"
+            else ("M tokens/s", "tokens_per_s", 1e6)
+        )
+        ours = by_key.get((task, source, workers, "shardloader"))
+        if ours is None or not ours["num_ok"]:
+            continue
+        cells = []
+        for peer in STREAM_SYSTEMS[1:]:
+            s = by_key.get((task, source, workers, peer))
+            cells.append(f"{s[key][0] / scale:.1f}" if s and s["num_ok"] and s[key] else "-")
+        bound_name = "memmap" if source == "local" else "raw-get"
+        bound = by_key.get((task, source, 0, bound_name))
+        if bound and bound["num_ok"]:
+            if source == "local":
+                bound_text = f"memmap {bound['tokens_per_s'][0] / 1e6:.1f}"
+            else:
+                bound_text = f"GET {bound['stored_mb_per_s'][0]:.0f} MB/s"
+        else:
+            bound_text = "-"
+        to_peer = ours["ratio_to_fastest_peer"]
+        to_bound = ours["ratio_to_bound"]
+        lines.append(
+            f"| {task}, {unit} | {source} | {workers} | {_fmt_range(ours[key], scale)} | "
+            f"{f'{to_peer:.2f}x' if to_peer else '-'} | {' | '.join(cells)} | {bound_text} | "
+            f"{f'{to_bound:.0%}' if to_bound else '-'} |"
+        )
+    lines += ["", "| task | source | workers | first batch s: shardloader | " + names + " |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for task, source, workers in seen:
+        row = [by_key.get((task, source, workers, p)) for p in STREAM_SYSTEMS]
+        if row[0] is None:
+            continue
+        cells = [f"{s['first_batch_s']:.2f}" if s and s["num_ok"] else "-" for s in row]
+        lines.append(f"| {task} | {source} | {workers} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "| task | source | workers | peak RSS MB (main / workers): shardloader | " + names + " |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for task, source, workers in seen:
+        row = [by_key.get((task, source, workers, p)) for p in STREAM_SYSTEMS]
+        if row[0] is None:
+            continue
+        cells = [
+            (f"{s['peak_rss_mb']:.0f}" + (f" / {s['workers_peak_rss_mb']:.0f}" if workers else ""))
+            if s and s["num_ok"]
+            else "-"
+            for s in row
+        ]
+        lines.append(f"| {task} | {source} | {workers} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _convert_markdown(convert: dict[str, Any]) -> str:
+    lines = [
+        "| system | task | MB/s | MB/s w/ startup | M tokens/s | output MB | vs fastest peer "
+        "| vs bound |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in convert["summaries"]:
+        if not s["num_ok"]:
+            continue
+        tokens = _fmt_range(s["tokens_per_s"], 1e6) if s.get("tokens_per_s") else "-"
+        peer = s.get("ratio_to_fastest_peer")
+        bound = s.get("ratio_to_bound")
+        output = f"{s['output_mb']:.1f}" if s.get("output_mb") else "-"
+        lines.append(
+            f"| {s['system']} | {s['task']} | {_fmt_range(s['mb_per_s'])} | "
+            f"{s['process_mb_per_s']:.1f} | {tokens} | {output} | "
+            f"{f'{peer:.2f}x' if peer else '-'} | {f'{bound:.0%}' if bound else '-'} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Throughput per system and task (log scale), one panel per part."""
     import matplotlib
@@ -262,6 +392,8 @@ def main() -> int:
             results[part] = json.loads(out.read_text())
     (BENCH_DIR / "results.json").write_text(json.dumps(results, indent=1))
     print_summary(summary_rows(results))
+    (BENCH_DIR / "results.md").write_text(markdown(results))
+    print(f"wrote {(BENCH_DIR / 'results.md').relative_to(ROOT)} (the README's tables)")
     try:
         plot(results, ROOT / "docs" / "bench.png")
     except ImportError:
