@@ -155,7 +155,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "part": "pack",
-                "what": "concat [8 x 2048] batches",
+                "what": "in memory, [8 x 2048] (vs HF flattening)",
                 "unit": "M tokens/s",
                 "value": ours,
                 "vs_peer": ours / peer if peer else None,
