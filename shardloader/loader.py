@@ -62,14 +62,14 @@ class _Wire:
                     break
         self.array = array
 
-    def tensor(self) -> torch.Tensor:
+    def unwire(self) -> torch.Tensor:
         array = self.array
         if array.dtype != self.dtype:
             array = array.astype(self.dtype)
         return torch.from_numpy(array)
 
     def pin_memory(self, device: Any = None) -> torch.Tensor:
-        return self.tensor().pin_memory()
+        return self.unwire().pin_memory()
 
 
 def _to_wire(data: Any) -> Any:
@@ -94,7 +94,7 @@ def _to_wire(data: Any) -> Any:
 def _from_wire(data: Any) -> Any:
     """Undo `_to_wire` (what the pinning thread has not already turned into tensors)."""
     if isinstance(data, _Wire):
-        return data.tensor()
+        return data.unwire()
     if type(data) is dict:
         return {key: _from_wire(value) for key, value in data.items()}
     if type(data) in (list, tuple):
@@ -113,11 +113,8 @@ _NUMPY_DTYPES = frozenset(
         torch.float16,
         torch.float32,
         torch.float64,
-        torch.uint16,
-        torch.uint32,
-        torch.uint64,
     }
-)
+)  # (torch's uint16/32/64 convert to numpy only in recent releases: they keep torch's path)
 
 
 class _CursorCollate:
