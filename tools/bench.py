@@ -44,7 +44,7 @@ PARTS = ("convert", "stream", "pack", "splits")
 
 def run_part(part: str, args: argparse.Namespace) -> Path | None:
     """Run one part's benchmark; returns its results file (``None`` if the part is absent)."""
-    out = BENCH_DIR / f"results-{part}.json"
+    out = BENCH_DIR / f"results-{part}{_suffix(args)}.json"
     python = str(args.python)
     common = ["--repeats", str(args.repeats)] if args.repeats else []
     stream_mb = args.stream_mb if args.stream_mb is not None else args.mb
@@ -75,6 +75,11 @@ def run_part(part: str, args: argparse.Namespace) -> Path | None:
     result = subprocess.run(command, cwd=ROOT, check=False)
     print(f"== {part}: exit {result.returncode} after {time.perf_counter() - started:.0f} s")
     return out if result.returncode == 0 and out.exists() else None
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    """``--quick`` results go beside the full run's, never over them."""
+    return "-quick" if args.quick else ""
 
 
 def machine() -> dict[str, Any]:
@@ -385,17 +390,19 @@ def main() -> int:
     BENCH_DIR.mkdir(exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
     for part in parts:
-        out = BENCH_DIR / f"results-{part}.json"
+        out = BENCH_DIR / f"results-{part}{_suffix(args)}.json"
         if not args.report_only:
             run_part(part, args)
         if out.exists():
             results[part] = json.loads(out.read_text())
-    (BENCH_DIR / "results.json").write_text(json.dumps(results, indent=1))
+    suffix = _suffix(args)
+    (BENCH_DIR / f"results{suffix}.json").write_text(json.dumps(results, indent=1))
     print_summary(summary_rows(results))
-    (BENCH_DIR / "results.md").write_text(markdown(results))
-    print(f"wrote {(BENCH_DIR / 'results.md').relative_to(ROOT)} (the README's tables)")
+    tables = BENCH_DIR / f"results{suffix}.md"
+    tables.write_text(markdown(results))
+    print(f"wrote {tables.relative_to(ROOT)} (the README's tables)")
     try:
-        plot(results, ROOT / "docs" / "bench.png")
+        plot(results, ROOT / "docs" / f"bench{suffix}.png")
     except ImportError:
         print("matplotlib is missing: run tools/bench_setup.sh for the plot", file=sys.stderr)
     return 0
