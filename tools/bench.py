@@ -32,6 +32,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -268,31 +269,41 @@ def _stream_markdown(stream: dict[str, Any]) -> str:
             f"{f'{to_peer:.2f}x' if to_peer else '-'} | {' | '.join(cells)} | {bound_text} | "
             f"{f'{to_bound:.0%}' if to_bound else '-'} |"
         )
-    lines += ["", "| task | source | workers | first batch s: shardloader | " + names + " |"]
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for task, source, workers in seen:
-        row = [by_key.get((task, source, workers, p)) for p in STREAM_SYSTEMS]
-        if row[0] is None:
-            continue
-        cells = [f"{s['first_batch_s']:.2f}" if s and s["num_ok"] else "-" for s in row]
-        lines.append(f"| {task} | {source} | {workers} | {' | '.join(cells)} |")
     lines += [
         "",
-        "| task | source | workers | peak RSS MB (main / workers): shardloader | " + names + " |",
+        *_per_system_table("first batch s", seen, by_key, lambda s, w: f"{s['first_batch_s']:.2f}"),
     ]
+    lines += [
+        "",
+        *_per_system_table(
+            "peak RSS MB (main / workers)",
+            seen,
+            by_key,
+            lambda s, w: (
+                f"{s['peak_rss_mb']:.0f}" + (f" / {s['workers_peak_rss_mb']:.0f}" if w else "")
+            ),
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _per_system_table(
+    title: str,
+    seen: list[tuple[str, str, int]],
+    by_key: dict[tuple[str, str, int, str], dict[str, Any]],
+    cell: Callable[[dict[str, Any], int], str],
+) -> list[str]:
+    """One row per (task, source, workers) that shardloader ran, one ``cell`` per system."""
+    names = " | ".join(STREAM_NAMES[p] for p in STREAM_SYSTEMS[1:])
+    lines = [f"| task | source | workers | {title}: shardloader | {names} |"]
     lines.append("|---|---|---|---|---|---|---|---|")
     for task, source, workers in seen:
         row = [by_key.get((task, source, workers, p)) for p in STREAM_SYSTEMS]
         if row[0] is None:
             continue
-        cells = [
-            (f"{s['peak_rss_mb']:.0f}" + (f" / {s['workers_peak_rss_mb']:.0f}" if workers else ""))
-            if s and s["num_ok"]
-            else "-"
-            for s in row
-        ]
+        cells = [cell(s, workers) if s and s["num_ok"] else "-" for s in row]
         lines.append(f"| {task} | {source} | {workers} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+    return lines
 
 
 def _convert_markdown(convert: dict[str, Any]) -> str:

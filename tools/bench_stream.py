@@ -847,19 +847,16 @@ def format_verdicts(summaries: list[Summary]) -> list[str]:
                 f"{best:.2f}x); {_verdict(median, best, TARGET_LOCAL_RATIO)} the "
                 f"{TARGET_LOCAL_RATIO:g}x target"
             )
-        if s.source == "local" and s.ratio_to_bound and s.best_ratio_to_bound:
-            median, best = s.ratio_to_bound, s.best_ratio_to_bound
-            lines.append(
-                f"shardloader {where}: {median:.0%} of the memmap bound (best-of-{s.num_ok}: "
-                f"{best:.0%}); {_verdict(median, best, TARGET_MEMMAP_RATIO)} the "
-                f"{TARGET_MEMMAP_RATIO:.0%} target"
+        if s.ratio_to_bound and s.best_ratio_to_bound:
+            bound, target = (
+                ("the memmap bound", TARGET_MEMMAP_RATIO)
+                if s.source == "local"
+                else ("raw GET throughput", TARGET_S3_RATIO)
             )
-        if s.source == "s3" and s.ratio_to_bound and s.best_ratio_to_bound:
             median, best = s.ratio_to_bound, s.best_ratio_to_bound
             lines.append(
-                f"shardloader {where}: {median:.0%} of raw GET throughput (best-of-{s.num_ok}: "
-                f"{best:.0%}); {_verdict(median, best, TARGET_S3_RATIO)} the "
-                f"{TARGET_S3_RATIO:.0%} target"
+                f"shardloader {where}: {median:.0%} of {bound} (best-of-{s.num_ok}: "
+                f"{best:.0%}); {_verdict(median, best, target)} the {target:.0%} target"
             )
         if s.source == "local":
             verdict = "meets" if s.first_batch_s <= TARGET_FIRST_BATCH_S else "MISSES"
