@@ -72,34 +72,36 @@ class _Wire:
         return self.unwire().pin_memory()
 
 
+def _map_batch(data: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``data`` with ``leaf`` applied to everything inside its dicts, lists and tuples."""
+    if type(data) is dict:
+        return {key: _map_batch(value, leaf) for key, value in data.items()}
+    if type(data) in (list, tuple):
+        return type(data)(_map_batch(value, leaf) for value in data)
+    return leaf(data)
+
+
+def _wire_leaf(data: Any) -> Any:
+    if (
+        isinstance(data, torch.Tensor)
+        and data.device.type == "cpu"
+        and data.layout == torch.strided
+        and not data.requires_grad
+        and data.dtype in _NUMPY_DTYPES
+        and data.element_size() * data.numel() <= WIRE_MAX_BYTES
+    ):
+        return _Wire(data.numpy())
+    return data
+
+
 def _to_wire(data: Any) -> Any:
     """``data`` with every small CPU tensor (in dicts, lists and tuples) as a `_Wire`."""
-    if isinstance(data, torch.Tensor):
-        if (
-            data.device.type == "cpu"
-            and data.layout == torch.strided
-            and not data.requires_grad
-            and data.dtype in _NUMPY_DTYPES
-            and data.element_size() * data.numel() <= WIRE_MAX_BYTES
-        ):
-            return _Wire(data.numpy())
-        return data
-    if type(data) is dict:
-        return {key: _to_wire(value) for key, value in data.items()}
-    if type(data) in (list, tuple):
-        return type(data)(_to_wire(value) for value in data)
-    return data
+    return _map_batch(data, _wire_leaf)
 
 
 def _from_wire(data: Any) -> Any:
     """Undo `_to_wire` (what the pinning thread has not already turned into tensors)."""
-    if isinstance(data, _Wire):
-        return data.unwire()
-    if type(data) is dict:
-        return {key: _from_wire(value) for key, value in data.items()}
-    if type(data) in (list, tuple):
-        return type(data)(_from_wire(value) for value in data)
-    return data
+    return _map_batch(data, lambda leaf: leaf.unwire() if isinstance(leaf, _Wire) else leaf)
 
 
 _NUMPY_DTYPES = frozenset(
