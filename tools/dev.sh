@@ -2,7 +2,8 @@
 # Set up the project's virtualenv and run the demo or the test suite.
 #
 #   bash tools/dev.sh demo    # set up, then run examples/quickstart.sh on a small generated corpus
-#   bash tools/dev.sh test    # set up, then run the whole test suite (what CI runs)
+#   bash tools/dev.sh test    # set up, lint (ruff, mypy), then run the whole test suite (what CI runs)
+#   bash tools/dev.sh lint    # set up, then only ruff check, ruff format --check and mypy
 #   bash tools/dev.sh setup   # only set up .venv
 #
 # Needs only python3 (>= 3.10) with venv. torch==2.13.0 (CPU) is installed first unless the venv
@@ -39,6 +40,15 @@ PY
     fi
 }
 
+lint() {
+    echo "== ruff check"
+    ruff check shardloader tests tools examples
+    echo "== ruff format --check"
+    ruff format --check shardloader tests tools examples
+    echo "== mypy"
+    mypy
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -49,8 +59,13 @@ case "$cmd" in
         setup
         bash examples/quickstart.sh "$@"
         ;;
+    lint)
+        setup
+        lint
+        ;;
     test)
         setup
+        lint
         set +e
         python -m pytest "$@"
         rc=$?
@@ -62,7 +77,7 @@ case "$cmd" in
         exit "$rc"
         ;;
     *)
-        echo "usage: bash tools/dev.sh {demo|test|setup} [args...]" >&2
+        echo "usage: bash tools/dev.sh {demo|test|lint|setup} [args...]" >&2
         exit 2
         ;;
 esac
