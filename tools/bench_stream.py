@@ -14,7 +14,7 @@ which every system first gets in its own format (cached under ``.bench/stream/``
   and LitData (``TokensLoader(block_size=2048)``: blocks of the token stream, no boundaries);
   the bound is the memmap with ``batch_size`` 8 and ``block_size`` 2048.
 - each **from local disk** and **from a loopback S3 server** (``rclone serve s3`` over the same
-  files, ``tests/s3.py``), with DataLoader ``num_workers`` 0 and 2.
+  files, ``shardloader/testing.py``), with DataLoader ``num_workers`` 0 and 2.
 - **time to first batch** (from constructing the dataset to holding the first batch) and **peak
   RSS** (``ru_maxrss``) of the process that iterates, and separately of its DataLoader workers;
   RSS also at a second corpus size (160 MB by default; text, ``num_workers=0``), where it should
@@ -459,7 +459,7 @@ class Context:
     """What every pass needs from the parent."""
 
     python: str
-    server: Any  # tests.s3.S3Server, or None without S3 passes
+    server: Any  # shardloader.testing.S3Server, or None without S3 passes
     timeout_s: float
     shardloader_loader: bool  # iterate shardloader with ShardLoader (else a plain DataLoader)
 
@@ -1063,7 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     prepared_s = time.perf_counter() - started
 
-    from tests.s3 import S3Server
+    from shardloader.testing import S3Server
 
     servers: dict[str, Any] = {}
     measurements: list[Measurement] = []
