@@ -86,7 +86,7 @@ def write_corpus(corpus: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------
-# Writing each system's shards (subprocess: `bench_splits.py prepare SYSTEM`)
+# Writing each system's shards (subprocess: `python -m tools.bench.splits prepare SYSTEM`)
 
 
 def _peer_spec(system: str, output: Path, inputs: list[Path]) -> dict[str, Any]:
@@ -150,7 +150,7 @@ def shard_sizes(system: str, out: Path) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# One rank (subprocess under torch.distributed.run: `bench_splits.py rank SYSTEM DATA OUT`)
+# One rank (subprocess under torch.distributed.run: `tools.bench.splits rank SYSTEM DATA OUT`)
 
 
 def collate_ids(samples: list[dict[str, Any]]) -> list[tuple[str, bool]]:
@@ -238,7 +238,7 @@ def run_rank(system: str, data: Path, out: Path) -> None:
 
 
 def job_env(system: str) -> dict[str, str]:
-    """Environment of a subprocess: bench_stream's, with this checkout's shardloader first."""
+    """Environment of a subprocess: the stream benchmark's, this checkout's shardloader first."""
     env = stream_job_env(system)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env

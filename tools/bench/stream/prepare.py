@@ -141,7 +141,7 @@ def run_subprocess(
             ).returncode
         except subprocess.TimeoutExpired:
             code = -9
-            log.write(f"\nbench_stream: killed after {timeout_s:.0f} s\n")
+            log.write(f"\ntools.bench.stream: killed after {timeout_s:.0f} s\n")
     wall_s = time.perf_counter() - started
     result = json.loads(result_path.read_text()) if result_path.exists() else None
     spec_path.unlink(missing_ok=True)
