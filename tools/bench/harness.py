@@ -226,6 +226,23 @@ def verdict(median: float, best: float, target: float) -> str:
     return "meets only at best-of-N" if best >= target else "MISSES"
 
 
+def busy_note(other_cpu_shares: Sequence[float], what: str, advice: str) -> str | None:
+    """A note when other processes took more than ``BUSY_SHARE`` of the CPU during some runs.
+
+    Args:
+        other_cpu_shares: Each run's share of the CPU that other processes used meanwhile.
+        what: What a run is called (``"jobs"``, ``"passes"``).
+        advice: What to read instead of the medians.
+    """
+    busy = [share for share in other_cpu_shares if share > BUSY_SHARE]
+    if not busy:
+        return None
+    return (
+        f"note: during {len(busy)} of {len(other_cpu_shares)} {what}, other processes used more "
+        f"than {BUSY_SHARE:.0%} of the CPU (up to {max(busy):.0%}): {advice}"
+    )
+
+
 def read_measurements(report: Mapping[str, Any], cls: type[T]) -> list[T]:
     """The ``measurements`` of a results JSON as ``cls`` dataclasses (unknown keys dropped)."""
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from tools.bench.convert import PEERS, TARGET_TEXT_RATIO, TARGET_TOKEN_RATIO
 from tools.bench.harness import (
-    BUSY_SHARE,
     ROOT,
     Corpus,
+    busy_note,
     fmt_rate,
     format_columns,
     read_measurements,
@@ -206,13 +206,9 @@ def print_report(
     print()
     for line in format_verdicts(summaries):
         print(line)
-    busy = [m for m in measurements if m.other_cpu_share > BUSY_SHARE]
-    if busy:
-        print(
-            f"note: during {len(busy)} of {len(measurements)} jobs, other processes used more than "
-            f"{BUSY_SHARE:.0%} of the CPU (up to {max(m.other_cpu_share for m in busy):.0%}): "
-            "best-of-N is the better estimate"
-        )
+    shares = [m.other_cpu_share for m in measurements]
+    if note := busy_note(shares, "jobs", "best-of-N is the better estimate"):
+        print(note)
     return summaries
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tools.bench.harness import (
-    BUSY_SHARE,
+    busy_note,
     fmt_rate,
     format_columns,
     read_measurements,
@@ -313,13 +313,9 @@ def print_report(measurements: list[Measurement], sizes_mb: dict[str, float]) ->
             print(f"FAILED: {where}: {error[:400]}")
         for note in s.notes:
             print(f"note: {where}: {note}")
-    busy = [m for m in measurements if m.other_cpu_share > BUSY_SHARE]
-    if busy:
-        print(
-            f"note: during {len(busy)} of {len(measurements)} passes, other processes used more "
-            f"than {BUSY_SHARE:.0%} of the CPU (up to {max(m.other_cpu_share for m in busy):.0%})"
-            ": compare best-of-N ratios (in the JSON)"
-        )
+    shares = [m.other_cpu_share for m in measurements]
+    if note := busy_note(shares, "passes", "compare best-of-N ratios (in the JSON)"):
+        print(note)
     return summaries
 
 
