@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 import shardloader
-from tests.s3 import S3Server
+from shardloader.testing import S3Server
 
 SCRIPTS = [
     "plain ascii words",

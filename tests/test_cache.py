@@ -30,7 +30,7 @@ from fsspec.spec import AbstractFileSystem
 from shardloader import storage
 from shardloader.cache import LocalShard, ShardFetcher, default_cache_dir, entry_key
 from shardloader.errors import ShardError, StorageError
-from tests.s3 import S3Server, find_rclone
+from shardloader.testing import S3Server, find_rclone
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -13,7 +13,7 @@ import pytest
 
 from shardloader import ConfigError
 from shardloader.profiling import ProfileReport, StageResult, profile_dataset, suggest
-from tests.s3 import S3Server
+from shardloader.testing import S3Server
 from tests.streaming import make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,8 +21,8 @@ import pytest
 import shardloader
 from shardloader import ConvertConfig, convert
 from shardloader.manifest import MANIFEST_NAME
+from shardloader.testing import S3Server
 from tests.conftest import make_docs, write_jsonl
-from tests.s3 import S3Server
 
 pytestmark = pytest.mark.s3
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shardloader import ShardDataset, ShardError, ShardLoader, StreamConfig, read_manifest
-from tests.s3 import S3Server
+from shardloader.testing import S3Server
 from tests.streaming import NUM_SAMPLES, ids_of, make_dataset
 
 pytestmark = pytest.mark.s3

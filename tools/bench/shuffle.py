@@ -40,9 +40,9 @@ epoch order (wall time, then peak traced memory from `tracemalloc` in a second r
 Run it (under a minute on 2 cores, ~0.8 GB peak RSS)::
 
     bash tools/bench_setup.sh
-    .venv-bench/bin/python tools/bench_shuffle.py
-    .venv-bench/bin/python tools/bench_shuffle.py --quick          # smaller corpora, no check
-    .venv-bench/bin/python tools/bench_shuffle.py --cost-shards 100000   # cost at 100M samples
+    .venv-bench/bin/python -m tools.bench.shuffle
+    .venv-bench/bin/python -m tools.bench.shuffle --quick          # smaller corpora, no check
+    .venv-bench/bin/python -m tools.bench.shuffle --cost-shards 100000   # cost at 100M samples
 
 Results go to ``.bench/shuffle.json`` (``--out``).
 """
@@ -72,9 +72,7 @@ import torch.utils.data
 
 from shardloader.dataset import StreamConfig
 from shardloader.plan import plan_epoch
-
-ROOT = Path(__file__).resolve().parent.parent
-STUBS = ROOT / "tools" / "bench_stubs"  # a torchvision stand-in: `import streaming` imports it
+from tools.bench.harness import ROOT, STUBS
 
 IdArray = npt.NDArray[np.int64]
 

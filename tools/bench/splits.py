@@ -13,7 +13,7 @@ file per shard, and each system writes one shard, chunk or file per input file) 
 - hf: ``load_dataset("parquet", streaming=True).shuffle()`` + ``split_dataset_by_node``;
 - sampler: a map-style dataset with torch ``DistributedSampler`` (the classic reference).
 
-Each system writes its shards with ``prepare`` of ``tools/bench_peers_stream.py``, once per input
+Each system writes its shards with ``prepare`` of ``tools.bench.peers_stream``, once per input
 file (Mosaic: then ``merge_index``; LitData: then ``merge_datasets``, as one ``optimize`` with a
 worker per file still packs files together), and its dataset is built with ``make_dataset`` there.
 Every (system, world size) runs under ``torch.distributed.run --standalone`` (gloo), ranks as
@@ -31,7 +31,7 @@ shards (621/382 and 573/18/412); HF gives every rank ``N // W`` or one more (502
 
 Run it (about 2.5 minutes on 2 cores)::
 
-    .venv-bench/bin/python tools/bench_splits.py [--out .bench/results-splits.json]
+    .venv-bench/bin/python -m tools.bench.splits [--out .bench/results-splits.json]
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-
-from bench_peers_stream import make_dataset, prepare  # noqa: E402
+from tools.bench.harness import ROOT, format_columns, versions
+from tools.bench.peers_stream import make_dataset, prepare
+from tools.bench.stream import VERSIONS as STREAM_VERSIONS
+from tools.bench.stream.prepare import job_env as stream_job_env
 
 SHARD_SIZES = (300, 17, 200, 153, 1, 212, 120)
 NUM_SAMPLES = sum(SHARD_SIZES)
@@ -86,7 +86,7 @@ def write_corpus(corpus: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------
-# Writing each system's shards (subprocess: `bench_splits.py prepare SYSTEM`)
+# Writing each system's shards (subprocess: `python -m tools.bench.splits prepare SYSTEM`)
 
 
 def _peer_spec(system: str, output: Path, inputs: list[Path]) -> dict[str, Any]:
@@ -150,7 +150,7 @@ def shard_sizes(system: str, out: Path) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# One rank (subprocess under torch.distributed.run: `bench_splits.py rank SYSTEM DATA OUT`)
+# One rank (subprocess under torch.distributed.run: `tools.bench.splits rank SYSTEM DATA OUT`)
 
 
 def collate_ids(samples: list[dict[str, Any]]) -> list[tuple[str, bool]]:
@@ -238,9 +238,7 @@ def run_rank(system: str, data: Path, out: Path) -> None:
 
 
 def job_env(system: str) -> dict[str, str]:
-    """Environment of a subprocess: bench_stream's, with this checkout's shardloader first."""
-    from bench_stream import job_env as stream_job_env
-
+    """Environment of a subprocess: the stream benchmark's, this checkout's shardloader first."""
     env = stream_job_env(system)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
@@ -326,8 +324,6 @@ def _some(ids: list[str] | dict[str, int]) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """system x world size: per-rank counts, lost, duplicated, equal, how."""
-    from bench_stream import _table
-
     header = ("system", "ranks x workers", "samples per rank", "lost", "dup", "equal", "how")
     lines = [
         (
@@ -341,7 +337,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
         for r in rows
     ]
-    return _table(header, lines)
+    return format_columns(header, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(SPLITS_DIR, ignore_errors=True)
     corpus = SPLITS_DIR / "corpus"
     write_corpus(corpus)
-    script = str(Path(__file__).resolve())
+    module = "tools.bench.splits"  # run as `python -m`, from the repository root
     rows: list[dict[str, Any]] = []
     for system in systems:
         name = "shardloader" if system.startswith("shardloader") else system  # one copy
@@ -375,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         log = SPLITS_DIR / f"prepare-{name}.log"
         code = 0
         if not data.exists():
-            prepare_args = [sys.executable, script, "prepare", system, str(corpus), str(data)]
+            prepare_args = [sys.executable, "-m", module, "prepare", system, str(corpus), str(data)]
             code, _ = run_logged(prepare_args, system, log)
         sizes = shard_sizes(system, data) if code == 0 else []
         if sizes != sorted(SHARD_SIZES):
@@ -388,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             launch += [
                 f"--nproc_per_node={world_size}",
-                script,
+                "--module",
+                module,
                 "rank",
                 system,
                 str(data),
@@ -414,12 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         if row["system"].startswith("shardloader"):
             problems = [row["error"]] if "error" in row else check_shardloader(row["system"], row)
             failures += [f"{row['system']} {row['world_size']} ranks: {p}" for p in problems]
-    from bench_stream import _versions
-
-    versions = _versions(sys.executable)
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    found = versions(sys.executable, STREAM_VERSIONS)
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items() if v))
     report = {
-        "versions": versions,
+        "versions": found,
         "shard_sizes": SHARD_SIZES,
         "num_samples": NUM_SAMPLES,
         "num_workers": NUM_WORKERS,

@@ -1,12 +1,12 @@
-"""The subprocess side of ``tools/bench_stream.py``: write each system's dataset, or time one pass.
+"""The subprocess side of ``tools.bench.stream``: write each system's dataset, or time one pass.
 
 Runs in ``.venv-bench`` (``tools/bench_setup.sh``), one process per call, so that every pass
 starts with a fresh interpreter and its peak RSS (``ru_maxrss``) is its own::
 
-    python tools/bench_peers_stream.py prepare SPEC.json   # write one system's copy of the corpus
-    python tools/bench_peers_stream.py pass SPEC.json      # one shuffled pass through a DataLoader
+    python -m tools.bench.peers_stream prepare SPEC.json   # write one system's copy of the corpus
+    python -m tools.bench.peers_stream pass SPEC.json      # one shuffled pass through a DataLoader
 
-``SPEC.json`` is written by ``bench_stream.py``; the result goes to ``spec["result"]``.
+``SPEC.json`` is written by ``tools.bench.stream``; the result goes to ``spec["result"]``.
 
 Every system is read the way its documentation shows, with its own shuffle on, through a
 ``torch.utils.data.DataLoader`` (for shardloader its subclass ``ShardLoader``, which also records
@@ -55,9 +55,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
 
 
 def rss_mb(field: str = "VmRSS") -> float:

@@ -1,6 +1,6 @@
 """Measure shardloader.plan at scale: one rank's plan, the carry-in chain, resume.
 
-Usage: python tools/bench_plan.py [--shards 100000] [--world-size 1000] [--workers 8]
+Usage: python -m tools.bench.plan [--shards 100000] [--world-size 1000] [--workers 8]
 
 Prints wall time (best of --repeat) and peak traced Python memory (tracemalloc) per step.
 """

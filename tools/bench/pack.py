@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/bench_pack.py [--mb 20] [--seq-len 2048] [--batch-size 8] [--repeat 3]
+    python -m tools.bench.pack [--mb 20] [--seq-len 2048] [--batch-size 8] [--repeat 3]
 
 Two document sets:
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections import defaultdict, deque
@@ -42,12 +41,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from make_corpus import generate_documents  # noqa: E402
-
-import shardloader  # noqa: E402
-from shardloader.pack import PackConfig, Packer, collate_rows  # noqa: E402
+import shardloader
+from shardloader.pack import PackConfig, Packer, collate_rows
+from tools.make_corpus import generate_documents
 
 LITDATA_CHUNK_BYTES = 64 << 20
 

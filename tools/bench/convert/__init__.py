@@ -1,0 +1,56 @@
+"""Conversion benchmark: shardloader against WebDataset, Mosaic Streaming and LitData, in one run.
+
+What is measured, on one generated JSONL corpus (``tools/make_corpus.py``, 256 MB in 32 files by
+default, cached under ``.bench/``) with the same number of processes ``N`` for every system:
+
+- **text**: JSONL -> text shards. ``shardloader convert --format arrow`` and ``--format tar``
+  (zstd); WebDataset ``ShardWriter`` (a ``multiprocessing.Pool`` of N, one writer per process over
+  its share of the input files; plain tar, as WebDataset has no zstd writer); Mosaic ``MDSWriter``
+  (N writers over a split of the files, zstd, then ``merge_index``); LitData ``optimize`` (a
+  generator fn per input file, ``num_workers=N``, zstd, ``reorder_files=False``). Rate: MB/s of
+  input (uncompressed JSONL bytes) and documents/s.
+- **tokens**: JSONL -> token-id shards with a byte-level BPE tokenizer (vocab 8192, trained here on
+  a sample of the corpus). ``shardloader convert --tokenizer``; Mosaic ``MDSWriter`` with an
+  ``ndarray:uint16`` column; LitData ``optimize`` with ``TokensLoader`` (``compression_level=
+  "chunk"``, the only zstd mode it accepts with that loader). The bound is the tokenizer alone: N
+  processes that read their share of the files, parse JSON and encode batches of 1,000 documents,
+  writing nothing. ``bound`` uses the fastest batch encoder the library has
+  (``encode_batch_fast``, as shardloader does) and ``bound-encode-batch`` plain ``encode_batch``;
+  the ratio column is against the faster one. Rate: tokens/s, where tokens means the text tokens
+  of the corpus (the bound's count, without EOS) for every system, so all rates share a numerator.
+
+Every measurement runs in a fresh subprocess (``python -m tools.bench.convert.jobs``), into a fresh
+output folder that is deleted afterwards. The time is wall time from just after the library's
+import until its output, index or manifest included, is complete; the whole subprocess time
+(interpreter start and imports too) is kept in the JSON as ``process_s``. Systems run interleaved,
+repeat by repeat (``--repeats``, 3 by default); the table shows the median rate with [min-max]. The
+input files are read once before the first measurement so that every system starts from the page
+cache. Every job's sample count is checked against the corpus.
+
+Run it (on 2 cores the default run takes 20-25 minutes, nearly all of it tokenizing)::
+
+    bash tools/bench_setup.sh
+    .venv-bench/bin/python -m tools.bench.convert            # 256 MB, 3 repeats, N = cores
+    .venv-bench/bin/python -m tools.bench.convert --quick    # 32 MB, 1 repeat: a smoke test
+    .venv-bench/bin/python -m tools.bench.convert --systems webdataset,mosaic --tasks text
+    .venv-bench/bin/python -m tools.bench.convert --from-json .bench/results-convert.json
+
+Other work on the machine skews the rates: each job records the share of CPU that other processes
+used meanwhile, and the verdicts give best-of-N ratios beside the median ones.
+
+Targets (from the issue): shardloader's text conversion at least 1.5x the fastest peer; conversion
+with tokenization at least 80% of the tokenizer-alone bound. Results go to
+``.bench/results-convert.json`` (``--out``); job logs to ``.bench/logs/``.
+
+The package: ``jobs`` (one conversion, in its own subprocess), ``report`` (medians, ratios, the
+table and verdicts), ``__main__`` (the command line).
+"""
+
+SHARD_BYTES = 1 << 26  # 64 MiB shards or chunks for every system
+ENCODE_BATCH_DOCS = 1000
+TEXT_SYSTEMS = ("shardloader-arrow", "shardloader-tar", "webdataset", "mosaic", "litdata")
+TOKEN_SYSTEMS = ("bound", "bound-encode-batch", "shardloader-arrow", "mosaic", "litdata")
+PEERS = ("webdataset", "mosaic", "litdata")
+BOUNDS = ("bound", "bound-encode-batch")
+TARGET_TEXT_RATIO = 1.5
+TARGET_TOKEN_RATIO = 0.8

@@ -1,0 +1,328 @@
+"""Medians over repeats, ratios to the fastest peer and to the bound, the tables and verdicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from tools.bench.harness import (
+    busy_note,
+    fmt_rate,
+    format_columns,
+    read_measurements,
+    verdict,
+)
+from tools.bench.stream import (
+    PEERS,
+    SOURCES,
+    SYSTEMS,
+    TARGET_FIRST_BATCH_S,
+    TARGET_LOCAL_RATIO,
+    TARGET_MEMMAP_RATIO,
+    TARGET_S3_RATIO,
+    TASKS,
+)
+from tools.bench.stream.passes import Measurement
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Summary:
+    """Median and range of one (size, task, source, num_workers, system) over its repeats."""
+
+    size: str
+    task: str
+    source: str
+    num_workers: int
+    system: str
+    num_ok: int
+    num_failed: int
+    job_s: list[float]
+    samples_per_s: tuple[float, float, float]  # median, min, max
+    text_mb_per_s: tuple[float, float, float] | None
+    tokens_per_s: tuple[float, float, float] | None
+    stored_mb_per_s: tuple[float, float, float]
+    first_batch_s: float
+    peak_rss_mb: float
+    workers_peak_rss_mb: float
+    rss_import_mb: float
+    import_rss_anon_mb: float
+    import_rss_file_mb: float
+    end_rss_anon_mb: float
+    end_rss_file_mb: float
+    ratio_to_fastest_peer: float | None
+    ratio_to_bound: float | None
+    best_ratio_to_fastest_peer: float | None
+    best_ratio_to_bound: float | None
+    errors: list[str]
+    notes: list[str]
+
+
+def _per_s(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max), or zeros without values."""
+    return (statistics.median(values), min(values), max(values)) if values else (0.0, 0.0, 0.0)
+
+
+def _median(runs: list[Measurement], field: str) -> float:
+    """Median of one field over runs, 0 without runs."""
+    return statistics.median([getattr(m, field) for m in runs]) if runs else 0.0
+
+
+Key = tuple[str, str, str, int, str]  # (size, task, source, num_workers, system)
+
+
+def _headline(m: Measurement) -> float:
+    """Bytes of text (text), tokens (tokens, packed) or stored bytes (raw-get) per second."""
+    if m.system == "raw-get":
+        return m.stored_bytes / m.job_s
+    return (m.text_bytes if m.task == "text" else m.num_tokens) / m.job_s
+
+
+def _rate(
+    groups: dict[Key, list[Measurement]], key: Key, best: bool, stored: bool = False
+) -> float:
+    """Median (or best) headline rate, or stored bytes per second, of a configuration."""
+    good = [m for m in groups.get(key, []) if m.ok and m.job_s > 0]
+    if not good:
+        return 0.0
+    values = [m.stored_bytes / m.job_s if stored else _headline(m) for m in good]
+    return max(values) if best else statistics.median(values)
+
+
+def _ratios(
+    groups: dict[Key, list[Measurement]], key: Key, best: bool
+) -> tuple[float | None, float | None]:
+    """(to the fastest peer, to the bound) of one configuration; ``None`` where not defined."""
+    size, task, source, workers, system = key
+    if system in ("memmap", "raw-get"):
+        return None, None
+    own = _rate(groups, key, best)
+    peer = max(_rate(groups, (size, task, source, workers, p), best) for p in PEERS)
+    to_peer = own / peer if own and peer else None
+    to_bound = None
+    if source == "local" and task in ("tokens", "packed"):
+        bound = _rate(groups, (size, task, "local", 0, "memmap"), best)
+        to_bound = own / bound if own and bound else None
+    elif source == "s3":
+        bound = _rate(groups, (size, task, "s3", 0, "raw-get"), best)
+        own_stored = _rate(groups, key, best, stored=True)
+        to_bound = own_stored / bound if own_stored and bound else None
+    return to_peer, to_bound
+
+
+def summarize(measurements: list[Measurement]) -> list[Summary]:
+    """Medians per configuration, and the ratios the targets are stated in."""
+    groups: dict[Key, list[Measurement]] = {}
+    for m in measurements:
+        groups.setdefault(m.key, []).append(m)
+
+    summaries = []
+    for key, runs in groups.items():
+        size, task, source, workers, system = key
+        good = [m for m in runs if m.ok and m.job_s > 0]
+        to_peer, to_bound = _ratios(groups, key, best=False)
+        best_to_peer, best_to_bound = _ratios(groups, key, best=True)
+
+        summaries.append(
+            Summary(
+                size=size,
+                task=task,
+                source=source,
+                num_workers=workers,
+                system=system,
+                num_ok=len(good),
+                num_failed=len(runs) - len(good),
+                job_s=[m.job_s for m in good],
+                samples_per_s=_per_s([m.num_samples / m.job_s for m in good]),
+                text_mb_per_s=_per_s([m.text_bytes / 1e6 / m.job_s for m in good])
+                if task == "text" and system != "raw-get"
+                else None,
+                tokens_per_s=_per_s([m.num_tokens / m.job_s for m in good])
+                if task in ("tokens", "packed") and system != "raw-get"
+                else None,
+                stored_mb_per_s=_per_s([m.stored_bytes / 1e6 / m.job_s for m in good]),
+                first_batch_s=_median(good, "first_batch_s"),
+                peak_rss_mb=_median(good, "peak_rss_mb"),
+                workers_peak_rss_mb=_median(good, "workers_peak_rss_mb"),
+                rss_import_mb=_median(good, "rss_import_mb"),
+                import_rss_anon_mb=_median(good, "import_rss_anon_mb"),
+                import_rss_file_mb=_median(good, "import_rss_file_mb"),
+                end_rss_anon_mb=_median(good, "end_rss_anon_mb"),
+                end_rss_file_mb=_median(good, "end_rss_file_mb"),
+                ratio_to_fastest_peer=to_peer,
+                ratio_to_bound=to_bound,
+                best_ratio_to_fastest_peer=best_to_peer,
+                best_ratio_to_bound=best_to_bound,
+                errors=[m.error for m in runs if m.error],
+                notes=sorted({m.note for m in runs if m.note}),
+            )
+        )
+    order = {s: i for i, s in enumerate((*SYSTEMS, "memmap", "raw-get"))}
+    summaries.sort(
+        key=lambda s: (
+            s.size != "main",
+            TASKS.index(s.task),
+            SOURCES.index(s.source),
+            s.num_workers,
+            order.get(s.system, 99),
+        )
+    )
+    return summaries
+
+
+def format_table(summaries: list[Summary]) -> str:
+    """The throughput table (main corpus size), one row per configuration."""
+    header = (
+        "task",
+        "source",
+        "w",
+        "system",
+        "ksamples/s",
+        "text MB/s",
+        "Mtokens/s",
+        "stored MB/s",
+        "1st batch s",
+        "RSS MB",
+        "worker RSS",
+        "vs peer",
+        "vs bound",
+    )
+    rows: list[Sequence[str]] = []
+    previous = None
+    for s in summaries:
+        if s.size != "main":
+            continue
+        group = (s.task, s.source, s.num_workers)
+        if previous is not None and group != previous:
+            rows.append([""] * len(header))
+        previous = group
+        head = [s.task, s.source, str(s.num_workers), s.system]
+        if s.num_ok == 0:
+            rows.append([*head, "FAILED", *[""] * 8])
+            continue
+        rows.append(
+            [
+                *head,
+                fmt_rate(s.samples_per_s, 1e3, 2) if s.system != "raw-get" else "-",
+                fmt_rate(s.text_mb_per_s),
+                fmt_rate(s.tokens_per_s, 1e6, 2),
+                fmt_rate(s.stored_mb_per_s),
+                f"{s.first_batch_s:.2f}" if s.system != "raw-get" else "-",
+                f"{s.peak_rss_mb:.0f}",
+                f"{s.workers_peak_rss_mb:.0f}" if s.num_workers else "-",
+                f"{s.ratio_to_fastest_peer:.2f}x" if s.ratio_to_fastest_peer else "",
+                f"{s.ratio_to_bound:.2f}" if s.ratio_to_bound else "",
+            ]
+        )
+    return format_columns(header, rows)
+
+
+def format_rss_table(summaries: list[Summary], sizes_mb: dict[str, float]) -> str:
+    """Peak RSS and time to first batch at both corpus sizes (text, ``num_workers=0``)."""
+    by_key = {(s.size, s.task, s.source, s.num_workers, s.system): s for s in summaries}
+    main_mb, large_mb = sizes_mb["main"], sizes_mb["large"]
+    header = (
+        "source",
+        "system",
+        f"peak RSS MB @{main_mb:g}MB",
+        f"@{large_mb:g}MB",
+        "growth",
+        "after imports: anon/file",
+        "at end: anon/file",
+        f"1st batch s @{main_mb:g}MB",
+        f"@{large_mb:g}MB",
+    )
+    rows: list[Sequence[str]] = []
+    for source, system in itertools.product(SOURCES, SYSTEMS):
+        small = by_key.get(("main", "text", source, 0, system))
+        large = by_key.get(("large", "text", source, 0, system))
+        if large is None:
+            continue
+        if not large.num_ok:
+            rows.append([source, system, "-", "FAILED", *[""] * 5])
+            continue
+        has_small = small is not None and small.num_ok > 0
+        rows.append(
+            [
+                source,
+                system,
+                f"{small.peak_rss_mb:.0f}" if small and has_small else "-",
+                f"{large.peak_rss_mb:.0f}",
+                f"{large.peak_rss_mb - small.peak_rss_mb:+.0f}" if small and has_small else "-",
+                f"{large.import_rss_anon_mb:.0f}/{large.import_rss_file_mb:.0f}",
+                f"{large.end_rss_anon_mb:.0f}/{large.end_rss_file_mb:.0f}",
+                f"{small.first_batch_s:.2f}" if small and has_small else "-",
+                f"{large.first_batch_s:.2f}",
+            ]
+        )
+    return format_columns(header, rows)
+
+
+def format_verdicts(summaries: list[Summary]) -> list[str]:
+    """One line per target and configuration of shardloader."""
+    lines = []
+    for s in summaries:
+        if s.system != "shardloader" or s.size != "main" or not s.num_ok:
+            continue
+        where = f"{s.task} {s.source} w{s.num_workers}"
+        if s.source == "local" and s.ratio_to_fastest_peer and s.best_ratio_to_fastest_peer:
+            median, best = s.ratio_to_fastest_peer, s.best_ratio_to_fastest_peer
+            lines.append(
+                f"shardloader {where}: {median:.2f}x the fastest peer (best-of-{s.num_ok}: "
+                f"{best:.2f}x); {verdict(median, best, TARGET_LOCAL_RATIO)} the "
+                f"{TARGET_LOCAL_RATIO:g}x target"
+            )
+        if s.ratio_to_bound and s.best_ratio_to_bound:
+            bound, target = (
+                ("the memmap bound", TARGET_MEMMAP_RATIO)
+                if s.source == "local"
+                else ("raw GET throughput", TARGET_S3_RATIO)
+            )
+            median, best = s.ratio_to_bound, s.best_ratio_to_bound
+            lines.append(
+                f"shardloader {where}: {median:.0%} of {bound} (best-of-{s.num_ok}: "
+                f"{best:.0%}); {verdict(median, best, target)} the {target:.0%} target"
+            )
+        if s.source == "local":
+            fast = "meets" if s.first_batch_s <= TARGET_FIRST_BATCH_S else "MISSES"
+            lines.append(
+                f"shardloader {where}: first batch in {s.first_batch_s:.2f} s; {fast} the "
+                f"{TARGET_FIRST_BATCH_S:g} s target"
+            )
+    return lines
+
+
+def print_report(measurements: list[Measurement], sizes_mb: dict[str, float]) -> list[Summary]:
+    """Print the tables, the verdicts, the notes and a warning if other work used the cores."""
+    summaries = summarize(measurements)
+    print()
+    print(format_table(summaries))
+    if any(s.size == "large" for s in summaries):
+        print()
+        print("Peak RSS and first batch at two corpus sizes (text, num_workers=0):")
+        print(format_rss_table(summaries, sizes_mb))
+    print()
+    for line in format_verdicts(summaries):
+        print(line)
+    for s in summaries:
+        where = f"{s.size} {s.task} {s.source} w{s.num_workers} {s.system}"
+        for error in sorted(set(s.errors)):
+            print(f"FAILED: {where}: {error[:400]}")
+        for note in s.notes:
+            print(f"note: {where}: {note}")
+    shares = [m.other_cpu_share for m in measurements]
+    if note := busy_note(shares, "passes", "compare best-of-N ratios (in the JSON)"):
+        print(note)
+    return summaries
+
+
+def report_from_json(path: Path) -> int:
+    """Re-print the tables and verdicts of an earlier run's results file."""
+    report = json.loads(path.read_text())
+    measurements = read_measurements(report, Measurement)
+    print(f"{path}: {report['description']}")
+    print_report(measurements, report["sizes_mb"])
+    return 0
