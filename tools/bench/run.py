@@ -132,9 +132,9 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             exact = [
                 r["system"]
                 for r in rows_w
-                if r["equal"]
-                and not r["duplicated"]
-                and (not r["lost"] or r.get("lost_served_next_epoch"))
+                if r.get("equal")  # a failed run has no counts: not exact
+                and not r.get("duplicated")
+                and (not r.get("lost") or r.get("lost_served_next_epoch"))
             ]
             rows.append(
                 {
