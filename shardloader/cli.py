@@ -102,6 +102,12 @@ def _add_convert(sub: Any) -> None:
     )
     p.add_argument("--add-bos", action="store_true", help="prepend BOS to tokenized documents")
     p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
+    p.add_argument(
+        "--max-record-bytes",
+        type=parse_size,
+        default=ConvertConfig.max_record_bytes,
+        help="longest record (JSONL line, Parquet row, text file) read (default 256MiB)",
+    )
     p.add_argument("--num-proc", type=int, default=None, help="worker processes (default: CPUs)")
     p.add_argument(
         "--num-tasks",
@@ -136,6 +142,7 @@ def _convert(args: argparse.Namespace) -> int:
         add_eos=args.add_eos,
         add_bos=args.add_bos,
         on_bad_record=args.on_bad_record,
+        max_record_bytes=args.max_record_bytes,
         num_proc=args.num_proc,
         num_tasks=args.num_tasks,
         task_index=args.task_index,

@@ -53,6 +53,7 @@ from shardloader.manifest import (
     shards_with_ids,
 )
 from shardloader.sources import (
+    MAX_RECORD_BYTES,
     ON_BAD_RECORD,
     BadRecords,
     Document,
@@ -101,6 +102,8 @@ class ConvertConfig:
         add_eos: Append EOS to every tokenized document.
         add_bos: Prepend BOS to every tokenized document.
         on_bad_record: ``"raise"`` stops at the first bad record; ``"skip"`` counts and skips.
+        max_record_bytes: Longest record (JSONL line, Parquet row's strings, text file); a longer
+            one is a bad record (``record_too_large``), measured but never held in memory.
         num_proc: Worker processes (default: the number of CPUs).
         num_tasks: Number of independent slices (machines) the conversion is split into.
         task_index: Which slice this run converts (0-based).
@@ -125,6 +128,7 @@ class ConvertConfig:
     add_eos: bool = True
     add_bos: bool = False
     on_bad_record: str = "raise"
+    max_record_bytes: int = MAX_RECORD_BYTES
     num_proc: int | None = None
     num_tasks: int = 1
     task_index: int = 0
@@ -138,7 +142,7 @@ class ConvertConfig:
             raise ConfigError(f"compression {self.compression!r}; use one of {COMPRESSIONS}")
         if self.on_bad_record not in ON_BAD_RECORD:
             raise ConfigError(f"on_bad_record {self.on_bad_record!r}; use one of {ON_BAD_RECORD}")
-        for name in ("shard_bytes", "batch_bytes", "task_bytes"):
+        for name in ("shard_bytes", "batch_bytes", "task_bytes", "max_record_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.shard_samples is not None and self.shard_samples <= 0:
@@ -412,7 +416,13 @@ def run_task(
         for source in task.files:
             stats = Counter[str]()
             skipped_before = bad.total
-            table = read_jsonl_table(source, spec=spec, stats=stats) if fast_jsonl else None
+            table = (
+                read_jsonl_table(
+                    source, spec=spec, stats=stats, max_record_bytes=config.max_record_bytes
+                )
+                if fast_jsonl
+                else None
+            )
             file_bytes = 0  # text bytes reported for this file so far
             if table is not None and tokenizer is None:
                 series.write_table(table)
@@ -422,7 +432,13 @@ def run_task(
             elif table is not None:
                 docs = table.documents()
             else:
-                docs = read_documents(source, spec=spec, bad=bad, stats=stats)
+                docs = read_documents(
+                    source,
+                    spec=spec,
+                    bad=bad,
+                    stats=stats,
+                    max_record_bytes=config.max_record_bytes,
+                )
             for doc in docs:
                 data = doc.text.encode("utf-8")  # sources refused lone surrogates
                 totals["docs"] += 1

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -43,6 +45,13 @@ _INT64 = (-(2**63), 2**63 - 1)
 _UTF8_BOM = b"\xef\xbb\xbf"
 FAST_JSONL_MAX_BYTES = 512 << 20  # whole-file parsing holds ~3x this in memory
 FAST_JSONL_BLOCK = 16 << 20
+MAX_RECORD_BYTES = 256 << 20  # one JSONL line, Parquet row or text file; --max-record-bytes
+_FILE_TYPES = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 _ARROW_KEEP_TYPES = {
     "string": pa.string(),
     "int64": pa.int64(),
@@ -131,10 +140,10 @@ class BadRecords:
     counts: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
-    def report(self, kind: str, where: str, message: str) -> None:
+    def report(self, kind: str, where: str, message: str, remedy: str = "fix it") -> None:
         """Raise or count one bad record of ``kind`` at ``where``."""
         if self.on_bad_record != "skip":
-            raise CorpusError(f"{where}: {message}; fix it or pass --on-bad-record=skip")
+            raise CorpusError(f"{where}: {message}; {remedy} or pass --on-bad-record=skip")
         self.counts[kind] += 1
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(f"{where}: {kind}: {message}")
@@ -200,13 +209,57 @@ def kind_of(url: str) -> tuple[str, str]:
     return "text", codec
 
 
+def check_regular_file(url: str) -> None:
+    """Refuse ``url`` unless it is a regular file (or a link to one), before anyone opens it.
+
+    Opening a FIFO blocks until a writer appears and ``/dev/zero`` never ends, so both would
+    hang a conversion or fill memory. A directory or a missing file passes: opening it says
+    what is wrong. Remote inputs are checked by the type their filesystem reports.
+
+    Raises:
+        CorpusError: ``url`` is a FIFO, device or socket (or a link to one).
+    """
+    if storage.is_local(url):
+        path = url.removeprefix("file://")
+        try:
+            mode = os.stat(path).st_mode  # follows links: a link to /dev/zero is a device
+        except OSError:
+            return  # missing, dangling or unreadable: opening it gives the precise error
+        what = next((name for is_kind, name in _FILE_TYPES if is_kind(mode)), None)
+        if what is not None and os.path.islink(path):
+            what += f" (through the link to {os.path.realpath(path)})"
+    else:
+        fs, path = storage.url_to_fs(url)
+        try:
+            info = storage.with_retries(lambda: fs.info(path), url=url, what="stat")
+        except OSError:
+            return
+        kind = info.get("type")
+        what = None if kind in ("file", "directory", None) else f"of type {kind!r}"
+    if what is not None:
+        raise CorpusError(
+            f"{url}: is {what}, not a regular file; reading it could hang or never end, so "
+            "remove it from the input (or name the regular files to convert)"
+        )
+
+
 def read_documents(
-    source: InputFile, *, spec: RecordSpec, bad: BadRecords, stats: Counter[str] | None = None
+    source: InputFile,
+    *,
+    spec: RecordSpec,
+    bad: BadRecords,
+    stats: Counter[str] | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> Iterator[Document]:
     """Yield the documents of one input file.
 
     ``stats`` (if given) receives ``records`` (records read, skipped ones included) and
     ``bytes`` (uncompressed bytes read).
+
+    A record (JSONL line, Parquet row's string values, whole text file) over ``max_record_bytes``
+    is a bad record of kind ``record_too_large``; it is measured while reading and never held in
+    memory whole. Non-regular files (FIFOs, devices, sockets, links to them) are refused before
+    they are opened, whatever ``on_bad_record`` says: reading one would hang or never end.
 
     A damaged file (truncated or corrupt compression, unreadable Parquet) raises
     :class:`DamagedFileError`, or with ``on_bad_record="skip"`` ends the file early and counts one
@@ -214,11 +267,13 @@ def read_documents(
 
     Raises:
         CorpusError: A bad record or damaged file (with ``on_bad_record="raise"``), an unreadable
-            path, or a Parquet file whose text column is missing or not a string.
+            path or non-regular file, or a Parquet file whose text column is missing or not a
+            string.
     """
     stats = stats if stats is not None else Counter()
     kind, codec = kind_of(source.url)
     name = storage.relpath(source.url, source.root)
+    check_regular_file(source.url)
     try:
         f = storage.open_read(source.url)
     except FileNotFoundError as err:
@@ -233,11 +288,13 @@ def read_documents(
             if kind == "parquet":
                 if codec != "none":
                     raise CorpusError(f"{source.url}: compressed Parquet files are not supported")
-                yield from _read_parquet(f, source.url, name, spec, bad, stats)
+                yield from _read_parquet(f, source.url, name, spec, bad, stats, max_record_bytes)
             elif kind == "jsonl":
-                yield from _read_jsonl(f, codec, source.url, name, spec, bad, stats)
+                yield from _read_jsonl(
+                    f, codec, source.url, name, spec, bad, stats, max_record_bytes
+                )
             else:
-                yield from _read_text_file(f, codec, source.url, name, bad, stats)
+                yield from _read_text_file(f, codec, source.url, name, bad, stats, max_record_bytes)
         except DamagedFileError as err:
             if bad.on_bad_record != "skip":
                 raise
@@ -245,41 +302,47 @@ def read_documents(
 
 
 def read_jsonl_table(
-    source: InputFile, *, spec: RecordSpec, stats: Counter[str] | None = None
+    source: InputFile,
+    *,
+    spec: RecordSpec,
+    stats: Counter[str] | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> DocumentTable | None:
     """Parse a whole JSONL file with pyarrow's JSON reader; ``None`` means "read it line by line".
 
     This is the fast path: no Python object per record, so conversion runs at the speed of zstd
     rather than of ``json.loads``. It takes only files it can prove clean: every line one object
-    (no blank lines, no BOM), the text a non-empty string, the id a string or missing, kept fields
-    of their declared type, valid UTF-8 throughout, and the file under ``FAST_JSONL_MAX_BYTES``.
-    Anything else (including every bad record) returns ``None`` and :func:`read_documents` reads
-    the file again, finding and reporting what is wrong; both paths give the same documents.
+    (no blank lines, no BOM) of at most ``max_record_bytes``, the text a non-empty string, the id
+    a string or missing, kept fields of their declared type, valid UTF-8 throughout, and the file
+    under ``FAST_JSONL_MAX_BYTES``. Anything else (including every bad record) returns ``None``
+    and :func:`read_documents` reads the file again, finding and reporting what is wrong; both
+    paths give the same documents.
+
+    Raises:
+        CorpusError: ``source`` is not a regular file (see :func:`check_regular_file`).
     """
     stats = stats if stats is not None else Counter()
     kind, codec = kind_of(source.url)
-    keep = spec.keep_fields
-    names = [spec.text_field, *([spec.id_field] if spec.id_field else []), *keep]
-    if (
-        kind != "jsonl"
-        or source.num_bytes > FAST_JSONL_MAX_BYTES
-        or "json" in keep.values()
-        or len(set(names)) != len(names)
-    ):
+    schema = _arrow_schema(spec)
+    if kind != "jsonl" or source.num_bytes > FAST_JSONL_MAX_BYTES or schema is None:
         return None
+    check_regular_file(source.url)
+    chunks: list[bytes] = []
+    size = 0
     try:
         with storage.open_read(source.url) as f:
-            data = b"".join(_iter_chunks(f, codec, source.url))
+            for chunk in _iter_chunks(f, codec, source.url):
+                size += len(chunk)
+                if size > FAST_JSONL_MAX_BYTES:  # a small file that inflates: stream it instead
+                    return None
+                chunks.append(chunk)
     except (CorpusError, OSError):
         return None  # the line reader says what is wrong
-    if not data or data.startswith(_UTF8_BOM) or len(data) > FAST_JSONL_MAX_BYTES:
+    data = b"".join(chunks)
+    del chunks
+    if not data or data.startswith(_UTF8_BOM) or _has_line_over(data, max_record_bytes):
         return None
     num_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
-    schema = pa.schema(
-        [(spec.text_field, pa.string())]
-        + ([(spec.id_field, pa.string())] if spec.id_field else [])
-        + [(k, _ARROW_KEEP_TYPES[t]) for k, t in keep.items()]
-    )
     try:
         table = pa_json.read_json(
             pa.BufferReader(data),
@@ -313,6 +376,43 @@ def read_jsonl_table(
     return DocumentTable(ids=ids, texts=texts, fields=columns, sizes=sizes, where=source.url)
 
 
+def _arrow_schema(spec: RecordSpec) -> pa.Schema | None:
+    """The fast path's explicit schema for ``spec``; ``None`` where it cannot express it."""
+    keep = spec.keep_fields
+    names = [spec.text_field, *([spec.id_field] if spec.id_field else []), *keep]
+    if "json" in keep.values() or len(set(names)) != len(names):
+        return None
+    return pa.schema(
+        [(spec.text_field, pa.string())]
+        + ([(spec.id_field, pa.string())] if spec.id_field else [])
+        + [(k, _ARROW_KEEP_TYPES[t]) for k, t in keep.items()]
+    )
+
+
+def _has_line_over(data: bytes, max_bytes: int) -> bool:
+    """Whether a line of ``data`` (newline excluded) is longer than ``max_bytes``.
+
+    A line longer than ``2 * step - 1`` bytes covers a whole aligned block of ``step`` bytes, so
+    looking for a newline in each block (``memchr``, which stops at the first) finds every
+    candidate; only newline-free blocks cost a look at their line's real length.
+    """
+    if len(data) <= max_bytes:
+        return False
+    step = max(1, max_bytes // 2)
+    start = 0
+    while start < len(data):
+        if data.find(b"\n", start, start + step) >= 0:
+            start += step
+            continue
+        line_start = data.rfind(b"\n", 0, start) + 1
+        line_end = data.find(b"\n", start)
+        line_end = len(data) if line_end < 0 else line_end
+        if line_end - line_start > max_bytes:
+            return True
+        start = line_end + 1
+    return False
+
+
 def _iter_chunks(f: IO[bytes], codec: str, url: str) -> Iterator[bytes]:
     """Yield decompressed chunks; raise CorpusError on a truncated or corrupt stream."""
     if codec == "none":
@@ -325,15 +425,19 @@ def _iter_chunks(f: IO[bytes], codec: str, url: str) -> Iterator[bytes]:
         else (lambda: zstandard.ZstdDecompressor().decompressobj())
     )
     errors: tuple[type[Exception], ...] = (zlib.error, zstandard.ZstdError)
-    dec = new()
+    dec: Any = new()  # zlib and zstd decompressor objects share the calls used here
     fed = False  # whether the current member/frame has received input
     out = 0
     empty = True  # a 0-byte file lacks even the header, so it is truncated, not an empty corpus
     while data := f.read(CHUNK_BYTES):
         empty = False
-        while data:
+        held = False  # whether zlib may hold output back (it stopped at max_length)
+        while data or held:
             try:
-                piece = dec.decompress(data)
+                # zlib's output is bounded per call (a gzip bomb inflates 1000x); zstd's is not.
+                piece = (
+                    dec.decompress(data, CHUNK_BYTES) if codec == "gzip" else dec.decompress(data)
+                )
             except errors as err:
                 raise DamagedFileError(
                     url,
@@ -344,9 +448,13 @@ def _iter_chunks(f: IO[bytes], codec: str, url: str) -> Iterator[bytes]:
             out += len(piece)
             if piece:
                 yield piece
+            held = False
             if dec.eof:
                 data = dec.unused_data
                 dec, fed = new(), False
+            elif codec == "gzip":
+                data = dec.unconsumed_tail
+                held = len(piece) == CHUNK_BYTES
             else:
                 data = b""
     if empty:
@@ -361,26 +469,38 @@ def _iter_chunks(f: IO[bytes], codec: str, url: str) -> Iterator[bytes]:
         )
 
 
-def _iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Split a chunk stream into lines without the newline; linear in the longest line."""
+def _iter_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[bytes | int]:
+    """Split a chunk stream into lines without the newline; linear in the longest line.
+
+    A line longer than ``max_bytes`` comes out as its length (an ``int``): it is measured to its
+    end but never held, so memory stays within ``max_bytes`` plus a chunk. Lines inside one chunk
+    come out whole (the caller checks their length).
+    """
     pending: list[bytes] = []
+    size = 0  # bytes of the unfinished line; held in ``pending`` while within max_bytes
     for chunk in chunks:
         last = chunk.rfind(b"\n")
         if last < 0:
-            pending.append(chunk)
+            size += len(chunk)
+            if size <= max_bytes:
+                pending.append(chunk)
+            else:
+                pending.clear()
             continue
-        head = chunk[:last]
-        if pending:
-            pending.append(head)
-            head = b"".join(pending)
-            pending = []
-        yield from head.split(b"\n")
-        if last + 1 < len(chunk):
-            pending.append(chunk[last + 1 :])
-    if pending:
-        tail = b"".join(pending)
-        if tail:
-            yield tail
+        lines: list[bytes] = chunk[:last].split(b"\n")
+        if size:
+            size += len(lines[0])
+            if size > max_bytes:
+                yield size
+                del lines[0]
+            else:
+                pending.append(lines[0])
+                lines[0] = b"".join(pending)
+        yield from lines
+        size = len(chunk) - last - 1
+        pending = [chunk[last + 1 :]] if 0 < size <= max_bytes else []
+    if size:
+        yield b"".join(pending) if size <= max_bytes else size
 
 
 def _type_name(value: Any) -> str:
@@ -440,10 +560,18 @@ def _read_jsonl(
     spec: RecordSpec,
     bad: BadRecords,
     stats: Counter[str],
+    max_record_bytes: int,
 ) -> Iterator[Document]:
     loads = json.loads
     num_bytes = 0
-    for line_no, raw in enumerate(_iter_lines(_iter_chunks(f, codec, url)), start=1):
+    lines = _iter_lines(_iter_chunks(f, codec, url), max_record_bytes)
+    for line_no, raw in enumerate(lines, start=1):
+        if isinstance(raw, int) or len(raw) > max_record_bytes:
+            size = raw if isinstance(raw, int) else len(raw)
+            num_bytes += size + 1
+            stats["records"] += 1
+            _report_too_large(bad, f"{url}:{line_no}", size, max_record_bytes)
+            continue
         num_bytes += len(raw) + 1
         if line_no == 1 and raw.startswith(_UTF8_BOM):  # written by some Windows tools
             raw = raw[len(_UTF8_BOM) :]
@@ -461,6 +589,24 @@ def _read_jsonl(
                 "bad_json", f"{url}:{line_no}", f"not valid JSON ({err.msg}, column {err.colno})"
             )
             continue
+        except (ValueError, RecursionError) as err:
+            # Valid JSON past Python's limits (a number of 4,300+ digits, arrays nested 1,000+
+            # deep); pyarrow's reader, the fast path, takes such lines when the excess lies in
+            # fields we do not read, so read this line the way it would.
+            record = _loads_like_arrow(raw, spec)
+            if record is None:
+                problem = (
+                    "nested too deeply"
+                    if isinstance(err, RecursionError)
+                    else "holds a number with too many digits"
+                )
+                bad.report(
+                    "bad_json",
+                    f"{url}:{line_no}",
+                    f"valid JSON, but it {problem} for Python's JSON parser in a field that is "
+                    "read",
+                )
+                continue
         if not isinstance(record, dict):
             bad.report(
                 "not_object",
@@ -478,6 +624,42 @@ def _read_jsonl(
                 continue
         yield doc
     stats["bytes"] += num_bytes
+
+
+def _report_too_large(bad: BadRecords, where: str, size: int, max_record_bytes: int) -> None:
+    bad.report(
+        "record_too_large",
+        where,
+        f"record is {size} bytes, over --max-record-bytes {max_record_bytes}",
+        remedy="raise the limit",
+    )
+
+
+def _loads_like_arrow(raw: bytes, spec: RecordSpec) -> dict[str, Any] | None:
+    """Parse one JSONL line with pyarrow's JSON reader, reading only the fields of ``spec``.
+
+    Used for lines ``json.loads`` cannot take (too deep, too many digits), so that they fare
+    exactly as on the fast path; ``None`` where pyarrow refuses the line too or where the fast
+    path would not have run (JSON-typed kept fields).
+    """
+    schema = _arrow_schema(spec)
+    if schema is None:
+        return None
+    try:
+        table = pa_json.read_json(
+            pa.BufferReader(raw),
+            parse_options=pa_json.ParseOptions(
+                explicit_schema=schema, unexpected_field_behavior="ignore"
+            ),
+        )
+        for column in table.columns:
+            column.validate(full=True)
+        rows = table.to_pylist()
+    except (pa.ArrowException, ValueError):
+        return None
+    if len(rows) != 1:
+        return None
+    return {k: v for k, v in rows[0].items() if v is not None}
 
 
 def _make_document(
@@ -549,11 +731,28 @@ def _check_field(value: Any, kind: str) -> str:
 
 
 def _read_text_file(
-    f: IO[bytes], codec: str, url: str, name: str, bad: BadRecords, stats: Counter[str]
+    f: IO[bytes],
+    codec: str,
+    url: str,
+    name: str,
+    bad: BadRecords,
+    stats: Counter[str],
+    max_record_bytes: int,
 ) -> Iterator[Document]:
-    data = b"".join(_iter_chunks(f, codec, url))
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in _iter_chunks(f, codec, url):
+        size += len(chunk)
+        if size <= max_record_bytes:
+            chunks.append(chunk)
+        else:
+            chunks.clear()  # measured to its end, never held
     stats["records"] += 1
-    stats["bytes"] += len(data)
+    stats["bytes"] += size
+    if size > max_record_bytes:
+        _report_too_large(bad, url, size, max_record_bytes)
+        return
+    data = b"".join(chunks)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -579,6 +778,7 @@ def _read_parquet(
     spec: RecordSpec,
     bad: BadRecords,
     stats: Counter[str],
+    max_record_bytes: int,
 ) -> Iterator[Document]:
     try:
         pf = pq.ParquetFile(f)
@@ -608,10 +808,24 @@ def _read_parquet(
             table = pf.read_row_group(group, columns=columns)
         except (pa.ArrowException, OSError) as err:
             raise DamagedFileError(f"{url}: row group {group}", f"cannot be read ({err})") from err
+        sizes = _row_bytes(table)
+        over = np.flatnonzero(sizes > max_record_bytes)
+        for index in over:  # counted first, then left out before any value becomes Python
+            where = f"{url}: row {row + index} (row group {group})"
+            _report_too_large(bad, where, int(sizes[index]), max_record_bytes)
+        kept = np.flatnonzero(sizes <= max_record_bytes) if len(over) else None
+        if kept is not None:
+            table = table.take(pa.array(kept))
         try:
             rows: list[dict[str, Any] | None] = list(table.to_pylist())
         except UnicodeDecodeError:  # Parquet does not validate UTF-8; find the bad rows
-            rows = _decode_rows(table, url, row, group, bad)
+            numbers = [row + int(i) for i in kept] if kept is not None else None
+            rows = _decode_rows(table, url, row, group, bad, numbers)
+        if kept is not None:
+            padded: list[dict[str, Any] | None] = [None] * len(sizes)
+            for index, record in zip(kept, rows, strict=True):
+                padded[index] = record
+            rows = padded
         for offset, record in enumerate(rows):
             stats["records"] += 1
             if record is None:
@@ -626,16 +840,38 @@ def _read_parquet(
         row += len(rows)
 
 
+def _row_bytes(table: pa.Table) -> np.ndarray:
+    """Bytes each row holds in its string and binary columns (its variable-size values)."""
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        t = column.type
+        if (
+            pa.types.is_string(t)
+            or pa.types.is_large_string(t)
+            or pa.types.is_binary(t)
+            or (pa.types.is_large_binary(t))
+        ):
+            sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy().astype(np.int64)
+    return sizes
+
+
 def _decode_rows(
-    table: pa.Table, url: str, first_row: int, group: int, bad: BadRecords
+    table: pa.Table,
+    url: str,
+    first_row: int,
+    group: int,
+    bad: BadRecords,
+    numbers: list[int] | None = None,
 ) -> list[dict[str, Any] | None]:
     """Decode a row group cell by cell, reporting invalid UTF-8; ``None`` marks a bad row.
 
+    ``numbers`` are the rows' numbers in the file when ``table`` is not the whole row group.
     Only used when the fast whole-table decode fails, so its cost (a few microseconds per cell)
     is paid for bad row groups alone.
     """
     rows: list[dict[str, Any] | None] = []
     for index in range(table.num_rows):
+        number = numbers[index] if numbers is not None else first_row + index
         record: dict[str, Any] = {}
         for column in table.column_names:
             try:
@@ -643,7 +879,7 @@ def _decode_rows(
             except UnicodeDecodeError as err:
                 bad.report(
                     "bad_utf8",
-                    f"{url}: row {first_row + index} (row group {group})",
+                    f"{url}: row {number} (row group {group})",
                     f"column {column!r} holds invalid UTF-8 "
                     f"({err.object[err.start : err.start + 4]!r}: {err.reason})",
                 )
