@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from shardloader.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from shardloader.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from shardloader.dataset import ShardDataset, StreamConfig
 from shardloader.errors import ConfigError, ShardloaderError
 from shardloader.loader import ShardLoader
@@ -434,11 +434,11 @@ class _Trainer:
         return path
 
     def restore(self) -> Path | None:
-        path = latest_checkpoint(self.checkpoints)
-        if path is None:
+        found = resume_checkpoint(self.checkpoints, self.model, self.optimizer)
+        if found is None:
             log.info("%s: no checkpoint yet, starting from step 0", self.checkpoints)
             return None
-        state = load_checkpoint(path, self.model, self.optimizer)
+        path, state = found
         self.step = self._saved_step = int(state["step"])
         self.epochs_done = int(state["epochs_done"])
         self.schedule_steps = int(state["schedule_steps"])
