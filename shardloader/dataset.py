@@ -69,7 +69,9 @@ class StreamConfig:
         timeout_s: Longest wait for any one network step of a fetch (the request, each 4 MiB
             block); a hung server costs this much, then the fetch is retried.
         retry_deadline_s: How long transient fetch failures are retried before giving up.
-        verify_local: Also check the checksum of local shards (remote ones always are).
+        verify_local: Hash local shards (and cached copies of remote ones) against the manifest
+            before their first use in each process; catches a shard changed or rotted on disk,
+            which decoding may not. ``False``: local shards are checked by size only.
     """
 
     seed: int = 0
@@ -82,7 +84,7 @@ class StreamConfig:
     prefetch_threads: int = 2
     timeout_s: float = 60.0
     retry_deadline_s: float = 300.0
-    verify_local: bool = False
+    verify_local: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -42,6 +42,17 @@ class Fetcher(Protocol):
     def open(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = ...) -> LocalFile:
         """Block until ``url`` is local and checked; return it pinned."""
 
+    def open_decoded(
+        self,
+        url: str,
+        *,
+        num_bytes: int,
+        checksum: str,
+        algorithm: str = ...,
+        decode: Callable[[str], ShardColumns],
+    ) -> tuple[LocalFile, ShardColumns]:
+        """`open`, then ``decode`` the local path; a damaged cached copy is fetched again."""
+
     def prefetch(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = ...) -> None:
         """Start fetching ``url`` in the background."""
 
@@ -159,25 +170,28 @@ class ShardReader:
     def _decoded(self, shard: int) -> ShardColumns:
         if shard not in self._open:
             started = time.perf_counter()
-            local = self._fetcher.open(
-                self._urls[shard],
-                num_bytes=self._sizes[shard],
-                checksum=self._checksums[shard],
-                algorithm=self._manifest.checksum_algorithm,
-            )
-            fetched = time.perf_counter()
-            self.stage_seconds["fetch_wait"] += fetched - started
-            try:
-                decoded = self._format.read_columns(
-                    local.path,
+            decoded_at: list[float] = []
+
+            def decode(path: str) -> ShardColumns:
+                decoded_at.append(time.perf_counter())
+                return self._format.read_columns(
+                    path,
                     fields=self._manifest.fields,
                     token_dtype=self._manifest.token_dtype,
                     compression=self._manifest.compression,
                     where=self._urls[shard],
                 )
-            except BaseException:
-                local.release()
-                raise
+
+            # A cached copy that fails to decode is dropped and fetched again (once).
+            local, decoded = self._fetcher.open_decoded(
+                self._urls[shard],
+                num_bytes=self._sizes[shard],
+                checksum=self._checksums[shard],
+                algorithm=self._manifest.checksum_algorithm,
+                decode=decode,
+            )
+            fetched = decoded_at[0]
+            self.stage_seconds["fetch_wait"] += fetched - started
             self._open[shard] = (local, decoded)
             self.stage_seconds["decode"] += time.perf_counter() - fetched
         return self._open[shard][1]

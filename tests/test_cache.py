@@ -195,7 +195,12 @@ def test_verify_local_checks_the_checksum(tmp_path, cache_dir):
         f.open(str(shard), num_bytes=10, checksum=sha(b"good bytes")).release()
         with pytest.raises(ShardError, match=f"does not match manifest {sha(b'good bytez')}"):
             f.open(str(shard), num_bytes=10, checksum=sha(b"good bytez"))
-    with ShardFetcher(cache_dir=str(cache_dir)) as f:  # off by default: size only
+    with (  # on by default
+        ShardFetcher(cache_dir=str(cache_dir)) as f,
+        pytest.raises(ShardError, match="shard.arrow: sha256"),
+    ):
+        f.open(str(shard), num_bytes=10, checksum=sha(b"good bytez"))
+    with ShardFetcher(cache_dir=str(cache_dir), verify_local=False) as f:  # off: size only
         f.open(str(shard), num_bytes=10, checksum=sha(b"good bytez")).release()
 
 
