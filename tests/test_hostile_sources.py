@@ -516,3 +516,20 @@ def test_fuzz_text_folder_keeps_good_files_and_counts_bad_ones(tmp_path, files):
 def read_all(root: Path) -> None:
     for f in shardloader.storage.list_files([str(root)]):
         list(read_documents(f, spec=RecordSpec(), bad=BadRecords(), max_record_bytes=256))
+
+
+def test_zstd_bomb_inflates_in_bounded_pieces_and_multiframe_files_stay_whole() -> None:
+    import io
+
+    import zstandard
+
+    from shardloader.sources import ZSTD_FEED_BYTES, _iter_chunks
+
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\n" * (256 << 20))
+    assert len(bomb) < 64 << 10  # 256 MiB from a few KiB
+    pieces = [len(p) for p in _iter_chunks(io.BytesIO(bomb), "zstd", "bomb.jsonl.zst")]
+    assert sum(pieces) == 256 << 20
+    assert max(pieces) <= ZSTD_FEED_BYTES * 32768  # 32 MiB, however dense the input
+    frames = [b'{"text": "frame %d"}\n' % i * 3000 for i in range(4)]
+    packed = b"".join(zstandard.ZstdCompressor().compress(f) for f in frames)
+    assert b"".join(_iter_chunks(io.BytesIO(packed), "zstd", "multi.jsonl.zst")) == b"".join(frames)
