@@ -167,7 +167,7 @@ def counted(
 def check_token_ids(values: np.ndarray, vocab_size: int | None, where: str) -> None:
     """Raise unless every token id is in ``[0, vocab_size)`` (in the dtype's range when None).
 
-    One ``min``/``max`` pass over the values: about 5 ms for 64 M uint16 ids.
+    One ``min``/``max`` pass over the values: about 7 ms for 64 M uint16 ids (128 MB).
 
     Raises:
         ShardError: An id is negative or not below ``vocab_size``.
