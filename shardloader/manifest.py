@@ -7,10 +7,17 @@ objects. Everything a reader needs is here: the format and schema, per shard its
 the manifest, sample count, size, checksum and first global sample id, plus the tokenizer
 fingerprint, the conversion settings, the source files and the counts of skipped records.
 Nothing time-dependent is written, so the same conversion always produces the same bytes.
+
+A manifest is read as hostile input: every count must be a non-negative integer below
+`MAX_COUNT`, a shard may claim at most `MAX_SAMPLES_PER_BYTE` samples per byte of its file, the
+first ids and totals must add up, and Python's own limits (integers of over 4,300 digits, nesting
+past the recursion limit) become `ManifestError`, so no absurd count reaches an allocation. The
+reader then checks each count against the shard itself when it opens it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -25,6 +32,13 @@ MANIFEST_VERSION = 1
 FORMATS = ("arrow", "tar")
 FIELD_TYPES = ("string", "int64", "float64", "bool", "json", "tokens")
 _SHARD_COLUMNS = ("path", "num_samples", "num_bytes", "checksum", "first_sample_id", "num_tokens")
+_COUNT_COLUMNS = ("num_samples", "num_bytes", "first_sample_id", "num_tokens")
+COMPRESSIONS = ("zstd", "none")
+TOKEN_DTYPES = ("uint16", "uint32")
+MAX_COUNT = 1 << 48  # per shard and in total: far above any real dataset, far below int64
+# Densest shard our writers make: empty Arrow rows under zstd, about 110 samples per byte.
+MAX_SAMPLES_PER_BYTE = 1024
+MAX_DEPTH = 32  # nesting of the manifest's JSON outside the shard table (ours: 4)
 
 
 class ShardInfo(NamedTuple):
@@ -150,6 +164,12 @@ class Manifest:
         return sum(self.shards.column("num_tokens"))
 
     @property
+    def vocab_size(self) -> int | None:
+        """The tokenizer's vocabulary size, if the manifest records one (token ids are below)."""
+        size = (self.tokenizer or {}).get("vocab_size")
+        return size if type(size) is int else None
+
+    @property
     def tokenized(self) -> bool:
         """Whether the shards hold token ids rather than text."""
         return "input_ids" in self.fields
@@ -206,10 +226,12 @@ def parse_manifest(data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
     """
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a huge integer, deep nesting
         raise ManifestError(f"{where}: not valid JSON ({err}); reconvert or restore it") from err
     if not isinstance(doc, dict):
         raise ManifestError(f"{where}: expected a JSON object, found {type(doc).__name__}")
+    if _depth({k: v for k, v in doc.items() if k != "shards"}) > MAX_DEPTH:
+        raise ManifestError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
     version = doc.get("version")
     if version != MANIFEST_VERSION:
         raise ManifestError(
@@ -217,6 +239,7 @@ def parse_manifest(data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
             f"version {MANIFEST_VERSION}); upgrade shardloader or reconvert"
         )
     try:
+        _check_types(doc, where)
         shards = _parse_shards(doc["shards"], where)
         manifest = Manifest(
             format=doc["format"],
@@ -240,16 +263,76 @@ def parse_manifest(data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
     return manifest
 
 
+_TOP_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "compression": (str,),
+    "fields": (dict,),
+    "checksum_algorithm": (str,),
+    "token_dtype": (str, type(None)),
+    "tokenizer": (dict, type(None)),
+    "config": (dict,),
+    "sources": (list,),
+    "skipped": (dict,),
+    "skipped_examples": (list,),
+    "created_by": (str,),
+    "totals": (dict,),
+    "shards": (dict,),
+}
+
+
+def _check_types(doc: Mapping[str, Any], where: str) -> None:
+    for key, types in _TOP_TYPES.items():
+        if key in doc and not isinstance(doc[key], types):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ManifestError(
+                f"{where}: {key} is a {type(doc[key]).__name__}, expected {expected}"
+            )
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (0 for a scalar), found without recursion."""
+    depth = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth = max(depth, level)
+        stack.extend((child, level + 1) for child in children)
+    return depth
+
+
 def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> ShardTable:
+    for col in _SHARD_COLUMNS:
+        if not isinstance(columns[col], list):
+            raise ManifestError(f"{where}: shard column {col!r} is not a list")
     lengths = {col: len(columns[col]) for col in _SHARD_COLUMNS}
     if len(set(lengths.values())) != 1:
         raise ManifestError(f"{where}: shard columns have different lengths {lengths}")
-    for col in ("num_samples", "num_bytes", "first_sample_id", "num_tokens"):
+    for col in _COUNT_COLUMNS:
         values = columns[col]
-        if not all(type(v) is int and v >= 0 for v in values):
-            bad = next(v for v in values if type(v) is not int or v < 0)
-            raise ManifestError(f"{where}: shard column {col!r} holds {bad!r}, not a count")
+        if not all(type(v) is int and 0 <= v < MAX_COUNT for v in values):
+            bad = next(v for v in values if type(v) is not int or not 0 <= v < MAX_COUNT)
+            raise ManifestError(
+                f"{where}: shard column {col!r} holds {bad!r:.60}, not a count below {MAX_COUNT}"
+            )
+    if not all(type(v) is str for v in columns["checksum"]):
+        bad = next(v for v in columns["checksum"] if type(v) is not str)
+        raise ManifestError(f"{where}: shard column 'checksum' holds {bad!r:.60}, not a string")
     _check_relative_paths(columns["path"], where)
+    for path, num_samples, num_bytes in zip(
+        columns["path"], columns["num_samples"], columns["num_bytes"], strict=True
+    ):
+        if num_samples > num_bytes * MAX_SAMPLES_PER_BYTE:
+            raise ManifestError(
+                f"{where}: shard {path} claims {num_samples} samples in {num_bytes} bytes, more "
+                f"than {MAX_SAMPLES_PER_BYTE} a byte; the manifest is corrupt or tampered with: "
+                "reconvert or restore it"
+            )
     return ShardTable(columns)
 
 
@@ -289,9 +372,13 @@ def check_relative_path(path: str, where: str) -> None:
 def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -> None:
     if manifest.format not in FORMATS:
         raise ManifestError(f"{where}: unknown shard format {manifest.format!r}")
-    unknown = {k: v for k, v in manifest.fields.items() if v not in FIELD_TYPES}
-    if unknown:
-        raise ManifestError(f"{where}: unknown field types {unknown}")
+    if manifest.compression not in COMPRESSIONS:
+        raise ManifestError(f"{where}: unknown compression {manifest.compression!r:.60}")
+    if manifest.checksum_algorithm not in hashlib.algorithms_guaranteed:
+        raise ManifestError(
+            f"{where}: unknown checksum algorithm {manifest.checksum_algorithm!r:.60}"
+        )
+    _check_fields(manifest, where)
     expected = 0
     shards = manifest.shards
     firsts = shards.column("first_sample_id")
@@ -302,6 +389,11 @@ def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -
                 f"expected {expected} (the sum of the sample counts before it)"
             )
         expected += num_samples
+    if expected >= MAX_COUNT or manifest.num_tokens >= MAX_COUNT:
+        raise ManifestError(
+            f"{where}: the shards add up to {expected} samples and {manifest.num_tokens} tokens, "
+            f"more than {MAX_COUNT}; the manifest is corrupt"
+        )
     for key, actual in (
         ("num_shards", len(manifest.shards)),
         ("num_samples", expected),
@@ -311,6 +403,41 @@ def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -
         if key in totals and totals[key] != actual:
             raise ManifestError(
                 f"{where}: totals.{key} is {totals[key]} but the shard table adds up to {actual}"
+            )
+
+
+def _check_fields(manifest: Manifest, where: str) -> None:
+    """Check the schema: ``id``, then ``text`` or ``input_ids`` (with a token dtype), extras."""
+    fields = manifest.fields
+    unknown = {k: v for k, v in fields.items() if not isinstance(v, str) or v not in FIELD_TYPES}
+    if unknown:
+        raise ManifestError(f"{where}: unknown field types {unknown}")
+    names = list(fields)
+    payload = names[1] if len(names) > 1 else None
+    payload_kind = {"text": "string", "input_ids": "tokens"}
+    if (
+        names[:1] != ["id"]
+        or fields["id"] != "string"
+        or payload not in payload_kind
+        or fields[payload] != payload_kind[payload]
+        or any(fields[n] == "tokens" for n in names[2:])
+    ):
+        raise ManifestError(
+            f"{where}: fields {dict(fields)!r:.200} do not start with id (string) and then text "
+            "(string) or input_ids (tokens)"
+        )
+    dtype = manifest.token_dtype
+    if (payload == "input_ids") != (dtype is not None) or dtype not in (None, *TOKEN_DTYPES):
+        raise ManifestError(
+            f"{where}: token_dtype {dtype!r:.60} does not fit fields with {payload}; expected "
+            + (" or ".join(TOKEN_DTYPES) if payload == "input_ids" else "null")
+        )
+    vocab_size = (manifest.tokenizer or {}).get("vocab_size")
+    if vocab_size is not None:
+        limit = 1 << (16 if dtype == "uint16" else 32)
+        if type(vocab_size) is not int or not 0 < vocab_size <= limit:
+            raise ManifestError(
+                f"{where}: tokenizer.vocab_size {vocab_size!r:.60} is not a count in 1..{limit}"
             )
 
 

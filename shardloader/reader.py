@@ -100,21 +100,18 @@ class ShardReader:
         """
         try:
             windows = plan.windows
-            for index, window in enumerate(plan.iter_windows()):
+            made = plan.iter_windows()  # lazy: a window's ids are made at next()
+            for index, spec in enumerate(windows):
                 ahead = windows[index + 1 : index + 1 + self._prefetch_windows]
-                yield from self._window(
-                    window.sample_ids, window.padded, window.shard_indices, ahead
-                )
+                # Open (and so check) the window's shards before making its ids, which are sized
+                # by the manifest's counts: a count the shard does not hold fails here.
+                decoded = self._open_window(_window_shards([spec], self._first), ahead)
+                window = next(made)
+                yield from self._window(window.sample_ids, window.padded, decoded)
         finally:
             self.close()
 
-    def _window(
-        self,
-        ids: np.ndarray,
-        padded: np.ndarray,
-        shards: list[int],
-        ahead: Sequence[Window],
-    ) -> Iterator[Sample]:
+    def _open_window(self, shards: list[int], ahead: Sequence[Window]) -> dict[int, ShardColumns]:
         for index in [i for i in self._open if i not in shards]:
             self._release(index)
         for shard in shards:  # fetched side by side, not one after the other
@@ -123,7 +120,11 @@ class ShardReader:
         for shard in _window_shards(ahead, self._first):
             if shard not in self._open and shard not in shards:
                 self._prefetch(shard)
-        decoded = {shard: self._decoded(shard) for shard in shards}
+        return {shard: self._decoded(shard) for shard in shards}
+
+    def _window(
+        self, ids: np.ndarray, padded: np.ndarray, decoded: dict[int, ShardColumns]
+    ) -> Iterator[Sample]:
         owner = np.searchsorted(self._first, ids, side="right") - 1
         names = ["id", "sample_id", *self._names[1:]]
         if self._mark_padding:
@@ -180,6 +181,8 @@ class ShardReader:
                     token_dtype=self._manifest.token_dtype,
                     compression=self._manifest.compression,
                     where=self._urls[shard],
+                    num_samples=int(self._first[shard + 1] - self._first[shard]),
+                    vocab_size=self._manifest.vocab_size,
                 )
 
             # A cached copy that fails to decode is dropped and fetched again (once).

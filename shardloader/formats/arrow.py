@@ -4,6 +4,11 @@ A text shard has columns ``id`` (string) and ``text`` (string), a tokenized shar
 ``input_ids`` (list of uint16 or uint32), each followed by the kept fields (``json`` fields are
 stored as JSON text). Shards open as they are with ``pyarrow.ipc.open_file`` and
 ``pyarrow.dataset.dataset(path, format="arrow")``.
+
+Reading checks a shard as hostile input before any row is made: its schema, its row count against
+the manifest (the sum of the record batches' lengths), every offset and UTF-8 string
+(``validate(full=True)``), no nulls in ``id``, ``text`` or ``input_ids``, and token ids below the
+vocabulary size (one ``min``/``max`` over the values).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from shardloader.errors import ShardError
-from shardloader.formats import extra_fields
+from shardloader.formats import check_num_samples, check_token_ids, counted, extra_fields, load_json
 
 BATCH_ROWS = 65536
 _ARROW_TYPES = {
@@ -198,19 +203,30 @@ class ArrowFormat:
         token_dtype: str | None,
         compression: str,
         where: str,
+        num_samples: int | None = None,
+        vocab_size: int | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Yield the samples of an Arrow shard."""
+        yield from counted(
+            self._iter_samples(source, fields, token_dtype, where, vocab_size), num_samples, where
+        )
+
+    def _iter_samples(
+        self,
+        source: IO[bytes],
+        fields: Mapping[str, str],
+        token_dtype: str | None,
+        where: str,
+        vocab_size: int | None,
+    ) -> Iterator[dict[str, Any]]:
         try:
             reader = pa.ipc.open_file(source)
-            expected = arrow_schema(fields, token_dtype)
-            if not reader.schema.equals(expected):
-                raise ShardError(
-                    f"{where}: schema {reader.schema} does not match the manifest's {expected}"
-                )
+            _check_schema(reader.schema, fields, token_dtype, where)
             for index in range(reader.num_record_batches):
                 batch = reader.get_batch(index)
-                yield from _batch_samples(batch, fields)
-        except pa.ArrowException as err:
+                _check_batch(batch, fields, vocab_size, where)
+                yield from _batch_samples(batch, fields, where)
+        except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
             raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
 
     def read_columns(
@@ -221,20 +237,22 @@ class ArrowFormat:
         token_dtype: str | None,
         compression: str,
         where: str,
+        num_samples: int | None = None,
+        vocab_size: int | None = None,
     ) -> ArrowColumns:
         """Memory-map an Arrow shard and decode its record batches."""
         try:
             with pa.memory_map(path) as source:
                 reader = pa.ipc.open_file(source)
-                expected = arrow_schema(fields, token_dtype)
-                if not reader.schema.equals(expected):
-                    raise ShardError(
-                        f"{where}: schema {reader.schema} does not match the manifest's {expected}"
-                    )
-                table = reader.read_all()
-        except pa.ArrowException as err:
+                _check_schema(reader.schema, fields, token_dtype, where)
+                batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            # Before anything is sized by the manifest's count (the reader's window ids).
+            check_num_samples(sum(b.num_rows for b in batches), num_samples, where)
+            table = pa.Table.from_batches(batches, schema=reader.schema)
+            _check_batch(table, fields, vocab_size, where)
+        except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
             raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
-        return ArrowColumns(table, fields)
+        return ArrowColumns(table, fields, where)
 
 
 class ArrowColumns:
@@ -245,13 +263,15 @@ class ArrowColumns:
     several times faster than an Arrow ``take`` per window slice.
 
     Args:
-        table: The shard's rows.
+        table: The shard's rows, checked (`_check_batch`).
         fields: The manifest's field types.
+        where: The shard, for errors in ``json`` fields.
     """
 
-    def __init__(self, table: pa.Table, fields: Mapping[str, str]) -> None:
+    def __init__(self, table: pa.Table, fields: Mapping[str, str], where: str) -> None:
         self._table = table
         self._fields = dict(fields)
+        self._where = where
         self._ready: dict[str, Any] = {}
         self.num_rows = table.num_rows
 
@@ -266,9 +286,7 @@ class ArrowColumns:
                 offsets = _numpy_view(array.offsets) - start
                 self._ready[name] = (values[start:] if start else values, offsets)
             elif kind == "json":
-                self._ready[name] = [
-                    None if v is None else json.loads(v) for v in column.to_pylist()
-                ]
+                self._ready[name] = _parse_json(column.to_pylist(), name, self._where)
             else:
                 self._ready[name] = column.to_pylist()
         return self._ready[name]
@@ -301,7 +319,48 @@ def _numpy_view(values: pa.Array) -> np.ndarray:
     return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=offset)
 
 
-def _batch_samples(batch: pa.RecordBatch, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+def _check_schema(
+    schema: pa.Schema, fields: Mapping[str, str], token_dtype: str | None, where: str
+) -> None:
+    expected = arrow_schema(fields, token_dtype)
+    if not schema.equals(expected):
+        raise ShardError(f"{where}: schema {schema} does not match the manifest's {expected}")
+
+
+def _check_batch(
+    batch: pa.RecordBatch | pa.Table,
+    fields: Mapping[str, str],
+    vocab_size: int | None,
+    where: str,
+) -> None:
+    """Full validation (offsets, UTF-8), no nulls where a writer puts none, token id range."""
+    batch.validate(full=True)
+    for name, kind in fields.items():
+        column = batch.column(name)
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        if name in ("id", "text", "input_ids") and column.null_count:
+            raise ShardError(f"{where}: column {name!r} holds {column.null_count} nulls")
+        if kind != "tokens":
+            continue
+        for chunk in chunks:
+            if chunk.values.null_count:
+                raise ShardError(f"{where}: column {name!r} holds null token ids")
+            if len(chunk):
+                offsets = _numpy_view(chunk.offsets)
+                values = _numpy_view(chunk.values)[offsets[0] : offsets[-1]]
+                check_token_ids(values, vocab_size, where)
+
+
+def _parse_json(texts: list[str | None], name: str, where: str) -> list[Any]:
+    return [
+        None if v is None else load_json(v, f"{where}: field {name!r} of row {row}")
+        for row, v in enumerate(texts)
+    ]
+
+
+def _batch_samples(
+    batch: pa.RecordBatch, fields: Mapping[str, str], where: str
+) -> Iterator[dict[str, Any]]:
     columns: dict[str, list[Any]] = {}
     for name, kind in fields.items():
         column = batch.column(name)
@@ -310,7 +369,7 @@ def _batch_samples(batch: pa.RecordBatch, fields: Mapping[str, str]) -> Iterator
             offsets = _numpy_view(column.offsets)
             columns[name] = [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         elif kind == "json":
-            columns[name] = [None if v is None else json.loads(v) for v in column.to_pylist()]
+            columns[name] = _parse_json(column.to_pylist(), name, where)
         else:
             columns[name] = column.to_pylist()
     names = list(columns)

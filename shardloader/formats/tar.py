@@ -4,6 +4,12 @@ Each sample is a group of members sharing a key (``{shard}-{index:07d}``): ``.tx
 UTF-8 text, or ``.npy`` the token ids (a numpy ``.npy`` file, never pickled); ``.json`` holds the
 id and the kept fields. ``webdataset.WebDataset(urls)`` reads them as they are. Member headers
 carry fixed times and owners, so the same input always gives the same bytes.
+
+Reading takes a tar as hostile input: every member must be a regular file named ``key.ext``
+(no directories, so two keys never merge), with ``ext`` one the schema expects, each at most once
+per key and each key's members together; ``.json`` must hold an object of the manifest's field
+types, ``.npy`` a 1-D array of exactly the manifest's token dtype (header checked before any
+allocation, never pickled) with ids below the vocabulary size.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ import pyarrow as pa
 import zstandard
 
 from shardloader.errors import ShardError
-from shardloader.formats import extra_fields
+from shardloader.formats import (
+    check_token_ids,
+    counted,
+    extra_fields,
+    load_json,
+)
 
 _BLOCK = 512
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
@@ -159,29 +170,49 @@ class TarFormat:
         token_dtype: str | None,
         compression: str,
         where: str,
+        num_samples: int | None = None,
+        vocab_size: int | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Yield the samples of a tar shard in member order."""
+        samples = self._iter_samples(source, fields, token_dtype, compression, where, vocab_size)
+        yield from counted(samples, num_samples, where)
+
+    def _iter_samples(
+        self,
+        source: IO[bytes],
+        fields: Mapping[str, str],
+        token_dtype: str | None,
+        compression: str,
+        where: str,
+        vocab_size: int | None,
+    ) -> Iterator[dict[str, Any]]:
         stream: Any = source
         if compression == "zstd":
             stream = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
-        extras = list(extra_fields(fields))
-        payload = "input_ids" if "input_ids" in fields else "text"
+        schema = _Schema(fields, token_dtype, vocab_size)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
-                key, parts = None, {}
+                key: str | None = None
+                parts: dict[str, bytes] = {}
+                done: set[str] = set()
                 for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    member_key, _, ext = base.partition(".")
-                    if key is not None and member_key != key:
-                        yield _sample(parts, payload, extras, f"{where}:{key}")
-                        parts = {}
-                    key = member_key
+                    member_key, ext = _member_key(member, schema, f"{where}:{member.name!r}")
+                    if member_key != key:
+                        if key is not None:
+                            yield _sample(parts, schema, f"{where}:{key}")
+                            done.add(key)
+                        if member_key in done:
+                            raise ShardError(
+                                f"{where}:{member.name!r}: key {member_key!r} was already read; "
+                                "the members of a sample must be adjacent"
+                            )
+                        key, parts = member_key, {}
+                    if ext in parts:
+                        raise ShardError(f"{where}:{member.name!r}: a second .{ext} for one key")
                     reader = tar.extractfile(member)
                     parts[ext] = reader.read() if reader else b""
                 if key is not None:
-                    yield _sample(parts, payload, extras, f"{where}:{key}")
+                    yield _sample(parts, schema, f"{where}:{key}")
         except (tarfile.TarError, zstandard.ZstdError, EOFError) as err:
             raise ShardError(f"{where}: not a readable tar shard ({err})") from err
 
@@ -193,8 +224,10 @@ class TarFormat:
         token_dtype: str | None,
         compression: str,
         where: str,
+        num_samples: int | None = None,
+        vocab_size: int | None = None,
     ) -> TarColumns:
-        """Decode a whole tar shard (tar has no random access)."""
+        """Decode a whole tar shard (tar has no random access); counts are checked as it goes."""
         with open(path, "rb") as source:
             samples = list(
                 self.iter_samples(
@@ -203,6 +236,8 @@ class TarFormat:
                     token_dtype=token_dtype,
                     compression=compression,
                     where=where,
+                    num_samples=num_samples,
+                    vocab_size=vocab_size,
                 )
             )
         return TarColumns(samples, list(fields))
@@ -226,16 +261,97 @@ class TarColumns:
         return {name: [column[i] for i in index] for name, column in self._columns.items()}
 
 
-def _sample(parts: dict[str, bytes], payload: str, extras: list[str], where: str) -> dict[str, Any]:
-    try:
-        meta = json.loads(parts["json"])
-        sample: dict[str, Any] = {"id": meta["id"]}
-        if payload == "text":
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "int64": (int,),
+    "float64": (float, int),
+    "bool": (bool,),
+}
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+class _Schema:
+    """What the manifest says a sample holds, resolved once per shard."""
+
+    def __init__(
+        self, fields: Mapping[str, str], token_dtype: str | None, vocab_size: int | None
+    ) -> None:
+        self.payload = "input_ids" if "input_ids" in fields else "text"
+        self.exts = frozenset(("json", "npy" if self.payload == "input_ids" else "txt"))
+        self.extras = extra_fields(fields)
+        self.dtype = np.dtype(token_dtype) if token_dtype else None
+        self.vocab_size = vocab_size
+
+
+def _member_key(member: tarfile.TarInfo, schema: _Schema, where: str) -> tuple[str, str]:
+    """The sample key and extension of a member, refusing anything a writer of ours never makes."""
+    if not member.isreg():
+        raise ShardError(f"{where}: not a regular file (tar type {member.type!r}); refused")
+    key, dot, ext = member.name.partition(".")
+    if "/" in member.name or "\\" in member.name or not key or not dot:
+        raise ShardError(f"{where}: member name is not KEY.EXT without directories")
+    if ext not in schema.exts:
+        raise ShardError(
+            f"{where}: unexpected member type .{ext}; this shard's samples hold "
+            + " and ".join(f".{e}" for e in sorted(schema.exts))
+        )
+    return key, ext
+
+
+def _sample(parts: dict[str, bytes], schema: _Schema, where: str) -> dict[str, Any]:
+    missing = schema.exts - parts.keys()
+    if missing:
+        raise ShardError(f"{where}: incomplete sample, no .{' or .'.join(sorted(missing))}")
+    meta = load_json(parts["json"], f"{where}.json", want_object=True)
+    doc_id = meta.get("id")
+    if not isinstance(doc_id, str):
+        raise ShardError(f"{where}.json: id is {type(doc_id).__name__}, expected a string")
+    sample: dict[str, Any] = {"id": doc_id}
+    if schema.payload == "text":
+        try:
             sample["text"] = parts["txt"].decode("utf-8")
-        else:
-            sample["input_ids"] = np.load(io.BytesIO(parts["npy"]), allow_pickle=False)
-    except (KeyError, ValueError) as err:
-        raise ShardError(f"{where}: incomplete or undecodable sample ({err!r})") from err
-    for key in extras:
-        sample[key] = meta.get(key)
+        except UnicodeDecodeError as err:
+            raise ShardError(f"{where}.txt: not UTF-8 ({err})") from err
+    else:
+        sample["input_ids"] = _load_tokens(parts["npy"], schema, f"{where}.npy")
+    for key, kind in schema.extras.items():
+        value = meta.get(key)
+        if value is not None and kind in _FIELD_TYPES:
+            bad = not isinstance(value, _FIELD_TYPES[kind]) or (
+                kind != "bool" and isinstance(value, bool)
+            )
+            if bad or (kind == "int64" and not _INT64[0] <= value <= _INT64[1]):
+                raise ShardError(f"{where}.json: field {key!r} holds {value!r:.40}, not {kind}")
+        sample[key] = value
     return sample
+
+
+def _load_tokens(data: bytes, schema: _Schema, where: str) -> np.ndarray:
+    """A ``.npy`` member as a 1-D array of the manifest's dtype, its header checked first.
+
+    ``np.load`` would allocate whatever shape the header claims before reading the data.
+    """
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f".npy version {version} is not supported")
+    except Exception as err:  # numpy parses the header with tokenize and ast: any of their errors
+        raise ShardError(f"{where}: not a valid .npy header ({err})") from err
+    if dtype != schema.dtype or len(shape) != 1:
+        raise ShardError(
+            f"{where}: holds {dtype} of shape {shape}; the manifest says 1-D {schema.dtype}"
+        )
+    body = len(data) - stream.tell()
+    if shape[0] * dtype.itemsize != body:
+        raise ShardError(
+            f"{where}: header says {shape[0]} ids ({shape[0] * dtype.itemsize} bytes), "
+            f"the member holds {body} bytes"
+        )
+    values = np.frombuffer(data, dtype=dtype, count=shape[0], offset=stream.tell())
+    check_token_ids(values, schema.vocab_size, where)
+    return values
