@@ -1,9 +1,9 @@
 """Damage to the shard cache and to local shards: recovered where a copy exists, named where not.
 
-The S3 tests stream from a real loopback S3 server (``shardloader.testing``) through DataLoader workers
-(0 and 2) and damage the cache the way a user or a disk would: the folder deleted mid-epoch, the
-folder replaced by a file, a bit flipped in a cached shard. Local shards get a flipped bit with
-the size and mtime unchanged (bit rot), read in a fresh process.
+The S3 tests stream from a real loopback S3 server (``shardloader.testing``) through DataLoader
+workers (0 and 2) and damage the cache the way a user or a disk would: the folder deleted
+mid-epoch, the folder replaced by a file, a bit flipped in a cached shard. Local shards get a
+flipped bit with the size and mtime unchanged (bit rot), read in a fresh process.
 """
 
 from __future__ import annotations
@@ -137,8 +137,19 @@ def test_cache_folder_replaced_by_a_file_fails_naming_it(server, tmp_path, num_w
     dataset = s3_dataset(server, cache)
 
     def damage() -> None:
-        remove(cache)
-        cache.write_text("not a folder")
+        # Workers re-create a missing cache folder at once, so swap a file in atomically: rename
+        # the folder away and the file in; retry if a worker made the folder again in between.
+        blocker = tmp_path / "blocker"
+        for attempt in range(100):
+            if cache.is_dir():
+                cache.rename(tmp_path / f"gone-{attempt}")
+            blocker.write_text("not a folder")
+            try:
+                blocker.rename(cache)
+                return
+            except IsADirectoryError:
+                continue
+        raise AssertionError("could not replace the cache folder by a file")
 
     with pytest.raises(StorageError, match="cache") as caught:
         stream(dataset, num_workers, damage)
