@@ -667,8 +667,15 @@ def _writing(url: str) -> Iterator[None]:
 
 def _write_file(out: OutputDir, rel: str, data: bytes) -> None:
     """Write ``rel`` atomically, under a temporary name no other process uses."""
-    with _writing(out.url_of(rel)), out.open_atomic(rel, tmp_prefix=f"p{os.getpid()}-") as f:
-        f.write(data)
+    with _writing(out.url_of(rel)):
+        f = out.open_atomic(rel, tmp_prefix=f"p{os.getpid()}-")
+        try:
+            f.write(data)
+            f.commit()
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk fails the flush in close() again
+                f.abort()
+            raise
 
 
 def _lock_output(out: OutputDir, rel: str) -> int | None:
