@@ -388,6 +388,34 @@ def _convert_file(
     return _FileDone(entry, num_docs, stats["bytes"])
 
 
+def _task_record(
+    task: Task,
+    settings_fingerprint: str,
+    shards: Sequence[ShardInfo],
+    done: Sequence[_FileDone],
+    bad: BadRecords,
+) -> dict[str, Any]:
+    """The completion record of a task (and the log line of what it skipped)."""
+    if bad.total:
+        log.warning(
+            "task %d: skipped %d bad records %s; first at %s",
+            task.index,
+            bad.total,
+            dict(sorted(bad.counts.items())),
+            bad.examples[0],
+        )
+    return {
+        "task": task.index,
+        "settings": settings_fingerprint,
+        "shards": [s._asdict() for s in shards],
+        "sources": [d.source for d in done],
+        "num_docs": sum(d.num_docs for d in done),
+        "num_input_bytes": sum(d.num_bytes for d in done),
+        "skipped": dict(sorted(bad.counts.items())),
+        "skipped_examples": bad.examples,
+    }
+
+
 def run_task(
     task: Task,
     config: ConvertConfig,
@@ -459,24 +487,7 @@ def run_task(
         series.abort()
         raise
     progress.flush()
-    if bad.total:
-        log.warning(
-            "task %d: skipped %d bad records %s; first at %s",
-            task.index,
-            bad.total,
-            dict(sorted(bad.counts.items())),
-            bad.examples[0],
-        )
-    record = {
-        "task": task.index,
-        "settings": settings_fingerprint,
-        "shards": [s._asdict() for s in shards],
-        "sources": [d.source for d in done],
-        "num_docs": sum(d.num_docs for d in done),
-        "num_input_bytes": sum(d.num_bytes for d in done),
-        "skipped": dict(sorted(bad.counts.items())),
-        "skipped_examples": bad.examples,
-    }
+    record = _task_record(task, settings_fingerprint, shards, done, bad)
     _write_file(out, _record_name(task.index), json.dumps(record, indent=1).encode())
     out.close()
     return record

@@ -164,7 +164,13 @@ def _wait_for_lock(out: Path, proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_second_convert_into_one_output_fails_at_once_and_a_dead_holder_frees_it(folder, tmp_path):
+def test_second_convert_into_one_output_fails_at_once_and_a_dead_holder_frees_it(tmp_path):
+    # 40 tasks: the first run is stopped (or killed) as soon as it holds the lock, long before
+    # it could finish.
+    folder = tmp_path / "big"
+    docs = make_docs(4000, seed=6)
+    for i in range(40):
+        write_jsonl(folder / f"part-{i:02d}.jsonl.gz", docs[i * 100 : (i + 1) * 100])
     args = ["convert", str(folder), *SHARD_FLAGS, "--num-proc", "1"]
     reference = tmp_path / "reference"
     assert run_cli(*args, "-o", str(reference)).returncode == 0
