@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-
+from shardloader._version import __version__
 from shardloader.convert import ConvertConfig, ConvertResult, convert, merge
 from shardloader.errors import (
     ConfigError,
@@ -27,15 +26,15 @@ from shardloader.pack import (
     collate_rows,
 )
 from shardloader.pack_attention import document_attention_mask, model_inputs
-from shardloader.pack_encode import (
-    EncodedDoc,
-    SampleEncoder,
-    check_tokenizer,
-    tokenizer_fingerprint,
-)
+from shardloader.pack_encode import EncodedDoc, SampleEncoder
 from shardloader.plan import EpochPlan, PlanConfig, ResumePoint, WorkerPlan, plan_epoch
 from shardloader.state import LoaderState, merge_states
-from shardloader.tokenizer import TextTokenizer, train_bpe_tokenizer
+from shardloader.tokenizer import (
+    TextTokenizer,
+    check_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
 from shardloader.verify import VerifyReport, iter_samples, verify
 from shardloader.world import WorldInfo
 

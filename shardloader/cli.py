@@ -19,6 +19,7 @@ from shardloader import __version__
 from shardloader.convert import ConvertConfig, ConvertResult, convert, merge
 from shardloader.errors import ConfigError, ShardloaderError
 from shardloader.manifest import Manifest, read_manifest
+from shardloader.options import add_options, config_from_args
 from shardloader.verify import iter_samples, verify
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -44,112 +45,11 @@ def _fmt_bytes(n: float) -> str:
 def _add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert a raw corpus into shards and a manifest")
     p.add_argument("inputs", nargs="+", help="files, directories or globs (local or fsspec URLs)")
-    p.add_argument("-o", "--output", required=True, help="output directory or URL")
-    p.add_argument("--format", default="arrow", choices=["arrow", "tar"])
-    p.add_argument("--compression", default="zstd", choices=["zstd", "none"])
-    p.add_argument(
-        "--compression-level",
-        type=int,
-        default=ConvertConfig.compression_level,
-        help="zstd level (default 2)",
-    )
-    p.add_argument(
-        "--shard-bytes",
-        type=parse_size,
-        default=ConvertConfig.shard_bytes,
-        help="close a shard at this many uncompressed bytes (default 128MiB)",
-    )
-    p.add_argument(
-        "--shard-samples", type=int, default=None, help="close a shard at this many samples"
-    )
-    p.add_argument(
-        "--batch-bytes",
-        type=parse_size,
-        default=ConvertConfig.batch_bytes,
-        help="Arrow record batch size, uncompressed (default 4MiB)",
-    )
-    p.add_argument(
-        "--task-bytes",
-        type=parse_size,
-        default=ConvertConfig.task_bytes,
-        help="group input files into tasks of about this many bytes (default 64MiB)",
-    )
-    p.add_argument("--text-field", default="text")
-    p.add_argument(
-        "--id-field",
-        default="id",
-        help="field with the document id; ids are made from file:line where missing "
-        "(pass '' to always make them)",
-    )
-    p.add_argument(
-        "--keep-fields",
-        default="",
-        help="comma-separated extra fields to keep, each name or name:type "
-        "(string, int64, float64, bool, json)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer.json or a local Hugging Face tokenizer directory: store token ids",
-    )
-    p.add_argument("--eos-token", default=None)
-    p.add_argument("--bos-token", default=None)
-    p.add_argument(
-        "--no-eos",
-        dest="add_eos",
-        action="store_false",
-        help="do not append EOS to tokenized documents",
-    )
-    p.add_argument("--add-bos", action="store_true", help="prepend BOS to tokenized documents")
-    p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
-    p.add_argument(
-        "--max-record-bytes",
-        type=parse_size,
-        default=ConvertConfig.max_record_bytes,
-        help="longest record (JSONL line, Parquet row, text file) read (default 256MiB)",
-    )
-    p.add_argument("--num-proc", type=int, default=None, help="worker processes (default: CPUs)")
-    p.add_argument(
-        "--num-tasks",
-        type=int,
-        default=1,
-        help="split the conversion into this many independent slices (machines)",
-    )
-    p.add_argument("--task-index", type=int, default=0, help="which slice this run converts")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a different dataset already in the output"
-    )
-    p.add_argument("--progress", dest="progress", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_options(p, ConvertConfig)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    config = ConvertConfig(
-        output=args.output,
-        format=args.format,
-        compression=args.compression,
-        compression_level=args.compression_level,
-        shard_bytes=args.shard_bytes,
-        shard_samples=args.shard_samples,
-        batch_bytes=args.batch_bytes,
-        task_bytes=args.task_bytes,
-        text_field=args.text_field,
-        id_field=args.id_field or None,
-        keep_fields=tuple(f for f in args.keep_fields.split(",") if f.strip()),
-        tokenizer=args.tokenizer,
-        eos_token=args.eos_token,
-        bos_token=args.bos_token,
-        add_eos=args.add_eos,
-        add_bos=args.add_bos,
-        on_bad_record=args.on_bad_record,
-        max_record_bytes=args.max_record_bytes,
-        num_proc=args.num_proc,
-        num_tasks=args.num_tasks,
-        task_index=args.task_index,
-        overwrite=args.overwrite,
-        progress=args.progress,
-    )
-    result = convert(args.inputs, config)
+    result = convert(args.inputs, config_from_args(ConvertConfig, args))
     _print_result(result)
     return 0
 

@@ -16,6 +16,13 @@ The algorithm:
 ``num_tasks``/``task_index`` give a machine its slice of the tasks (``task % num_tasks ==
 task_index``); every slice writes into the same output, and ``merge`` writes the manifest.
 
+Safety: a run holds ``_work/lock`` (``_work/lock-{task_index}`` for a slice), an ``flock`` that
+the kernel drops when the run dies, so a second run into the same output fails at once and names
+the first one's pid and host. Temporary names carry the writer's pid. An input folder that holds
+the output is read without it (and the log says how many files were left out); an input inside
+the output is refused. Failed writes (full disk, read-only output, a file where the output
+directory should be) raise a `StorageError` that names the file and what to do.
+
 Cost: reading JSON and writing shards is a few hundred MB/s per process; with a tokenizer, the
 tokenizer dominates (``tools/bench_convert.py``).
 """
@@ -23,26 +30,27 @@ tokenizer dominates (``tools/bench_convert.py``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import socket
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
-
-from shardloader import __version__, storage
-from shardloader.errors import ConfigError, CorpusError, ManifestError
-from shardloader.formats import COMPRESSIONS, get_format
-from shardloader.formats.arrow import rows_before_limit
+from shardloader import storage
+from shardloader._version import __version__
+from shardloader.errors import ConfigError, CorpusError, ManifestError, ShardloaderError
+from shardloader.formats import COMPRESSIONS
+from shardloader.formats.series import ShardSeries, write_error
 from shardloader.manifest import (
     FORMATS,
     MANIFEST_NAME,
@@ -52,12 +60,12 @@ from shardloader.manifest import (
     parse_manifest,
     shards_with_ids,
 )
+from shardloader.options import option, parse_size
 from shardloader.sources import (
     MAX_RECORD_BYTES,
     ON_BAD_RECORD,
     BadRecords,
     Document,
-    DocumentTable,
     RecordSpec,
     kind_of,
     parse_keep_fields,
@@ -72,68 +80,83 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 WORK_DIR = "_work"
 PLAN_NAME = f"{WORK_DIR}/plan.json"
+LOCK_NAME = f"{WORK_DIR}/lock"
 TOKENIZE_BATCH_DOCS = 1024
 TOKENIZE_BATCH_BYTES = 4 * MiB
 PROGRESS_EVERY_S = 0.25
 
 
+def _none_if_empty(text: str) -> str | None:
+    return text or None
+
+
 @dataclass(frozen=True, kw_only=True)
 class ConvertConfig:
-    """Settings of a conversion; the ``shardloader convert`` flags mirror these fields.
+    """Settings of a conversion: where the shards go, their format and limits, the tokenizer.
 
-    Args:
-        output: Directory or fsspec URL that receives the shards and the manifest.
-        format: Shard format: ``"arrow"`` (Arrow IPC files) or ``"tar"`` (WebDataset tar).
-        compression: ``"zstd"`` (Arrow: per record batch; tar: ``.tar.zst``) or ``"none"``.
-        compression_level: zstd level. The default 2 compresses text about twice as fast as 3
-            here for ~4% more bytes, and decompresses faster (``tools/bench_convert.py``).
-        shard_bytes: Close a shard once its uncompressed payload reaches this many bytes.
-        shard_samples: Close a shard once it holds this many samples (``None``: no limit).
-        batch_bytes: Uncompressed size of an Arrow record batch.
-        task_bytes: Group input files into tasks of about this many (stored) bytes.
-        text_field: Field (or Parquet column) holding the text.
-        id_field: Field holding the id; ids are made from file and line where it is missing.
-        keep_fields: Extra fields to keep, ``"name"`` or ``"name:type"`` (string, int64,
-            float64, bool, json).
-        tokenizer: Path of a ``tokenizer.json`` or local Hugging Face tokenizer directory; when
-            set, shards hold ``input_ids`` instead of text.
-        eos_token: Override the tokenizer's end-of-document token.
-        bos_token: Override the tokenizer's beginning-of-document token.
-        add_eos: Append EOS to every tokenized document.
-        add_bos: Prepend BOS to every tokenized document.
-        on_bad_record: ``"raise"`` stops at the first bad record; ``"skip"`` counts and skips.
-        max_record_bytes: Longest record (JSONL line, Parquet row's strings, text file); a longer
-            one is a bad record (``record_too_large``), measured but never held in memory.
-        num_proc: Worker processes (default: the number of CPUs).
-        num_tasks: Number of independent slices (machines) the conversion is split into.
-        task_index: Which slice this run converts (0-based).
-        overwrite: Replace a different dataset already in ``output``.
-        progress: Show a progress bar (``None``: only when stderr is a terminal).
+    Every field is also a ``shardloader convert`` flag (``shard_bytes`` -> ``--shard-bytes``,
+    sizes like ``64MB``), declared with `shardloader.options.option`; the help text is in the
+    field. `output_settings` are the fields that shape the output; the manifest records them.
     """
 
-    output: str
-    format: str = "arrow"
-    compression: str = "zstd"
-    compression_level: int = 2
-    shard_bytes: int = 128 * MiB
-    shard_samples: int | None = None
-    batch_bytes: int = 4 * MiB
-    task_bytes: int = 64 * MiB
-    text_field: str = "text"
-    id_field: str | None = "id"
-    keep_fields: tuple[str, ...] = ()
-    tokenizer: str | None = None
-    eos_token: str | None = None
-    bos_token: str | None = None
-    add_eos: bool = True
-    add_bos: bool = False
-    on_bad_record: str = "raise"
-    max_record_bytes: int = MAX_RECORD_BYTES
-    num_proc: int | None = None
-    num_tasks: int = 1
-    task_index: int = 0
-    overwrite: bool = False
-    progress: bool | None = None
+    output: str = option(
+        help="output directory or URL (an input folder that holds it is read without it)",
+        flags=("-o", "--output"),
+    )
+    format: str = option(
+        "arrow", "shard format: Arrow IPC files or WebDataset tar", choices=FORMATS
+    )
+    compression: str = option(
+        "zstd", "zstd (Arrow: per record batch; tar: .tar.zst) or none", choices=COMPRESSIONS
+    )
+    # 2 compresses text about twice as fast as 3 here for ~4% more bytes, and decompresses
+    # faster (tools/bench_convert.py).
+    compression_level: int = option(2, "zstd level, -7 to 22")
+    shard_bytes: int = option(
+        128 * MiB, "close a shard at this many uncompressed payload bytes", parse=parse_size
+    )
+    shard_samples: int | None = option(None, "close a shard at this many samples")
+    batch_bytes: int = option(4 * MiB, "Arrow record batch size, uncompressed", parse=parse_size)
+    task_bytes: int = option(
+        64 * MiB, "group input files into tasks of about this many (stored) bytes", parse=parse_size
+    )
+    text_field: str = option("text", "field (or Parquet column) holding the text")
+    id_field: str | None = option(
+        "id",
+        "field with the document id; ids are made from file:line where missing "
+        "(pass '' to always make them)",
+        parse=_none_if_empty,
+    )
+    keep_fields: tuple[str, ...] = option(
+        (),
+        "comma-separated extra fields to keep, each name or name:type "
+        "(string, int64, float64, bool, json)",
+    )
+    tokenizer: str | None = option(
+        None, "tokenizer.json or a local Hugging Face tokenizer directory: store token ids"
+    )
+    eos_token: str | None = option(None, "override the tokenizer's end-of-document token")
+    bos_token: str | None = option(None, "override the tokenizer's beginning-of-document token")
+    add_eos: bool = option(
+        True, "append EOS to tokenized documents (--no-eos: do not)", negative="--no-eos"
+    )
+    add_bos: bool = option(False, "prepend BOS to tokenized documents")
+    on_bad_record: str = option(
+        "raise",
+        "raise: stop at the first bad record; skip: count and skip it",
+        choices=ON_BAD_RECORD,
+    )
+    max_record_bytes: int = option(
+        MAX_RECORD_BYTES,
+        "longest record (JSONL line, Parquet row's strings, text file); a longer one is a bad "
+        "record (record_too_large), measured but never held in memory",
+        parse=parse_size,
+    )
+    num_proc: int | None = option(None, "worker processes (default: the CPUs this process may use)")
+    num_tasks: int = option(1, "split the conversion into this many independent slices (machines)")
+    task_index: int = option(0, "which slice this run converts (0-based)")
+    overwrite: bool = option(False, "replace a different dataset already in the output")
+    progress: bool | None = option(None, "show a progress bar (default: when stderr is a terminal)")
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -250,105 +273,159 @@ def _fields(tokenized: bool, keep_fields: Sequence[str]) -> dict[str, str]:
     return {"id": "string", **payload, **parse_keep_fields(tuple(keep_fields))}
 
 
-class ShardSeries:
-    """Writes one task's samples into consecutive shards, closing each at the configured limits."""
+# ---- one task ---------------------------------------------------------------------------------
 
-    def __init__(
-        self,
-        out: OutputDir,
-        config: ConvertConfig,
-        task: int,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-    ) -> None:
-        self._out, self._config, self._task = out, config, task
-        self._format = get_format(config.format)
-        self._fields, self._token_dtype = fields, token_dtype
-        self._suffix = self._format.file_suffix(config.compression)
-        self._sink: storage.AtomicWriter | None = None
-        self._writer: Any = None
-        self._name = ""
-        self._num_samples = self._num_payload = self._num_tokens = 0
-        self.shards: list[ShardInfo] = []
 
-    def write(
-        self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
-    ) -> None:
-        """Add one sample (UTF-8 text bytes, or token ids already in the shard dtype)."""
-        if self._writer is None:
-            self._open()
-        self._writer.write(doc_id, payload, fields)
-        self._num_samples += 1
-        if isinstance(payload, bytes):
-            self._num_payload += len(payload)
+class _Throttle:
+    """Passes (documents, input bytes) on to ``report`` at most every ``PROGRESS_EVERY_S``."""
+
+    def __init__(self, report: Callable[[int, int], None]) -> None:
+        self._report = report
+        self._docs = self._bytes = 0
+        self._last = time.monotonic()
+
+    def add(self, docs: int, nbytes: int) -> None:
+        self._docs += docs
+        self._bytes += nbytes
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY_S:
+            self.flush()
+            self._last = now
+
+    def flush(self) -> None:
+        self._report(self._docs, self._bytes)
+        self._docs = self._bytes = 0
+
+
+class _FileDone(NamedTuple):
+    """What converting one input file did: its ``sources`` entry, documents, input bytes."""
+
+    source: dict[str, Any]
+    num_docs: int
+    num_bytes: int
+
+
+def _write_texts(
+    docs: Iterable[Document], series: ShardSeries, progress: _Throttle
+) -> tuple[int, int]:
+    """The line-by-line path: write each document's text; returns (documents, text bytes)."""
+    num_docs = num_bytes = 0
+    for doc in docs:
+        data = doc.text.encode("utf-8")  # sources refused lone surrogates
+        series.write(doc.id, data, doc.fields)
+        num_docs += 1
+        num_bytes += len(data)
+        progress.add(1, len(data))
+    return num_docs, num_bytes
+
+
+def _write_tokens(
+    docs: Iterable[Document],
+    series: ShardSeries,
+    progress: _Throttle,
+    tokenizer: TextTokenizer,
+    config: ConvertConfig,
+) -> tuple[int, int]:
+    """The tokenize path: encode documents in batches, write their ids; (documents, text bytes)."""
+    dtype = tokenizer.info.dtype
+    pending: list[Document] = []
+    pending_bytes = num_docs = num_bytes = 0
+
+    def flush() -> None:
+        ids = tokenizer.encode_batch(
+            [d.text for d in pending], add_bos=config.add_bos, add_eos=config.add_eos
+        )
+        for doc, arr in zip(pending, ids, strict=True):
+            series.write(doc.id, arr.astype(dtype), doc.fields)
+        pending.clear()
+
+    for doc in docs:
+        size = len(doc.text.encode("utf-8"))
+        pending.append(doc)
+        pending_bytes += size
+        num_docs += 1
+        num_bytes += size
+        if len(pending) >= TOKENIZE_BATCH_DOCS or pending_bytes >= TOKENIZE_BATCH_BYTES:
+            flush()
+            pending_bytes = 0
+        progress.add(1, size)
+    if pending:
+        flush()
+    return num_docs, num_bytes
+
+
+def _convert_file(
+    source: InputFile,
+    series: ShardSeries,
+    progress: _Throttle,
+    *,
+    config: ConvertConfig,
+    tokenizer: TextTokenizer | None,
+    spec: RecordSpec,
+    bad: BadRecords,
+    fast_jsonl: bool,
+) -> _FileDone:
+    """Convert one input file by the first path that applies: whole-file JSONL, tokenize, lines."""
+    stats = Counter[str]()
+    skipped_before = bad.total
+    limit = config.max_record_bytes
+    table = (
+        read_jsonl_table(source, spec=spec, stats=stats, max_record_bytes=limit)
+        if fast_jsonl
+        else None
+    )
+    if table is not None and tokenizer is None:  # whole-file JSONL
+        series.write_table(table)
+        num_docs, text_bytes = len(table.sizes), 0
+        progress.add(num_docs, 0)
+    else:
+        docs: Iterable[Document] = (
+            table.documents()
+            if table is not None
+            else read_documents(source, spec=spec, bad=bad, stats=stats, max_record_bytes=limit)
+        )
+        if tokenizer is not None:
+            num_docs, text_bytes = _write_tokens(docs, series, progress, tokenizer, config)
         else:
-            self._num_payload += payload.nbytes
-            self._num_tokens += len(payload)
-        self._close_if_full()
+            num_docs, text_bytes = _write_texts(docs, series, progress)
+    # Progress counted text bytes; settle this file at its raw (JSON) input bytes.
+    progress.add(0, stats["bytes"] - text_bytes)
+    entry = {
+        "url": source.url,
+        "num_bytes": source.num_bytes,
+        "num_records": stats["records"],
+        "num_skipped": bad.total - skipped_before,
+        "num_blank_lines": stats["blank_lines"],
+    }
+    return _FileDone(entry, num_docs, stats["bytes"])
 
-    def write_table(self, table: DocumentTable) -> None:
-        """Add a whole file of text samples; same shards and bytes as writing them one by one."""
-        start, n = 0, len(table.sizes)
-        while start < n:
-            if self._writer is None:
-                self._open()
-            take = rows_before_limit(
-                table.sizes[start:], self._num_payload, self._config.shard_bytes
-            )
-            if self._config.shard_samples:
-                take = min(take, self._config.shard_samples - self._num_samples)
-            part = table.slice(start, take)
-            self._writer.write_columns(part.ids, part.texts, part.fields, part.sizes)
-            self._num_samples += take
-            self._num_payload += int(part.sizes.sum())
-            start += take
-            self._close_if_full()
 
-    def _close_if_full(self) -> None:
-        limit = self._config.shard_samples
-        if self._num_payload >= self._config.shard_bytes or (limit and self._num_samples >= limit):
-            self._close_shard()
-
-    def _open(self) -> None:
-        stem = f"shard-{self._task:05d}-{len(self.shards):04d}"
-        self._name = stem + self._suffix
-        self._sink = self._out.open_atomic(self._name, tmp_prefix=f"{self._task:05d}-")
-        self._writer = self._format.open_writer(
-            self._sink,
-            shard_name=stem,
-            fields=self._fields,
-            token_dtype=self._token_dtype,
-            compression=self._config.compression,
-            compression_level=self._config.compression_level,
-            batch_bytes=self._config.batch_bytes,
+def _task_record(
+    task: Task,
+    settings_fingerprint: str,
+    shards: Sequence[ShardInfo],
+    done: Sequence[_FileDone],
+    bad: BadRecords,
+) -> dict[str, Any]:
+    """The completion record of a task (and the log line of what it skipped)."""
+    if bad.total:
+        log.warning(
+            "task %d: skipped %d bad records %s; first at %s",
+            task.index,
+            bad.total,
+            dict(sorted(bad.counts.items())),
+            bad.examples[0],
         )
-        self._num_samples = self._num_payload = self._num_tokens = 0
-
-    def _close_shard(self) -> None:
-        assert self._sink is not None
-        self._writer.close()
-        self._sink.commit()
-        self.shards.append(
-            ShardInfo(
-                path=self._name,
-                num_samples=self._num_samples,
-                num_bytes=self._sink.num_bytes,
-                checksum=self._sink.sha256,
-                num_tokens=self._num_tokens,
-            )
-        )
-        self._writer = self._sink = None
-
-    def close(self) -> list[ShardInfo]:
-        """Finish the open shard and return all shards written."""
-        if self._writer is not None:
-            self._close_shard()
-        return self.shards
-
-    def abort(self) -> None:
-        """Drop the open shard's temporary file."""
-        if self._sink is not None:
-            self._sink.abort()
+    return {
+        "task": task.index,
+        "settings": settings_fingerprint,
+        "shards": [s._asdict() for s in shards],
+        "sources": [d.source for d in done],
+        "num_docs": sum(d.num_docs for d in done),
+        "num_input_bytes": sum(d.num_bytes for d in done),
+        "skipped": dict(sorted(bad.counts.items())),
+        "skipped_examples": bad.examples,
+    }
 
 
 def run_task(
@@ -376,17 +453,25 @@ def run_task(
 
     Returns:
         The completion record (as written to ``_work/task-NNNNN.json``).
+
+    Raises:
+        StorageError: Writing a shard or the record failed (the file, the reason, a remedy).
     """
     out = OutputDir(config.output)
-    out.clean_tmp(f"{task.index:05d}-")
+    with _writing(out.url):
+        out.clean_tmp(f"{task.index:05d}-")  # left by a run that died in this task
     tokenizer = (
         TextTokenizer(config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token)
         if config.tokenizer
         else None
     )
-    token_dtype = tokenizer.info.dtype if tokenizer else None
     series = ShardSeries(
-        out, config, task.index, _fields(bool(config.tokenizer), config.keep_fields), token_dtype
+        out,
+        config,
+        task.index,
+        _fields(bool(config.tokenizer), config.keep_fields),
+        tokenizer.info.dtype if tokenizer else None,
+        tmp_prefix=f"{task.index:05d}-{os.getpid()}-",
     )
     spec = RecordSpec(
         text_field=config.text_field,
@@ -394,107 +479,28 @@ def run_task(
         keep_fields=parse_keep_fields(config.keep_fields),
     )
     bad = BadRecords(config.on_bad_record)
-    sources: list[dict[str, Any]] = []
-    pending: list[Any] = []
-    pending_bytes = 0
-    last_report = time.monotonic()
-    done_docs = done_bytes = 0
-    totals = Counter[str]()
-
-    def flush_tokens() -> None:
-        nonlocal pending_bytes
-        assert tokenizer is not None
-        ids = tokenizer.encode_batch(
-            [d.text for d in pending], add_bos=config.add_bos, add_eos=config.add_eos
-        )
-        for doc, arr in zip(pending, ids, strict=True):
-            series.write(doc.id, arr.astype(token_dtype), doc.fields)
-        pending.clear()
-        pending_bytes = 0
-
+    progress = _Throttle(report)
     try:
-        for source in task.files:
-            stats = Counter[str]()
-            skipped_before = bad.total
-            table = (
-                read_jsonl_table(
-                    source, spec=spec, stats=stats, max_record_bytes=config.max_record_bytes
-                )
-                if fast_jsonl
-                else None
+        done = [
+            _convert_file(
+                source,
+                series,
+                progress,
+                config=config,
+                tokenizer=tokenizer,
+                spec=spec,
+                bad=bad,
+                fast_jsonl=fast_jsonl,
             )
-            file_bytes = 0  # text bytes reported for this file so far
-            if table is not None and tokenizer is None:
-                series.write_table(table)
-                totals["docs"] += len(table.sizes)
-                done_docs += len(table.sizes)
-                docs: Iterable[Document] = ()
-            elif table is not None:
-                docs = table.documents()
-            else:
-                docs = read_documents(
-                    source,
-                    spec=spec,
-                    bad=bad,
-                    stats=stats,
-                    max_record_bytes=config.max_record_bytes,
-                )
-            for doc in docs:
-                data = doc.text.encode("utf-8")  # sources refused lone surrogates
-                totals["docs"] += 1
-                done_docs += 1
-                done_bytes += len(data)
-                file_bytes += len(data)
-                if tokenizer is not None:
-                    pending.append(doc)
-                    pending_bytes += len(data)
-                    if len(pending) >= TOKENIZE_BATCH_DOCS or pending_bytes >= TOKENIZE_BATCH_BYTES:
-                        flush_tokens()
-                else:
-                    series.write(doc.id, data, doc.fields)
-                now = time.monotonic()
-                if now - last_report >= PROGRESS_EVERY_S:
-                    report(done_docs, done_bytes)
-                    done_docs = done_bytes = 0
-                    last_report = now
-            if pending:
-                flush_tokens()
-            # Progress counted text bytes; settle this file at its raw (JSON) input bytes.
-            done_bytes += stats["bytes"] - file_bytes
-            totals["bytes"] += stats["bytes"]
-            sources.append(
-                {
-                    "url": source.url,
-                    "num_bytes": source.num_bytes,
-                    "num_records": stats["records"],
-                    "num_skipped": bad.total - skipped_before,
-                    "num_blank_lines": stats["blank_lines"],
-                }
-            )
+            for source in task.files
+        ]
         shards = series.close()
     except BaseException:
         series.abort()
         raise
-    report(done_docs, done_bytes)
-    if bad.total:
-        log.warning(
-            "task %d: skipped %d bad records %s; first at %s",
-            task.index,
-            bad.total,
-            dict(sorted(bad.counts.items())),
-            bad.examples[0],
-        )
-    record = {
-        "task": task.index,
-        "settings": settings_fingerprint,
-        "shards": [s._asdict() for s in shards],
-        "sources": sources,
-        "num_docs": totals["docs"],
-        "num_input_bytes": totals["bytes"],
-        "skipped": dict(sorted(bad.counts.items())),
-        "skipped_examples": bad.examples,
-    }
-    out.write_bytes_atomic(_record_name(task.index), json.dumps(record, indent=1).encode())
+    progress.flush()
+    record = _task_record(task, settings_fingerprint, shards, done, bad)
+    _write_file(out, _record_name(task.index), json.dumps(record, indent=1).encode())
     out.close()
     return record
 
@@ -504,9 +510,11 @@ def run_task(
 _progress_queue: Any = None
 
 
-def _init_worker(progress_queue: Any) -> None:
+def _init_worker(progress_queue: Any, lock_fd: int | None) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    if lock_fd is not None:  # forked: drop our copy, so the lock dies with the parent
+        os.close(lock_fd)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
 
 
@@ -568,7 +576,11 @@ def pool_start_method() -> str:
 
 
 def _run_tasks(
-    tasks: Sequence[Task], config: ConvertConfig, fingerprint: str, num_proc: int
+    tasks: Sequence[Task],
+    config: ConvertConfig,
+    fingerprint: str,
+    num_proc: int,
+    lock_fd: int | None = None,
 ) -> list[dict[str, Any]]:
     start_method = pool_start_method()
     files = [f for t in tasks for f in t.files]
@@ -580,7 +592,10 @@ def _run_tasks(
             return [run_task(t, config, fingerprint, progress.update) for t in tasks]
         ctx = mp.get_context(start_method)
         q = ctx.Queue()
-        pool = ctx.Pool(min(num_proc, len(tasks)), initializer=_init_worker, initargs=(q,))
+        inherited = lock_fd if start_method == "fork" else None
+        pool = ctx.Pool(
+            min(num_proc, len(tasks)), initializer=_init_worker, initargs=(q, inherited)
+        )
         try:
             pending = [pool.apply_async(_pool_task, (t, config, fingerprint)) for t in tasks]
             while not all(r.ready() for r in pending):
@@ -651,19 +666,128 @@ def _check_output(out: OutputDir, plan: dict[str, Any], config: ConvertConfig) -
 
 
 def _clear(out: OutputDir) -> None:
-    """Remove what a conversion writes: manifest, shards, work records."""
-    out.remove(MANIFEST_NAME)
-    out.remove(WORK_DIR, recursive=True)
-    for name in out.list():
-        if name.startswith("shard-") and name.endswith((".arrow", ".tar", ".tar.zst")):
-            out.remove(name)
+    """Remove what a conversion writes: manifest, shards, work records (not the run's lock)."""
+    with _writing(out.url):
+        out.remove(MANIFEST_NAME)
+        for name in out.list(WORK_DIR):
+            if not name.startswith(LOCK_NAME.rsplit("/", 1)[1]):
+                out.remove(f"{WORK_DIR}/{name}", recursive=True)
+        for name in out.list():
+            if name.startswith("shard-") and name.endswith((".arrow", ".tar", ".tar.zst")):
+                out.remove(name)
+
+
+@contextlib.contextmanager
+def _writing(url: str) -> Iterator[None]:
+    """Turn an ``OSError`` from writing ``url`` into a `StorageError` with a remedy."""
+    try:
+        yield
+    except ShardloaderError:
+        raise
+    except OSError as err:
+        raise write_error(url, err) from err
+
+
+def _write_file(out: OutputDir, rel: str, data: bytes) -> None:
+    """Write ``rel`` atomically, under a temporary name no other process uses."""
+    with _writing(out.url_of(rel)):
+        f = out.open_atomic(rel, tmp_prefix=f"p{os.getpid()}-")
+        try:
+            f.write(data)
+            f.commit()
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk fails the flush in close() again
+                f.abort()
+            raise
+
+
+def _lock_output(out: OutputDir, rel: str) -> int | None:
+    """Lock ``out`` for this run; returns the descriptor to hold (``None``: a remote output).
+
+    The lock is an ``flock`` on ``rel``, so the kernel drops it when its holder dies and a rerun
+    after ``kill -9`` takes it at once; the file names the holder (pid and host) for the message
+    a second run gets. Object stores have no locks: there, one run per output is up to the user.
+
+    Raises:
+        ConfigError: Another process holds the lock.
+    """
+    if not out.local:
+        return None
+    path = storage.url_to_fs(out.url_of(rel))[1]
+    with _writing(out.url_of(rel)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 256).decode("utf-8", "replace").split()
+                os.close(fd)
+                pid, host = [*holder, "?", "?"][:2]
+                raise ConfigError(
+                    f"{out.url}: is being written by pid {pid} on {host}; wait for it or remove "
+                    f"{path} if it died"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            os.close(fd)  # its holder removed it as we opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    return fd
+
+
+def _unlock_output(out: OutputDir, rel: str, fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(storage.url_to_fs(out.url_of(rel))[1])
+        os.close(fd)
+
+
+def _location(url: str) -> str:
+    """A comparable form of a path or URL: symlinks resolved for local paths."""
+    if storage.is_url(url):
+        return storage.normalize(url).rstrip("/")
+    return os.path.realpath(os.path.expanduser(url))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _list_inputs(inputs: Sequence[str], output: str) -> list[InputFile]:
+    """List the input files; an input folder that holds the output is read without it.
+
+    Raises:
+        ConfigError: An input (file, folder or pattern) is inside the output directory.
+        CorpusError: An input matches nothing, or nothing is left.
+    """
+    out_at = _location(output)
+    files: list[InputFile] = []
+    for pattern in inputs:
+        if _inside(_location(pattern), out_at):
+            raise ConfigError(
+                f"{pattern}: this input is inside the output directory {output}; a conversion "
+                "cannot read its own output: move the input or choose another output"
+            )
+        try:
+            found = storage.list_files([pattern])
+        except FileNotFoundError as err:
+            raise CorpusError(f"{err}; check the input paths") from err
+        kept = [f for f in found if not _inside(_location(f.url), out_at)]
+        if len(kept) < len(found):
+            log.info(
+                "%s: left out %d files inside the output directory %s",
+                pattern,
+                len(found) - len(kept),
+                output,
+            )
+        files.extend(kept)
+    return files
 
 
 def _make_plan(config: ConvertConfig, inputs: Sequence[str]) -> tuple[dict[str, Any], list[Task]]:
-    try:
-        files = storage.list_files(inputs)
-    except FileNotFoundError as err:
-        raise CorpusError(f"{err}; check the input paths") from err
+    files = _list_inputs(inputs, config.output)
     if not files:
         raise CorpusError(f"no input files found in {list(inputs)}")
     info = None
@@ -698,29 +822,38 @@ def convert(inputs: Sequence[str] | str, config: ConvertConfig) -> ConvertResult
 
     Raises:
         CorpusError: Bad input (with ``on_bad_record="raise"``), missing or unreadable files.
-        ConfigError: Invalid settings, or an output that holds another dataset.
+        ConfigError: Invalid settings, an output that holds another dataset or that another
+            run is writing, or an input inside the output.
+        StorageError: Writing the output failed (full disk, read-only, a file in the way).
     """
     start = time.monotonic()
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     plan, tasks = _make_plan(config, inputs)
     out = OutputDir(config.output)
-    out.makedirs()
-    done = _check_output(out, plan, config)
-    if done is not None:
-        log.info("%s: this conversion is already complete", out.url)
-        return _result(out.url, done, [], len(tasks), len(tasks), time.monotonic() - start)
-    out.write_bytes_atomic(PLAN_NAME, json.dumps(plan, indent=1).encode())
-    mine = [t for t in tasks if t.index % config.num_tasks == config.task_index]
-    finished = set(_finished_tasks(out, plan["fingerprint"]))
-    todo = [t for t in mine if t.index not in finished]
-    if len(todo) < len(mine):
-        log.info("resuming: %d of %d tasks already done", len(mine) - len(todo), len(mine))
-    num_proc = config.num_proc or _available_cpus()
-    records = _run_tasks(todo, config, plan["fingerprint"], num_proc)
-    manifest = None
-    if config.num_tasks == 1:
-        manifest = _write_manifest(out, plan)
-    out.close()
+    with _writing(out.url):
+        out.makedirs()
+    # One lock per slice: slices of one conversion may run at once, a slice twice may not.
+    lock_name = LOCK_NAME if config.num_tasks == 1 else f"{LOCK_NAME}-{config.task_index}"
+    lock_fd = _lock_output(out, lock_name)
+    try:
+        done = _check_output(out, plan, config)
+        if done is not None:
+            log.info("%s: this conversion is already complete", out.url)
+            return _result(out.url, done, [], len(tasks), len(tasks), time.monotonic() - start)
+        _write_file(out, PLAN_NAME, json.dumps(plan, indent=1).encode())
+        mine = [t for t in tasks if t.index % config.num_tasks == config.task_index]
+        finished = set(_finished_tasks(out, plan["fingerprint"]))
+        todo = [t for t in mine if t.index not in finished]
+        if len(todo) < len(mine):
+            log.info("resuming: %d of %d tasks already done", len(mine) - len(todo), len(mine))
+        num_proc = config.num_proc or _available_cpus()
+        records = _run_tasks(todo, config, plan["fingerprint"], num_proc, lock_fd)
+        manifest = None
+        if config.num_tasks == 1:
+            manifest = _write_manifest(out, plan)
+    finally:
+        _unlock_output(out, lock_name, lock_fd)
+        out.close()
     return _result(
         out.url, manifest, records, len(mine) - len(todo), len(tasks), time.monotonic() - start
     )
@@ -783,7 +916,7 @@ def _write_manifest(out: OutputDir, plan: Mapping[str, Any]) -> Manifest:
         skipped_examples=tuple(examples[:20]),
         created_by=f"shardloader {__version__}",
     )
-    out.write_bytes_atomic(MANIFEST_NAME, manifest_to_json(manifest))
+    _write_file(out, MANIFEST_NAME, manifest_to_json(manifest))
     return manifest
 
 

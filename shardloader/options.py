@@ -115,9 +115,13 @@ def _cli_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
     ]
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any, parse: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value) or "none"
+    if parse is parse_size and isinstance(value, int):
+        for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+            if value >= 1 << shift and value % (1 << shift) == 0:
+                return f"{value >> shift}{unit}"
     return str(value)
 
 
@@ -171,7 +175,7 @@ def add_options(
         if has_default:
             kwargs["default"] = f.default
             if f.default is not None:
-                kwargs["help"] = f"{help_text} (default {_shown(f.default)})"
+                kwargs["help"] = f"{help_text} (default {_shown(f.default, meta.get('parse'))})"
         else:
             kwargs["required"] = True
         parser.add_argument(*names, **kwargs)

@@ -25,7 +25,8 @@ model learns to end its answer. BOS / EOS are whatever the template writes.
 
 The tokenizer is a :class:`shardloader.TextTokenizer` or a Hugging Face fast tokenizer
 (``transformers.AutoTokenizer.from_pretrained(dir, local_files_only=True)``); only the latter
-carries a chat template. :func:`check_tokenizer` compares its fingerprint with a manifest's.
+carries a chat template. :func:`shardloader.tokenizer.check_tokenizer` compares its fingerprint with
+a manifest's.
 """
 
 from __future__ import annotations
@@ -36,8 +37,19 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from shardloader.errors import ConfigError, CorpusError
-from shardloader.manifest import Manifest
-from shardloader.tokenizer import TextTokenizer, _fingerprint
+
+# check_tokenizer and tokenizer_fingerprint live in shardloader.tokenizer; dataset.py still imports
+# check_tokenizer from here.
+from shardloader.tokenizer import TextTokenizer, check_tokenizer, tokenizer_fingerprint
+
+__all__ = [
+    "EncodedDoc",
+    "Encoder",
+    "SampleEncoder",
+    "check_tokenizer",
+    "encode_token_samples",
+    "tokenizer_fingerprint",
+]
 
 
 class EncodedDoc(NamedTuple):
@@ -317,42 +329,3 @@ def _render_turns(
     if not spans:
         raise CorpusError(f"{_describe(sample)}: no assistant turn, so nothing to learn from")
     return full, spans
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """The vocabulary fingerprint of a TextTokenizer or Hugging Face fast tokenizer.
-
-    It is the one ``shardloader convert`` records in the manifest (vocabulary plus which added
-    tokens are special), so the two kinds of tokenizer loaded from one directory agree.
-    """
-    if isinstance(tokenizer, TextTokenizer):
-        return tokenizer.info.fingerprint
-    rust = _Backend(tokenizer).rust
-    vocab = rust.get_vocab(with_added_tokens=True)
-    special = sorted(t.content for t in rust.get_added_tokens_decoder().values() if t.special)
-    return _fingerprint(vocab, special)
-
-
-def check_tokenizer(manifest: Manifest, tokenizer: Any, *, where: str = "dataset") -> None:
-    """Refuse a tokenizer whose fingerprint differs from the one the shards were tokenized with.
-
-    Text shards (no tokenizer in the manifest) accept any tokenizer.
-
-    Args:
-        manifest: The manifest of the shards.
-        tokenizer: The tokenizer about to be used with them.
-        where: The dataset URL, for the message.
-
-    Raises:
-        ConfigError: The fingerprints differ; the message names both.
-    """
-    if not manifest.tokenizer:
-        return
-    expected = manifest.tokenizer.get("fingerprint")
-    actual = tokenizer_fingerprint(tokenizer)
-    if expected != actual:
-        name = _Backend(tokenizer).name
-        raise ConfigError(
-            f"{where}: shards were tokenized with the tokenizer of fingerprint {expected}, but"
-            f" {name} has fingerprint {actual}; use the tokenizer the shards were converted with"
-        )

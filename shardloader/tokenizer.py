@@ -4,6 +4,7 @@ Encoding never adds the tokenizer's own special tokens (``add_special_tokens=Fal
 are added explicitly by the caller (conversion appends EOS to every document by default), so the
 same ids come out whatever the tokenizer's post-processor would do.
 
+`check_tokenizer` refuses a tokenizer whose fingerprint differs from the one a manifest records.
 The fingerprint is the sha256 of the vocabulary (token -> id, added tokens included) and of which
 added tokens are special: two tokenizers with the same fingerprint map ids to the same strings.
 Which token plays EOS or BOS is recorded beside it, not in it, so loading ``tokenizer.json`` alone
@@ -19,13 +20,16 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from shardloader.errors import ConfigError
+
+if TYPE_CHECKING:
+    from shardloader.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +188,60 @@ def _fingerprint(vocab: dict[str, int], special: list[str]) -> str:
         separators=(",", ":"),
     )
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The vocabulary fingerprint of a TextTokenizer or Hugging Face fast tokenizer.
+
+    It is the one ``shardloader convert`` records in the manifest (vocabulary plus which added
+    tokens are special), so the two kinds of tokenizer loaded from one directory agree.
+
+    Raises:
+        ConfigError: ``tokenizer`` is neither kind.
+    """
+    if isinstance(tokenizer, TextTokenizer):
+        return tokenizer.info.fingerprint
+    rust = getattr(tokenizer, "backend_tokenizer", None)
+    if rust is None:
+        raise ConfigError(
+            f"tokenizer {type(tokenizer).__name__} is neither a shardloader.TextTokenizer nor"
+            " a Hugging Face fast tokenizer; load one with AutoTokenizer (use_fast=True)"
+        )
+    vocab = rust.get_vocab(with_added_tokens=True)
+    special = sorted(t.content for t in rust.get_added_tokens_decoder().values() if t.special)
+    return _fingerprint(vocab, special)
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    if isinstance(tokenizer, TextTokenizer):
+        return tokenizer.path
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def check_tokenizer(manifest: Manifest, tokenizer: Any, *, where: str = "dataset") -> None:
+    """Refuse a tokenizer whose fingerprint differs from the one the shards were tokenized with.
+
+    Text shards (no tokenizer in the manifest) accept any tokenizer.
+
+    Args:
+        manifest: The manifest of the shards.
+        tokenizer: The tokenizer about to be used with them (a TextTokenizer or a Hugging Face
+            fast tokenizer).
+        where: The dataset URL, for the message.
+
+    Raises:
+        ConfigError: The fingerprints differ; the message names both.
+    """
+    if not manifest.tokenizer:
+        return
+    expected = manifest.tokenizer.get("fingerprint")
+    actual = tokenizer_fingerprint(tokenizer)
+    if expected != actual:
+        raise ConfigError(
+            f"{where}: shards were tokenized with the tokenizer of fingerprint {expected}, but"
+            f" {_tokenizer_name(tokenizer)} has fingerprint {actual}; use the tokenizer the"
+            " shards were converted with"
+        )
 
 
 def train_bpe_tokenizer(

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 import shardloader
 from shardloader.errors import ConfigError, CorpusError
 from shardloader.pack import PackConfig, Packer, PackingCollator, collate_rows
-from shardloader.pack_encode import SampleEncoder, check_tokenizer, tokenizer_fingerprint
+from shardloader.pack_encode import SampleEncoder
+from shardloader.tokenizer import check_tokenizer, tokenizer_fingerprint
 from tests.conftest import make_docs, write_jsonl
 
 # A small ChatML-like template: each turn is "<|role|>\n" + content + EOS + "\n".
