@@ -1,37 +1,31 @@
-"""Command-line interface: ``shardloader convert | merge | inspect | verify | train-tokenizer``.
+"""Command-line interface: ``shardloader convert | merge | inspect | verify | profile | train``.
 
-Flags mirror the fields of the config objects. This module parses and prints; the work happens in
-the library. Errors from shardloader print as one line (``error: <location>: <what>``) and exit 1.
+Also ``train-tokenizer``. Flags mirror the fields of the config objects (`shardloader.options`;
+``train`` hands all its flags to ``python -m shardloader.train``). This module parses and prints;
+the work happens in the library. Errors from shardloader print as one line
+(``error: <location>: <what>``) and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from shardloader import __version__
 from shardloader.convert import ConvertConfig, ConvertResult, convert, merge
-from shardloader.errors import ConfigError, ShardloaderError
+from shardloader.errors import ShardloaderError
 from shardloader.manifest import Manifest, read_manifest
-from shardloader.options import add_options, config_from_args
+from shardloader.options import add_options, config_from_args, parse_size
+from shardloader.profiling import ProfileConfig, profile_dataset
 from shardloader.verify import iter_samples, verify
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Parse ``"64MB"``, ``"64MiB"``, ``"1.5G"`` or ``"1000"`` into bytes (K/M/G: powers of 2)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MB)")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * (1 << (10 * " kmgt".index(unit))) if unit else number)
+__all__ = ["build_parser", "main", "parse_size"]  # parse_size: shardloader.options's, re-exported
 
 
 def _fmt_bytes(n: float) -> str:
@@ -166,23 +160,8 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from shardloader.profiling import profile_dataset
-
-    try:
-        workers = [int(w) for w in args.num_workers.split(",") if w]
-    except ValueError:
-        raise ConfigError(
-            f"--num-workers takes counts like 0,2; got {args.num_workers!r}"
-        ) from None
-    report = profile_dataset(
-        args.dataset,
-        tokenizer=args.tokenizer,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        num_workers=workers,
-        seconds=args.seconds,
-        cache_dir=args.cache_dir,
-    )
+    config = config_from_args(ProfileConfig, args)
+    report = profile_dataset(**dataclasses.asdict(config))
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0
@@ -252,15 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "profile", help="time each stage of reading a dataset here; name the bottleneck"
     )
-    p.add_argument("dataset")
-    p.add_argument("--tokenizer", help="local tokenizer (needed for text shards)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--num-workers", default="0,2", help="comma-separated worker counts to run the loader with"
-    )
-    p.add_argument("--seconds", type=float, default=2.0, help="time budget of each stage")
-    p.add_argument("--cache-dir", help="cache of the loader runs (default: a temporary one)")
+    add_options(p, ProfileConfig)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     # Its flags live with TrainConfig in shardloader.train, which imports torch: parsed there.
     p = sub.add_parser(

@@ -524,6 +524,25 @@ def collate_rows(rows: Sequence[PackedRow], config: PackConfig) -> dict[str, Any
     return batch
 
 
+def empty_batch(config: PackConfig, batch_size: int) -> dict[str, Any]:
+    """The batch a rank with no data left feeds the model, to keep in step with the others.
+
+    It is `collate_rows` of ``batch_size`` rows without tokens, so its keys, dtypes and layout
+    are a real batch's: each row is one padding segment of ``seq_len`` tokens (``pad_id``,
+    labels ``IGNORE_INDEX``, ``attention_mask`` 0 in pad mode), so it trains nothing (zero loss
+    and gradient); ``sample_ids`` and ``sample_rows`` are empty, and every ``cursor`` is
+    ``(0, 0)``. Rows are ``seq_len`` wide also with ``pad_to_longest``.
+
+    Raises:
+        ConfigError: ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    nothing = np.zeros(0, dtype=np.int64)
+    row = PackedRow(nothing, nothing, nothing, None, (0, 0))
+    return collate_rows([row] * batch_size, dataclasses.replace(config, pad_to_longest=False))
+
+
 class PackingCollator:
     """A DataLoader ``collate_fn`` that packs the documents of one batch (no carry, no resume).
 

@@ -18,6 +18,7 @@ into advice on workers, cache, tokenizing ahead and shard size, with the rate ea
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import shutil
@@ -33,11 +34,46 @@ from shardloader import storage
 from shardloader.errors import ConfigError
 from shardloader.formats import get_format
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
+from shardloader.options import option
 from shardloader.pack import IGNORE_INDEX, PackConfig, Packer, collate_rows
 from shardloader.pack_encode import SampleEncoder
 from shardloader.tokenizer import TextTokenizer
 
 DEFAULT_CACHE_BYTES = 16 << 30  # StreamConfig's default
+
+
+def _worker_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes counts like 0,2; got {text!r}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    """What `profile_dataset` measures; every field is also a flag of ``shardloader profile``.
+
+    Raises:
+        ConfigError: A value is out of range.
+    """
+
+    source: str = option(
+        help="a converted dataset (directory or URL)", positional=True, metavar="dataset"
+    )
+    tokenizer: str | None = option(None, "local tokenizer (needed for text shards)")
+    seq_len: int = option(2048, "tokens per packed row")
+    batch_size: int = option(8, "rows per batch")
+    num_workers: tuple[int, ...] = option(
+        (0, 2), "comma-separated worker counts to run the loader with", parse=_worker_counts
+    )
+    seconds: float = option(2.0, "time budget of each stage")
+    cache_dir: str | None = option(None, "cache of the loader runs (default: a temporary one)")
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0 or self.seq_len < 1 or self.batch_size < 1:
+            raise ConfigError("seconds, seq_len and batch_size must be > 0")
+        if any(k < 0 for k in self.num_workers):
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ The one module that reads the environment. Rank and world size come, in this ord
 the user passed, from ``torch.distributed`` when a process group is initialized, from the
 ``RANK`` / ``WORLD_SIZE`` variables that ``torchrun`` sets, and otherwise default to a single
 process. They are resolved when iteration starts, never when a dataset is built, so a dataset
-may be made before ``init_process_group``.
+may be made before ``init_process_group``. `launch_env` gives a training script what its
+launcher said (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), before any process group exists.
 
 DataLoader workers have no process group of their own: a forked worker inherits its parent's,
 while a spawned one does not. `ShardDataset` therefore resolves the world in the rank's own
@@ -73,6 +74,44 @@ def detect_world(rank: int | None = None, world_size: int | None = None) -> Worl
     return WorldInfo(
         rank=rank, world_size=world_size, worker_id=info.id, num_workers=info.num_workers
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchEnv:
+    """What the launcher (``torchrun``) told this process; a single process without one.
+
+    Attributes:
+        rank: ``RANK`` (default 0).
+        world_size: ``WORLD_SIZE`` (default 1).
+        local_rank: ``LOCAL_RANK``, the rank on this node, which picks its GPU (default 0).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def launch_env() -> LaunchEnv:
+    """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``, each defaulting to a single process.
+
+    Raises:
+        ConfigError: One of them is set but not an integer.
+    """
+    return LaunchEnv(
+        rank=_env_int("RANK", 0),
+        world_size=_env_int("WORLD_SIZE", 1),
+        local_rank=_env_int("LOCAL_RANK", 0),
+    )
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError as err:
+        raise ConfigError(f"{name}={text!r} in the environment is not an integer") from err
 
 
 def in_spawning_process() -> bool:

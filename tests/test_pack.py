@@ -19,6 +19,7 @@ from shardloader.pack import (
     PackingCollator,
     best_fit_decreasing,
     collate_rows,
+    empty_batch,
 )
 
 
@@ -458,3 +459,35 @@ def test_packer_reads_lazily_and_counts():
     assert packer.stats.num_samples == 2000
     assert packer.stats.num_rows == len(rest) + 1
     assert packer.stats.num_input_tokens == packer.stats.num_row_tokens == 200_000
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"mode": "concat"},
+        {"mode": "bfd"},
+        {"mode": "pad"},
+        {"mode": "pad", "pad_to_longest": True, "group_by_length": True},
+    ],
+)
+def test_empty_batch_has_the_layout_of_a_real_batch_and_trains_nothing(settings):
+    config = PackConfig(seq_len=16, buffer_size=4, **settings)
+    real = collate_rows(run(config, make_samples([5, 9, 30, 2]))[:3], config)
+    empty = empty_batch(config, 3)
+    assert empty.keys() == real.keys()
+    for key, value in real.items():
+        assert type(empty[key]) is type(value), key
+        if isinstance(value, torch.Tensor):
+            assert empty[key].dtype == value.dtype, key
+            assert empty[key].dim() == value.dim(), key
+    for key in ("input_ids", "labels", "position_ids"):
+        assert empty[key].shape == (3, 16)
+    assert empty["cursor"].shape == real["cursor"].shape == (3, 2)
+    assert (empty["labels"] == -100).all()  # no token is trained
+    assert empty["sample_ids"].numel() == empty["sample_rows"].numel() == 0
+    assert empty["cu_seqlens"].tolist() == [0, 16, 32, 48]
+    assert empty["position_ids"][1].tolist() == list(range(16))
+    if config.mode == "pad":
+        assert not empty["attention_mask"].any()
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        empty_batch(config, 0)

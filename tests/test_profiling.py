@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from shardloader import ConfigError
-from shardloader.profiling import ProfileReport, StageResult, profile_dataset, suggest
+from shardloader.profiling import (
+    ProfileConfig,
+    ProfileReport,
+    StageResult,
+    profile_dataset,
+    suggest,
+)
 from shardloader.testing import S3Server
 from tests.streaming import make_dataset
 
@@ -166,3 +172,33 @@ def test_cli_names_a_missing_dataset(tmp_path: Path) -> None:
     assert "nothing-here" in result.stderr
     assert "no manifest" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_profile_config_is_what_profile_dataset_takes() -> None:
+    # `shardloader profile` calls profile_dataset(**asdict(config)): names and defaults agree.
+    import inspect
+
+    params = inspect.signature(profile_dataset).parameters
+    for f in dataclasses.fields(ProfileConfig):
+        assert f.name in params, f.name
+        if f.name != "source":
+            assert params[f.name].default == f.default, f.name
+    with pytest.raises(ConfigError, match="seconds, seq_len and batch_size must be > 0"):
+        ProfileConfig(source="d", seconds=0)
+    with pytest.raises(ConfigError, match="num_workers must be >= 0"):
+        ProfileConfig(source="d", num_workers=(0, -1))
+
+
+def test_cli_flags_come_from_profile_config(tmp_path: Path) -> None:
+    from shardloader.cli import build_parser
+    from shardloader.options import config_from_args
+
+    args = build_parser().parse_args(
+        ["profile", "d/", "--num-workers", "1,3", "--seq-len", "64", "--json"]
+    )
+    config = config_from_args(ProfileConfig, args)
+    assert config == ProfileConfig(source="d/", num_workers=(1, 3), seq_len=64)
+    assert args.json is True
+    bad = run_cli(str(tmp_path), "--num-workers", "two")
+    assert bad.returncode == 2
+    assert "--num-workers: takes counts like 0,2; got 'two'" in bad.stderr

@@ -16,21 +16,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
-from shardloader import ConfigError, ResumeError
+from shardloader import ConfigError, ConvertConfig, ResumeError, convert, read_manifest
 from shardloader.checkpoint import latest_checkpoint, list_checkpoints, read_trainer_state
+from shardloader.options import add_options, config_from_args
+from shardloader.pack import PackConfig, empty_batch
 from shardloader.testing import S3Server
-from shardloader.train import (
-    TrainConfig,
-    add_arguments,
-    config_from_args,
-    lr_at,
-    train,
-)
+from shardloader.train import TrainConfig, lr_at, train
+from shardloader.train.loop import check_not_empty
+from shardloader.train.model import build_model, forward_loss_sum
+from tests.conftest import make_docs, write_jsonl
 from tests.streaming import NUM_SAMPLES, make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,11 +99,11 @@ def test_flags_mirror_the_config_fields() -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_options(parser, TrainConfig)
     args = parser.parse_args(
         ["data/", "--output-dir", "o", "--max-steps", "7", "--no-shuffle", "--lr", "0.01"]
     )
-    config = config_from_args(args)
+    config = config_from_args(TrainConfig, args)
     assert (config.data, config.output_dir, config.max_steps) == ("data/", "o", 7)
     assert config.shuffle is False
     assert config.lr == 0.01
@@ -127,6 +127,65 @@ def test_bad_settings_are_named(overrides: dict[str, Any], message: str, tmp_pat
 def test_a_missing_model_path_is_named(token_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no-such-model: no such model directory"):
         train(small_run(token_data, tmp_path / "out", model=str(tmp_path / "no-such-model")))
+
+
+def convert_docs(root: Path, docs: list[dict[str, Any]], **settings: Any) -> Path:
+    corpus = write_jsonl(root / "corpus" / "part.jsonl", docs)
+    out = root / "dataset"
+    convert([str(corpus)], ConvertConfig(output=str(out), num_proc=1, **settings))
+    return out
+
+
+@pytest.mark.parametrize("settings", [{"epochs": 1}, {"max_steps": 3}])
+def test_an_empty_dataset_is_refused_before_any_step(
+    tmp_path: Path, tokenizer_dir: Path, settings: dict[str, Any]
+) -> None:
+    # Hardening: with --max-steps this spun for ever; with --epochs it blamed the token count.
+    empty = convert_docs(tmp_path, [], tokenizer=str(tokenizer_dir))
+    assert read_manifest(str(empty)).num_samples == 0
+    with pytest.raises(ConfigError, match=f"{empty}: the dataset holds no samples"):
+        check_not_empty(read_manifest(str(empty)), str(empty))
+    with pytest.raises(ConfigError, match=f"{empty}: the dataset holds no samples"):
+        train(small_run(empty, tmp_path / "out", **settings))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_tokenized_shards_without_tokens_are_refused() -> None:
+    # convert refuses empty documents, so only a hand-made manifest holds samples of no tokens.
+    manifest = SimpleNamespace(num_samples=3, tokenized=True, num_tokens=0, shards=[1])
+    with pytest.raises(ConfigError, match="data/: the dataset holds 3 samples but no tokens"):
+        check_not_empty(manifest, "data/")  # type: ignore[arg-type]
+    check_not_empty(SimpleNamespace(num_samples=3, tokenized=False, num_tokens=0), "text/")  # type: ignore[arg-type]
+
+
+def test_cli_on_an_empty_dataset_fails_fast_and_names_it(tmp_path: Path) -> None:
+    empty = convert_docs(tmp_path, [])
+    result = subprocess.run(
+        [sys.executable, "-m", "shardloader.train", str(empty), "--output-dir", str(tmp_path)]
+        + ["--max-steps", "3", "--num-workers", "0"],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,  # the bug this guards against was an endless loop
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"{empty}: the dataset holds no samples" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["concat", "bfd", "pad"])
+def test_the_empty_batch_of_an_idle_rank_trains_nothing(mode: str) -> None:
+    model = build_model("tiny", vocab_size=50, max_positions=16, seed=0)
+    batch = empty_batch(PackConfig(seq_len=16, mode=mode), 2)
+    summed = forward_loss_sum(
+        model, batch, device=torch.device("cpu"), autocast=None, attn_implementation="sdpa"
+    )
+    summed.backward()
+    assert float(summed.detach()) == 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads, "no gradient reached the parameters"
+    assert all(torch.isfinite(g).all() and not g.any() for g in grads)
 
 
 # --- in-process training ---------------------------------------------------------------------
@@ -408,6 +467,25 @@ def test_resume_on_fewer_processes_finishes_the_epoch(token_data: Path, tmp_path
     # per old rank is seen on both sides. Nothing else repeats, and nothing is lost.
     assert len(head_docs & (tail_docs[0] | tail_docs[1])) <= 4
     assert NUM_SAMPLES - len(served) <= (4 - 1) + (2 - 1)
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_fewer_documents_than_ranks_stops_instead_of_spinning(
+    tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    data = convert_docs(tmp_path, make_docs(1), tokenizer=str(tokenizer_dir))
+    launch = ["--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        torchrun_cmd(launch, str(data), tmp_path / "out", "--max-steps", "3"),
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,  # the bug this guards against was an endless loop
+    )
+    assert result.returncode != 0
+    assert "gave no batch on any of the 2 ranks" in result.stderr, result.stderr[-3000:]
 
 
 def check_partial(by_rank: dict[int, list[dict[str, Any]]], world_size: int) -> set[int]:

@@ -1,20 +1,26 @@
-"""The model side of training: build a causal LM locally, then wrap it in DDP or FSDP2.
+"""The model side of training: build a causal LM locally, wrap it in DDP or FSDP2, run it.
 
 Nothing is downloaded: ``model`` is a preset name (a Llama built from a config, its vocabulary
 sized to the data), a directory with ``config.json`` (plus weights to fine-tune, or none to
-start from random weights) or a ``config.json`` file.
+start from random weights) or a ``config.json`` file. `forward_loss_sum` runs a packed batch
+through it (documents kept apart, see `shardloader.pack_attention`) and `no_sync` skips the
+gradient all-reduce of all but the last micro-batch of a step.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shardloader.errors import ConfigError
+from shardloader.pack import IGNORE_INDEX
+from shardloader.pack_attention import model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +171,61 @@ def export_model(model: nn.Module, directory: str, *, rank: int) -> None:
     if rank == 0:
         inner: Any = unwrap(model)
         inner.save_pretrained(directory, state_dict=state)
+
+
+def forward_loss_sum(
+    model: nn.Module,
+    batch: dict[str, Any],
+    *,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    attn_implementation: str,
+) -> torch.Tensor:
+    """Sum of the next-token losses of a batch (documents kept apart by ``position_ids``).
+
+    Args:
+        model: The (wrapped) model, on ``device``.
+        batch: A packed batch (`shardloader.pack.collate_rows`).
+        device: Where the batch goes.
+        autocast: The autocast dtype, or ``None`` for full precision.
+        attn_implementation: The model's attention, which decides the masking inputs.
+    """
+    on_device = {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+    inputs = model_inputs(on_device, attn_implementation=attn_implementation)
+    labels = inputs.pop("labels")
+    context = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+    with context:
+        logits = model(**inputs).logits
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def no_sync(model: nn.Module, last: bool) -> Any:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (a context)."""
+    if last:
+        return nullcontext()
+    wrapped: Any = model
+    if hasattr(wrapped, "no_sync"):  # DDP
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(False)
+        return _ResyncFSDP(wrapped)
+    return nullcontext()
+
+
+class _ResyncFSDP:
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.set_requires_gradient_sync(True)

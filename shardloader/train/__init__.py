@@ -1,0 +1,32 @@
+"""Fine-tune a causal LM on shards: ``torchrun ... -m shardloader.train DATA --output-dir OUT``.
+
+Also ``shardloader train``, or `train` (`TrainConfig`) from Python, on every rank. The modules:
+
+- `shardloader.train.config`: `TrainConfig`, whose fields are the flags, and the schedule `lr_at`;
+- `shardloader.train.loop`: the loop (`train`), the process group and the optimizer;
+- `shardloader.train.model`: builds the model locally, wraps it in DDP or FSDP2, runs a batch;
+- `shardloader.train.checkpoint`: what a checkpoint holds besides the model and optimizer
+  (written atomically by `shardloader.checkpoint`); ``--resume`` continues from the newest one
+  exactly on the same topology, and without losing or repeating a document on another world
+  size;
+- `shardloader.train.metrics`: `StepMetrics`, `TrainResult`, ``metrics.jsonl``, ``samples/``
+  (``--log-samples``: the sample ids of each step, per rank) and the progress bar.
+"""
+
+from shardloader.train.checkpoint import CHECKPOINTS_DIR
+from shardloader.train.config import TrainConfig, lr_at
+from shardloader.train.loop import MODEL_DIR, main, train
+from shardloader.train.metrics import METRICS_FILE, SAMPLES_DIR, StepMetrics, TrainResult
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "METRICS_FILE",
+    "MODEL_DIR",
+    "SAMPLES_DIR",
+    "StepMetrics",
+    "TrainConfig",
+    "TrainResult",
+    "lr_at",
+    "main",
+    "train",
+]

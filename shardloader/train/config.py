@@ -1,0 +1,107 @@
+"""`TrainConfig`: the settings of a training run, each a flag of ``python -m shardloader.train``.
+
+The help of each flag lives in its field's `shardloader.options.option`; `add_options` and
+`config_from_args` turn the class into an argument parser and back. `lr_at` is the
+learning-rate schedule the settings describe (warmup, then cosine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from shardloader.errors import ConfigError
+from shardloader.options import option
+from shardloader.pack import PackConfig
+from shardloader.train.model import PRESETS
+
+_CHOICES = {
+    "parallel": ("ddp", "fsdp"),
+    "dtype": ("auto", "bf16", "fp32"),
+    "device": ("auto", "cpu", "cuda"),
+    "progress": ("auto", "on", "off"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A training run; every field is also a flag of ``python -m shardloader.train``.
+
+    Raises:
+        ConfigError: A value is out of range.
+    """
+
+    data: str = option(
+        help="the shards: a directory or URL with _manifest.json (s3://...)", positional=True
+    )
+    output_dir: str = option(help="checkpoints, metrics.jsonl and samples/ go here")
+    model: str = option("tiny", f"a preset ({', '.join(PRESETS)}) or a local model directory")
+    tokenizer: str | None = option(None, "local tokenizer (needed for text shards)")
+    seq_len: int = option(512, "tokens per packed row")
+    batch_size: int = option(8, "rows per rank per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_steps: int | None = option(None, "stop after this many steps (default: run --epochs)")
+    epochs: int = option(1, "passes over the data when --max-steps is not given")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "the cosine ends at lr * min_lr_ratio")
+    warmup_steps: int = option(10, "linear warmup steps")
+    schedule_steps: int | None = option(
+        None, "length of the cosine (default: max_steps, or estimated from the token count)"
+    )
+    weight_decay: float = option(0.1, "AdamW weight decay (not on biases and norms)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    seed: int = option(0, "model init and data order")
+    shuffle: bool = option(True, "shuffle shards and samples (seed + epoch)")
+    pack_mode: str = option("concat", "packing: concat, bfd or pad (shardloader.PackConfig)")
+    cache_dir: str | None = option(None, "node-local cache of remote shards (StreamConfig)")
+    num_workers: int = option(2, "DataLoader workers per rank")
+    prefetch_factor: int = option(4, "batches each worker reads ahead")
+    parallel: str = option("ddp", "ddp, or fsdp (FSDP2 fully_shard per decoder layer)")
+    dtype: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
+    device: str = option("auto", "auto, cpu or cuda")
+    attn_implementation: str = option("sdpa", "sdpa, eager or flash_attention_2")
+    checkpoint_every: int = option(0, "save every this many steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "complete checkpoints to keep (0: all)")
+    save_model: bool = option(True, "at the end, write OUT/model/ (from_pretrained reads it)")
+    resume: bool = option(False, "continue from the newest checkpoint in output_dir")
+    log_every: int = option(1, "log and record metrics every this many steps")
+    log_samples: bool = option(False, "each rank writes the sample ids of each step")
+    deterministic: bool = option(False, "deterministic kernels (exact resume; slower)")
+    progress: str = option("auto", "progress bar on rank 0: auto (on a terminal), on or off")
+
+    def __post_init__(self) -> None:
+        if not self.data or not self.output_dir:
+            raise ConfigError("TrainConfig needs data (the shards) and output_dir")
+        positive = ("seq_len", "batch_size", "grad_accum", "epochs", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self.pack_config()  # validates the mode
+
+    def pack_config(self) -> PackConfig:
+        """How the run packs documents into rows."""
+        return PackConfig(seq_len=self.seq_len, mode=self.pack_mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (stored in checkpoints)."""
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine decay."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
