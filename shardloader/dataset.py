@@ -27,18 +27,19 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch.utils.data
 
-from shardloader import storage
-from shardloader.errors import ConfigError, ResumeError
+from shardloader import resume, storage
+from shardloader.errors import ConfigError
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
+from shardloader.options import option, parse_size
 from shardloader.pack import PackConfig, Packer
 from shardloader.pack_encode import check_tokenizer
-from shardloader.plan import POLICIES, EpochPlan, IdArray, PlanConfig, plan_carry_in, plan_epoch
+from shardloader.plan import EpochPlan, IdArray, PlanConfig, plan_epoch
 from shardloader.reader import ShardReader
 from shardloader.state import LoaderState, dataset_fingerprint
 from shardloader.tokenizer import TextTokenizer
@@ -48,49 +49,37 @@ log = logging.getLogger(__name__)
 
 STAGES = ("produce", "fetch_wait", "decode", "collate")
 
-WORKER_STATE_KIND = "shardloader.worker_state"
 GiB = 1 << 30
 
 
 @dataclass(frozen=True, kw_only=True)
-class StreamConfig:
+class StreamConfig(PlanConfig):
     """How a `ShardDataset` orders, splits, fetches and caches.
 
-    Attributes:
-        seed: Seeds every shuffle, together with the epoch; the same on every rank.
-        shuffle: Shuffle shard order and samples within windows; ``False`` keeps manifest order.
-        shuffle_window: Shards a worker mixes (and holds decoded) at once.
-        policy: Samples that do not divide by the world size: ``"drop"`` serves them first next
-            epoch; ``"pad"`` repeats a few, marked ``is_padding``.
-        cache_dir: Node-local cache for remote shards (default: a per-user temp directory).
-        cache_bytes: Bound on the cache's size; shards in use are never evicted.
-        prefetch_windows: Windows ahead whose shards are fetched in the background.
-        prefetch_threads: Concurrent background downloads per process.
-        timeout_s: Longest wait for any one network step of a fetch (the request, each 4 MiB
-            block); a hung server costs this much, then the fetch is retried.
-        retry_deadline_s: How long transient fetch failures are retried before giving up.
-        verify_local: Hash local shards (and cached copies of remote ones) against the manifest
-            before their first use in each process; catches a shard changed or rotted on disk,
-            which decoding may not. ``False``: local shards are checked by size only.
+    The plan's settings (`shardloader.plan.PlanConfig`: seed, shuffle, window, policy) must be
+    the same on every rank and in a state being resumed; the fetch and cache settings may
+    differ per run and per node. Each field's meaning is its `shardloader.options.option` help.
     """
 
-    seed: int = 0
-    shuffle: bool = True
-    shuffle_window: int = 4
-    policy: str = "drop"
-    cache_dir: str | None = None
-    cache_bytes: int = 16 * GiB
-    prefetch_windows: int = 1
-    prefetch_threads: int = 2
-    timeout_s: float = 60.0
-    retry_deadline_s: float = 300.0
-    verify_local: bool = True
+    cache_dir: str | None = option(None, "node-local cache of remote shards (default: temp dir)")
+    cache_bytes: int = option(
+        16 * GiB, "bound on the cache's size; shards in use are never evicted", parse=parse_size
+    )
+    prefetch_windows: int = option(1, "windows ahead whose shards are fetched in the background")
+    prefetch_threads: int = option(2, "concurrent background downloads per process")
+    timeout_s: float = option(
+        60.0, "longest wait for one network step of a fetch (the request, each 4 MiB block)"
+    )
+    retry_deadline_s: float = option(300.0, "how long transient fetch failures are retried")
+    verify_local: bool = option(
+        True,
+        "hash local shards (and cached copies of remote ones) against the manifest before their "
+        "first use in each process; catches a shard changed or rotted on disk, which decoding "
+        "may not (--no-verify-local: check local shards by size only)",
+    )
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ConfigError(
-                f"StreamConfig.policy is {self.policy!r}; expected one of {', '.join(POLICIES)}"
-            )
+        super().__post_init__()
         for name in ("cache_bytes", "prefetch_windows", "prefetch_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -98,16 +87,6 @@ class StreamConfig:
         for name in ("timeout_s", "retry_deadline_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"StreamConfig.{name} must be > 0")
-        self.plan_config()  # validates seed, shuffle, shuffle_window
-
-    def plan_config(self) -> PlanConfig:
-        """The part of the config that shapes the plan."""
-        return PlanConfig(
-            seed=self.seed,
-            shuffle=self.shuffle,
-            shuffle_window=self.shuffle_window,
-            policy=self.policy,
-        )
 
 
 class _SharedEpoch:
@@ -234,11 +213,21 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return detect_world(self._rank, self._world_size)
 
     def __len__(self) -> int:
-        """Samples this rank reads in the current epoch (padding included)."""
+        """Samples this rank reads in the current epoch (padding included).
+
+        Raises:
+            TypeError: With ``pack``: how many rows an epoch makes depends on the documents'
+                lengths, which only reading tells (like any ``IterableDataset`` without a
+                length, so ``len(loader)`` raises too and torch never warns about it).
+        """
+        if self.pack is not None:
+            raise TypeError(
+                f"{self.source}: a packing ShardDataset has no length (rows per epoch depend on "
+                "the documents' lengths); count the batches of one epoch, or schedule by tokens"
+            )
         world, epoch = self.world(), self.epoch
-        sizes = np.array(self.manifest.shards.column("num_samples"), dtype=np.int64)
         whole = plan_epoch(
-            sizes,
+            self.resume_spec().shard_sizes,
             config=self.config.plan_config(),
             epoch=epoch,
             world_size=world.world_size,
@@ -250,39 +239,37 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     # --- planning -----------------------------------------------------------------------
 
+    def resume_spec(self) -> resume.RunSpec:
+        """The data and settings every state of this dataset shares (reads the manifest)."""
+        return resume.RunSpec(
+            shard_sizes=np.array(self.manifest.shards.column("num_samples"), dtype=np.int64),
+            dataset=self.fingerprint,
+            config=self.config.plan_config(),
+            pack=self.pack_fingerprint,
+        )
+
     def plan(self, epoch: int, world_size: int, rank: int, num_workers: int) -> EpochPlan:
         """One rank's plan of ``epoch``, continuing a loaded state where it applies."""
-        sizes = np.array(self.manifest.shards.column("num_samples"), dtype=np.int64)
-        config = self.config.plan_config()
-        state = self._resume
-        resume, carry_in = None, None
-        if state is not None and epoch == state.epoch:
-            state.check_topology(world_size, num_workers)
-            resume, carry_in = state.resume_point(), state.carry_in
-        elif state is not None and epoch > state.epoch:
-            carry_in = self.carry_in(epoch, world_size, num_workers)
+        spec = self.resume_spec()
+        start = resume.plan_inputs(
+            spec, self._resume, epoch=epoch, world_size=world_size, num_workers=num_workers
+        )
         return plan_epoch(
-            sizes,
-            config=config,
+            spec.shard_sizes,
+            config=spec.config,
             epoch=epoch,
             world_size=world_size,
             rank=rank,
             num_workers=num_workers,
-            resume=resume,
-            carry_in=carry_in,
-            keep_ranks=self.pack is not None,  # ranks pack different numbers of documents
+            resume=start.resume,
+            carry_in=start.carry_in,
+            keep_ranks=spec.keep_ranks,
         )
 
     def carry_in(self, epoch: int, world_size: int, num_workers: int) -> IdArray:
         """The ids epoch ``epoch`` serves first: the leftover of the epoch before it."""
-        state = self._resume
-        if state is not None and epoch == state.epoch:
-            return state.carry_in
-        if state is not None and epoch > state.epoch:
-            return self.plan(epoch - 1, world_size, 0, num_workers).leftover_ids
-        sizes = np.array(self.manifest.shards.column("num_samples"), dtype=np.int64)
-        return plan_carry_in(
-            sizes, config=self.config.plan_config(), epoch=epoch, world_size=world_size
+        return resume.epoch_carry_in(
+            self.resume_spec(), self._resume, epoch, world_size, num_workers
         )
 
     # --- iteration ----------------------------------------------------------------------
@@ -291,7 +278,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         world = self.world()
         epoch = self.epoch
         plan = self.plan(epoch, world.world_size, world.rank, world.num_workers)
-        self._plan_worker = self._rotated(epoch, world)
+        self._plan_worker = resume.worker_share(self._resume, epoch=epoch, world=world)
         worker_plan = plan.workers[self._plan_worker]
         self._world, self._reading_epoch, self._position, self._finished = world, epoch, 0, False
         reader = ShardReader(
@@ -310,7 +297,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         items: Iterator[Any] = samples
         if self.pack is not None:
             packer = Packer(self.pack, tokenizer=self.tokenizer)
-            items = packer.pack(enumerate(samples), skip=self._resume_skip(epoch, world))
+            items = packer.pack(enumerate(samples), skip=self._packer_skip(epoch, world))
         stages = self._stages
         try:
             started = time.perf_counter()
@@ -331,24 +318,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             # the cache is on disk, so the next epoch's fetcher finds what was fetched.
             self.close()
 
-    def _resume_skip(self, epoch: int, world: WorldInfo) -> int:
-        """The packer's skip for this worker's first sample when continuing a saved state."""
-        state = self._resume
-        if state is None or state.epoch != epoch or state.extra is None:
-            return 0
-        same = (state.world_size, max(state.num_workers, 1)) == (
-            world.world_size,
-            max(world.num_workers, 1),
-        )
-        return int(state.extra[world.rank][self._plan_worker] or 0) if same else 0
-
-    def _rotated(self, epoch: int, world: WorldInfo) -> int:
-        """Which worker's share this DataLoader worker reads (turns kept across a resume)."""
-        state = self._resume
-        workers = max(world.num_workers, 1)
-        if state is None or state.epoch != epoch or max(state.num_workers, 1) != workers:
-            return world.worker_id
-        return (world.worker_id + state.rotation) % workers
+    def _packer_skip(self, epoch: int, world: WorldInfo) -> int:
+        return resume.packer_skip(self._resume, epoch=epoch, world=world, share=self._plan_worker)
 
     def _get_fetcher(self) -> Any:
         if self._fetcher is None:
@@ -384,6 +355,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     # --- position -----------------------------------------------------------------------
 
+    def count_stage(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to stage ``name`` of this process (`ShardLoader` counts ``collate``)."""
+        self._stages[name] += seconds
+
     def stage_seconds(self) -> dict[str, float]:
         """Seconds this process has spent per stage since it started: cheap counters.
 
@@ -399,24 +374,23 @@ class ShardDataset(torch.utils.data.IterableDataset):
         stages["pack"] = max(0.0, produce - stages["fetch_wait"] - stages["decode"])
         return stages
 
-    def cursor(self) -> tuple[int, int, int, int, int, int, bool, int]:
+    def cursor(self) -> resume.Cursor:
         """This process's position, cheap enough to ship with every batch (`ShardLoader`).
 
-        Returns:
-            ``(epoch, rank, world_size, worker, num_workers, position, finished, skip)``;
-            ``worker`` is the share being read (see `LoaderState.rotation`); with packing,
-            ``position`` and ``skip`` are the last row's cursor (where the next row starts).
+        ``share`` is the worker share being read (see `LoaderState.rotation`); with packing,
+        ``position`` and ``skip`` are the last row's cursor (where the next row starts).
         """
         world = self._world or self.world()
-        return (
-            self._reading_epoch if self._world is not None else self.epoch,
-            world.rank,
-            world.world_size,
-            self._plan_worker if self._world is not None else world.worker_id,
-            world.num_workers,
-            self._position,
-            self._finished,
-            self._skip,
+        reading = self._world is not None
+        return resume.Cursor(
+            epoch=self._reading_epoch if reading else self.epoch,
+            rank=world.rank,
+            world_size=world.world_size,
+            share=self._plan_worker if reading else world.worker_id,
+            num_workers=world.num_workers,
+            position=self._position,
+            finished=self._finished,
+            skip=self._skip,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -426,37 +400,26 @@ class ShardDataset(torch.utils.data.IterableDataset):
         process that iterates the dataset itself. With a plain DataLoader and workers, the main
         process's copy does not see the workers' progress: use `ShardLoader.state_dict`.
         """
-        epoch, rank, world_size, worker_id, num_workers, position, finished, skip = self.cursor()
-        return {
-            "kind": WORKER_STATE_KIND,
-            "epoch": epoch,
-            "rank": rank,
-            "world_size": world_size,
-            "worker_id": worker_id,
-            "num_workers": num_workers,
-            "position": position,
-            "finished": finished,
-            "skip": skip,
-            "anchor": self.anchor(epoch).to_dict(),
-        }
+        cursor = self.cursor()
+        return resume.worker_state_dict(cursor, self.anchor(cursor.epoch))
 
     def anchor(self, epoch: int) -> LoaderState:
         """The state ``epoch`` was planned from (its start, or the loaded state it continues)."""
-        state = self._resume
-        if state is not None and state.epoch == epoch:
-            return state
+        if self._resume is not None and self._resume.epoch == epoch:
+            return self._resume  # (no manifest needed)
         world = self._world or self.world()
-        return LoaderState(
-            dataset=self.fingerprint,
-            config=self.config.plan_config(),
+        return resume.anchor_state(
+            self.resume_spec(),
+            self._resume,
             epoch=epoch,
             world_size=world.world_size,
             num_workers=world.num_workers,
-            consumed=np.zeros((world.world_size, max(world.num_workers, 1)), np.int64),
-            complete=True,
-            carry_in=self.carry_in(epoch, world.world_size, world.num_workers),
-            pack=self.pack_fingerprint,
         )
+
+    @property
+    def loaded_state(self) -> LoaderState | None:
+        """The state given to `load_state_dict`, if any."""
+        return self._resume
 
     @property
     def pack_fingerprint(self) -> dict[str, Any] | None:
@@ -471,8 +434,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         Raises:
             ResumeError: The state is from another dataset or config, or malformed.
         """
-        if isinstance(state, Mapping) and state.get("kind") == WORKER_STATE_KIND:
-            loaded = _from_worker_state(state)
+        if isinstance(state, Mapping) and state.get("kind") == resume.WORKER_STATE_KIND:
+            loaded = resume.state_from_worker(state)
         else:
             loaded = LoaderState.from_dict(state)
         loaded.check(
@@ -480,34 +443,3 @@ class ShardDataset(torch.utils.data.IterableDataset):
         )
         self._resume = loaded
         self.set_epoch(loaded.epoch)
-
-
-def _from_worker_state(state: Mapping[str, Any]) -> LoaderState:
-    """A worker's own state as a loader state: its count, copied to the rank's other rows."""
-    try:
-        anchor = LoaderState.from_dict(state["anchor"])
-        worker_id, position = int(state["worker_id"]), int(state["position"])
-        rank = int(state["rank"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ResumeError(f"worker state is malformed ({type(err).__name__}: {err})") from err
-    if (int(state["world_size"]), int(state["num_workers"])) != (
-        anchor.world_size,
-        anchor.num_workers,
-    ) and anchor.started:
-        raise ResumeError("worker state does not match the topology of its anchor")
-    consumed = np.zeros((int(state["world_size"]), max(int(state["num_workers"]), 1)), np.int64)
-    consumed[:, worker_id] = position
-    extra = [[0] * consumed.shape[1] for _ in range(consumed.shape[0])]
-    for row in extra:
-        row[worker_id] = int(state.get("skip", 0))
-    previous = anchor.resume_point()
-    return replace(
-        anchor,
-        world_size=int(state["world_size"]),
-        num_workers=int(state["num_workers"]),
-        consumed=consumed,
-        complete=False,
-        rank=rank,
-        previous=previous,
-        extra=tuple(tuple(row) for row in extra),
-    )

@@ -26,11 +26,13 @@ from torch.utils.data import default_collate, default_convert
 from shardloader.dataset import ShardDataset
 from shardloader.errors import ConfigError
 from shardloader.pack import PackConfig, PackedRow, collate_rows
+from shardloader.resume import Cursor, RunSpec, next_epoch_state, state_from_cursors
 from shardloader.state import LoaderState, merge_states
 
 log = logging.getLogger(__name__)
 
-Cursor = tuple[int, int, int, int, int, int, bool, int]
+# A cursor crosses from a worker as a plain tuple (no class reference pickled per batch).
+WireCursor = tuple[int, int, int, int, int, int, bool, int]
 
 # Tensors up to this size leave a worker by value (pickled numpy arrays through the pipe), bigger
 # ones through torch's shared memory.
@@ -126,17 +128,17 @@ class _CursorCollate:
         self.collate = collate
         self.dataset = dataset
 
-    def __call__(self, samples: Any) -> tuple[Any, Cursor, tuple[int, dict[str, float]]]:
+    def __call__(self, samples: Any) -> tuple[Any, WireCursor, tuple[int, dict[str, float]]]:
         started = time.perf_counter()
         batch = self.collate(samples)
         info = torch.utils.data.get_worker_info()
         dataset = info.dataset if info is not None else self.dataset
         assert isinstance(dataset, ShardDataset)
-        dataset._stages["collate"] += time.perf_counter() - started
+        dataset.count_stage("collate", time.perf_counter() - started)
         worker = info.id if info is not None else -1
         if info is not None:
             batch = _to_wire(batch)
-        return batch, dataset.cursor(), (worker, dataset.stage_seconds())
+        return batch, (*dataset.cursor(),), (worker, dataset.stage_seconds())
 
 
 class _RowCollate:
@@ -170,8 +172,12 @@ class ShardLoader(torch.utils.data.DataLoader):
         if collate is None:
             collate = default_convert if kwargs.get("batch_size", 1) is None else default_collate
         super().__init__(dataset, collate_fn=_CursorCollate(collate, dataset), **kwargs)
-        self._cursors: dict[int, Cursor] = {}
-        self._last_worker: int | None = None
+        self._cursors: dict[int, Cursor] = {}  # the latest per share, of the epoch being read
+        self._last_worker: int | None = None  # the share whose batch came last
+        # The state the epoch being read was planned from and the run's spec, taken when
+        # iteration started, so that saving the position never touches storage.
+        self._anchor: LoaderState | None = None
+        self._spec: RunSpec | None = None
         self._epoch_done: int | None = None
         # Stage counters: the latest of each live process (worker id, or -1 for this one), and
         # the sum of the processes that ended (workers of earlier epochs).
@@ -194,13 +200,15 @@ class ShardLoader(torch.utils.data.DataLoader):
         if self.num_workers > 0 and not (self.persistent_workers and self._iterator is not None):
             self._end_workers()  # new worker processes count from zero
         epoch = dataset.epoch
-        for batch, cursor, (worker, stages) in super().__iter__():
+        self._spec, self._anchor = dataset.resume_spec(), dataset.anchor(epoch)
+        for batch, wire, (worker, stages) in super().__iter__():
             self._stages[worker] = stages
-            if cursor[0] == epoch:
-                old = self._cursors.get(cursor[3])
-                if old is None or cursor[5] >= old[5]:
-                    self._cursors[cursor[3]] = cursor
-                self._last_worker = cursor[3]
+            cursor = Cursor._make(wire)
+            if cursor.epoch == epoch:
+                old = self._cursors.get(cursor.share)
+                if old is None or cursor.position >= old.position:
+                    self._cursors[cursor.share] = cursor
+                self._last_worker = cursor.share
             yield _from_wire(batch) if worker >= 0 else batch
         self._epoch_done = epoch
 
@@ -263,47 +271,20 @@ class ShardLoader(torch.utils.data.DataLoader):
         dataset = self.shard_dataset
         if self._epoch_finished() and not hold_epoch:
             assert self._epoch_done is not None
-            return self._next_epoch_state(self._epoch_done)
+            world = dataset.world()
+            return next_epoch_state(
+                self._spec or dataset.resume_spec(),
+                dataset.loaded_state,
+                done=self._epoch_done,
+                rank=world.rank,
+                world_size=world.world_size,
+                num_workers=self.num_workers,
+            )
         epoch = dataset.epoch
-        anchor = dataset.anchor(epoch)
-        if not self._cursors:
-            return anchor
-        some = next(iter(self._cursors.values()))
-        _, rank, world_size, _, num_workers, _, _, _ = some
-        consumed = np.zeros((world_size, max(num_workers, 1)), np.int64)
-        skips = np.zeros_like(consumed)
-        for cursor in self._cursors.values():
-            consumed[:, cursor[3]] = cursor[5]
-            skips[:, cursor[3]] = cursor[7]
-        return replace(
-            anchor,
-            world_size=world_size,
-            num_workers=num_workers,
-            consumed=consumed,
-            complete=world_size == 1,
-            rank=rank,
-            previous=anchor.resume_point(),
-            rotation=0
-            if self._last_worker is None
-            else (self._last_worker + 1) % max(num_workers, 1),
-            extra=None if dataset.pack is None else tuple(map(tuple, skips.tolist())),
-        )
-
-    def _next_epoch_state(self, done: int) -> LoaderState:
-        dataset = self.shard_dataset
-        world = dataset.world()
-        num_workers = self.num_workers
-        return LoaderState(
-            dataset=dataset.fingerprint,
-            config=dataset.config.plan_config(),
-            epoch=done + 1,
-            world_size=world.world_size,
-            num_workers=num_workers,
-            consumed=np.zeros((world.world_size, max(num_workers, 1)), np.int64),
-            rank=world.rank,
-            carry_in=dataset.carry_in(done + 1, world.world_size, num_workers),
-            pack=dataset.pack_fingerprint,
-        )
+        anchor = self._anchor
+        if anchor is None or anchor.epoch != epoch:
+            anchor = dataset.anchor(epoch)  # (not iterated yet: may read the manifest)
+        return state_from_cursors(anchor, self._cursors.values(), last_share=self._last_worker)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state_dict` output (or `shardloader.merge_states` of all ranks).
@@ -316,6 +297,7 @@ class ShardLoader(torch.utils.data.DataLoader):
         self.shard_dataset.load_state_dict(state)
         self._cursors, self._last_worker = {}, None
         self._epoch_done = None
+        self._anchor = None
         if self.num_workers > 0:
             self._end_workers()
         self._iterator = None  # persistent workers hold the old position: start fresh ones

@@ -63,13 +63,14 @@ one rank takes 37 ms and 7.9 MB, an elastic one onto 750 ranks x 4 workers 56 ms
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple, Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from shardloader.errors import ConfigError, ResumeError
+from shardloader.options import option
 
 POLICIES = ("drop", "pad")
 
@@ -83,31 +84,38 @@ _WINDOW_ORDER = 2
 
 @dataclass(frozen=True, kw_only=True)
 class PlanConfig:
-    """How epochs are ordered and divided; every rank must use the same config.
+    """How epochs are ordered and divided: the part of a loader's settings the plan depends on.
 
-    Attributes:
-        seed: Seeds every permutation, together with the epoch (and rank, worker, window).
-        shuffle: Permute shards and the ids inside windows; ``False`` reads in manifest order.
-        shuffle_window: Consecutive shard pieces a worker mixes, and holds open, at once.
-        policy: What happens to the samples that do not divide by the world size: ``"drop"``
-            serves them first in the next epoch, ``"pad"`` repeats samples to fill the ranks.
+    Every rank must use the same config, and a saved loader state resumes only under the config
+    it was saved with. `shardloader.dataset.StreamConfig` extends it with fetch and cache
+    settings; each field's meaning is its `shardloader.options.option` help.
     """
 
-    seed: int = 0  # >= 0
-    shuffle: bool = True
-    shuffle_window: int = 4  # >= 1
-    policy: str = "drop"  # "drop" | "pad"
+    seed: int = option(0, "seeds every permutation, together with the epoch (and rank, worker)")
+    shuffle: bool = option(True, "permute shards and the ids inside windows; off: manifest order")
+    shuffle_window: int = option(4, "consecutive shard pieces a worker mixes, and holds, at once")
+    policy: str = option(
+        "drop",
+        "samples that do not divide by the world size: drop (served first next epoch) or pad "
+        "(repeats, marked is_padding)",
+        choices=POLICIES,
+    )
 
     def __post_init__(self) -> None:
-        _check_int("PlanConfig.seed", self.seed, 0)
+        name = type(self).__name__
+        _check_int(f"{name}.seed", self.seed, 0)
         if not isinstance(self.shuffle, bool):
-            raise ConfigError(f"PlanConfig.shuffle is {self.shuffle!r}; expected True or False")
-        _check_int("PlanConfig.shuffle_window", self.shuffle_window, 1)
+            raise ConfigError(f"{name}.shuffle is {self.shuffle!r}; expected True or False")
+        _check_int(f"{name}.shuffle_window", self.shuffle_window, 1)
         if self.policy not in POLICIES:
             raise ConfigError(
-                f"PlanConfig.policy is {self.policy!r}; expected one of "
+                f"{name}.policy is {self.policy!r}; expected one of "
                 + ", ".join(repr(p) for p in POLICIES)
             )
+
+    def plan_config(self) -> PlanConfig:
+        """Just the plan's settings, as a `PlanConfig` (what a loader state records)."""
+        return PlanConfig(**{f.name: getattr(self, f.name) for f in fields(PlanConfig)})
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -157,6 +165,14 @@ class ResumePoint:
         consumed = consumed.astype(np.int64)
         consumed.setflags(write=False)
         object.__setattr__(self, "consumed", consumed)
+
+
+class EpochStart(NamedTuple):
+    """How an epoch began: the ids carried into it, and where it was resumed (if it was)."""
+
+    epoch: int
+    carry_in: IdArray
+    resume: ResumePoint | None = None
 
 
 class Span(NamedTuple):
@@ -367,29 +383,59 @@ def plan_carry_in(
     config: PlanConfig,
     epoch: int,
     world_size: int,
+    since: EpochStart | None = None,
+    num_workers: int = 0,
+    keep_ranks: bool = False,
 ) -> IdArray:
-    """The ids epoch ``epoch`` serves first: epoch ``epoch - 1``'s leftover, replayed.
+    """The ids epoch ``epoch`` serves first: epoch ``epoch - 1``'s leftover.
 
-    Assumes epochs ``0 .. epoch-1`` ran uninterrupted with this ``world_size`` and ``config``.
-    Costs one shard permutation per earlier epoch and makes no samples; it returns at once when
-    the epochs divide evenly.
+    Without ``since``, epochs ``0 .. epoch-1`` are assumed to have run uninterrupted with this
+    ``world_size`` and ``config``: they are replayed at the cost of one shard permutation per
+    epoch, making no samples (and none at all when the epochs divide evenly). With ``since``,
+    epoch ``since.epoch`` began as it says (its carry-in, and where it was resumed) and the
+    epochs after it ran on ``world_size x num_workers``: each is planned for rank 0 (the
+    leftover is the same on every rank) and its leftover carried on.
 
     Args:
         shard_sizes: Samples per shard, in manifest order.
         config: The plan config.
         epoch: The epoch whose carry-in is wanted.
         world_size: Number of ranks.
+        since: A known start of an epoch ``<= epoch`` (a loaded state's).
+        num_workers: With ``since``: workers per rank of the epochs after it.
+        keep_ranks: With ``since``: as passed to `plan_epoch` when those epochs were planned.
 
     Returns:
-        Fewer than ``world_size`` ids (none under the ``"pad"`` policy).
+        The ids (fewer than ``world_size`` without ``since``; none under ``"pad"``).
 
     Raises:
-        ConfigError: An argument is invalid.
+        ConfigError: An argument is invalid, or ``since`` is after ``epoch``.
+        ResumeError: ``since.resume`` does not fit its epoch.
     """
     _check_config(config)
     sizes, first = _check_sizes(shard_sizes)
-    _check_world(epoch, world_size, 0)
-    return _carry_chain(sizes, first, config, epoch, world_size)
+    _check_world(epoch, world_size, num_workers)
+    if since is None:
+        return _carry_chain(sizes, first, config, epoch, world_size)
+    if since.epoch > epoch:
+        raise ConfigError(
+            f"plan_carry_in: since is epoch {since.epoch}, after epoch {epoch}; pass a start "
+            "of an earlier epoch or none"
+        )
+    carry = _check_carry(since.carry_in, int(first[-1]))
+    for e in range(since.epoch, epoch):
+        carry = plan_epoch(
+            sizes,
+            config=config,
+            epoch=e,
+            world_size=world_size,
+            rank=0,
+            num_workers=num_workers,
+            resume=since.resume if e == since.epoch else None,
+            carry_in=carry,
+            keep_ranks=keep_ranks,
+        ).leftover_ids
+    return carry
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ A state made on one rank knows its own row of ``consumed``; the other rows are c
 (ranks in lockstep consume alike), flagged by ``complete=False``. That is enough to resume on the
 same topology. Resuming on another topology needs every rank's row: `merge_states` combines the
 states of all ranks, or `ShardLoader.state_dict` gathers them itself under torch.distributed.
+
+What a state means when iteration starts again (exact or elastic resume, carry-over into later
+epochs), and how the loader makes one from its workers' cursors, is decided in
+`shardloader.resume`.
 """
 
 from __future__ import annotations
