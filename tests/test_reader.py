@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +39,12 @@ class _LocalFetcher:
         self.events.append(("open", url))
         self.most_pinned = max(self.most_pinned, len(self.pinned))
         return _Pin(self, url)
+
+    def open_decoded(
+        self, url: str, *, num_bytes: int, checksum: str, algorithm: str = "", decode: Any
+    ) -> tuple[_Pin, Any]:
+        pin = self.open(url, num_bytes=num_bytes, checksum=checksum, algorithm=algorithm)
+        return pin, decode(pin.path)
 
     def prefetch(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = "") -> None:
         self.prefetched.append(url)
