@@ -204,7 +204,7 @@ class LoaderState:
                 pack=data.get("pack"),
                 extra=None if extra is None else tuple(tuple(row) for row in extra),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as err:
             if isinstance(err, ResumeError):
                 raise
             raise ResumeError(f"loader state is malformed ({type(err).__name__}: {err})") from err
