@@ -113,6 +113,24 @@ def url_to_fs(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSyst
         raise StorageError(f"{url}: no filesystem for scheme {scheme!r} ({err}){hint}") from err
 
 
+def file_type(url: str, **storage_options: Any) -> str | None:
+    """The type the filesystem reports for ``url`` (``"file"``, ``"directory"``, ``"other"``...).
+
+    ``None`` where it reports no type, or where ``url`` cannot be looked at (missing, access
+    denied, still failing after the retries): opening it then gives the precise error.
+
+    Raises:
+        StorageError: The URL's scheme needs a package that is not installed.
+    """
+    fs, path = url_to_fs(url, **storage_options)
+    try:
+        info = with_retries(lambda: fs.info(path), url=url, what="stat")
+    except OSError:
+        return None
+    kind = info.get("type")
+    return None if kind is None else str(kind)
+
+
 def _protocol_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not _fs_is_local(fs) else path
 

@@ -404,6 +404,7 @@ def test_progress_bar_and_summary(corpus, tmp_path):
 def test_whole_file_and_line_readers_give_identical_output(tmp_path, monkeypatch, fmt):
     """Clean JSONL goes through pyarrow's JSON reader; the result must not depend on it."""
     from shardloader import sources
+    from shardloader.sources import jsonl_table
     from shardloader.storage import list_files
 
     root = tmp_path / "in"
@@ -429,7 +430,7 @@ def test_whole_file_and_line_readers_give_identical_output(tmp_path, monkeypatch
         num_proc=1,
     )
     convert([str(root)], ConvertConfig(output=str(tmp_path / "fast"), **settings))
-    monkeypatch.setattr(sources, "FAST_JSONL_MAX_BYTES", 0)
+    monkeypatch.setattr(jsonl_table, "FAST_JSONL_MAX_BYTES", 0)
     convert([str(root)], ConvertConfig(output=str(tmp_path / "slow"), **settings))
     fast, slow = tree_digest(tmp_path / "fast"), tree_digest(tmp_path / "slow")
     assert len(fast) > 10  # many shards, so shard and batch cuts fall inside files

@@ -30,15 +30,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shardloader
-from shardloader import ConfigError, ConvertConfig, CorpusError, sources
+from shardloader import ConfigError, ConvertConfig, CorpusError
 from shardloader.errors import ShardloaderError
 from shardloader.sources import (
     MAX_RECORD_BYTES,
     BadRecords,
     Document,
     RecordSpec,
+    jsonl_table,
     read_documents,
     read_jsonl_table,
+    streams,
 )
 from shardloader.storage import InputFile
 
@@ -151,7 +153,7 @@ def test_regular_files_through_links_and_file_urls_still_read(tmp_path):
 @pytest.mark.parametrize("codec", ["none", "gzip", "zstd"])
 @pytest.mark.parametrize("chunk_bytes", [7, 1 << 20])
 def test_overlong_line_raises_or_is_counted(tmp_path, monkeypatch, codec, chunk_bytes):
-    monkeypatch.setattr(sources, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(streams, "CHUNK_BYTES", chunk_bytes)
     big = line({"text": "x" * 200})
     payload = line({"text": "a"}) + big + line({"text": "b"})
     path = tmp_path / f"c.jsonl{SUFFIX[codec]}"
@@ -174,7 +176,7 @@ def test_overlong_line_raises_or_is_counted(tmp_path, monkeypatch, codec, chunk_
 
 
 def test_overlong_last_line_without_newline(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(streams, "CHUNK_BYTES", 16)
     path = tmp_path / "t.jsonl"
     path.write_bytes(line({"text": "a"}) + b'{"text": "' + b"y" * 100 + b'"}')
     assert read_error(path, max_record_bytes=50).startswith(f"{path}:2: record is 112 bytes")
@@ -248,7 +250,7 @@ def test_fast_path_declines_a_file_with_an_overlong_line(tmp_path):
 def test_has_line_over_matches_the_plain_definition(lengths, limit, final_newline):
     data = b"\n".join(b"x" * n for n in lengths) + (b"\n" if final_newline else b"")
     expected = any(len(part) > limit for part in data.split(b"\n"))
-    assert sources._has_line_over(data, limit) == expected
+    assert jsonl_table.has_line_over(data, limit) == expected
 
 
 def test_convert_config_and_cli_take_the_limit(tmp_path):
@@ -409,8 +411,8 @@ def test_fuzz_jsonl_garbage_lines_between_good_ones(tmp_path, codec, slots, chun
     path = tmp_path / f"f.jsonl{SUFFIX[codec]}"
     path.write_bytes(compress(payload, codec))
     spec = RecordSpec(keep_fields={"meta": "json"})
-    old = sources.CHUNK_BYTES
-    sources.CHUNK_BYTES = chunk_bytes
+    old = streams.CHUNK_BYTES
+    streams.CHUNK_BYTES = chunk_bytes
     try:
         bad = BadRecords("skip")
         stats: Counter[str] = Counter()
@@ -421,7 +423,7 @@ def test_fuzz_jsonl_garbage_lines_between_good_ones(tmp_path, codec, slots, chun
         else:
             assert fuzz_read(path, False, spec)[0] == docs
     finally:
-        sources.CHUNK_BYTES = old
+        streams.CHUNK_BYTES = old
     assert [d.text for d in docs if d.text.startswith("good record")] == expected
     # every line is a kept document, a counted bad record or a blank line
     assert len(docs) + bad.total + stats["blank_lines"] == len(slots)
@@ -523,13 +525,13 @@ def test_zstd_bomb_inflates_in_bounded_pieces_and_multiframe_files_stay_whole() 
 
     import zstandard
 
-    from shardloader.sources import ZSTD_FEED_BYTES, _iter_chunks
+    from shardloader.sources.streams import ZSTD_FEED_BYTES, iter_chunks
 
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\n" * (256 << 20))
     assert len(bomb) < 64 << 10  # 256 MiB from a few KiB
-    pieces = [len(p) for p in _iter_chunks(io.BytesIO(bomb), "zstd", "bomb.jsonl.zst")]
+    pieces = [len(p) for p in iter_chunks(io.BytesIO(bomb), "zstd", "bomb.jsonl.zst")]
     assert sum(pieces) == 256 << 20
     assert max(pieces) <= ZSTD_FEED_BYTES * 32768  # 32 MiB, however dense the input
     frames = [b'{"text": "frame %d"}\n' % i * 3000 for i in range(4)]
     packed = b"".join(zstandard.ZstdCompressor().compress(f) for f in frames)
-    assert b"".join(_iter_chunks(io.BytesIO(packed), "zstd", "multi.jsonl.zst")) == b"".join(frames)
+    assert b"".join(iter_chunks(io.BytesIO(packed), "zstd", "multi.jsonl.zst")) == b"".join(frames)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from shardloader import sources, storage
+from shardloader import storage
 from shardloader.errors import ConfigError, CorpusError
 from shardloader.sources import (
     MAX_EXAMPLES,
@@ -29,6 +29,7 @@ from shardloader.sources import (
     kind_of,
     parse_keep_fields,
     read_documents,
+    streams,
 )
 from shardloader.storage import InputFile
 
@@ -393,7 +394,7 @@ def test_bad_last_line_without_newline_is_reported(tmp_path):
 
 
 def test_long_line_across_many_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(streams, "CHUNK_BYTES", 1000)
     text = "".join(chr(0x4E00 + i % 2000) for i in range(50_000))  # 150 kB of 3-byte UTF-8
     path = write(tmp_path / "long.jsonl.zst", line({"text": "a"}) + line({"text": text}), "zstd")
     docs, _, _ = read(path)
@@ -413,7 +414,7 @@ def split_points(n: int) -> list[int]:
 
 @pytest.mark.parametrize("chunk_bytes", [7, 1 << 20])
 def test_multi_member_gzip_reads_every_member(tmp_path, monkeypatch, chunk_bytes):
-    monkeypatch.setattr(sources, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(streams, "CHUNK_BYTES", chunk_bytes)
     cuts = split_points(len(PAYLOAD))
     members = [gzip.compress(PAYLOAD[a:b], mtime=0) for a, b in zip(cuts, cuts[1:], strict=False)]
     assert len(members) == 8
@@ -427,7 +428,7 @@ def test_multi_member_gzip_reads_every_member(tmp_path, monkeypatch, chunk_bytes
 
 @pytest.mark.parametrize("chunk_bytes", [5, 1 << 20])
 def test_multi_frame_zstd_reads_every_frame(tmp_path, monkeypatch, chunk_bytes):
-    monkeypatch.setattr(sources, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(streams, "CHUNK_BYTES", chunk_bytes)
     cctx = zstandard.ZstdCompressor(write_checksum=True)
     cuts = split_points(len(PAYLOAD))
     frames = [cctx.compress(PAYLOAD[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]

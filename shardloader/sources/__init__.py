@@ -1,0 +1,127 @@
+"""Raw corpus readers: JSONL (plain, .gz, .zst), Parquet and plain-text files -> documents.
+
+Each document carries the file and line (or Parquet row) it came from, so every error can name
+its location. Bad records either raise :class:`CorpusError` (the default) or, with
+``on_bad_record="skip"``, are counted by kind in a :class:`BadRecords` tally with their first
+locations. Text is kept exactly as decoded: no normalization, no stripping.
+
+Modules, each importing only those above it:
+
+- ``records``: Document, RecordSpec, BadRecords, DamagedFileError; one record -> Document
+- ``streams``: decompression (none, gzip, zstd) and line splitting, bounded in memory
+- ``files``: a file's kind and codec by name; refusing FIFOs, devices and sockets
+- ``jsonl_table``: the JSONL fast path, a whole clean file -> Arrow columns
+- ``jsonl``, ``parquet``, ``text``: the per-format readers that :func:`read_documents` picks
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from shardloader import storage
+from shardloader.errors import CorpusError
+from shardloader.sources.files import check_regular_file, kind_of
+from shardloader.sources.jsonl import read_jsonl
+from shardloader.sources.jsonl_table import (
+    FAST_JSONL_BLOCK,
+    FAST_JSONL_MAX_BYTES,
+    DocumentTable,
+    read_jsonl_table,
+)
+from shardloader.sources.parquet import read_parquet
+from shardloader.sources.records import (
+    KEEP_FIELD_TYPES,
+    MAX_EXAMPLES,
+    MAX_RECORD_BYTES,
+    ON_BAD_RECORD,
+    RESERVED_FIELDS,
+    BadRecords,
+    DamagedFileError,
+    Document,
+    RecordSpec,
+    parse_keep_fields,
+)
+from shardloader.sources.streams import CHUNK_BYTES, ZSTD_FEED_BYTES
+from shardloader.sources.text import read_text_file
+from shardloader.storage import InputFile
+
+__all__ = [
+    "CHUNK_BYTES",
+    "FAST_JSONL_BLOCK",
+    "FAST_JSONL_MAX_BYTES",
+    "KEEP_FIELD_TYPES",
+    "MAX_EXAMPLES",
+    "MAX_RECORD_BYTES",
+    "ON_BAD_RECORD",
+    "RESERVED_FIELDS",
+    "ZSTD_FEED_BYTES",
+    "BadRecords",
+    "DamagedFileError",
+    "Document",
+    "DocumentTable",
+    "RecordSpec",
+    "check_regular_file",
+    "kind_of",
+    "parse_keep_fields",
+    "read_documents",
+    "read_jsonl_table",
+]
+
+
+def read_documents(
+    source: InputFile,
+    *,
+    spec: RecordSpec,
+    bad: BadRecords,
+    stats: Counter[str] | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
+) -> Iterator[Document]:
+    """Yield the documents of one input file.
+
+    ``stats`` (if given) receives ``records`` (records read, skipped ones included) and
+    ``bytes`` (uncompressed bytes read).
+
+    A record (JSONL line, Parquet row's string values, whole text file) over ``max_record_bytes``
+    is a bad record of kind ``record_too_large``; it is measured while reading and never held in
+    memory whole. Non-regular files (FIFOs, devices, sockets, links to them) are refused before
+    they are opened, whatever ``on_bad_record`` says: reading one would hang or never end.
+
+    A damaged file (truncated or corrupt compression, unreadable Parquet) raises
+    :class:`DamagedFileError`, or with ``on_bad_record="skip"`` ends the file early and counts one
+    ``damaged_file``: the records before the damage are kept, the partial one is not.
+
+    Raises:
+        CorpusError: A bad record or damaged file (with ``on_bad_record="raise"``), an unreadable
+            path or non-regular file, or a Parquet file whose text column is missing or not a
+            string.
+    """
+    stats = stats if stats is not None else Counter()
+    kind, codec = kind_of(source.url)
+    name = storage.relpath(source.url, source.root)
+    check_regular_file(source.url)
+    try:
+        f = storage.open_read(source.url)
+    except FileNotFoundError as err:
+        raise CorpusError(
+            f"{source.url}: cannot open, no such file ({err}); is it a dangling link, or was it "
+            "removed during the conversion?"
+        ) from err
+    except OSError as err:
+        raise CorpusError(f"{source.url}: cannot open ({type(err).__name__}: {err})") from err
+    with f:
+        try:
+            if kind == "parquet":
+                if codec != "none":
+                    raise CorpusError(f"{source.url}: compressed Parquet files are not supported")
+                yield from read_parquet(f, source.url, name, spec, bad, stats, max_record_bytes)
+            elif kind == "jsonl":
+                yield from read_jsonl(
+                    f, codec, source.url, name, spec, bad, stats, max_record_bytes
+                )
+            else:
+                yield from read_text_file(f, codec, source.url, name, bad, stats, max_record_bytes)
+        except DamagedFileError as err:
+            if bad.on_bad_record != "skip":
+                raise
+            bad.report("damaged_file", err.where, err.what + "; the rest of the file is skipped")
