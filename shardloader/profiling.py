@@ -177,17 +177,9 @@ def profile_dataset(
     remote = not storage.is_local(urls[0]) if urls else False
     scratch = tempfile.mkdtemp(prefix="shardloader-profile-")
     try:
-        fetch, paths = _fetch(manifest, urls, options, scratch, seconds)
-        decode, samples, num_decoded = _decode(manifest, urls, paths, seconds)
-        docs, tokenize = _tokenize(samples, text_tokenizer, seconds)
-        tokens_per_sample = sum(len(d) for d in docs) / max(len(docs), 1)
-        stored = sum(manifest.shards[i].num_bytes for i in range(num_decoded))
-        tokens_per_byte = tokens_per_sample * len(samples) / max(stored, 1)
-        fetch = dataclasses.replace(fetch, tokens_per_s=fetch.rate * 1e6 * tokens_per_byte)
-        decode = dataclasses.replace(decode, tokens_per_s=decode.rate * tokens_per_sample)
-        pack, rows = _pack(docs, PackConfig(seq_len=seq_len), seconds)
-        collate, batch = _collate(rows, PackConfig(seq_len=seq_len), batch_size, seconds)
-        stages = [fetch, decode, tokenize, pack, collate, _host_to_device(batch)]
+        stages = _measure_stages(
+            manifest, urls, options, scratch, text_tokenizer, seq_len, batch_size, seconds
+        )
         loaders = tuple(
             _run_loader(
                 url,
@@ -203,6 +195,42 @@ def profile_dataset(
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return _report(url, manifest, remote, stages, loaders, cache_bytes)
+
+
+def _measure_stages(
+    manifest: Manifest,
+    urls: list[str],
+    options: Mapping[str, Any],
+    scratch: str,
+    tokenizer: TextTokenizer | None,
+    seq_len: int,
+    batch_size: int,
+    seconds: float,
+) -> list[StageResult]:
+    """Time fetch, decode, tokenize, pack, collate and host-to-device, each rated in tokens/s."""
+    fetch, paths = _fetch(manifest, urls, options, scratch, seconds)
+    decode, samples, num_decoded = _decode(manifest, urls, paths, seconds)
+    docs, tokenize = _tokenize(samples, tokenizer, seconds)
+    tokens_per_sample = sum(len(d) for d in docs) / max(len(docs), 1)
+    stored = sum(manifest.shards[i].num_bytes for i in range(num_decoded))
+    tokens_per_byte = tokens_per_sample * len(samples) / max(stored, 1)
+    fetch = dataclasses.replace(fetch, tokens_per_s=fetch.rate * 1e6 * tokens_per_byte)
+    decode = dataclasses.replace(decode, tokens_per_s=decode.rate * tokens_per_sample)
+    pack, rows = _pack(docs, PackConfig(seq_len=seq_len), seconds)
+    collate, batch = _collate(rows, PackConfig(seq_len=seq_len), batch_size, seconds)
+    return [fetch, decode, tokenize, pack, collate, _host_to_device(batch)]
+
+
+def _report(
+    url: str,
+    manifest: Manifest,
+    remote: bool,
+    stages: list[StageResult],
+    loaders: tuple[LoaderResult, ...],
+    cache_bytes: int,
+) -> ProfileReport:
+    """The report of the measured stages and loaders, with the bottleneck and `suggest`'s advice."""
     cpu = [s for s in stages if s.name != "fetch" and s.name != "host_to_device"]
     per_worker = _serial_rate([s.tokens_per_s for s in cpu])
     timed = [s for s in stages if s.tokens_per_s]
@@ -214,7 +242,7 @@ def profile_dataset(
         num_shards=len(sizes),
         dataset_bytes=int(sum(sizes)),
         mean_shard_bytes=float(np.mean(sizes)) if sizes else 0.0,
-        tokenized=tokenized,
+        tokenized=manifest.token_dtype is not None,
         stages=tuple(stages),
         loaders=loaders,
         per_worker_tokens_per_s=per_worker,

@@ -20,12 +20,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import posixpath
 import random
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -38,7 +40,7 @@ import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs as _fsspec_url_to_fs
 
-from shardloader.errors import ShardloaderError, StorageError
+from shardloader.errors import ConfigError, ShardloaderError, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -652,3 +654,102 @@ class OutputDir:
         if self._remote_tmp is not None:
             shutil.rmtree(self._remote_tmp, ignore_errors=True)
             self._remote_tmp = None
+
+
+# ---- writing an output: failures as StorageError with a remedy, one run per output -------------
+#
+# `write_error` turns an ``OSError`` from writing into a `StorageError` that names the file, the
+# system's reason and a remedy (a full disk reports ``[Errno 28]`` with no path of its own);
+# `writing` applies it to a block. `lock_output` keeps a second run out of a local output.
+
+_REMEDIES = {
+    errno.ENOSPC: "free space there or choose another output, then rerun (finished tasks are kept)",
+    errno.EDQUOT: "free space there or choose another output, then rerun (finished tasks are kept)",
+    errno.EROFS: "the output is not writable; choose another output",
+    errno.EACCES: "the output is not writable; choose another output or fix its permissions",
+    errno.EPERM: "the output is not writable; choose another output or fix its permissions",
+    errno.ENOTDIR: "a file is in the way of the output directory; choose another output",
+    errno.EEXIST: "a file is in the way of the output directory; choose another output",
+    errno.EISDIR: "a directory is in the way of an output file; choose another output",
+}
+
+
+def write_error(url: str, err: OSError) -> StorageError:
+    """A `StorageError` for ``err``, raised while writing ``url``: where, why, and what to do."""
+    reason = err.strerror or str(err)
+    if err.filename and os.fspath(err.filename) != url:
+        reason = f"{reason}: {err.filename}"
+    remedy = _REMEDIES.get(err.errno or 0, "check the output location, then rerun")
+    return StorageError(f"{url}: cannot write ({reason}); {remedy}")
+
+
+@contextlib.contextmanager
+def writing(url: str) -> Generator[None, None, None]:
+    """Turn an ``OSError`` from writing ``url`` into a `StorageError` with a remedy."""
+    try:
+        yield
+    except ShardloaderError:
+        raise
+    except OSError as err:
+        raise write_error(url, err) from err
+
+
+def write_file(out: OutputDir, rel: str, data: bytes) -> None:
+    """Write ``rel`` atomically, under a temporary name no other process uses.
+
+    Raises:
+        StorageError: Writing failed (the file, the reason, a remedy).
+    """
+    with writing(out.url_of(rel)):
+        f = out.open_atomic(rel, tmp_prefix=f"p{os.getpid()}-")
+        try:
+            f.write(data)
+            f.commit()
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk fails the flush in close() again
+                f.abort()
+            raise
+
+
+def lock_output(out: OutputDir, rel: str) -> int | None:
+    """Lock ``out`` for this run; returns the descriptor to hold (``None``: a remote output).
+
+    The lock is an ``flock`` on ``rel``, so the kernel drops it when its holder dies and a rerun
+    after ``kill -9`` takes it at once; the file names the holder (pid and host) for the message
+    a second run gets. Object stores have no locks: there, one run per output is up to the user.
+
+    Raises:
+        ConfigError: Another process holds the lock.
+    """
+    if not out.local:
+        return None
+    path = url_to_fs(out.url_of(rel))[1]
+    with writing(out.url_of(rel)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 256).decode("utf-8", "replace").split()
+                os.close(fd)
+                pid, host = [*holder, "?", "?"][:2]
+                raise ConfigError(
+                    f"{out.url}: is being written by pid {pid} on {host}; wait for it or remove "
+                    f"{path} if it died"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            os.close(fd)  # its holder removed it as we opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    return fd
+
+
+def unlock_output(out: OutputDir, rel: str, fd: int | None) -> None:
+    """Release the lock `lock_output` took (and remove its file)."""
+    if fd is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(url_to_fs(out.url_of(rel))[1])
+        os.close(fd)

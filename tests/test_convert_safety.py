@@ -145,7 +145,7 @@ def test_full_disk_while_writing_a_shard(tmp_path):
 
 
 def test_full_disk_error_is_a_storage_error_with_a_remedy():
-    from shardloader.formats.series import write_error
+    from shardloader.storage import write_error
 
     with pytest.raises(OSError, match="No space left") as info, open("/dev/full", "wb") as f:
         f.write(np.zeros(10, dtype=np.uint8).tobytes())

@@ -5,15 +5,13 @@
 atomically (temporary name, then rename). Where the shards end depends only on the samples and the
 limits, so whole-file tables and single samples give the same shards.
 
-`write_error` turns an ``OSError`` from writing into a `StorageError` that names the file, the
-system's reason and a remedy (a full disk reports ``[Errno 28]`` with no path of its own).
+A failed write raises a `StorageError` that names the shard, the system's reason and a remedy
+(`shardloader.storage.write_error`).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,32 +21,13 @@ from shardloader.errors import StorageError
 from shardloader.formats import get_format
 from shardloader.formats.arrow import rows_before_limit
 from shardloader.manifest import ShardInfo
+from shardloader.storage import write_error
 
 if TYPE_CHECKING:
     from shardloader.sources import DocumentTable
     from shardloader.storage import AtomicWriter, OutputDir
 
 log = logging.getLogger(__name__)
-
-_REMEDIES = {
-    errno.ENOSPC: "free space there or choose another output, then rerun (finished tasks are kept)",
-    errno.EDQUOT: "free space there or choose another output, then rerun (finished tasks are kept)",
-    errno.EROFS: "the output is not writable; choose another output",
-    errno.EACCES: "the output is not writable; choose another output or fix its permissions",
-    errno.EPERM: "the output is not writable; choose another output or fix its permissions",
-    errno.ENOTDIR: "a file is in the way of the output directory; choose another output",
-    errno.EEXIST: "a file is in the way of the output directory; choose another output",
-    errno.EISDIR: "a directory is in the way of an output file; choose another output",
-}
-
-
-def write_error(url: str, err: OSError) -> StorageError:
-    """A `StorageError` for ``err``, raised while writing ``url``: where, why, and what to do."""
-    reason = err.strerror or str(err)
-    if err.filename and os.fspath(err.filename) != url:
-        reason = f"{reason}: {err.filename}"
-    remedy = _REMEDIES.get(err.errno or 0, "check the output location, then rerun")
-    return StorageError(f"{url}: cannot write ({reason}); {remedy}")
 
 
 class SeriesSettings(Protocol):

@@ -1,0 +1,135 @@
+"""The settings of a conversion: `ConvertConfig`, its fields also ``shardloader convert`` flags.
+
+`ConvertConfig.output_settings` names the fields that shape the output; the manifest and the work
+plan record them, so that a rerun with other settings is told apart from a resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shardloader.errors import ConfigError
+from shardloader.formats import COMPRESSIONS
+from shardloader.manifest import FORMATS
+from shardloader.options import option, parse_size
+from shardloader.sources import MAX_RECORD_BYTES, ON_BAD_RECORD, parse_keep_fields
+
+MiB = 1 << 20
+
+
+def _none_if_empty(text: str) -> str | None:
+    return text or None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertConfig:
+    """Settings of a conversion: where the shards go, their format and limits, the tokenizer.
+
+    Every field is also a ``shardloader convert`` flag (``shard_bytes`` -> ``--shard-bytes``,
+    sizes like ``64MB``), declared with `shardloader.options.option`; the help text is in the
+    field. `output_settings` are the fields that shape the output; the manifest records them.
+    """
+
+    output: str = option(
+        help="output directory or URL (an input folder that holds it is read without it)",
+        flags=("-o", "--output"),
+    )
+    format: str = option(
+        "arrow", "shard format: Arrow IPC files or WebDataset tar", choices=FORMATS
+    )
+    compression: str = option(
+        "zstd", "zstd (Arrow: per record batch; tar: .tar.zst) or none", choices=COMPRESSIONS
+    )
+    # 2 compresses text about twice as fast as 3 here for ~4% more bytes, and decompresses
+    # faster (``python -m tools.bench.convert``).
+    compression_level: int = option(2, "zstd level, -7 to 22")
+    shard_bytes: int = option(
+        128 * MiB, "close a shard at this many uncompressed payload bytes", parse=parse_size
+    )
+    shard_samples: int | None = option(None, "close a shard at this many samples")
+    batch_bytes: int = option(4 * MiB, "Arrow record batch size, uncompressed", parse=parse_size)
+    task_bytes: int = option(
+        64 * MiB, "group input files into tasks of about this many (stored) bytes", parse=parse_size
+    )
+    text_field: str = option("text", "field (or Parquet column) holding the text")
+    id_field: str | None = option(
+        "id",
+        "field with the document id; ids are made from file:line where missing "
+        "(pass '' to always make them)",
+        parse=_none_if_empty,
+    )
+    keep_fields: tuple[str, ...] = option(
+        (),
+        "comma-separated extra fields to keep, each name or name:type "
+        "(string, int64, float64, bool, json)",
+    )
+    tokenizer: str | None = option(
+        None, "tokenizer.json or a local Hugging Face tokenizer directory: store token ids"
+    )
+    eos_token: str | None = option(None, "override the tokenizer's end-of-document token")
+    bos_token: str | None = option(None, "override the tokenizer's beginning-of-document token")
+    add_eos: bool = option(
+        True, "append EOS to tokenized documents (--no-eos: do not)", negative="--no-eos"
+    )
+    add_bos: bool = option(False, "prepend BOS to tokenized documents")
+    on_bad_record: str = option(
+        "raise",
+        "raise: stop at the first bad record; skip: count and skip it",
+        choices=ON_BAD_RECORD,
+    )
+    max_record_bytes: int = option(
+        MAX_RECORD_BYTES,
+        "longest record (JSONL line, Parquet row's strings, text file); a longer one is a bad "
+        "record (record_too_large), measured but never held in memory",
+        parse=parse_size,
+    )
+    num_proc: int | None = option(None, "worker processes (default: the CPUs this process may use)")
+    num_tasks: int = option(1, "split the conversion into this many independent slices (machines)")
+    task_index: int = option(0, "which slice this run converts (0-based)")
+    overwrite: bool = option(False, "replace a different dataset already in the output")
+    progress: bool | None = option(None, "show a progress bar (default: when stderr is a terminal)")
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"format {self.format!r} is not known; use one of {FORMATS}")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"compression {self.compression!r}; use one of {COMPRESSIONS}")
+        if self.on_bad_record not in ON_BAD_RECORD:
+            raise ConfigError(f"on_bad_record {self.on_bad_record!r}; use one of {ON_BAD_RECORD}")
+        for name in ("shard_bytes", "batch_bytes", "task_bytes", "max_record_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.shard_samples is not None and self.shard_samples <= 0:
+            raise ConfigError(f"shard_samples must be positive, got {self.shard_samples}")
+        if self.num_proc is not None and self.num_proc <= 0:
+            raise ConfigError(f"num_proc must be positive, got {self.num_proc}")
+        if self.num_tasks <= 0 or not 0 <= self.task_index < self.num_tasks:
+            raise ConfigError(
+                f"task_index must be in [0, num_tasks); got task_index={self.task_index}, "
+                f"num_tasks={self.num_tasks}"
+            )
+        if not -7 <= self.compression_level <= 22:
+            raise ConfigError(
+                f"compression_level must be in [-7, 22], got {self.compression_level}"
+            )
+        parse_keep_fields(self.keep_fields)  # validates
+
+    def output_settings(self, tokenizer_fingerprint: str | None) -> dict[str, Any]:
+        """The settings that shape the output (recorded in the manifest and the work plan)."""
+        return {
+            "format": self.format,
+            "compression": self.compression,
+            "compression_level": self.compression_level,
+            "shard_bytes": self.shard_bytes,
+            "shard_samples": self.shard_samples,
+            "batch_bytes": self.batch_bytes,
+            "task_bytes": self.task_bytes,
+            "text_field": self.text_field,
+            "id_field": self.id_field,
+            "keep_fields": list(self.keep_fields),
+            "tokenizer_fingerprint": tokenizer_fingerprint,
+            "add_eos": self.add_eos if tokenizer_fingerprint else None,
+            "add_bos": self.add_bos if tokenizer_fingerprint else None,
+            "on_bad_record": self.on_bad_record,
+        }

@@ -1,0 +1,128 @@
+"""Plan a conversion: list the input files and group them into tasks, under one fingerprint.
+
+Consecutive files (sorted within each pattern) make a task of about ``task_bytes`` input bytes.
+The grouping depends only on the inputs and the settings, never on the number of processes, so
+the output is byte-identical for any ``num_proc``. The plan (settings, tokenizer, sources, tasks)
+is fingerprinted; task records and the manifest carry the fingerprint, so a rerun tells its own
+finished work from another conversion's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shardloader import storage
+from shardloader.convert_config import ConvertConfig
+from shardloader.errors import ConfigError, CorpusError
+from shardloader.storage import InputFile
+from shardloader.tokenizer import TextTokenizer
+
+# The conversion logs under one name, as it did as one module ("shardloader.convert: ...").
+log = logging.getLogger("shardloader.convert")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A group of consecutive input files converted together into ``shard-{index}-*``."""
+
+    index: int
+    files: tuple[InputFile, ...]
+
+
+def plan_tasks(files: Sequence[InputFile], task_bytes: int) -> list[Task]:
+    """Group consecutive files into tasks of at least ``task_bytes`` bytes (the last: any size)."""
+    tasks: list[Task] = []
+    group: list[InputFile] = []
+    size = 0
+    for f in files:
+        group.append(f)
+        size += f.num_bytes
+        if size >= task_bytes:
+            tasks.append(Task(len(tasks), tuple(group)))
+            group, size = [], 0
+    if group:
+        tasks.append(Task(len(tasks), tuple(group)))
+    return tasks
+
+
+def fingerprint(obj: Any) -> str:
+    """A short sha256 of ``obj`` as canonical JSON."""
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _location(url: str) -> str:
+    """A comparable form of a path or URL: symlinks resolved for local paths."""
+    if storage.is_url(url):
+        return storage.normalize(url).rstrip("/")
+    return os.path.realpath(os.path.expanduser(url))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _list_inputs(inputs: Sequence[str], output: str) -> list[InputFile]:
+    """List the input files; an input folder that holds the output is read without it.
+
+    Raises:
+        ConfigError: An input (file, folder or pattern) is inside the output directory.
+        CorpusError: An input matches nothing, or nothing is left.
+    """
+    out_at = _location(output)
+    files: list[InputFile] = []
+    for pattern in inputs:
+        if _inside(_location(pattern), out_at):
+            raise ConfigError(
+                f"{pattern}: this input is inside the output directory {output}; a conversion "
+                "cannot read its own output: move the input or choose another output"
+            )
+        try:
+            found = storage.list_files([pattern])
+        except FileNotFoundError as err:
+            raise CorpusError(f"{err}; check the input paths") from err
+        kept = [f for f in found if not _inside(_location(f.url), out_at)]
+        if len(kept) < len(found):
+            log.info(
+                "%s: left out %d files inside the output directory %s",
+                pattern,
+                len(found) - len(kept),
+                output,
+            )
+        files.extend(kept)
+    return files
+
+
+def make_plan(config: ConvertConfig, inputs: Sequence[str]) -> tuple[dict[str, Any], list[Task]]:
+    """The work plan (JSON-ready, with its ``fingerprint``) and the tasks of converting ``inputs``.
+
+    Raises:
+        ConfigError: An input is inside the output directory.
+        CorpusError: No input files.
+    """
+    files = _list_inputs(inputs, config.output)
+    if not files:
+        raise CorpusError(f"no input files found in {list(inputs)}")
+    info = None
+    if config.tokenizer:  # loaded here so a bad tokenizer fails before any work starts
+        info = TextTokenizer(
+            config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token
+        ).info
+    settings = config.output_settings(info.fingerprint if info else None)
+    tasks = plan_tasks(files, config.task_bytes)
+    plan: dict[str, Any] = {
+        "version": 1,
+        "settings": settings,
+        "tokenizer": info.to_dict() if info else None,
+        "token_dtype": info.dtype if info else None,
+        "sources": [[f.url, f.num_bytes, f.root] for f in files],
+        "tasks": [[files.index(t.files[0]), len(t.files)] for t in tasks],
+    }
+    plan["fingerprint"] = fingerprint(plan)
+    return plan, tasks

@@ -1,0 +1,283 @@
+"""Convert one task: read its files in order and write its shards and its completion record.
+
+A clean JSONL file is parsed whole by pyarrow's JSON reader (`read_jsonl_table`); without a
+tokenizer its table is written as it is. Otherwise the documents (from that table, or from the
+line-by-line reader, which finds and reports bad records) are written one by one, or encoded in
+batches first when there is a tokenizer. Every path gives the same bytes. `ShardSeries` cuts the
+samples into shards; the completion record ``_work/task-{task}.json`` is written last, so a task
+with a record is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+from shardloader.convert_config import ConvertConfig
+from shardloader.convert_plan import Task
+from shardloader.formats.series import ShardSeries
+from shardloader.manifest import ShardInfo
+from shardloader.sources import (
+    BadRecords,
+    Document,
+    RecordSpec,
+    parse_keep_fields,
+    read_documents,
+    read_jsonl_table,
+)
+from shardloader.storage import InputFile, OutputDir, write_file, writing
+from shardloader.tokenizer import TextTokenizer
+
+# The conversion logs under one name, as it did as one module ("shardloader.convert: ...").
+log = logging.getLogger("shardloader.convert")
+
+MiB = 1 << 20
+WORK_DIR = "_work"
+TOKENIZE_BATCH_DOCS = 1024
+TOKENIZE_BATCH_BYTES = 4 * MiB
+PROGRESS_EVERY_S = 0.25
+
+
+def record_name(task: int) -> str:
+    """The completion record of task ``task``, relative to the output."""
+    return f"{WORK_DIR}/task-{task:05d}.json"
+
+
+def shard_fields(tokenized: bool, keep_fields: Sequence[str]) -> dict[str, str]:
+    """The shards' fields (name -> kind), as the manifest records them."""
+    payload = {"input_ids": "tokens"} if tokenized else {"text": "string"}
+    return {"id": "string", **payload, **parse_keep_fields(tuple(keep_fields))}
+
+
+class _Throttle:
+    """Passes (documents, input bytes) on to ``report`` at most every ``PROGRESS_EVERY_S``."""
+
+    def __init__(self, report: Callable[[int, int], None]) -> None:
+        self._report = report
+        self._docs = self._bytes = 0
+        self._last = time.monotonic()
+
+    def add(self, docs: int, nbytes: int) -> None:
+        self._docs += docs
+        self._bytes += nbytes
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY_S:
+            self.flush()
+            self._last = now
+
+    def flush(self) -> None:
+        self._report(self._docs, self._bytes)
+        self._docs = self._bytes = 0
+
+
+class _FileDone(NamedTuple):
+    """What converting one input file did: its ``sources`` entry, documents, input bytes."""
+
+    source: dict[str, Any]
+    num_docs: int
+    num_bytes: int
+
+
+def _write_texts(
+    docs: Iterable[Document], series: ShardSeries, progress: _Throttle
+) -> tuple[int, int]:
+    """The line-by-line path: write each document's text; returns (documents, text bytes)."""
+    num_docs = num_bytes = 0
+    for doc in docs:
+        data = doc.text.encode("utf-8")  # sources refused lone surrogates
+        series.write(doc.id, data, doc.fields)
+        num_docs += 1
+        num_bytes += len(data)
+        progress.add(1, len(data))
+    return num_docs, num_bytes
+
+
+def _write_tokens(
+    docs: Iterable[Document],
+    series: ShardSeries,
+    progress: _Throttle,
+    tokenizer: TextTokenizer,
+    config: ConvertConfig,
+) -> tuple[int, int]:
+    """The tokenize path: encode documents in batches, write their ids; (documents, text bytes)."""
+    dtype = tokenizer.info.dtype
+    pending: list[Document] = []
+    pending_bytes = num_docs = num_bytes = 0
+
+    def flush() -> None:
+        ids = tokenizer.encode_batch(
+            [d.text for d in pending], add_bos=config.add_bos, add_eos=config.add_eos
+        )
+        for doc, arr in zip(pending, ids, strict=True):
+            series.write(doc.id, arr.astype(dtype), doc.fields)
+        pending.clear()
+
+    for doc in docs:
+        size = len(doc.text.encode("utf-8"))
+        pending.append(doc)
+        pending_bytes += size
+        num_docs += 1
+        num_bytes += size
+        if len(pending) >= TOKENIZE_BATCH_DOCS or pending_bytes >= TOKENIZE_BATCH_BYTES:
+            flush()
+            pending_bytes = 0
+        progress.add(1, size)
+    if pending:
+        flush()
+    return num_docs, num_bytes
+
+
+def _convert_file(
+    source: InputFile,
+    series: ShardSeries,
+    progress: _Throttle,
+    *,
+    config: ConvertConfig,
+    tokenizer: TextTokenizer | None,
+    spec: RecordSpec,
+    bad: BadRecords,
+    fast_jsonl: bool,
+) -> _FileDone:
+    """Convert one input file by the first path that applies: whole-file JSONL, tokenize, lines."""
+    stats = Counter[str]()
+    skipped_before = bad.total
+    limit = config.max_record_bytes
+    table = (
+        read_jsonl_table(source, spec=spec, stats=stats, max_record_bytes=limit)
+        if fast_jsonl
+        else None
+    )
+    if table is not None and tokenizer is None:  # whole-file JSONL
+        series.write_table(table)
+        num_docs, text_bytes = len(table.sizes), 0
+        progress.add(num_docs, 0)
+    else:
+        docs: Iterable[Document] = (
+            table.documents()
+            if table is not None
+            else read_documents(source, spec=spec, bad=bad, stats=stats, max_record_bytes=limit)
+        )
+        if tokenizer is not None:
+            num_docs, text_bytes = _write_tokens(docs, series, progress, tokenizer, config)
+        else:
+            num_docs, text_bytes = _write_texts(docs, series, progress)
+    # Progress counted text bytes; settle this file at its raw (JSON) input bytes.
+    progress.add(0, stats["bytes"] - text_bytes)
+    entry = {
+        "url": source.url,
+        "num_bytes": source.num_bytes,
+        "num_records": stats["records"],
+        "num_skipped": bad.total - skipped_before,
+        "num_blank_lines": stats["blank_lines"],
+    }
+    return _FileDone(entry, num_docs, stats["bytes"])
+
+
+def _task_record(
+    task: Task,
+    settings_fingerprint: str,
+    shards: Sequence[ShardInfo],
+    done: Sequence[_FileDone],
+    bad: BadRecords,
+) -> dict[str, Any]:
+    """The completion record of a task (and the log line of what it skipped)."""
+    if bad.total:
+        log.warning(
+            "task %d: skipped %d bad records %s; first at %s",
+            task.index,
+            bad.total,
+            dict(sorted(bad.counts.items())),
+            bad.examples[0],
+        )
+    return {
+        "task": task.index,
+        "settings": settings_fingerprint,
+        "shards": [s._asdict() for s in shards],
+        "sources": [d.source for d in done],
+        "num_docs": sum(d.num_docs for d in done),
+        "num_input_bytes": sum(d.num_bytes for d in done),
+        "skipped": dict(sorted(bad.counts.items())),
+        "skipped_examples": bad.examples,
+    }
+
+
+def run_task(
+    task: Task,
+    config: ConvertConfig,
+    settings_fingerprint: str,
+    report: Callable[[int, int], None] = lambda docs, nbytes: None,
+    *,
+    fast_jsonl: bool = True,
+) -> dict[str, Any]:
+    """Convert one task's files into shards and write its completion record.
+
+    Clean JSONL files are parsed whole by pyarrow's JSON reader (``read_jsonl_table``); a file
+    with anything unusual goes through the line-by-line reader, which finds and reports it. Both
+    paths give the same bytes.
+
+    Args:
+        task: The task.
+        config: The conversion settings.
+        settings_fingerprint: Fingerprint of the output settings, stored in the record.
+        report: Called now and then with (documents, input bytes) done since the last call; by the
+            end of each file its bytes add up to the uncompressed bytes read from it.
+        fast_jsonl: Use the whole-file JSONL reader where it applies (tests turn it off to check
+            that both readers give the same output).
+
+    Returns:
+        The completion record (as written to ``_work/task-NNNNN.json``).
+
+    Raises:
+        StorageError: Writing a shard or the record failed (the file, the reason, a remedy).
+    """
+    out = OutputDir(config.output)
+    with writing(out.url):
+        out.clean_tmp(f"{task.index:05d}-")  # left by a run that died in this task
+    tokenizer = (
+        TextTokenizer(config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token)
+        if config.tokenizer
+        else None
+    )
+    series = ShardSeries(
+        out,
+        config,
+        task.index,
+        shard_fields(bool(config.tokenizer), config.keep_fields),
+        tokenizer.info.dtype if tokenizer else None,
+        tmp_prefix=f"{task.index:05d}-{os.getpid()}-",
+    )
+    spec = RecordSpec(
+        text_field=config.text_field,
+        id_field=config.id_field,
+        keep_fields=parse_keep_fields(config.keep_fields),
+    )
+    bad = BadRecords(config.on_bad_record)
+    progress = _Throttle(report)
+    try:
+        done = [
+            _convert_file(
+                source,
+                series,
+                progress,
+                config=config,
+                tokenizer=tokenizer,
+                spec=spec,
+                bad=bad,
+                fast_jsonl=fast_jsonl,
+            )
+            for source in task.files
+        ]
+        shards = series.close()
+    except BaseException:
+        series.abort()
+        raise
+    progress.flush()
+    record = _task_record(task, settings_fingerprint, shards, done, bad)
+    write_file(out, record_name(task.index), json.dumps(record, indent=1).encode())
+    out.close()
+    return record
