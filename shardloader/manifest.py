@@ -2,10 +2,10 @@
 
 The per-shard table is stored column by column (``"shards": {"path": [...], ...}``), which keeps
 the file small and makes reading it a single ``json.loads`` plus one pass of checks: 100,000
-shards (12 MB) parse in about 0.15 s here (``tools/bench_manifest.py``), building no per-shard
-objects. Everything a reader needs is here: the format and schema, per shard its path relative to
-the manifest, sample count, size, checksum and first global sample id, plus the tokenizer
-fingerprint, the conversion settings, the source files and the counts of skipped records.
+shards (12 MB) parse in about 0.15 s here (``python -m tools.bench.manifest``), building no
+per-shard objects. Everything a reader needs is here: the format and schema, per shard its path
+relative to the manifest, sample count, size, checksum and first global sample id, plus the
+tokenizer fingerprint, the conversion settings, the source files and the counts of skipped records.
 Nothing time-dependent is written, so the same conversion always produces the same bytes.
 
 A manifest is read as hostile input: every count must be a non-negative integer below
