@@ -31,7 +31,8 @@ Pruning after a save keeps the newest ``keep`` *intact* checkpoints: walking fro
 checks each one (as a load would; the one just saved is known intact) until ``keep`` passed, then
 removes every older one, and every damaged one older than the newest kept. A damaged checkpoint
 newer than all intact ones stays (its files may be restored from a copy; a save of its step
-replaces it). So a save with ``keep=2`` also hashes the previous checkpoint once.
+replaces it). So a save with ``keep=2`` also hashes the previous checkpoint once: with the
+403 MB checkpoint above, a save takes 1.7-2.0 s instead of 1.5 s.
 
 The trainer state in ``trainer.pt``: the step, the finished epochs, the schedule's length and
 state, the loader state of all ranks (as JSON), every rank's RNG states, the world size and the
