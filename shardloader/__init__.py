@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from shardloader._version import __version__
 from shardloader.convert import ConvertConfig, ConvertResult, convert, merge
 from shardloader.errors import (
+    CheckpointDamagedError,
     ConfigError,
     CorpusError,
     ManifestError,
@@ -63,6 +64,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "CheckpointDamagedError",
     "ConfigError",
     "ConvertConfig",
     "ConvertResult",

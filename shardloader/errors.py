@@ -36,5 +36,9 @@ class ResumeError(ShardloaderError, ValueError):
     """A saved state cannot be resumed with this dataset or configuration."""
 
 
+class CheckpointDamagedError(ResumeError):
+    """A checkpoint's files are not the bytes its save recorded (missing, truncated, changed)."""
+
+
 class ShardloaderWarning(UserWarning):
     """Warnings shardloader issues; the test suite turns them into errors."""

@@ -20,14 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-from shardloader import ResumeError
-from shardloader.checkpoint import (
-    CHECKSUMS_FILE,
-    CheckpointDamagedError,
-    load_checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-)
+from shardloader import CheckpointDamagedError, ResumeError
+from shardloader.train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
+from shardloader.train.safe_load import CHECKSUMS_FILE, describe_file
 from tests.streaming import make_dataset
 from tests.test_train import ROOT, read_jsonl, run_env, torchrun_cmd
 
@@ -59,12 +54,10 @@ def same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def rehash(path: Path) -> None:
     """Record a planted file's new sha256, as an attacker who can write the directory would."""
-    from shardloader.checkpoint import _describe_file
-
     file = path / CHECKSUMS_FILE
     listing = json.loads(file.read_text())
     for name in listing["files"]:
-        listing["files"][name] = _describe_file(path / name)
+        listing["files"][name] = describe_file(path / name)
     file.write_text(json.dumps(listing))
 
 
@@ -180,7 +173,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_with_a_warning(
     newer, _, _ = save(tmp_path, 2)
     flip_bit(newer / "__0_0.distcp")
     model, optimizer = make_model(9)
-    with caplog.at_level(logging.WARNING, logger="shardloader.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="shardloader.train.checkpoint"):
         found = resume_checkpoint(tmp_path, model, optimizer)
     assert found is not None
     assert found[0] == tmp_path / "step-00000001"
@@ -209,6 +202,57 @@ def test_listed_names_outside_the_directory_are_refused(tmp_path: Path) -> None:
     (path / CHECKSUMS_FILE).write_text(json.dumps(listing))
     with pytest.raises(CheckpointDamagedError, match="'../../secret', not a file of this"):
         load_checkpoint(path, *make_model(9))
+
+
+def steps_under(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_pruning_after_a_fallback_keeps_intact_checkpoints_not_the_damaged_newer_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for step in (1, 2, 4):
+        save(tmp_path, step)
+    flip_bit(tmp_path / "step-00000004" / "__0_0.distcp")
+    model, optimizer = make_model(9)
+    found = resume_checkpoint(tmp_path, model, optimizer)
+    assert found is not None
+    assert found[0].name == "step-00000002"
+    (tmp_path / "step-00000009.partial").mkdir()  # a save killed half-way
+    with caplog.at_level(logging.INFO, logger="shardloader.train.checkpoint"):
+        save_checkpoint(tmp_path, 3, model, optimizer, {"step": 3}, keep=2)
+    # Two intact checkpoints are kept (counting step 4 would have kept only step 3); the damaged
+    # step 4 is newer than both, so it stays for its files to be restored or step 4 saved again.
+    assert steps_under(tmp_path) == ["step-00000002", "step-00000003", "step-00000004"]
+    removed = [r.getMessage() for r in caplog.records if ": removed, " in r.getMessage()]
+    assert removed == [
+        f"{tmp_path / 'step-00000009.partial'}: removed, a save that never finished",
+        f"{tmp_path / 'step-00000001'}: removed, older than the 2 newest intact checkpoints "
+        "(keep=2)",
+    ]
+    found = resume_checkpoint(tmp_path, *make_model(9))
+    assert found is not None
+    assert found[0].name == "step-00000003"
+
+
+def test_pruning_removes_damaged_checkpoints_older_than_the_newest_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for step in (1, 2, 3):
+        save(tmp_path, step)
+    flip_bit(tmp_path / "step-00000002" / "__0_0.distcp")
+    (tmp_path / "step-00000003" / "trainer.pt").unlink()
+    model, optimizer = make_model(4)
+    with caplog.at_level(logging.INFO, logger="shardloader.train.checkpoint"):
+        save_checkpoint(tmp_path, 4, model, optimizer, {"step": 4}, keep=2)
+    # The damaged steps 2 and 3 take no keep slot: the intact step 1 is the second one kept.
+    assert steps_under(tmp_path) == ["step-00000001", "step-00000004"]
+    removed = [r.getMessage() for r in caplog.records if ": removed, " in r.getMessage()]
+    assert len(removed) == 2
+    for message, step, file in zip(removed, (3, 2), ("trainer.pt", "__0_0.distcp"), strict=True):
+        path = tmp_path / f"step-{step:08d}"
+        assert message.startswith(f"{path}: removed, damaged ({path / file}: ")
+        assert message.endswith(f"older than the intact {tmp_path / 'step-00000004'}")
 
 
 # --- torchrun --------------------------------------------------------------------------------

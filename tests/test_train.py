@@ -23,13 +23,14 @@ import pytest
 import torch
 
 from shardloader import ConfigError, ConvertConfig, ResumeError, convert, read_manifest
-from shardloader.checkpoint import latest_checkpoint, list_checkpoints, read_trainer_state
 from shardloader.options import add_options, config_from_args
 from shardloader.pack import PackConfig, empty_batch
 from shardloader.testing import S3Server
 from shardloader.train import TrainConfig, lr_at, train
+from shardloader.train.checkpoint import latest_checkpoint, list_checkpoints
 from shardloader.train.loop import check_not_empty
 from shardloader.train.model import build_model, forward_loss_sum
+from shardloader.train.safe_load import read_trainer_state
 from tests.conftest import make_docs, write_jsonl
 from tests.streaming import NUM_SAMPLES, make_dataset
 

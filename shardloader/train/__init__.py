@@ -5,10 +5,12 @@ Also ``shardloader train``, or `train` (`TrainConfig`) from Python, on every ran
 - `shardloader.train.config`: `TrainConfig`, whose fields are the flags, and the schedule `lr_at`;
 - `shardloader.train.loop`: the loop (`train`), the process group and the optimizer;
 - `shardloader.train.model`: builds the model locally, wraps it in DDP or FSDP2, runs a batch;
-- `shardloader.train.checkpoint`: what a checkpoint holds besides the model and optimizer
-  (written atomically by `shardloader.checkpoint`); ``--resume`` continues from the newest one
-  exactly on the same topology, and without losing or repeating a document on another world
-  size;
+- `shardloader.train.checkpoint`: saves, prunes and resumes checkpoints atomically (model,
+  optimizer and the trainer state), falling back past damaged ones; ``--resume`` continues from
+  the newest one exactly on the same topology, and without losing or repeating a document on
+  another world size;
+- `shardloader.train.safe_load`: the trust boundary: ``checksums.json`` and reading a checkpoint
+  without unpickling anything outside an allow-list;
 - `shardloader.train.metrics`: `StepMetrics`, `TrainResult`, ``metrics.jsonl``, ``samples/``
   (``--log-samples``: the sample ids of each step, per rank) and the progress bar.
 """

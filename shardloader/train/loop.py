@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shardloader.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from shardloader.dataset import ShardDataset, StreamConfig
 from shardloader.errors import ConfigError, ShardloaderError
 from shardloader.loader import ShardLoader
@@ -40,6 +39,9 @@ from shardloader.pack import IGNORE_INDEX, empty_batch
 from shardloader.train.checkpoint import (
     CHECKPOINTS_DIR,
     apply_trainer_state,
+    latest_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
     trainer_state,
     truncate_logs,
 )
