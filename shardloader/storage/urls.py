@@ -1,0 +1,96 @@
+"""URLs and local paths: joining and splitting them, and finding the filesystem that holds one.
+
+Paths are URLs (``s3://bucket/dir``, ``memory://x``) or local paths; :func:`url_to_fs` turns
+either into an fsspec filesystem and the path inside it, naming the package to install when a
+scheme has none.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs as _fsspec_url_to_fs
+
+from shardloader.errors import StorageError
+from shardloader.storage.retry import with_retries
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` carries a URL scheme (``s3://...``) rather than being a local path."""
+    return "://" in path
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` names the local filesystem."""
+    return not is_url(url) or url.startswith("file://")
+
+
+def normalize(url: str) -> str:
+    """Return ``url`` with a local path made absolute; URLs are returned unchanged."""
+    if is_url(url):
+        return url.rstrip("/") if not url.endswith("://") else url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto ``base`` with ``/`` (URLs) or the OS separator (local paths)."""
+    if is_url(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def dirname(url: str) -> str:
+    """Return the parent of ``url``."""
+    return posixpath.dirname(url) if is_url(url) else os.path.dirname(url)
+
+
+def relpath(url: str, start: str) -> str:
+    """Return ``url`` relative to ``start`` with ``/`` separators."""
+    if is_url(url):
+        return posixpath.relpath(url.split("://", 1)[1], start.split("://", 1)[1])
+    return os.path.relpath(url, start).replace(os.sep, "/")
+
+
+def url_to_fs(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the fsspec filesystem and the path inside it for ``url``.
+
+    Raises:
+        StorageError: The URL's scheme needs a package that is not installed.
+    """
+    try:
+        return _fsspec_url_to_fs(url, **storage_options)
+    except ImportError as err:
+        scheme = url.split("://", 1)[0]
+        extra = {"s3": "shardloader[s3] (s3fs)", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, "")
+        hint = f"; install {extra}" if extra else ""
+        raise StorageError(f"{url}: no filesystem for scheme {scheme!r} ({err}){hint}") from err
+
+
+def file_type(url: str, **storage_options: Any) -> str | None:
+    """The type the filesystem reports for ``url`` (``"file"``, ``"directory"``, ``"other"``...).
+
+    ``None`` where it reports no type, or where ``url`` cannot be looked at (missing, access
+    denied, still failing after the retries): opening it then gives the precise error.
+
+    Raises:
+        StorageError: The URL's scheme needs a package that is not installed.
+    """
+    fs, path = url_to_fs(url, **storage_options)
+    try:
+        info = with_retries(lambda: fs.info(path), url=url, what="stat")
+    except OSError:
+        return None
+    kind = info.get("type")
+    return None if kind is None else str(kind)
+
+
+def _protocol_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path) if not _fs_is_local(fs) else path
+
+
+def _fs_is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
