@@ -6,6 +6,8 @@ import gzip
 import hashlib
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,22 @@ def write_parquet(path: Path, docs: Sequence[dict[str, Any]], row_group_size: in
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(list(docs)), path, row_group_size=row_group_size)
     return path
+
+
+def run_cli(
+    *args: str, check: bool = True, timeout_s: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``python -m shardloader ARGS`` in a subprocess; with ``check``, fail on a non-zero exit."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardloader", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,  # a hang (e.g. a FIFO read) fails the test, not the suite
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def sha(text: str) -> str:

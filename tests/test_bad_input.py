@@ -10,12 +10,12 @@ back byte for byte in every shard format and compression.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
 import re
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ import zstandard
 
 import shardloader
 from shardloader import ConfigError, ConvertConfig, CorpusError, ManifestError, storage
+from tests.conftest import run_cli as conftest_run_cli
 
 MANIFEST = "_manifest.json"
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) shardloader\.")
@@ -72,14 +73,7 @@ def pairs(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(r["id"], r["text"]) for r in records]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shardloader", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+run_cli = functools.partial(conftest_run_cli, check=False, timeout_s=120)
 
 
 def cli_convert(inputs: Path | str, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import pytest
 
 import shardloader
 from shardloader import ConfigError, ConvertConfig, ManifestError, TextTokenizer, convert, merge
-from tests.conftest import make_docs, sha, write_jsonl
+from tests.conftest import make_docs, run_cli, sha, write_jsonl
 
 # The module (the package exports a function of the same name).
 CONVERT = importlib.import_module("shardloader.convert")
@@ -45,15 +45,6 @@ def many_files(tmp_path: Path) -> tuple[Path, list[dict]]:
         suffix = [".jsonl", ".jsonl.gz", ".jsonl.zst"][i % 3]
         write_jsonl(root / f"part-{i:03d}{suffix}", docs[bounds[i] : bounds[i + 1]])
     return root, docs
-
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardloader", *args], capture_output=True, text=True, timeout=300
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.mark.parametrize("fmt", ["arrow", "tar"])

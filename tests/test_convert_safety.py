@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -20,6 +21,7 @@ from shardloader.cli import main
 from shardloader.formats.series import ShardSeries
 from shardloader.storage import OutputDir
 from tests.conftest import make_docs, write_jsonl
+from tests.conftest import run_cli as conftest_run_cli
 
 SHARD_FLAGS = ("--task-bytes", "1", "--shard-samples", "40", "--no-progress")
 
@@ -33,14 +35,7 @@ def published(root: Path) -> dict[str, str]:
     }
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shardloader", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+run_cli = functools.partial(conftest_run_cli, check=False)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:

@@ -10,13 +10,12 @@ pyarrow fast path and the line reader. Garbage raises only shardloader's own err
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import io
 import json
 import os
 import socket
-import subprocess
-import sys
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -43,6 +42,7 @@ from shardloader.sources import (
     streams,
 )
 from shardloader.storage import InputFile
+from tests.conftest import run_cli as conftest_run_cli
 
 SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 MiB = 1 << 20
@@ -79,14 +79,8 @@ def read_error(path: Path, **kw: Any) -> str:
     return str(info.value)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shardloader", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,  # a FIFO read would hang: fail, do not hang the suite
-        check=False,
-    )
+# A FIFO read would hang: fail, do not hang the suite.
+run_cli = functools.partial(conftest_run_cli, check=False, timeout_s=120)
 
 
 # ---- non-regular files --------------------------------------------------------------------------

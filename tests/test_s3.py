@@ -6,6 +6,7 @@ server, in this process and (through ``FSSPEC_S3``) in CLI subprocesses and pool
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import multiprocessing as mp
@@ -23,6 +24,7 @@ from shardloader import ConvertConfig, convert
 from shardloader.manifest import MANIFEST_NAME
 from shardloader.testing import S3Server
 from tests.conftest import make_docs, write_jsonl
+from tests.conftest import run_cli as conftest_run_cli
 
 pytestmark = pytest.mark.s3
 
@@ -37,13 +39,7 @@ def bucket(s3_server: S3Server) -> str:
     return f"s3://{name}"
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "shardloader", *args], capture_output=True, text=True, timeout=120
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+run_cli = functools.partial(conftest_run_cli, timeout_s=120)
 
 
 def published(root: Path) -> dict[str, str]:

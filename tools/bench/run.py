@@ -267,6 +267,8 @@ def _stream_markdown(stream: dict[str, Any]) -> str:
         "",
         *_per_system_table("first batch s", seen, by_key, lambda s, w: f"{s['first_batch_s']:.2f}"),
     ]
+    if stream.get("local_checksum_cost"):
+        lines += ["", *_checksum_cost_table(stream["local_checksum_cost"])]
     lines += [
         "",
         *_per_system_table(
@@ -279,6 +281,22 @@ def _stream_markdown(stream: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _checksum_cost_table(rows: list[dict[str, Any]]) -> list[str]:
+    """shardloader from local disk with ``verify_local`` on (the default) and off."""
+    lines = [
+        "| local checksum cost: task | workers | first batch s: verify_local=True | False "
+        "| full pass: True | False | True / False |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['num_workers']} | {r['first_batch_s']:.2f} | "
+            f"{r['first_batch_s_no_verify']:.2f} | {r['rate']:.2f} {r['unit']} | "
+            f"{r['rate_no_verify']:.2f} {r['unit']} | {r['rate_ratio']:.2f}x |"
+        )
+    return lines
 
 
 def _per_system_table(

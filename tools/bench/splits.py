@@ -340,6 +340,58 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return format_columns(header, lines)
 
 
+MODULE = "tools.bench.splits"  # run as `python -m`, from the repository root
+
+
+def run_system(system: str, corpus: Path) -> list[dict[str, Any]]:
+    """Prepare one system's shards (once), then run it at every world size: one row each."""
+    name = "shardloader" if system.startswith("shardloader") else system  # one copy
+    data = corpus if system == "sampler" else SPLITS_DIR / "data" / name
+    log = SPLITS_DIR / f"prepare-{name}.log"
+    code = 0
+    if not data.exists():
+        prepare_args = [sys.executable, "-m", MODULE, "prepare", system, str(corpus), str(data)]
+        code, _ = run_logged(prepare_args, system, log)
+    sizes = shard_sizes(system, data) if code == 0 else []
+    if sizes != sorted(SHARD_SIZES):
+        error = f"prepare failed (exit {code}, shards {sizes}); see {log}"
+        return [{"system": system, "world_size": w, "error": error} for w in WORLD_SIZES]
+    rows: list[dict[str, Any]] = []
+    for world_size in WORLD_SIZES:
+        out = SPLITS_DIR / "runs" / f"{system}-w{world_size}"
+        out.mkdir(parents=True)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        launch += [
+            f"--nproc_per_node={world_size}",
+            "--module",
+            MODULE,
+            "rank",
+            system,
+            str(data),
+            str(out),
+        ]
+        code, wall_s = run_logged(launch, system, out / "run.log")
+        row: dict[str, Any] = {"system": system, "world_size": world_size, "wall_s": wall_s}
+        paths = [out / f"rank{r}.json" for r in range(world_size)]
+        if code != 0 or not all(p.exists() for p in paths):
+            row["error"] = f"exit {code}; see {out / 'run.log'}"
+        else:
+            row.update(analyze([json.loads(p.read_text()) for p in paths], world_size))
+        rows.append(row)
+        print(f"  {system} {world_size}x{NUM_WORKERS}: {wall_s:.1f} s", flush=True)
+    return rows
+
+
+def shardloader_failures(rows: list[dict[str, Any]]) -> list[str]:
+    """What is not exact in shardloader's rows, one line per problem."""
+    failures = []
+    for row in rows:
+        if row["system"].startswith("shardloader"):
+            problems = [row["error"]] if "error" in row else check_shardloader(row["system"], row)
+            failures += [f"{row['system']} {row['world_size']} ranks: {p}" for p in problems]
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prepare every system's shards, run each (system, world size), print and save the table."""
     argv = sys.argv[1:] if argv is None else argv
@@ -363,54 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(SPLITS_DIR, ignore_errors=True)
     corpus = SPLITS_DIR / "corpus"
     write_corpus(corpus)
-    module = "tools.bench.splits"  # run as `python -m`, from the repository root
     rows: list[dict[str, Any]] = []
     for system in systems:
-        name = "shardloader" if system.startswith("shardloader") else system  # one copy
-        data = corpus if system == "sampler" else SPLITS_DIR / "data" / name
-        log = SPLITS_DIR / f"prepare-{name}.log"
-        code = 0
-        if not data.exists():
-            prepare_args = [sys.executable, "-m", module, "prepare", system, str(corpus), str(data)]
-            code, _ = run_logged(prepare_args, system, log)
-        sizes = shard_sizes(system, data) if code == 0 else []
-        if sizes != sorted(SHARD_SIZES):
-            error = f"prepare failed (exit {code}, shards {sizes}); see {log}"
-            rows += [{"system": system, "world_size": w, "error": error} for w in WORLD_SIZES]
-            continue
-        for world_size in WORLD_SIZES:
-            out = SPLITS_DIR / "runs" / f"{system}-w{world_size}"
-            out.mkdir(parents=True)
-            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            launch += [
-                f"--nproc_per_node={world_size}",
-                "--module",
-                module,
-                "rank",
-                system,
-                str(data),
-                str(out),
-            ]
-            code, wall_s = run_logged(launch, system, out / "run.log")
-            row: dict[str, Any] = {"system": system, "world_size": world_size, "wall_s": wall_s}
-            paths = [out / f"rank{r}.json" for r in range(world_size)]
-            if code != 0 or not all(p.exists() for p in paths):
-                row["error"] = f"exit {code}; see {out / 'run.log'}"
-            else:
-                row.update(analyze([json.loads(p.read_text()) for p in paths], world_size))
-            rows.append(row)
-            print(f"  {system} {world_size}x{NUM_WORKERS}: {wall_s:.1f} s", flush=True)
+        rows += run_system(system, corpus)
 
     print(
         f"\n{NUM_SAMPLES} docs in shards of {SHARD_SIZES}; batch_size {BATCH_SIZE}; "
         "one shuffled epoch; lost: in no rank; dup: ids received more than once"
     )
     print(format_table(rows))
-    failures = []
-    for row in rows:
-        if row["system"].startswith("shardloader"):
-            problems = [row["error"]] if "error" in row else check_shardloader(row["system"], row)
-            failures += [f"{row['system']} {row['world_size']} ranks: {p}" for p in problems]
+    failures = shardloader_failures(rows)
     found = versions(sys.executable, STREAM_VERSIONS)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items() if v))
     report = {

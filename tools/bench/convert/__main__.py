@@ -123,11 +123,8 @@ def measure(
         result_path.unlink(missing_ok=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_job"]:
-        return jobs.job_main(argv[1:])
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(
         description="Conversion throughput of shardloader and its peers on one generated corpus."
     )
@@ -145,11 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--from-json", type=Path, help="re-print the table of an earlier results file; run nothing"
     )
     args = parser.parse_args(argv)
-    if args.from_json:
-        return report_from_json(args.from_json)
-    mb = args.mb if args.mb is not None else (32.0 if args.quick else 256.0)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    tasks = [t for t in args.tasks.split(",") if t]
+    args.parser = parser
+    return args
+
+
+def plan_jobs(args: argparse.Namespace, tasks: list[str]) -> list[tuple[str, str]]:
+    """(system, task) of every job, in order; the bound first if a subset needs its tokens."""
     only = {s for s in args.systems.split(",") if s}
     plan = [(s, "text") for s in TEXT_SYSTEMS if "text" in tasks]
     plan += [(s, "tokens") for s in TOKEN_SYSTEMS if "tokens" in tasks]
@@ -157,21 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = [(s, t) for s, t in plan if s in only or s.split("-")[0] in only]
         if "tokens" in tasks and ("bound", "tokens") not in plan:
             plan.insert(0, ("bound", "tokens"))  # tokens/s needs the bound's token count
-    if not plan or repeats < 1 or args.num_proc < 1:
-        parser.error("nothing to run: check --tasks, --systems, --repeats and --num-proc")
+    return plan
 
-    BENCH_DIR.mkdir(exist_ok=True)
-    corpus = ensure_corpus(mb, args.seed, args.num_files)
-    tokenizer = ensure_tokenizer(corpus) if "tokens" in tasks else None
-    warm_page_cache(corpus.files)
-    found = versions(args.python, VERSIONS)
-    print(
-        f"corpus: {corpus.path.relative_to(ROOT)}: {len(corpus.files)} files, "
-        f"{corpus.num_docs:,} docs, {corpus.input_bytes / 1e6:.1f} MB of JSONL; "
-        f"{args.num_proc} processes each, {repeats} repeat(s)"
-    )
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
 
+def run_jobs(
+    args: argparse.Namespace,
+    plan: list[tuple[str, str]],
+    repeats: int,
+    corpus: Corpus,
+    tokenizer: Path | None,
+) -> tuple[list[Measurement], int | None]:
+    """Every job, repeat by repeat, with a progress line each; the corpus's token count."""
     measurements: list[Measurement] = []
     corpus_tokens: int | None = None  # set by the first good "bound" job
     for repeat in range(repeats):
@@ -193,6 +187,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             status += f"  (other processes: {m.other_cpu_share:.0%} CPU)" if m.ok else ""
             status += f" (note: {m.note})" if m.note else ""
             print(f"  [{repeat + 1}/{repeats}] {system:<20} {task:<6} {status}", flush=True)
+    return measurements, corpus_tokens
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_job"]:
+        return jobs.job_main(argv[1:])
+    args = parse_args(argv)
+    if args.from_json:
+        return report_from_json(args.from_json)
+    mb = args.mb if args.mb is not None else (32.0 if args.quick else 256.0)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    tasks = [t for t in args.tasks.split(",") if t]
+    plan = plan_jobs(args, tasks)
+    if not plan or repeats < 1 or args.num_proc < 1:
+        args.parser.error("nothing to run: check --tasks, --systems, --repeats and --num-proc")
+
+    BENCH_DIR.mkdir(exist_ok=True)
+    corpus = ensure_corpus(mb, args.seed, args.num_files)
+    tokenizer = ensure_tokenizer(corpus) if "tokens" in tasks else None
+    warm_page_cache(corpus.files)
+    found = versions(args.python, VERSIONS)
+    print(
+        f"corpus: {corpus.path.relative_to(ROOT)}: {len(corpus.files)} files, "
+        f"{corpus.num_docs:,} docs, {corpus.input_bytes / 1e6:.1f} MB of JSONL; "
+        f"{args.num_proc} processes each, {repeats} repeat(s)"
+    )
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
+    measurements, corpus_tokens = run_jobs(args, plan, repeats, corpus, tokenizer)
 
     summaries = print_report(measurements, corpus, corpus_tokens)
     report = {

@@ -145,95 +145,132 @@ def _pool(num_proc: int) -> Any:
     return multiprocessing.get_context("fork").Pool(num_proc)
 
 
+def _run_shardloader(
+    system: str, task: str, inputs: list[str], output: str, num_proc: int, tokenizer: str | None
+) -> dict[str, Any]:
+    """shardloader (``shardloader-arrow``, ``-tar``, ...): its own CLI, in this process."""
+    tokens = task == "tokens"
+    from shardloader.cli import main as shardloader_main
+
+    argv = ["convert", *inputs, "--output", output, "--num-proc", str(num_proc)]
+    argv += ["--format", system.removeprefix("shardloader-"), "--shard-bytes", str(SHARD_BYTES)]
+    argv += ["--no-progress"] + (["--tokenizer", str(tokenizer)] if tokens else [])
+    print("shardloader " + " ".join(argv), flush=True)
+    started = time.perf_counter()
+    try:
+        code = shardloader_main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    job_s = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"shardloader {' '.join(argv)} exited with {code}")
+    from shardloader.manifest import read_manifest
+
+    manifest = read_manifest(output)
+    num_samples, num_tokens = manifest.num_samples, manifest.num_tokens
+    return {"job_s": job_s, "num_samples": num_samples, "num_tokens": num_tokens}
+
+
+def _run_bound(
+    system: str, task: str, inputs: list[str], output: str, num_proc: int, tokenizer: str | None
+) -> dict[str, Any]:
+    """The bounds: tokenize every file on a process pool, write nothing."""
+    method = "fast" if system == "bound" else "encode_batch"
+    groups = split_files(inputs, num_proc)
+    started = time.perf_counter()
+    with _pool(num_proc) as pool:
+        counts = pool.map(_bound_worker, [(g, str(tokenizer), method) for g in groups])
+    job_s = time.perf_counter() - started
+    return {
+        "job_s": job_s,
+        "num_samples": sum(c[0] for c in counts),
+        "num_tokens": sum(c[1] for c in counts),
+    }
+
+
+def _run_webdataset(
+    system: str, task: str, inputs: list[str], output: str, num_proc: int, tokenizer: str | None
+) -> dict[str, Any]:
+    """WebDataset: one ``ShardWriter`` per process."""
+    import webdataset  # noqa: F401  (import outside the timed region, like the others)
+
+    groups = split_files(inputs, num_proc)
+    os.makedirs(output)
+    started = time.perf_counter()
+    with _pool(num_proc) as pool:
+        counts = pool.map(_wds_worker, [(rank, g, output) for rank, g in enumerate(groups)])
+    return {"job_s": time.perf_counter() - started, "num_samples": sum(counts), "num_tokens": 0}
+
+
+def _run_mosaic(
+    system: str, task: str, inputs: list[str], output: str, num_proc: int, tokenizer: str | None
+) -> dict[str, Any]:
+    """Mosaic: one ``MDSWriter`` per process, then ``merge_index``."""
+    tokens = task == "tokens"
+    from streaming.base.util import merge_index
+
+    groups = split_files(inputs, num_proc)
+    tok = str(tokenizer) if tokens else None
+    os.makedirs(output)
+    started = time.perf_counter()
+    jobs = [(rank, group, output, tok) for rank, group in enumerate(groups)]
+    with _pool(num_proc) as pool:
+        counts = pool.map(_mds_worker, jobs)
+    merge_index(output, keep_local=True)
+    job_s = time.perf_counter() - started
+    index = json.loads(Path(output, "index.json").read_text())
+    num_samples = sum(shard["samples"] for shard in index["shards"])
+    return {"job_s": job_s, "num_samples": num_samples, "num_tokens": sum(c[1] for c in counts)}
+
+
+def _run_litdata(
+    system: str, task: str, inputs: list[str], output: str, num_proc: int, tokenizer: str | None
+) -> dict[str, Any]:
+    """LitData: ``optimize`` with a worker per process."""
+    tokens = task == "tokens"
+    from litdata import TokensLoader, optimize
+
+    options: dict[str, Any] = {
+        "inputs": list(inputs),
+        "output_dir": output,
+        "num_workers": num_proc,
+        "chunk_bytes": SHARD_BYTES,
+        "compression": "zstd",
+        "reorder_files": False,
+        "verbose": False,
+    }
+    if tokens:
+        os.environ["BENCH_TOKENIZER"] = str(tokenizer)  # read by the spawned workers
+        options.update(item_loader=TokensLoader(), compression_level="chunk")
+    started = time.perf_counter()
+    optimize(fn=litdata_tokens_fn if tokens else litdata_text_fn, **options)
+    job_s = time.perf_counter() - started
+    index = json.loads(Path(output, "index.json").read_text())
+    num_samples = sum(chunk["chunk_size"] for chunk in index["chunks"])
+    num_tokens = sum(chunk.get("dim") or 0 for chunk in index["chunks"]) if tokens else 0
+    return {"job_s": job_s, "num_samples": num_samples, "num_tokens": num_tokens}
+
+
+_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "webdataset": _run_webdataset,
+    "mosaic": _run_mosaic,
+    "litdata": _run_litdata,
+}
+
+
 def run_job(
     system: str, task: str, inputs: list[str], output: str, num_proc: int, tokenizer: str | None
 ) -> dict[str, Any]:
     """Run one conversion and time it; returns job_s, num_samples, num_tokens."""
-    tokens = task == "tokens"
     if system.startswith("shardloader"):
-        from shardloader.cli import main as shardloader_main
-
-        argv = ["convert", *inputs, "--output", output, "--num-proc", str(num_proc)]
-        argv += ["--format", system.removeprefix("shardloader-"), "--shard-bytes", str(SHARD_BYTES)]
-        argv += ["--no-progress"] + (["--tokenizer", str(tokenizer)] if tokens else [])
-        print("shardloader " + " ".join(argv), flush=True)
-        started = time.perf_counter()
-        try:
-            code = shardloader_main(argv)
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        job_s = time.perf_counter() - started
-        if code != 0:
-            raise RuntimeError(f"shardloader {' '.join(argv)} exited with {code}")
-        from shardloader.manifest import read_manifest
-
-        manifest = read_manifest(output)
-        num_samples, num_tokens = manifest.num_samples, manifest.num_tokens
-        return {"job_s": job_s, "num_samples": num_samples, "num_tokens": num_tokens}
-
-    if system in BOUNDS:
-        method = "fast" if system == "bound" else "encode_batch"
-        groups = split_files(inputs, num_proc)
-        started = time.perf_counter()
-        with _pool(num_proc) as pool:
-            counts = pool.map(_bound_worker, [(g, str(tokenizer), method) for g in groups])
-        job_s = time.perf_counter() - started
-        return {
-            "job_s": job_s,
-            "num_samples": sum(c[0] for c in counts),
-            "num_tokens": sum(c[1] for c in counts),
-        }
-
-    if system == "webdataset":
-        import webdataset  # noqa: F401  (import outside the timed region, like the others)
-
-        groups = split_files(inputs, num_proc)
-        os.makedirs(output)
-        started = time.perf_counter()
-        with _pool(num_proc) as pool:
-            counts = pool.map(_wds_worker, [(rank, g, output) for rank, g in enumerate(groups)])
-        return {"job_s": time.perf_counter() - started, "num_samples": sum(counts), "num_tokens": 0}
-
-    if system == "mosaic":
-        from streaming.base.util import merge_index
-
-        groups = split_files(inputs, num_proc)
-        tok = str(tokenizer) if tokens else None
-        os.makedirs(output)
-        started = time.perf_counter()
-        jobs = [(rank, group, output, tok) for rank, group in enumerate(groups)]
-        with _pool(num_proc) as pool:
-            counts = pool.map(_mds_worker, jobs)
-        merge_index(output, keep_local=True)
-        job_s = time.perf_counter() - started
-        index = json.loads(Path(output, "index.json").read_text())
-        num_samples = sum(shard["samples"] for shard in index["shards"])
-        return {"job_s": job_s, "num_samples": num_samples, "num_tokens": sum(c[1] for c in counts)}
-
-    if system == "litdata":
-        from litdata import TokensLoader, optimize
-
-        options: dict[str, Any] = {
-            "inputs": list(inputs),
-            "output_dir": output,
-            "num_workers": num_proc,
-            "chunk_bytes": SHARD_BYTES,
-            "compression": "zstd",
-            "reorder_files": False,
-            "verbose": False,
-        }
-        if tokens:
-            os.environ["BENCH_TOKENIZER"] = str(tokenizer)  # read by the spawned workers
-            options.update(item_loader=TokensLoader(), compression_level="chunk")
-        started = time.perf_counter()
-        optimize(fn=litdata_tokens_fn if tokens else litdata_text_fn, **options)
-        job_s = time.perf_counter() - started
-        index = json.loads(Path(output, "index.json").read_text())
-        num_samples = sum(chunk["chunk_size"] for chunk in index["chunks"])
-        num_tokens = sum(chunk.get("dim") or 0 for chunk in index["chunks"]) if tokens else 0
-        return {"job_s": job_s, "num_samples": num_samples, "num_tokens": num_tokens}
-
-    raise ValueError(f"unknown system {system!r}")
+        runner = _run_shardloader
+    elif system in BOUNDS:
+        runner = _run_bound
+    elif system in _RUNNERS:
+        runner = _RUNNERS[system]
+    else:
+        raise ValueError(f"unknown system {system!r}")
+    return runner(system, task, inputs, output, num_proc, tokenizer)
 
 
 def job_main(argv: Sequence[str]) -> int:

@@ -15,13 +15,16 @@ which every system first gets in its own format (cached under ``.bench/stream/``
   the bound is the memmap with ``batch_size`` 8 and ``block_size`` 2048.
 - each **from local disk** and **from a loopback S3 server** (``rclone serve s3`` over the same
   files, ``shardloader/testing.py``), with DataLoader ``num_workers`` 0 and 2.
+- **local checksum cost**: shardloader's local text and tokens passes again with
+  ``StreamConfig(verify_local=False)`` (system ``shardloader-noverify``), beside the default,
+  which hashes every local shard before its first use in each process (workers included).
 - **time to first batch** (from constructing the dataset to holding the first batch) and **peak
   RSS** (``ru_maxrss``) of the process that iterates, and separately of its DataLoader workers;
   RSS also at a second corpus size (160 MB by default; text, ``num_workers=0``), where it should
   stay what it was at the first. RSS is split into anonymous memory and mapped-file pages
   (``/proc/self/status``) after the imports and after the last batch.
 
-The systems and how each is read are in ``tools/bench/peers_stream.py``. Every system goes
+The systems and how each is read are in ``tools/bench/peers_stream/``. Every system goes
 through a torch ``DataLoader`` (shardloader: its subclass ``ShardLoader``; ``--plain-dataloader``
 for torch's own) with ``batch_size`` 64 and the same collate: a list of the texts, or one flat
 int64 tensor of the batch's token ids. The bounds: ``memmap`` (nanoGPT's ``get_batch`` over a
@@ -79,6 +82,10 @@ CACHE_BYTES = 1 << 30
 SEED = 0
 SYSTEMS = ("shardloader", "mosaic", "litdata", "webdataset", "hf")
 PEERS = SYSTEMS[1:]
+# shardloader again with StreamConfig(verify_local=False), beside the default (True: each local
+# shard is hashed before its first use in each process), for the "local checksum cost" table.
+NO_VERIFY = "shardloader-noverify"
+CHECKSUM_TASKS = ("text", "tokens")
 TASKS = ("text", "tokens", "packed")
 # "packed": [PACK_BATCH, PACK_SEQ_LEN] training rows from the tokenized shards, as a trainer reads
 # them. Only systems that make fixed-length rows take part: shardloader (PackConfig, concat mode,

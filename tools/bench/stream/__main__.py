@@ -41,12 +41,13 @@ from tools.bench.stream import (
 from tools.bench.stream.passes import Context, Measurement, measure, plan_passes
 from tools.bench.stream.prepare import (
     Prepared,
+    data_system,
     data_task,
     prepare_all,
     text_bytes_of,
     warm_page_cache,
 )
-from tools.bench.stream.report import print_report, report_from_json
+from tools.bench.stream.report import checksum_cost, print_report, report_from_json
 
 Corpora = dict[str, tuple[Corpus, int, dict[tuple[str, str], Prepared]]]
 Pass = tuple[str, str, str, int]  # (system, task, source, num_workers)
@@ -146,7 +147,7 @@ def prepare_corpora(run: Run, passes: list[Pass], large_passes: list[Pass]) -> C
         f"{corpus.input_bytes / 1e6:.1f} MB of JSONL",
         flush=True,
     )
-    needed = {("shardloader" if s == "raw-get" else s, data_task(t)) for s, t, _, _ in passes}
+    needed = {(data_system(s), data_task(t)) for s, t, _, _ in passes}
     prepared = prepare_all(
         corpus, sorted(needed), tokenizer=tokenizer, python=args.python, num_proc=args.num_proc
     )
@@ -330,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "versions": found,
         "summaries": [dataclasses.asdict(s) for s in summaries],
+        "local_checksum_cost": checksum_cost(summaries),
         "measurements": [dataclasses.asdict(m) for m in measurements],
         "targets": {
             "local_vs_fastest_peer": TARGET_LOCAL_RATIO,

@@ -16,7 +16,9 @@ from tools.bench.stream import (
     BLOCK_SIZE,
     BUCKET,
     CACHE_BYTES,
+    CHECKSUM_TASKS,
     MOSAIC_PREDOWNLOAD,
+    NO_VERIFY,
     PACK_BATCH,
     PACK_SEQ_LEN,
     PACKED_SYSTEMS,
@@ -26,6 +28,7 @@ from tools.bench.stream import (
 )
 from tools.bench.stream.prepare import (
     Prepared,
+    data_system,
     data_task,
     job_env,
     link_copy,
@@ -153,9 +156,13 @@ class Context:
 def _pass_spec(
     ctx: Context, *, system: str, task: str, source: str, num_workers: int
 ) -> dict[str, Any]:
-    """What ``peers_stream pass`` needs besides the data's URL, files and cache folder."""
+    """What ``peers_stream pass`` needs besides the data's URL, files and cache folder.
+
+    ``NO_VERIFY`` runs as shardloader with ``verify_local`` off.
+    """
     return {
-        "system": system,
+        "system": "shardloader" if system == NO_VERIFY else system,
+        "verify_local": system != NO_VERIFY,
         "task": task,
         "source": source,
         "num_workers": num_workers,
@@ -189,8 +196,7 @@ def measure(
     prepared: dict[tuple[str, str], Prepared],
 ) -> Measurement:
     """Run one pass in a fresh subprocess with a fresh cache folder; check its counts."""
-    data_system = {"raw-get": "shardloader"}.get(system, system)
-    data = prepared[(data_system, data_task(task))]
+    data = prepared[(data_system(system), data_task(task))]
     name = f"stream-{size}-{system}-{task}-{source}-w{num_workers}-r{repeat}"
     cache_dir = STREAM_DIR / "cache" / name
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -299,6 +305,9 @@ def plan_passes(
     ``quick`` runs three configurations that between them take every code path of every
     system (text and tokens, local and S3, with and without workers): text local w0, text S3
     with the most workers, tokens local with the most workers.
+
+    With shardloader, its local text and tokens passes run again as ``NO_VERIFY``
+    (``verify_local=False``), to measure what hashing local shards costs.
     """
     passes = []
     combos = list(itertools.product(tasks, sources, workers))
@@ -312,6 +321,8 @@ def plan_passes(
     for task, source, num_workers in combos:
         takes_part = [s for s in systems if task != "packed" or s in PACKED_SYSTEMS]
         passes += [(system, task, source, num_workers) for system in takes_part]
+        if "shardloader" in systems and source == "local" and task in CHECKSUM_TASKS:
+            passes.append((NO_VERIFY, task, source, num_workers))
     for task, source in sorted({(task, source) for task, source, _ in combos}):
         if task in ("tokens", "packed") and source == "local":
             passes.append(("memmap", task, "local", 0))

@@ -14,7 +14,7 @@ from typing import Any
 
 from tools.bench import harness
 from tools.bench.harness import BENCH_DIR, ROOT, Corpus, log_tail
-from tools.bench.stream import BUCKET, PEERS_MODULE, SHARD_BYTES, STREAM_DIR
+from tools.bench.stream import BUCKET, NO_VERIFY, PEERS_MODULE, SHARD_BYTES, STREAM_DIR
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +48,11 @@ class Prepared:
 def data_task(task: str) -> str:
     """The copy of the corpus a task reads: packed rows are made from the tokenized copy."""
     return "tokens" if task == "packed" else task
+
+
+def data_system(system: str) -> str:
+    """The system whose copy a pass reads: raw GET and ``NO_VERIFY`` read shardloader's."""
+    return "shardloader" if system in ("raw-get", NO_VERIFY) else system
 
 
 def text_bytes_of(corpus: Corpus) -> int:

@@ -17,6 +17,8 @@ from tools.bench.harness import (
     verdict,
 )
 from tools.bench.stream import (
+    CHECKSUM_TASKS,
+    NO_VERIFY,
     PEERS,
     SOURCES,
     SYSTEMS,
@@ -160,7 +162,7 @@ def summarize(measurements: list[Measurement]) -> list[Summary]:
                 notes=sorted({m.note for m in runs if m.note}),
             )
         )
-    order = {s: i for i, s in enumerate((*SYSTEMS, "memmap", "raw-get"))}
+    order = {s: i for i, s in enumerate((SYSTEMS[0], NO_VERIFY, *SYSTEMS[1:], "memmap", "raw-get"))}
     summaries.sort(
         key=lambda s: (
             s.size != "main",
@@ -295,6 +297,64 @@ def format_verdicts(summaries: list[Summary]) -> list[str]:
     return lines
 
 
+def checksum_cost(summaries: list[Summary]) -> list[dict[str, float | int | str]]:
+    """What ``verify_local=True`` (the default) costs shardloader over ``verify_local=False``.
+
+    One row per local text or tokens configuration (main size) where both ran: first batch and
+    full-pass rate (k samples/s for text, M tokens/s for tokens) of each, and their ratio.
+    """
+    by_key = {(s.size, s.task, s.source, s.num_workers, s.system): s for s in summaries}
+    rows: list[dict[str, float | int | str]] = []
+    for s in summaries:
+        if s.system != "shardloader" or s.size != "main" or s.source != "local":
+            continue
+        off = by_key.get(("main", s.task, "local", s.num_workers, NO_VERIFY))
+        if s.task not in CHECKSUM_TASKS or off is None or not (s.num_ok and off.num_ok):
+            continue
+        text = s.task == "text"
+        rate_on = (s.samples_per_s[0] / 1e3) if text else (s.tokens_per_s or (0.0,))[0] / 1e6
+        rate_off = (off.samples_per_s[0] / 1e3) if text else (off.tokens_per_s or (0.0,))[0] / 1e6
+        rows.append(
+            {
+                "task": s.task,
+                "num_workers": s.num_workers,
+                "unit": "k samples/s" if text else "M tokens/s",
+                "first_batch_s": s.first_batch_s,
+                "first_batch_s_no_verify": off.first_batch_s,
+                "rate": rate_on,
+                "rate_no_verify": rate_off,
+                "rate_ratio": rate_on / rate_off if rate_off else 0.0,
+            }
+        )
+    return rows
+
+
+def format_checksum_cost(rows: list[dict[str, float | int | str]]) -> str:
+    """The local checksum cost table: verify_local on (default) against off."""
+    header = (
+        "task",
+        "w",
+        "1st batch s: verify",
+        "no verify",
+        "full pass: verify",
+        "no verify",
+        "verify / no verify",
+    )
+    body: list[Sequence[str]] = [
+        [
+            str(r["task"]),
+            str(r["num_workers"]),
+            f"{r['first_batch_s']:.2f}",
+            f"{r['first_batch_s_no_verify']:.2f}",
+            f"{r['rate']:.2f} {r['unit']}",
+            f"{r['rate_no_verify']:.2f} {r['unit']}",
+            f"{r['rate_ratio']:.2f}x",
+        ]
+        for r in rows
+    ]
+    return format_columns(header, body)
+
+
 def print_report(measurements: list[Measurement], sizes_mb: dict[str, float]) -> list[Summary]:
     """Print the tables, the verdicts, the notes and a warning if other work used the cores."""
     summaries = summarize(measurements)
@@ -304,6 +364,10 @@ def print_report(measurements: list[Measurement], sizes_mb: dict[str, float]) ->
         print()
         print("Peak RSS and first batch at two corpus sizes (text, num_workers=0):")
         print(format_rss_table(summaries, sizes_mb))
+    if cost := checksum_cost(summaries):
+        print()
+        print("Local checksum cost (shardloader, StreamConfig.verify_local True vs False):")
+        print(format_checksum_cost(cost))
     print()
     for line in format_verdicts(summaries):
         print(line)

@@ -1,0 +1,319 @@
+"""Each system's epoch order for one rank, built with the system's own code from shard sizes.
+
+shardloader (`plan_epoch` with `StreamConfig`'s defaults), Mosaic Streaming (``py1e``, partition
+``relaxed``), WebDataset (shard buffer, then sample buffer), a uniform permutation (the ideal) and
+manifest order (the worst); and what a DataLoader hands the loop (`interleave_batches`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from shardloader.dataset import StreamConfig
+from shardloader.plan import plan_epoch
+from tools.bench.harness import STUBS
+
+IdArray = npt.NDArray[np.int64]
+
+MOSAIC_SEED = 9176  # StreamingDataset's default shuffle_seed
+WDS_SHARD_BUFFER = 100  # WebDataset(shardshuffle=True) turns True into 100
+WDS_SAMPLE_BUFFER = 1000  # .shuffle(1000)
+WDS_INITIAL = 100  # _shuffle's default initial fill
+
+
+@dataclass(frozen=True)
+class RankOrder:
+    """One rank's epoch order.
+
+    Attributes:
+        loop: What the training loop sees: the workers' batches interleaved round-robin.
+        workers: Each DataLoader worker's own order.
+    """
+
+    loop: IdArray
+    workers: tuple[IdArray, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Topology:
+    """Where the order is read.
+
+    Attributes:
+        world_size: Number of ranks.
+        rank: The rank measured.
+        num_workers: DataLoader workers per rank.
+        batch_size: Samples per batch (the unit the DataLoader interleaves workers by).
+    """
+
+    world_size: int
+    rank: int
+    num_workers: int
+    batch_size: int
+
+
+class OrderFn(Protocol):
+    """Makes one rank's order from shard sizes, a seed, an epoch and a topology."""
+
+    def __call__(
+        self, sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology
+    ) -> RankOrder:
+        """Return the rank's order."""
+        ...
+
+
+@dataclass(frozen=True)
+class System:
+    """One shuffle under test.
+
+    Attributes:
+        name: Label in the tables.
+        order: Builds one rank's order.
+        seed: The system's default seed.
+        deterministic: Whether the system promises the same order for the same seed and epoch.
+        epoch_varies: Whether a different epoch is meant to give a different order.
+    """
+
+    name: str
+    order: OrderFn
+    seed: int | None
+    deterministic: bool = True
+    epoch_varies: bool = True
+
+
+def interleave_batches(workers: Sequence[IdArray], batch_size: int) -> IdArray:
+    """The order a DataLoader over an IterableDataset hands batches to the loop.
+
+    Args:
+        workers: Each worker's samples in the order it yields them.
+        batch_size: Samples per batch.
+
+    Returns:
+        Worker 0's first batch, worker 1's first batch, ..., then every worker's second batch,
+        workers that have run out skipped.
+    """
+    num_batches = max((-(-len(w) // batch_size) for w in workers), default=0)
+    parts = [
+        w[b * batch_size : (b + 1) * batch_size]
+        for b in range(num_batches)
+        for w in workers
+        if b * batch_size < len(w)
+    ]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def first_ids(sizes: IdArray) -> IdArray:
+    first = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=first[1:])
+    return first
+
+
+def shardloader_order(
+    sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology, shuffle_window: int = 4
+) -> RankOrder:
+    """`plan_epoch` with the defaults of `shardloader.StreamConfig` (``shuffle_window=4``).
+
+    Args:
+        sizes: Samples per shard, in manifest order.
+        seed: The plan's seed.
+        epoch: The epoch.
+        topology: Ranks, workers and batch size.
+        shuffle_window: Shard pieces a worker mixes at once (the only non-default knob).
+
+    Returns:
+        The rank's order.
+    """
+    config = StreamConfig(seed=seed or 0, shuffle_window=shuffle_window).plan_config()
+    plan = plan_epoch(
+        sizes,
+        config=config,
+        epoch=epoch,
+        world_size=topology.world_size,
+        rank=topology.rank,
+        num_workers=topology.num_workers,
+    )
+    workers = tuple(w.sample_ids() for w in plan.workers)
+    return RankOrder(interleave_batches(workers, topology.batch_size), workers)
+
+
+def mosaic_order(sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology) -> RankOrder:
+    """Mosaic Streaming 0.13's default shuffle and partition, on one node of ``world_size`` ranks.
+
+    Args:
+        sizes: Samples per shard, in manifest order.
+        seed: ``shuffle_seed``.
+        epoch: The epoch.
+        topology: Ranks, workers and batch size.
+
+    Returns:
+        The rank's order (padding ``-1`` skipped, as ``StreamingDataset._each_sample_id`` does).
+    """
+    if str(STUBS) not in sys.path:
+        sys.path.insert(0, str(STUBS))
+    from streaming.base.partition import get_partitions
+    from streaming.base.shuffle import get_shuffle
+
+    num_nodes = 1
+    num_canonical_nodes = num_nodes  # default for py1e: the physical nodes of the first run
+    block_size = max(4_000_000 // num_canonical_nodes, 1 << 18)  # _set_shuffle_block_size
+    num_samples = int(sizes.sum())
+    big_ids = get_partitions(
+        "relaxed",
+        num_samples,
+        num_canonical_nodes,
+        num_nodes,
+        topology.world_size,
+        max(topology.num_workers, 1),
+        topology.batch_size,
+    )
+    shuffle = get_shuffle("py1e", sizes, num_canonical_nodes, seed, epoch, block_size)
+    ids = np.where(big_ids != -1, shuffle[big_ids], -1)[0, topology.rank]
+    workers = tuple(row[row != -1] for row in ids.reshape(ids.shape[0], -1))
+    return RankOrder(interleave_batches(workers, topology.batch_size), workers)
+
+
+@contextlib.contextmanager
+def _torch_world(rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[None]:
+    """Environment that webdataset's ``pytorch_worker_info`` reads, restored afterwards."""
+    names = ("RANK", "WORLD_SIZE", "WORKER", "NUM_WORKERS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(zip(names, map(str, (rank, world_size, worker, num_workers)), strict=True))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _webdataset_order(
+    sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology, shard_buffer: int
+) -> RankOrder:
+    from webdataset.filters import _shuffle, detshuffle
+    from webdataset.shardlists import split_by_node, split_by_worker
+
+    first = first_ids(sizes)
+    num_workers = max(topology.num_workers, 1)
+    workers = []
+    for worker in range(num_workers):
+        with _torch_world(topology.rank, topology.world_size, worker, num_workers):
+            shards = list(split_by_worker(split_by_node(iter(range(len(sizes))))))
+        if seed is None:  # WebDataset(seed=None) draws a random seed; .shuffle(1000) pid+time
+            shards = list(_shuffle(iter(shards), shard_buffer, shard_buffer))
+        else:
+            shard_stage = detshuffle(shard_buffer, shard_buffer, seed=seed, epoch=epoch - 1)
+            shards = list(shard_stage.run(iter(shards)))  # run() moves to epoch ``epoch``
+        samples: Iterator[int] = itertools.chain.from_iterable(
+            range(first[s], first[s + 1]) for s in shards
+        )
+        if seed is None:
+            stream = _shuffle(samples, WDS_SAMPLE_BUFFER, WDS_INITIAL)
+        else:
+            sample_stage = detshuffle(WDS_SAMPLE_BUFFER, WDS_INITIAL, seed=seed, epoch=epoch - 1)
+            stream = sample_stage.run(samples)
+        count = int(sizes[shards].sum())
+        workers.append(np.fromiter(stream, dtype=np.int64, count=count))
+    return RankOrder(interleave_batches(workers, topology.batch_size), tuple(workers))
+
+
+def webdataset_order(
+    sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology
+) -> RankOrder:
+    """WebDataset 1.0.2: ``shardshuffle=True`` (a 100-shard buffer), then ``shuffle(1000)``.
+
+    Args:
+        sizes: Samples per shard, in manifest order.
+        seed: ``detshuffle`` seed of both buffers; ``None`` seeds them from pid and time.
+        epoch: The epoch (``detshuffle`` seeds ``seed + epoch``).
+        topology: Ranks, workers and batch size.
+
+    Returns:
+        The rank's order.
+    """
+    return _webdataset_order(
+        sizes, seed=seed, epoch=epoch, topology=topology, shard_buffer=WDS_SHARD_BUFFER
+    )
+
+
+def webdataset_full_order(
+    sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology
+) -> RankOrder:
+    """As `webdataset_order`, with the whole shard list shuffled (buffer = number of shards).
+
+    Args:
+        sizes: Samples per shard, in manifest order.
+        seed: ``detshuffle`` seed of both buffers; ``None`` seeds them from pid and time.
+        epoch: The epoch.
+        topology: Ranks, workers and batch size.
+
+    Returns:
+        The rank's order.
+    """
+    return _webdataset_order(
+        sizes, seed=seed, epoch=epoch, topology=topology, shard_buffer=max(len(sizes), 1)
+    )
+
+
+def _contiguous_block(order: IdArray, topology: Topology) -> RankOrder:
+    per_rank = len(order) // topology.world_size
+    block = order[topology.rank * per_rank : (topology.rank + 1) * per_rank]
+    return RankOrder(block, (block,))
+
+
+def uniform_order(sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology) -> RankOrder:
+    """A uniformly random permutation of the epoch (the ideal), split in contiguous blocks.
+
+    Args:
+        sizes: Samples per shard.
+        seed: Seed of the permutation, with ``epoch``.
+        epoch: The epoch.
+        topology: Ranks (workers and batches do not change a uniform order's quality).
+
+    Returns:
+        The rank's block.
+    """
+    rng = np.random.default_rng([seed or 0, epoch])
+    return _contiguous_block(rng.permutation(int(sizes.sum())), topology)
+
+
+def sequential_order(
+    sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology
+) -> RankOrder:
+    """Manifest order (no shuffle), split in contiguous blocks.
+
+    Args:
+        sizes: Samples per shard.
+        seed: Ignored.
+        epoch: Ignored.
+        topology: Ranks.
+
+    Returns:
+        The rank's block.
+    """
+    return _contiguous_block(np.arange(int(sizes.sum()), dtype=np.int64), topology)
+
+
+SYSTEMS = (
+    System("shardloader (ShardDataset defaults)", shardloader_order, seed=0),
+    System(
+        "shardloader shuffle_window=16",
+        functools.partial(shardloader_order, shuffle_window=16),
+        seed=0,
+    ),
+    System("Mosaic Streaming shuffle=True (py1e defaults)", mosaic_order, seed=MOSAIC_SEED),
+    System("WebDataset shardshuffle=True + shuffle(1000)", webdataset_order, seed=0),
+    System("WebDataset all shards shuffled + shuffle(1000)", webdataset_full_order, seed=0),
+    System("uniform permutation (ideal)", uniform_order, seed=0),
+    System("no shuffle (manifest order)", sequential_order, seed=0, epoch_varies=False),
+)
