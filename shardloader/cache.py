@@ -431,17 +431,8 @@ def _touch(fd: int) -> None:
 
 def _evict(path: str) -> bool:
     """Delete cache entry ``path`` unless some process has it pinned; return whether deleted."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    if not same_file(os.fstat(fd), path):
-        os.close(fd)
+    fd = try_exclusive(path, create=False)
+    if fd is None:
         return False
     log.debug("%s: evicted", path)
     unlink_and_close(path, fd)

@@ -10,7 +10,6 @@ prefetch runs those downloads on a few threads, so that the reader's later :meth
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -23,7 +22,6 @@ from shardloader.cache import LocalShard, NodeCache, default_cache_dir, entry_ke
 from shardloader.download import Downloader
 from shardloader.errors import ConfigError, ShardError
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STAT_NAMES = (
@@ -59,8 +57,8 @@ class ShardFetcher:
         verify_local: Hash local files against the manifest before their first use in each
             process: local shards, and cached entries another process downloaded (a download is
             hashed as it arrives). Catches a shard changed or rotted on disk, which decoding may
-            not (it may also crash); costs one sha256 per shard and process (see the module
-            docstring). Off: local shards are checked by size only.
+            not (it may also crash); costs one sha256 per shard and process (see
+            :mod:`shardloader.cache`). Off: local shards are checked by size only.
     """
 
     def __init__(

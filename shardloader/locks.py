@@ -50,10 +50,15 @@ def exclusive(path: str, *, remove: bool = False) -> Iterator[None]:
             os.close(fd)
 
 
-def try_exclusive(path: str) -> int | None:
-    """An fd of ``path`` locked exclusively, or None if another holds a lock on it."""
+def try_exclusive(path: str, *, create: bool = True) -> int | None:
+    """An fd of ``path`` locked exclusively, or None if another holds a lock on it.
+
+    Without ``create``, ``path`` is opened read-only (another user's file in a shared folder
+    may be), and None also means it is missing.
+    """
+    flags = os.O_RDWR | os.O_CREAT if create else os.O_RDONLY
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
     except FileNotFoundError:
         return None
     try:
