@@ -323,7 +323,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _get_fetcher(self) -> Any:
         if self._fetcher is None:
-            from shardloader.cache import ShardFetcher
+            from shardloader.fetch import ShardFetcher
 
             self._fetcher = ShardFetcher(
                 cache_dir=self.config.cache_dir,

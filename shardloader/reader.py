@@ -37,7 +37,7 @@ class LocalFile(Protocol):
 
 
 class Fetcher(Protocol):
-    """Gets shards onto local disk (`shardloader.cache.ShardFetcher`)."""
+    """Gets shards onto local disk (`shardloader.fetch.ShardFetcher`)."""
 
     def open(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = ...) -> LocalFile:
         """Block until ``url`` is local and checked; return it pinned."""

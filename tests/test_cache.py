@@ -28,8 +28,9 @@ import pytest
 from fsspec.spec import AbstractFileSystem
 
 from shardloader import storage
-from shardloader.cache import LocalShard, ShardFetcher, default_cache_dir, entry_key
+from shardloader.cache import LocalShard, default_cache_dir, entry_key
 from shardloader.errors import ShardError, StorageError
+from shardloader.fetch import ShardFetcher
 from shardloader.testing import S3Server, find_rclone
 
 KiB = 1 << 10

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from shardloader import ShardDataset, ShardError, ShardLoader, StreamConfig
-from shardloader.cache import ShardFetcher
 from shardloader.errors import StorageError
+from shardloader.fetch import ShardFetcher
 from shardloader.testing import S3Server
 from tests.streaming import NUM_SAMPLES, ids_of, make_dataset
 
