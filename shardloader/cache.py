@@ -20,8 +20,8 @@ its name (an evictor may have unlinked it in between) and starts over if not.
 
 Downloads stream into the ``.part`` file, hashing as they go, and are renamed into place only
 after the size and checksum match the manifest (a mismatch is fetched once more, then refused:
-:mod:`shardloader.download`). Transient failures are retried until ``retry_deadline_s``, resuming
-at the bytes received.
+:mod:`shardloader.cache_download`). Transient failures are retried until
+``retry_deadline_s``, resuming at the bytes received.
 
 The cache is only a cache, so damage to it costs a download, not the run: folders deleted under a
 running loader are made again; an entry whose bytes no longer match the manifest (checked with
@@ -57,13 +57,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from shardloader.errors import ShardError, StorageError
 from shardloader.locks import exclusive, same_file, try_exclusive, unlink_and_close
-
-if TYPE_CHECKING:
-    from shardloader.fetch import ShardFetcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,15 +71,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _PART = ".part"
 _LOCK = ".lock"
 _HASH_BLOCK = 1 << 20  # bytes hashed at a time (fits in L2 cache)
-
-
-def __getattr__(name: str) -> type[ShardFetcher]:
-    """Keep the old path ``shardloader.cache.ShardFetcher`` (imported lazily: fetch is above)."""
-    if name == "ShardFetcher":
-        from shardloader.fetch import ShardFetcher
-
-        return ShardFetcher
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_cache_dir() -> str:

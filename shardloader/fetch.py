@@ -3,7 +3,7 @@
 Local paths (and ``file://`` URLs) are returned as they are, after a size check and, with
 ``verify_local``, a hash before their first use in each process. Remote shards are pinned in the
 node cache (:mod:`shardloader.cache`, which draws its layout and the cost of a hit), downloaded
-first (:mod:`shardloader.download`) by exactly one process of the node if missing. Background
+first (:mod:`shardloader.cache_download`) by exactly one process of the node if missing. Background
 prefetch runs those downloads on a few threads, so that the reader's later :meth:`open
 <ShardFetcher.open>` finds the shard cached or joins its download.
 """
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from shardloader import storage
 from shardloader.cache import LocalShard, NodeCache, default_cache_dir, entry_key, hash_fd
-from shardloader.download import Downloader
+from shardloader.cache_download import Downloader
 from shardloader.errors import ConfigError, ShardError
 
 T = TypeVar("T")

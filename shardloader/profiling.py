@@ -3,7 +3,7 @@
 `profile_dataset` runs the stages one after the other in this process, each on real shards and
 for a bounded time, and converts every rate to tokens/s so that they compare:
 
-- fetch: the shard bytes onto local disk through `shardloader.cache.ShardFetcher` (a download
+- fetch: the shard bytes onto local disk through `shardloader.fetch.ShardFetcher` (a download
   into a fresh cache for remote sources; a read of the file for local ones);
 - decode: `formats` ``read_columns`` plus taking every row (decompression, Arrow to Python);
 - tokenize (text shards with a tokenizer): `SampleEncoder`;
@@ -266,7 +266,7 @@ def _fetch(
     scratch: str,
     seconds: float,
 ) -> tuple[StageResult, list[str]]:
-    from shardloader.cache import ShardFetcher
+    from shardloader.fetch import ShardFetcher
 
     fetcher = ShardFetcher(
         cache_dir=os.path.join(scratch, "fetch"), storage_options=options, prefetch_threads=0

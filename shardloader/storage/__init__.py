@@ -17,7 +17,7 @@ Modules, lower first (each imports only those above it):
 - ``retry``: which errors are transient; :func:`with_retries`, :func:`retry_until`, backoff.
 - ``urls``: URL and path helpers, :func:`url_to_fs`, :func:`file_type`.
 - ``download``: :func:`read_bytes`, :func:`open_read`, and :func:`iter_download`, the bounded
-  shard download used by :mod:`shardloader.cache`.
+  shard download used by :mod:`shardloader.cache_download`.
 - ``inputs``: :class:`InputFile` and :func:`list_files` (files, directories, globs).
 - ``output``: :class:`OutputDir` and :class:`AtomicWriter`, write errors with a remedy
   (:func:`write_error`, :func:`writing`, :func:`write_file`) and the one-run-per-output lock.

@@ -3,8 +3,8 @@
 Reads retry transient failures (:mod:`shardloader.storage.retry`); a file found missing is looked
 for once more past the filesystem's cached listings before it counts as missing.
 
-Shard downloads (:func:`iter_download`, used by :mod:`shardloader.cache`) stream one GET in blocks
-and give every network wait its own deadline, so a hung server costs ``timeout_s`` and not
+Shard downloads (:func:`iter_download`, used by :mod:`shardloader.cache_download`) stream one GET
+in blocks and give every network wait its own deadline, so a hung server costs ``timeout_s`` and not
 forever; :func:`retry_until` retries them until a deadline, resuming where the last try stopped.
 On an async filesystem (s3fs, HTTP, gcsfs) each wait is a coroutine run on fsspec's event loop
 under ``asyncio.wait_for``, so a stalled request is cancelled (its connection closed), not merely
