@@ -230,7 +230,7 @@ def parse_manifest(data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
         raise ManifestError(f"{where}: not valid JSON ({err}); reconvert or restore it") from err
     if not isinstance(doc, dict):
         raise ManifestError(f"{where}: expected a JSON object, found {type(doc).__name__}")
-    if _depth({k: v for k, v in doc.items() if k != "shards"}) > MAX_DEPTH:
+    if json_depth({k: v for k, v in doc.items() if k != "shards"}) > MAX_DEPTH:
         raise ManifestError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
     version = doc.get("version")
     if version != MANIFEST_VERSION:
@@ -289,7 +289,7 @@ def _check_types(doc: Mapping[str, Any], where: str) -> None:
             )
 
 
-def _depth(value: Any) -> int:
+def json_depth(value: Any) -> int:
     """Nesting depth of parsed JSON (0 for a scalar), found without recursion."""
     depth = 0
     stack = [(value, 1)]

@@ -32,7 +32,7 @@ import numpy as np
 
 from shardloader import storage
 from shardloader.errors import ConfigError
-from shardloader.formats import get_format
+from shardloader.formats import ReadSpec, get_format
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
 from shardloader.options import option
 from shardloader.pack import IGNORE_INDEX, PackConfig, Packer, collate_rows
@@ -309,13 +309,13 @@ def _decode(
     start = time.perf_counter()
     for index, path in enumerate(paths):
         num_decoded += 1
-        columns = fmt.read_columns(
-            path,
+        spec = ReadSpec(
             fields=manifest.fields,
             token_dtype=manifest.token_dtype,
             compression=manifest.compression,
             where=urls[index],
         )
+        columns = fmt.read_columns(path, spec)
         taken = columns.take(np.arange(columns.num_rows))
         first = manifest.shards[index].first_sample_id
         samples.extend(

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shardloader.formats import ShardColumns, get_format
+from shardloader.formats import ReadSpec, ShardColumns, get_format
 from shardloader.manifest import Manifest
 from shardloader.plan import Window, WorkerPlan
 
@@ -175,15 +175,8 @@ class ShardReader:
 
             def decode(path: str) -> ShardColumns:
                 decoded_at.append(time.perf_counter())
-                return self._format.read_columns(
-                    path,
-                    fields=self._manifest.fields,
-                    token_dtype=self._manifest.token_dtype,
-                    compression=self._manifest.compression,
-                    where=self._urls[shard],
-                    num_samples=int(self._first[shard + 1] - self._first[shard]),
-                    vocab_size=self._manifest.vocab_size,
-                )
+                spec = ReadSpec.for_shard(self._manifest, shard, self._urls[shard])
+                return self._format.read_columns(path, spec)
 
             # A cached copy that fails to decode is dropped and fetched again (once).
             local, decoded = self._fetcher.open_decoded(

@@ -17,7 +17,7 @@ from typing import Any
 
 from shardloader import storage
 from shardloader.errors import ShardError
-from shardloader.formats import get_format
+from shardloader.formats import ReadSpec, get_format
 from shardloader.manifest import Manifest, ShardInfo, iter_shard_urls, read_manifest
 
 log = logging.getLogger(__name__)
@@ -56,16 +56,8 @@ def decode_shard(
     Raises:
         ShardError: The shard does not decode, or (with ``num_samples``) holds another count.
     """
-    fmt = get_format(manifest.format)
-    yield from fmt.iter_samples(
-        io.BytesIO(data),
-        fields=manifest.fields,
-        token_dtype=manifest.token_dtype,
-        compression=manifest.compression,
-        where=where,
-        num_samples=num_samples,
-        vocab_size=manifest.vocab_size,
-    )
+    spec = ReadSpec.for_manifest(manifest, where=where, num_samples=num_samples)
+    yield from get_format(manifest.format).iter_samples(io.BytesIO(data), spec)
 
 
 def iter_samples(dataset: str, *, limit: int | None = None) -> Iterator[dict[str, Any]]:

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 import shardloader
 from shardloader import ConvertConfig, ManifestError, ShardDataset, StreamConfig, convert
 from shardloader.errors import ShardError, ShardloaderError
-from shardloader.formats import get_format
+from shardloader.formats import ReadSpec, get_format
 from shardloader.formats.arrow import arrow_schema
 from shardloader.manifest import MANIFEST_NAME, manifest_to_json, parse_manifest
 from tests.conftest import make_docs, write_jsonl
@@ -439,19 +439,19 @@ SHARDS = [
 def read_everything(
     fmt: str, data: bytes, fields: dict[str, str], compression: str, tokens: bool
 ) -> int:
-    kw: dict[str, Any] = {
-        "fields": fields,
-        "token_dtype": "uint16" if tokens else None,
-        "compression": compression,
-        "where": "s",
-        "num_samples": 6,
-        "vocab_size": 100,
-    }
-    n = sum(1 for _ in get_format(fmt).iter_samples(io.BytesIO(data), **kw))
+    spec = ReadSpec(
+        fields=fields,
+        token_dtype="uint16" if tokens else None,
+        compression=compression,
+        where="s",
+        num_samples=6,
+        vocab_size=100,
+    )
+    n = sum(1 for _ in get_format(fmt).iter_samples(io.BytesIO(data), spec))
     with tempfile.NamedTemporaryFile() as f:
         f.write(data)
         f.flush()
-        columns = get_format(fmt).read_columns(f.name, **kw)
+        columns = get_format(fmt).read_columns(f.name, spec)
         columns.take(np.arange(columns.num_rows))
     return n
 
@@ -475,8 +475,7 @@ def test_arrow_json_field_limits(tmp_path):
     path = tmp_path / "s.arrow"
     with pa.ipc.new_file(str(path), table.schema) as writer:
         writer.write_table(table)
-    columns = get_format("arrow").read_columns(
-        str(path), fields=fields, token_dtype=None, compression="none", where="s.arrow"
-    )
+    spec = ReadSpec(fields=fields, token_dtype=None, compression="none", where="s.arrow")
+    columns = get_format("arrow").read_columns(str(path), spec)
     with pytest.raises(ShardError, match="s.arrow: field 'meta' of row 0: undecodable JSON"):
         columns.take(np.arange(1))

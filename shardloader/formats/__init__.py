@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from typing import IO, Any, Protocol
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from shardloader.errors import ConfigError, ShardError
+from shardloader.manifest import json_depth
+
+if TYPE_CHECKING:
+    from shardloader.manifest import Manifest
 
 COMPRESSIONS = ("zstd", "none")
 MAX_JSON_DEPTH = 64  # nesting allowed in a sample's JSON (our writers produce 1 or 2)
@@ -44,6 +49,48 @@ class ShardWriter(Protocol):
         """Finish the shard (footer, compression frame); does not close the sink."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReadSpec:
+    """What a shard should hold, as its manifest says; a format checks the shard against it.
+
+    Attributes:
+        fields: The manifest's field types, in order.
+        token_dtype: ``"uint16"`` or ``"uint32"`` for tokenized shards, else ``None``.
+        compression: ``"zstd"`` or ``"none"``.
+        where: Names the shard in errors (its URL).
+        num_samples: The shard's sample count; ``None`` skips the count check.
+        vocab_size: Token ids must be below it; ``None`` checks only the dtype's range.
+    """
+
+    fields: Mapping[str, str]
+    token_dtype: str | None
+    compression: str
+    where: str
+    num_samples: int | None = None
+    vocab_size: int | None = None
+
+    @classmethod
+    def for_manifest(
+        cls, manifest: Manifest, *, where: str, num_samples: int | None = None
+    ) -> ReadSpec:
+        """A shard of ``manifest`` named ``where``, its token ids checked against the vocabulary."""
+        return cls(
+            fields=manifest.fields,
+            token_dtype=manifest.token_dtype,
+            compression=manifest.compression,
+            where=where,
+            num_samples=num_samples,
+            vocab_size=manifest.vocab_size,
+        )
+
+    @classmethod
+    def for_shard(cls, manifest: Manifest, index: int, where: str) -> ReadSpec:
+        """Shard ``index`` of ``manifest``, named ``where``: also its count is checked."""
+        return cls.for_manifest(
+            manifest, where=where, num_samples=manifest.shards[index].num_samples
+        )
+
+
 class ShardFormat(Protocol):
     """A shard file format."""
 
@@ -65,38 +112,19 @@ class ShardFormat(Protocol):
     ) -> ShardWriter:
         """Start a shard written to ``sink`` (a binary file-like object)."""
 
-    def iter_samples(
-        self,
-        source: IO[bytes],
-        *,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        where: str,
-        num_samples: int | None = None,
-        vocab_size: int | None = None,
-    ) -> Iterator[dict[str, Any]]:
-        """Yield the samples of one shard in order; ``where`` names it in errors.
+    def iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
+        """Yield the samples of one shard in order, checked against ``spec``.
 
-        With ``num_samples``, a shard holding another count raises `ShardError` (at the first
-        extra sample, or at the end); with ``vocab_size``, so does a token id outside it.
+        With ``spec.num_samples``, a shard holding another count raises `ShardError` (at the
+        first extra sample, or at the end); with ``spec.vocab_size``, so does a token id outside
+        it.
         """
 
-    def read_columns(
-        self,
-        path: str,
-        *,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        where: str,
-        num_samples: int | None = None,
-        vocab_size: int | None = None,
-    ) -> ShardColumns:
-        """Decode the local shard file ``path`` for random access; ``where`` names it in errors.
+    def read_columns(self, path: str, spec: ReadSpec) -> ShardColumns:
+        """Decode the local shard file ``path`` for random access, checked against ``spec``.
 
-        With ``num_samples``, a shard holding another count raises `ShardError` before any
-        row is made; with ``vocab_size``, so does a token id outside it.
+        With ``spec.num_samples``, a shard holding another count raises `ShardError` before any
+        row is made; with ``spec.vocab_size``, so does a token id outside it.
         """
 
 
@@ -201,20 +229,3 @@ def load_json(data: str | bytes, where: str, *, want_object: bool = False) -> An
     if json_depth(value) > MAX_JSON_DEPTH:
         raise ShardError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
-
-
-def json_depth(value: Any) -> int:
-    """Nesting depth of parsed JSON (0 for a scalar), found without recursion."""
-    depth = 0
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children: Iterable[Any] = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        depth = max(depth, level)
-        stack.extend((child, level + 1) for child in children)
-    return depth

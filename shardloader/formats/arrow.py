@@ -21,7 +21,14 @@ import numpy as np
 import pyarrow as pa
 
 from shardloader.errors import ShardError
-from shardloader.formats import check_num_samples, check_token_ids, counted, extra_fields, load_json
+from shardloader.formats import (
+    ReadSpec,
+    check_num_samples,
+    check_token_ids,
+    counted,
+    extra_fields,
+    load_json,
+)
 
 BATCH_ROWS = 65536
 _ARROW_TYPES = {
@@ -195,61 +202,34 @@ class ArrowFormat:
             batch_bytes=batch_bytes,
         )
 
-    def iter_samples(
-        self,
-        source: IO[bytes],
-        *,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        where: str,
-        num_samples: int | None = None,
-        vocab_size: int | None = None,
-    ) -> Iterator[dict[str, Any]]:
+    def iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
         """Yield the samples of an Arrow shard."""
-        yield from counted(
-            self._iter_samples(source, fields, token_dtype, where, vocab_size), num_samples, where
-        )
+        yield from counted(self._iter_samples(source, spec), spec.num_samples, spec.where)
 
-    def _iter_samples(
-        self,
-        source: IO[bytes],
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        where: str,
-        vocab_size: int | None,
-    ) -> Iterator[dict[str, Any]]:
+    def _iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
+        fields, where = spec.fields, spec.where
         try:
             reader = pa.ipc.open_file(source)
-            _check_schema(reader.schema, fields, token_dtype, where)
+            _check_schema(reader.schema, fields, spec.token_dtype, where)
             for index in range(reader.num_record_batches):
                 batch = reader.get_batch(index)
-                _check_batch(batch, fields, vocab_size, where)
+                _check_batch(batch, fields, spec.vocab_size, where)
                 yield from _batch_samples(batch, fields, where)
         except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
             raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
 
-    def read_columns(
-        self,
-        path: str,
-        *,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        where: str,
-        num_samples: int | None = None,
-        vocab_size: int | None = None,
-    ) -> ArrowColumns:
+    def read_columns(self, path: str, spec: ReadSpec) -> ArrowColumns:
         """Memory-map an Arrow shard and decode its record batches."""
+        fields, where = spec.fields, spec.where
         try:
             with pa.memory_map(path) as source:
                 reader = pa.ipc.open_file(source)
-                _check_schema(reader.schema, fields, token_dtype, where)
+                _check_schema(reader.schema, fields, spec.token_dtype, where)
                 batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
             # Before anything is sized by the manifest's count (the reader's window ids).
-            check_num_samples(sum(b.num_rows for b in batches), num_samples, where)
+            check_num_samples(sum(b.num_rows for b in batches), spec.num_samples, where)
             table = pa.Table.from_batches(batches, schema=reader.schema)
-            _check_batch(table, fields, vocab_size, where)
+            _check_batch(table, fields, spec.vocab_size, where)
         except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
             raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
         return ArrowColumns(table, fields, where)

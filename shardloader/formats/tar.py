@@ -26,6 +26,7 @@ import zstandard
 
 from shardloader.errors import ShardError
 from shardloader.formats import (
+    ReadSpec,
     check_token_ids,
     counted,
     extra_fields,
@@ -162,34 +163,16 @@ class TarFormat:
             compression_level=compression_level,
         )
 
-    def iter_samples(
-        self,
-        source: IO[bytes],
-        *,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        where: str,
-        num_samples: int | None = None,
-        vocab_size: int | None = None,
-    ) -> Iterator[dict[str, Any]]:
+    def iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
         """Yield the samples of a tar shard in member order."""
-        samples = self._iter_samples(source, fields, token_dtype, compression, where, vocab_size)
-        yield from counted(samples, num_samples, where)
+        yield from counted(self._iter_samples(source, spec), spec.num_samples, spec.where)
 
-    def _iter_samples(
-        self,
-        source: IO[bytes],
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        where: str,
-        vocab_size: int | None,
-    ) -> Iterator[dict[str, Any]]:
+    def _iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
+        where = spec.where
         stream: Any = source
-        if compression == "zstd":
+        if spec.compression == "zstd":
             stream = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
-        schema = _Schema(fields, token_dtype, vocab_size)
+        schema = _Schema(spec)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 key: str | None = None
@@ -216,31 +199,11 @@ class TarFormat:
         except (tarfile.TarError, zstandard.ZstdError, EOFError) as err:
             raise ShardError(f"{where}: not a readable tar shard ({err})") from err
 
-    def read_columns(
-        self,
-        path: str,
-        *,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        where: str,
-        num_samples: int | None = None,
-        vocab_size: int | None = None,
-    ) -> TarColumns:
+    def read_columns(self, path: str, spec: ReadSpec) -> TarColumns:
         """Decode a whole tar shard (tar has no random access); counts are checked as it goes."""
         with open(path, "rb") as source:
-            samples = list(
-                self.iter_samples(
-                    source,
-                    fields=fields,
-                    token_dtype=token_dtype,
-                    compression=compression,
-                    where=where,
-                    num_samples=num_samples,
-                    vocab_size=vocab_size,
-                )
-            )
-        return TarColumns(samples, list(fields))
+            samples = list(self.iter_samples(source, spec))
+        return TarColumns(samples, list(spec.fields))
 
 
 class TarColumns:
@@ -273,14 +236,12 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 class _Schema:
     """What the manifest says a sample holds, resolved once per shard."""
 
-    def __init__(
-        self, fields: Mapping[str, str], token_dtype: str | None, vocab_size: int | None
-    ) -> None:
-        self.payload = "input_ids" if "input_ids" in fields else "text"
+    def __init__(self, spec: ReadSpec) -> None:
+        self.payload = "input_ids" if "input_ids" in spec.fields else "text"
         self.exts = frozenset(("json", "npy" if self.payload == "input_ids" else "txt"))
-        self.extras = extra_fields(fields)
-        self.dtype = np.dtype(token_dtype) if token_dtype else None
-        self.vocab_size = vocab_size
+        self.extras = extra_fields(spec.fields)
+        self.dtype = np.dtype(spec.token_dtype) if spec.token_dtype else None
+        self.vocab_size = spec.vocab_size
 
 
 def _member_key(member: tarfile.TarInfo, schema: _Schema, where: str) -> tuple[str, str]:
