@@ -204,12 +204,16 @@ class SampleEncoder:
                 )
         if texts or chats or pairs:
             backend = self._require_backend(samples[(texts or chats or pairs)[0]])
-            self._encode_texts(backend, samples, texts, docs)
+            groups = [(texts, self._encode_texts)]
             if pairs and backend.chat_template is None:
-                self._encode_pairs(backend, samples, pairs, docs)
+                groups.append((pairs, self._encode_pairs))
             else:
                 chats = sorted(chats + pairs)
-            self._encode_chats(backend, samples, chats, docs)
+            groups.append((chats, self._encode_chats))
+            for indices, encode in groups:
+                encoded = encode(backend, [samples[i] for i in indices])
+                for i, doc in zip(indices, encoded, strict=True):
+                    docs[i] = doc
         return [doc for doc in docs if doc is not None]
 
     def _require_backend(self, sample: Mapping[str, Any]) -> _Backend:
@@ -225,61 +229,53 @@ class SampleEncoder:
         return head, tail
 
     def _encode_texts(
-        self,
-        backend: _Backend,
-        samples: Sequence[Mapping[str, Any]],
-        indices: list[int],
-        docs: list[EncodedDoc | None],
-    ) -> None:
-        if not indices:
-            return
+        self, backend: _Backend, samples: Sequence[Mapping[str, Any]]
+    ) -> list[EncodedDoc]:
+        if not samples:
+            return []
         head, tail = self._affixes(backend)
-        encoded = backend.encode([_text(samples[i], self.text_field) for i in indices])
-        for i, ids in zip(indices, encoded, strict=True):
-            if head or tail:
-                ids = np.concatenate([np.array(head, np.int64), ids, np.array(tail, np.int64)])
-            docs[i] = EncodedDoc(ids, None)
+        encoded = backend.encode([_text(sample, self.text_field) for sample in samples])
+        if head or tail:
+            first, last = np.array(head, np.int64), np.array(tail, np.int64)
+            encoded = [np.concatenate([first, ids, last]) for ids in encoded]
+        return [EncodedDoc(ids, None) for ids in encoded]
 
     def _encode_pairs(
-        self,
-        backend: _Backend,
-        samples: Sequence[Mapping[str, Any]],
-        indices: list[int],
-        docs: list[EncodedDoc | None],
-    ) -> None:
+        self, backend: _Backend, samples: Sequence[Mapping[str, Any]]
+    ) -> list[EncodedDoc]:
         head, tail = self._affixes(backend)
-        texts = [_text(samples[i], "prompt") for i in indices]
-        texts += [_text(samples[i], "response") for i in indices]
+        texts = [_text(sample, "prompt") for sample in samples]
+        texts += [_text(sample, "response") for sample in samples]
         encoded = backend.encode(texts)
-        for k, i in enumerate(indices):
+        docs = []
+        for k in range(len(samples)):
             prompt = np.concatenate([np.array(head, np.int64), encoded[k]])
-            response = np.concatenate([encoded[len(indices) + k], np.array(tail, np.int64)])
+            response = np.concatenate([encoded[len(samples) + k], np.array(tail, np.int64)])
             mask = np.zeros(len(prompt) + len(response), dtype=bool)
             mask[len(prompt) :] = True
-            docs[i] = EncodedDoc(np.concatenate([prompt, response]), mask)
+            docs.append(EncodedDoc(np.concatenate([prompt, response]), mask))
+        return docs
 
     def _encode_chats(
-        self,
-        backend: _Backend,
-        samples: Sequence[Mapping[str, Any]],
-        indices: list[int],
-        docs: list[EncodedDoc | None],
-    ) -> None:
-        if not indices:
-            return
+        self, backend: _Backend, samples: Sequence[Mapping[str, Any]]
+    ) -> list[EncodedDoc]:
+        if not samples:
+            return []
         if backend.chat_template is None:
             raise ConfigError(
-                f"{_describe(samples[indices[0]])}: chat messages need a tokenizer with a chat"
+                f"{_describe(samples[0])}: chat messages need a tokenizer with a chat"
                 f" template, and {backend.name} has none; load it with transformers.AutoTokenizer"
                 " and set tokenizer.chat_template"
             )
-        rendered = [_render_turns(backend, samples[i]) for i in indices]
+        rendered = [_render_turns(backend, sample) for sample in samples]
         encoded = backend.encode_with_offsets([text for text, _ in rendered])
-        for i, (_, spans), (ids, offsets) in zip(indices, rendered, encoded, strict=True):
+        docs = []
+        for (_, spans), (ids, offsets) in zip(rendered, encoded, strict=True):
             mask = np.zeros(len(ids), dtype=bool)
             for start, end in spans:
                 mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-            docs[i] = EncodedDoc(ids, mask)
+            docs.append(EncodedDoc(ids, mask))
+        return docs
 
 
 def _text(sample: Mapping[str, Any], field: str) -> str:
