@@ -97,11 +97,7 @@ def read_checksums(where: Path) -> dict[str, dict[str, Any]]:
         raise CheckpointDamagedError(f"{file}: not valid JSON ({err})") from err
     if not isinstance(listing, dict) or listing.get("kind") != CHECKSUMS_KIND:
         raise CheckpointDamagedError(f"{file}: not a shardloader checksum list")
-    if listing.get("version") != CHECKSUMS_VERSION:
-        raise ResumeError(
-            f"{file}: checksum list version {listing.get('version')}, this shardloader reads "
-            f"{CHECKSUMS_VERSION}; resume with the shardloader that wrote it"
-        )
+    _check_version(listing, CHECKSUMS_VERSION, file, "checksum list")
     files = listing.get("files")
     if not isinstance(files, dict) or TRAINER_FILE not in files or METADATA_FILE not in files:
         raise CheckpointDamagedError(f"{file}: lists no {TRAINER_FILE} or no {METADATA_FILE}")
@@ -164,12 +160,21 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         ) from err
     if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
         raise ResumeError(f"{file}: not a shardloader trainer state")
-    if state.get("version") != STATE_VERSION:
-        raise ResumeError(
-            f"{file}: trainer state version {state.get('version')}, this shardloader reads "
-            f"{STATE_VERSION}; resume with the shardloader that wrote it"
-        )
+    _check_version(state, STATE_VERSION, file, "trainer state")
     return state
+
+
+def _check_version(doc: dict[str, Any], version: int, file: Path, what: str) -> None:
+    """Refuse ``doc`` (``what``, read from ``file``) unless it holds this library's ``version``.
+
+    Raises:
+        ResumeError: Another version wrote it.
+    """
+    if doc.get("version") != version:
+        raise ResumeError(
+            f"{file}: {what} version {doc.get('version')}, this shardloader reads "
+            f"{version}; resume with the shardloader that wrote it"
+        )
 
 
 # --- DCP's .metadata and .distcp -----------------------------------------------------------------
