@@ -39,6 +39,7 @@ from shardloader.sources.records import (
     BadRecords,
     DamagedFileError,
     Document,
+    FileContext,
     RecordSpec,
     parse_keep_fields,
 )
@@ -109,18 +110,24 @@ def read_documents(
         ) from err
     except OSError as err:
         raise CorpusError(f"{source.url}: cannot open ({type(err).__name__}: {err})") from err
+    file = FileContext(
+        url=source.url,
+        name=name,
+        codec=codec,
+        bad=bad,
+        stats=stats,
+        max_record_bytes=max_record_bytes,
+    )
     with f:
         try:
             if kind == "parquet":
                 if codec != "none":
                     raise CorpusError(f"{source.url}: compressed Parquet files are not supported")
-                yield from read_parquet(f, source.url, name, spec, bad, stats, max_record_bytes)
+                yield from read_parquet(f, file, spec)
             elif kind == "jsonl":
-                yield from read_jsonl(
-                    f, codec, source.url, name, spec, bad, stats, max_record_bytes
-                )
+                yield from read_jsonl(f, file, spec)
             else:
-                yield from read_text_file(f, codec, source.url, name, bad, stats, max_record_bytes)
+                yield from read_text_file(f, file)
         except DamagedFileError as err:
             if bad.on_bad_record != "skip":
                 raise

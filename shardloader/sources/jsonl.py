@@ -7,7 +7,6 @@ record is; :mod:`shardloader.sources.jsonl_table` is the fast path for files pro
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -15,25 +14,24 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 
 from shardloader.sources.jsonl_table import UTF8_BOM, arrow_schema
-from shardloader.sources.records import BadRecords, Document, RecordSpec, make_document, type_name
+from shardloader.sources.records import (
+    Document,
+    FileContext,
+    RecordSpec,
+    make_document,
+    type_name,
+)
 from shardloader.sources.streams import iter_chunks, iter_lines
 
 
-def read_jsonl(
-    f: IO[bytes],
-    codec: str,
-    url: str,
-    name: str,
-    spec: RecordSpec,
-    bad: BadRecords,
-    stats: Counter[str],
-    max_record_bytes: int,
-) -> Iterator[Document]:
-    """Yield the documents of the JSONL stream ``f``, reporting each bad line to ``bad``.
+def read_jsonl(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[Document]:
+    """Yield the documents of the JSONL stream ``f``, reporting each bad line to ``file.bad``.
 
-    ``stats`` receives ``records``, ``blank_lines`` and ``bytes`` (uncompressed, one newline
-    counted per line); ``name`` makes the ids of records without one (``name:line``).
+    ``file.stats`` receives ``records``, ``blank_lines`` and ``bytes`` (uncompressed, one newline
+    counted per line); ``file.name`` makes the ids of records without one (``name:line``).
     """
+    url, name, bad, stats = file.url, file.name, file.bad, file.stats
+    codec, max_record_bytes = file.codec, file.max_record_bytes
     loads = json.loads
     num_bytes = 0
     lines = iter_lines(iter_chunks(f, codec, url), max_record_bytes)

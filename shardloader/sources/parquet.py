@@ -6,7 +6,6 @@ any of its values becomes a Python object.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -20,26 +19,21 @@ from shardloader.sources.records import (
     BadRecords,
     DamagedFileError,
     Document,
+    FileContext,
     RecordSpec,
     make_document,
 )
 
 
-def read_parquet(
-    f: IO[bytes],
-    url: str,
-    name: str,
-    spec: RecordSpec,
-    bad: BadRecords,
-    stats: Counter[str],
-    max_record_bytes: int,
-) -> Iterator[Document]:
-    """Yield the documents of the Parquet file ``f``, reporting each bad row to ``bad``.
+def read_parquet(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[Document]:
+    """Yield the documents of the Parquet file ``f``, reporting each bad row to ``file.bad``.
 
     Raises:
         DamagedFileError: The file or one of its row groups cannot be read.
         CorpusError: The text column is missing or not a string column.
     """
+    url, name, bad, stats = file.url, file.name, file.bad, file.stats
+    max_record_bytes = file.max_record_bytes
     try:
         pf = pq.ParquetFile(f)
     except (pa.ArrowException, OSError) as err:

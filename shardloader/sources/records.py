@@ -36,6 +36,27 @@ class DamagedFileError(CorpusError):
         self.what = what
 
 
+@dataclass(frozen=True, kw_only=True)
+class FileContext:
+    """One input file as its reader sees it: where it is, and where bad records and counts go.
+
+    Attributes:
+        url: The file, for error messages.
+        name: Its path under the input root; ids of records without one are made from it.
+        codec: Its compression (``"none"``, ``"gzip"``, ``"zstd"``).
+        bad: Raises on or counts each bad record.
+        stats: Receives ``records``, ``bytes`` and (JSONL) ``blank_lines``.
+        max_record_bytes: A record over this size is bad (``record_too_large``).
+    """
+
+    url: str
+    name: str
+    codec: str
+    bad: BadRecords
+    stats: Counter[str]
+    max_record_bytes: int
+
+
 @dataclass(frozen=True, slots=True)
 class Document:
     """One raw document.

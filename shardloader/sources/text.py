@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from typing import IO
 
-from shardloader.sources.records import BadRecords, Document
+from shardloader.sources.records import Document, FileContext
 from shardloader.sources.streams import iter_chunks
 
 
-def read_text_file(
-    f: IO[bytes],
-    codec: str,
-    url: str,
-    name: str,
-    bad: BadRecords,
-    stats: Counter[str],
-    max_record_bytes: int,
-) -> Iterator[Document]:
-    """Yield the text file ``f`` as one document with id ``name``, unless it is bad.
+def read_text_file(f: IO[bytes], file: FileContext) -> Iterator[Document]:
+    """Yield the text file ``f`` as one document with id ``file.name``, unless it is bad.
 
-    A file over ``max_record_bytes`` is measured to its end but never held; one that is not
-    UTF-8 or is empty is reported to ``bad``.
+    A file over ``file.max_record_bytes`` is measured to its end but never held; one that is not
+    UTF-8 or is empty is reported to ``file.bad``.
     """
+    url, name, bad, stats = file.url, file.name, file.bad, file.stats
+    codec, max_record_bytes = file.codec, file.max_record_bytes
     chunks: list[bytes] = []
     size = 0
     for chunk in iter_chunks(f, codec, url):
