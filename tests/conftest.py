@@ -1,4 +1,5 @@
-"""Shared fixtures: small deterministic corpora in every input format, and a tiny tokenizer."""
+"""Shared fixtures and helpers: small deterministic corpora in every input format, a tiny
+tokenizer, the streaming datasets of ``tests/streaming.py``, and CLI runs in subprocesses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,9 @@ import zstandard
 
 import shardloader
 from shardloader.testing import S3Server
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}  # file suffix of each codec
 
 SCRIPTS = [
     "plain ascii words",
@@ -50,15 +55,26 @@ def make_docs(n: int, seed: int = 0, *, with_ids: bool = True) -> list[dict[str,
     return docs
 
 
+def compress(data: bytes, codec: str) -> bytes:
+    """``data`` compressed with ``codec`` (``"gzip"``, ``"zstd"``; anything else: as is)."""
+    if codec == "gzip":
+        return gzip.compress(data, mtime=0)
+    if codec == "zstd":
+        return zstandard.ZstdCompressor().compress(data)
+    return data
+
+
+def line(obj: Any) -> bytes:
+    """One JSONL line of ``obj`` (UTF-8, not ASCII-escaped)."""
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
 def write_jsonl(path: Path, docs: Sequence[dict[str, Any]]) -> Path:
     """Write ``docs`` as JSONL, compressed by the suffix (.gz, .zst)."""
     data = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        data = gzip.compress(data, mtime=0)
-    elif path.suffix == ".zst":
-        data = zstandard.ZstdCompressor().compress(data)
-    path.write_bytes(data)
+    codec = {".gz": "gzip", ".zst": "zstd"}.get(path.suffix, "none")
+    path.write_bytes(compress(data, codec))
     return path
 
 
@@ -82,6 +98,46 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def start_cli(*args: str) -> subprocess.Popen[bytes]:
+    """``python -m shardloader ARGS`` started in a session of its own (so ``os.killpg`` stops its
+    pool workers too), output discarded."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shardloader", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def wait_while_running(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], ended: str, timeout_s: float = 120
+) -> None:
+    """Poll until ``ready()``; fail with ``ended`` once ``proc`` exits, or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert proc.poll() is None, ended
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def convert_docs(tmp_path: Path, docs: Sequence[dict[str, Any]], **config: Any) -> Path:
+    """Write ``docs`` to ``tmp_path/in.jsonl`` and convert it into ``tmp_path/out`` (returned)."""
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    out = tmp_path / "out"
+    config = shardloader.ConvertConfig(output=str(out), **config)
+    shardloader.convert([str(tmp_path / "in.jsonl")], config)
+    return out
+
+
+def published(root: Path) -> dict[str, str]:
+    """sha256 of each published file (shards and manifest) directly in ``root``, by name."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.iterdir())
+        if p.is_file()
+    }
 
 
 def sha(text: str) -> str:
@@ -115,6 +171,30 @@ def read_back() -> Callable[[Path], list[dict[str, Any]]]:
         return list(shardloader.iter_samples(str(path)))
 
     return _read
+
+
+# The streaming datasets (tests/streaming.py), converted once per test module that uses them.
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.streaming import make_dataset  # it imports this module
+
+    return make_dataset(tmp_path_factory.mktemp("stream"))
+
+
+@pytest.fixture(scope="module")
+def tar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.streaming import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("stream-tar"), fmt="tar")
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    from tests.streaming import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("stream-tok"), tokenizer=str(tokenizer_dir))
 
 
 @pytest.fixture(scope="session")

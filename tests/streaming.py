@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from shardloader import ConvertConfig, convert, read_manifest
+from shardloader.testing import S3Server
 from tests.conftest import make_docs, write_jsonl
 
 # 1,003 samples in 7 shards of very different sizes (one file per shard).
@@ -34,6 +38,14 @@ def make_dataset(root: Path, *, fmt: str = "arrow", tokenizer: str | None = None
     sizes = tuple(read_manifest(str(out)).shards.column("num_samples"))
     assert sizes == SHARD_SIZES
     return out
+
+
+@contextlib.contextmanager
+def serve_dataset(dataset: Path) -> Iterator[S3Server]:
+    """A loopback S3 server of the caller's own, holding ``dataset`` at ``s3://data/set``."""
+    with S3Server() as s3:
+        shutil.copytree(dataset, s3.data_dir / "data" / "set")
+        yield s3
 
 
 def source_docs() -> list[dict[str, Any]]:

@@ -344,6 +344,13 @@ def test_cli_stops_with_one_error_line(tmp_path, name):
 # ---- skip ---------------------------------------------------------------------------------------
 
 
+def assert_skipped(result: shardloader.ConvertResult, expected: dict[str, int] | None) -> None:
+    """The conversion counted ``expected`` skips by kind, and so does its manifest."""
+    assert dict(result.skipped) == expected
+    assert result.manifest is not None
+    assert dict(result.manifest.skipped) == expected
+
+
 @pytest.mark.parametrize("name", RECORD_CASES)
 def test_skip_counts_the_bad_record_and_keeps_its_neighbours(tmp_path, name):
     case = CASES[name]
@@ -352,9 +359,7 @@ def test_skip_counts_the_bad_record_and_keeps_its_neighbours(tmp_path, name):
     result = shardloader.convert(
         [str(root)], config(out, on_bad_record="skip", keep_fields=case.keep_fields)
     )
-    assert dict(result.skipped) == case.skipped
-    assert result.manifest is not None
-    assert dict(result.manifest.skipped) == case.skipped
+    assert_skipped(result, case.skipped)
     assert len(result.skipped_examples) == 1
     check_message(result.skipped_examples[0], case, paths[name])
     assert result.manifest.skipped_examples == result.skipped_examples
@@ -390,9 +395,7 @@ def test_skip_counts_a_damaged_file_and_keeps_the_rest(tmp_path, name):
     root, paths = build(tmp_path, [name])
     out = tmp_path / "out"
     result = shardloader.convert([str(root)], config(out, on_bad_record="skip"))
-    assert dict(result.skipped) == {"damaged_file": 1}
-    assert result.manifest is not None
-    assert dict(result.manifest.skipped) == {"damaged_file": 1}
+    assert_skipped(result, {"damaged_file": 1})
     (example,) = result.skipped_examples
     assert example.startswith(f"{paths[name]}"), example
     check_message(example.replace("damaged_file: ", "", 1), case, paths[name])
@@ -431,9 +434,7 @@ def test_skip_every_kind_at_once_with_two_processes(tmp_path):
                 task_bytes=task_bytes,
             ),
         )
-        assert result.manifest is not None
-        assert dict(result.skipped) == total
-        assert dict(result.manifest.skipped) == total
+        assert_skipped(result, total)
         assert sum(total.values()) == len(RECORD_CASES)
         examples = list(result.manifest.skipped_examples)
         assert [e[: len(p)] for e, p in zip(examples, _expected_examples(paths), strict=True)] == (

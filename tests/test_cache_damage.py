@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +24,14 @@ from shardloader import ShardDataset, ShardError, ShardLoader, StreamConfig
 from shardloader.errors import StorageError
 from shardloader.fetch import ShardFetcher
 from shardloader.testing import S3Server
-from tests.streaming import NUM_SAMPLES, ids_of, make_dataset
+from tests.streaming import NUM_SAMPLES, ids_of, serve_dataset
 
 ALL_IDS = list(range(NUM_SAMPLES))
 
 
-@pytest.fixture(scope="module")
-def local_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("damage"))
-
-
 @pytest.fixture
-def server(local_dataset: Path) -> Any:
-    """A server of this test's own, holding the dataset at ``s3://data/set``."""
-    with S3Server() as s3:
-        shutil.copytree(local_dataset, s3.data_dir / "data" / "set")
+def server(dataset_dir: Path) -> Iterator[S3Server]:
+    with serve_dataset(dataset_dir) as s3:
         yield s3
 
 
@@ -80,6 +74,15 @@ def remove(folder: Path) -> None:
     shutil.rmtree(gone)
 
 
+def open_args(shard: Path) -> dict[str, Any]:
+    """The ``open_decoded`` arguments of a local ``shard``, as served at ``s3://data/set``."""
+    return {
+        "url": f"s3://data/set/{shard.name}",
+        "num_bytes": shard.stat().st_size,
+        "checksum": hashlib.sha256(shard.read_bytes()).hexdigest(),
+    }
+
+
 def cached_shards(cache: Path) -> list[Path]:
     return sorted((cache / "shards").iterdir())
 
@@ -106,9 +109,9 @@ def test_cache_folder_deleted_mid_epoch_is_made_again(server, tmp_path, num_work
 
 
 @pytest.mark.s3
-def test_locks_folder_deleted_is_made_again(server, local_dataset, tmp_path, caplog):
+def test_locks_folder_deleted_is_made_again(server, dataset_dir, tmp_path, caplog):
     cache = tmp_path / "cache"
-    shards = sorted(local_dataset.glob("shard-*.arrow"))
+    shards = sorted(dataset_dir.glob("shard-*.arrow"))
     args = [
         {
             "url": f"s3://data/set/{p.name}",
@@ -172,7 +175,7 @@ def test_cache_folder_replaced_by_a_file_fails_naming_it(server, tmp_path, num_w
     ],
 )
 def test_cached_shard_with_a_flipped_bit_is_fetched_again(
-    server, local_dataset, tmp_path, num_workers, verify_local, offset
+    server, dataset_dir, tmp_path, num_workers, verify_local, offset
 ):
     cache = tmp_path / "cache"
     assert sorted(stream(s3_dataset(server, cache), 0)) == ALL_IDS  # fills the cache
@@ -204,14 +207,10 @@ def test_dropping_a_damaged_entry_warns_naming_it(server, tmp_path, caplog):
 
 @pytest.mark.s3
 def test_cached_copy_that_never_decodes_names_url_and_cache_path(
-    server, local_dataset, tmp_path, caplog
+    server, dataset_dir, tmp_path, caplog
 ):
-    shard = sorted(local_dataset.glob("shard-*.arrow"))[0]
-    args = {
-        "url": f"s3://data/set/{shard.name}",
-        "num_bytes": shard.stat().st_size,
-        "checksum": hashlib.sha256(shard.read_bytes()).hexdigest(),
-    }
+    shard = sorted(dataset_dir.glob("shard-*.arrow"))[0]
+    args = open_args(shard)
     calls: list[str] = []
 
     def decode(path: str) -> None:
@@ -231,13 +230,9 @@ def test_cached_copy_that_never_decodes_names_url_and_cache_path(
 
 
 @pytest.mark.s3
-def test_cached_copy_decoding_on_the_second_try_is_served(server, local_dataset, tmp_path):
-    shard = sorted(local_dataset.glob("shard-*.arrow"))[0]
-    args = {
-        "url": f"s3://data/set/{shard.name}",
-        "num_bytes": shard.stat().st_size,
-        "checksum": hashlib.sha256(shard.read_bytes()).hexdigest(),
-    }
+def test_cached_copy_decoding_on_the_second_try_is_served(server, dataset_dir, tmp_path):
+    shard = sorted(dataset_dir.glob("shard-*.arrow"))[0]
+    args = open_args(shard)
     calls: list[str] = []
 
     def decode(path: str) -> bytes:
@@ -282,10 +277,10 @@ def stream_in_fresh_process(dataset: Path) -> str:
 
 @pytest.mark.parametrize("keep_mtime", [True, False])
 def test_local_shard_with_a_flipped_bit_is_refused_in_a_fresh_process(
-    local_dataset, tmp_path, keep_mtime
+    dataset_dir, tmp_path, keep_mtime
 ):
     dataset = tmp_path / "set"
-    shutil.copytree(local_dataset, dataset)
+    shutil.copytree(dataset_dir, dataset)
     assert stream_in_fresh_process(dataset) == f"streamed {NUM_SAMPLES}"
     victim = sorted(dataset.glob("shard-*.arrow"))[0]
     flip_bit(victim, victim.stat().st_size // 2, keep_mtime=keep_mtime)
@@ -295,14 +290,14 @@ def test_local_shard_with_a_flipped_bit_is_refused_in_a_fresh_process(
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_local_shard_rotting_between_epochs_is_refused(local_dataset, tmp_path, num_workers):
-    dataset_dir = tmp_path / "set"
-    shutil.copytree(local_dataset, dataset_dir)
-    dataset = ShardDataset(str(dataset_dir), config=StreamConfig(shuffle=False))
+def test_local_shard_rotting_between_epochs_is_refused(dataset_dir, tmp_path, num_workers):
+    copy = tmp_path / "set"
+    shutil.copytree(dataset_dir, copy)
+    dataset = ShardDataset(str(copy), config=StreamConfig(shuffle=False))
     assert sorted(stream(dataset, num_workers)) == ALL_IDS
-    victim = sorted(dataset_dir.glob("shard-*.arrow"))[2]
+    victim = sorted(copy.glob("shard-*.arrow"))[2]
     flip_bit(victim, victim.stat().st_size // 2)  # bit rot: size and mtime unchanged
     # A new ShardDataset (a new run in this process) and new workers check afresh.
-    dataset = ShardDataset(str(dataset_dir), config=StreamConfig(shuffle=False))
+    dataset = ShardDataset(str(copy), config=StreamConfig(shuffle=False))
     with pytest.raises(ShardError, match=f"{victim}: sha256 .* does not match manifest"):
         stream(dataset, num_workers)

@@ -12,7 +12,6 @@ import logging
 import os
 import pickle
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,7 @@ from torch import nn
 from shardloader import CheckpointDamagedError, ResumeError
 from shardloader.train.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from shardloader.train.safe_load import CHECKSUMS_FILE, describe_file
-from tests.streaming import make_dataset
-from tests.test_train import ROOT, read_jsonl, run_env, torchrun_cmd
+from tests.test_train import read_jsonl, run_torchrun
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -208,6 +206,19 @@ def steps_under(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
 
+def save_keeping_two(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    caplog: pytest.LogCaptureFixture,
+) -> list[str]:
+    """Save ``step`` with ``keep=2``; the log lines of the checkpoints pruning removed."""
+    with caplog.at_level(logging.INFO, logger="shardloader.train.checkpoint"):
+        save_checkpoint(root, step, model, optimizer, {"step": step}, keep=2)
+    return [r.getMessage() for r in caplog.records if ": removed, " in r.getMessage()]
+
+
 def test_pruning_after_a_fallback_keeps_intact_checkpoints_not_the_damaged_newer_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -219,12 +230,10 @@ def test_pruning_after_a_fallback_keeps_intact_checkpoints_not_the_damaged_newer
     assert found is not None
     assert found[0].name == "step-00000002"
     (tmp_path / "step-00000009.partial").mkdir()  # a save killed half-way
-    with caplog.at_level(logging.INFO, logger="shardloader.train.checkpoint"):
-        save_checkpoint(tmp_path, 3, model, optimizer, {"step": 3}, keep=2)
+    removed = save_keeping_two(tmp_path, 3, model, optimizer, caplog)
     # Two intact checkpoints are kept (counting step 4 would have kept only step 3); the damaged
     # step 4 is newer than both, so it stays for its files to be restored or step 4 saved again.
     assert steps_under(tmp_path) == ["step-00000002", "step-00000003", "step-00000004"]
-    removed = [r.getMessage() for r in caplog.records if ": removed, " in r.getMessage()]
     assert removed == [
         f"{tmp_path / 'step-00000009.partial'}: removed, a save that never finished",
         f"{tmp_path / 'step-00000001'}: removed, older than the 2 newest intact checkpoints "
@@ -243,11 +252,9 @@ def test_pruning_removes_damaged_checkpoints_older_than_the_newest_kept(
     flip_bit(tmp_path / "step-00000002" / "__0_0.distcp")
     (tmp_path / "step-00000003" / "trainer.pt").unlink()
     model, optimizer = make_model(4)
-    with caplog.at_level(logging.INFO, logger="shardloader.train.checkpoint"):
-        save_checkpoint(tmp_path, 4, model, optimizer, {"step": 4}, keep=2)
+    removed = save_keeping_two(tmp_path, 4, model, optimizer, caplog)
     # The damaged steps 2 and 3 take no keep slot: the intact step 1 is the second one kept.
     assert steps_under(tmp_path) == ["step-00000001", "step-00000004"]
-    removed = [r.getMessage() for r in caplog.records if ": removed, " in r.getMessage()]
     assert len(removed) == 2
     for message, step, file in zip(removed, (3, 2), ("trainer.pt", "__0_0.distcp"), strict=True):
         path = tmp_path / f"step-{step:08d}"
@@ -258,35 +265,20 @@ def test_pruning_removes_damaged_checkpoints_older_than_the_newest_kept(
 # --- torchrun --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def token_data(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("ckpt"), tokenizer=str(tokenizer_dir))
-
-
 def torchrun(data: Path, out: Path, *flags: str) -> str:
-    launch = ["--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(
-        torchrun_cmd(launch, str(data), out, "--num-workers", "1", *flags),
-        cwd=ROOT,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
+    return run_torchrun(2, str(data), out, "--num-workers", "1", *flags)
 
 
 @pytest.mark.slow
 @pytest.mark.torchrun
-def test_torchrun_resume_skips_a_damaged_checkpoint(token_data: Path, tmp_path: Path) -> None:
+def test_torchrun_resume_skips_a_damaged_checkpoint(token_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     flags = ("--schedule-steps", "8", "--checkpoint-every", "3")
-    torchrun(token_data, out, *flags, "--max-steps", "6")
+    torchrun(token_dir, out, *flags, "--max-steps", "6")
     first = {m["step"]: m["loss"] for m in read_jsonl(out / "metrics.jsonl")}
     damaged = out / "checkpoints" / "step-00000006" / "__1_0.distcp"  # rank 1's share
     flip_bit(damaged)
-    logs = torchrun(token_data, out, *flags, "--max-steps", "8", "--resume")
+    logs = torchrun(token_dir, out, *flags, "--max-steps", "8", "--resume")
     assert f"{damaged}: " in logs
     assert "skipping the damaged checkpoint" in logs
     assert re.search(r"resumed from \S*step-00000003 \(step 3\)", logs)

@@ -10,26 +10,25 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 import shardloader
 from shardloader import ConfigError, ConvertConfig, ManifestError, TextTokenizer, convert, merge
-from tests.conftest import make_docs, run_cli, sha, write_jsonl
+from tests.conftest import (
+    convert_docs,
+    make_docs,
+    published,
+    run_cli,
+    sha,
+    start_cli,
+    wait_while_running,
+    write_jsonl,
+)
 
 # The module (the package exports a function of the same name).
 CONVERT = importlib.import_module("shardloader.convert")
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every published file (shards + manifest), by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.iterdir())
-        if p.is_file()
-    }
 
 
 @pytest.fixture
@@ -64,7 +63,7 @@ def test_output_identical_for_1_and_2_processes(many_files, tmp_path, fmt, monke
         assert result.tasks_total > 4  # really split into tasks
         assert result.manifest is not None
         assert result.manifest.num_samples == len(docs)
-        digests.append(tree_digest(out))
+        digests.append(published(out))
     assert digests[0] == digests[1] == digests[2]
     assert "_manifest.json" in digests[0]
 
@@ -117,12 +116,7 @@ def test_tokenized_shards_decode_to_the_original_text(tmp_path, tokenizer_dir):
 
 def test_bos_and_no_eos(tmp_path, tokenizer_dir):
     docs = make_docs(10)
-    write_jsonl(tmp_path / "in.jsonl", docs)
-    out = tmp_path / "out"
-    convert(
-        [str(tmp_path / "in.jsonl")],
-        ConvertConfig(output=str(out), tokenizer=str(tokenizer_dir), add_eos=False, add_bos=True),
-    )
+    out = convert_docs(tmp_path, docs, tokenizer=str(tokenizer_dir), add_eos=False, add_bos=True)
     tok = TextTokenizer(str(tokenizer_dir))
     for sample, doc in zip(shardloader.iter_samples(str(out)), docs, strict=True):
         assert int(sample["input_ids"][0]) == tok.bos_id
@@ -177,11 +171,11 @@ def test_rerun_is_a_no_op_and_other_inputs_are_refused(corpus, tmp_path):
     out = tmp_path / "out"
     config = ConvertConfig(output=str(out), num_proc=1)
     convert([str(root)], config)
-    before = tree_digest(out)
+    before = published(out)
     again = convert([str(root)], config)
     assert again.tasks_run == 0
     assert again.manifest is not None
-    assert tree_digest(out) == before
+    assert published(out) == before
     with pytest.raises(ConfigError, match="already holds another dataset.*--overwrite"):
         convert([str(root / "a.jsonl")], config)
     with pytest.raises(ConfigError, match="already holds another dataset"):
@@ -220,7 +214,7 @@ def test_slices_then_merge_equal_one_run(many_files, tmp_path):
                 merge(str(sliced))
     manifest = merge(str(sliced))
     assert manifest.num_samples == len(docs)
-    assert tree_digest(sliced) == tree_digest(single)
+    assert published(sliced) == published(single)
 
 
 def test_cli_slices_and_merge(many_files, tmp_path):
@@ -259,17 +253,12 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path):
     run_cli(*args, "-o", str(reference))
 
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shardloader", *args, "-o", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    proc = start_cli(*args, "-o", str(out))
+    wait_while_running(
+        proc,
+        lambda: len(list((out / "_work").glob("task-*.json"))) >= 3,
+        "conversion ended before it could be killed",
     )
-    deadline = time.monotonic() + 120
-    while len(list((out / "_work").glob("task-*.json"))) < 3:
-        assert proc.poll() is None, "conversion ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "_manifest.json").exists()
@@ -278,7 +267,7 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path):
 
     rerun = run_cli(*args, "-o", str(out))
     assert f"{done} already done" in rerun.stdout or "already done" in rerun.stdout
-    assert tree_digest(out) == tree_digest(reference)
+    assert published(out) == published(reference)
     assert list((out / "_work" / "tmp").iterdir()) == []
     assert shardloader.verify(str(out)).ok
 
@@ -289,7 +278,7 @@ def test_leftover_temporaries_and_half_tasks_are_redone(many_files, tmp_path):
         output=str(tmp_path / "out"), task_bytes=4000, shard_samples=40, num_proc=1
     )
     convert([str(root)], config)
-    reference = tree_digest(tmp_path / "out")
+    reference = published(tmp_path / "out")
     out = tmp_path / "out"
     # Simulate a crash inside task 2: its record and manifest gone, a shard half-written.
     (out / "_manifest.json").unlink()
@@ -299,7 +288,7 @@ def test_leftover_temporaries_and_half_tasks_are_redone(many_files, tmp_path):
     (out / "_work" / "tmp" / "00002-shard-00002-0001.arrow").write_bytes(b"partial")
     result = convert([str(root)], config)
     assert result.tasks_run == 1
-    assert tree_digest(out) == reference
+    assert published(out) == reference
 
 
 def test_cli_convert_inspect_verify(corpus, tmp_path):
@@ -423,7 +412,7 @@ def test_whole_file_and_line_readers_give_identical_output(tmp_path, monkeypatch
     convert([str(root)], ConvertConfig(output=str(tmp_path / "fast"), **settings))
     monkeypatch.setattr(jsonl_table, "FAST_JSONL_MAX_BYTES", 0)
     convert([str(root)], ConvertConfig(output=str(tmp_path / "slow"), **settings))
-    fast, slow = tree_digest(tmp_path / "fast"), tree_digest(tmp_path / "slow")
+    fast, slow = published(tmp_path / "fast"), published(tmp_path / "slow")
     assert len(fast) > 10  # many shards, so shard and batch cuts fall inside files
     assert fast == slow
     samples = list(shardloader.iter_samples(str(tmp_path / "fast")))

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import pickle
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +17,10 @@ from shardloader import ConfigError, ConvertConfig, StorageError, convert
 from shardloader.cli import main
 from shardloader.formats.series import ShardSeries
 from shardloader.storage import OutputDir
-from tests.conftest import make_docs, write_jsonl
+from tests.conftest import make_docs, published, start_cli, wait_while_running, write_jsonl
 from tests.conftest import run_cli as conftest_run_cli
 
 SHARD_FLAGS = ("--task-bytes", "1", "--shard-samples", "40", "--no-progress")
-
-
-def published(root: Path) -> dict[str, str]:
-    """sha256 of the shards and the manifest, by name."""
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.iterdir())
-        if p.is_file()
-    }
 
 
 run_cli = functools.partial(conftest_run_cli, check=False)
@@ -151,11 +139,11 @@ def test_full_disk_error_is_a_storage_error_with_a_remedy():
 
 def _wait_for_lock(out: Path, proc: subprocess.Popen[bytes]) -> None:
     lock = out / "_work" / "lock"
-    deadline = time.monotonic() + 120
-    while not (lock.exists() and lock.read_text().startswith(f"{proc.pid} ")):
-        assert proc.poll() is None, "the first conversion ended before it took the lock"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_while_running(
+        proc,
+        lambda: lock.exists() and lock.read_text().startswith(f"{proc.pid} "),
+        "the first conversion ended before it took the lock",
+    )
 
 
 @pytest.mark.slow
@@ -170,12 +158,7 @@ def test_second_convert_into_one_output_fails_at_once_and_a_dead_holder_frees_it
     reference = tmp_path / "reference"
     assert run_cli(*args, "-o", str(reference)).returncode == 0
     out = tmp_path / "out"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "shardloader", *args, "-o", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    first = start_cli(*args, "-o", str(out))
     try:
         _wait_for_lock(out, first)
         os.kill(first.pid, signal.SIGSTOP)  # holds the lock, mid-run, for as long as we need
@@ -195,12 +178,7 @@ def test_second_convert_into_one_output_fails_at_once_and_a_dead_holder_frees_it
 
     # A holder killed with -9 leaves its lock file behind, but not the lock: the rerun goes on.
     out2 = tmp_path / "out2"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "shardloader", *args, "-o", str(out2)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    first = start_cli(*args, "-o", str(out2))
     _wait_for_lock(out2, first)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()

@@ -22,24 +22,8 @@ from shardloader import (
     TextTokenizer,
     merge_states,
 )
-from tests.streaming import NUM_SAMPLES, SHARD_SIZES, ids_of, make_dataset, source_docs
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("stream"))
-
-
-@pytest.fixture(scope="module")
-def tar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("stream-tar"), fmt="tar")
-
-
-@pytest.fixture(scope="module")
-def token_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("stream-tok"), tokenizer=str(tokenizer_dir))
+from tests.conftest import ROOT
+from tests.streaming import NUM_SAMPLES, SHARD_SIZES, ids_of, source_docs
 
 
 def read_ids(

@@ -15,7 +15,7 @@ import webdataset as wds
 
 import shardloader
 from shardloader import ConvertConfig, convert
-from tests.conftest import make_docs, sha, write_jsonl
+from tests.conftest import convert_docs, make_docs, sha
 
 
 @pytest.mark.parametrize(
@@ -87,12 +87,7 @@ def test_pyarrow_reads_arrow_shards_as_is(corpus, tmp_path):
 
 def test_arrow_record_batches_respect_batch_bytes(tmp_path):
     docs = [{"id": str(i), "text": "x" * 10_000} for i in range(100)]
-    write_jsonl(tmp_path / "in.jsonl", docs)
-    out = tmp_path / "out"
-    convert(
-        [str(tmp_path / "in.jsonl")],
-        ConvertConfig(output=str(out), batch_bytes=100_000, num_proc=1),
-    )
+    out = convert_docs(tmp_path, docs, batch_bytes=100_000, num_proc=1)
     (shard,) = shardloader.read_manifest(str(out)).shards
     with pa.ipc.open_file(out / shard.path) as reader:
         sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
@@ -142,13 +137,8 @@ def test_webdataset_reads_zstd_tar_shards_through_a_pipe(corpus, tmp_path):
 
 def test_webdataset_decodes_tokenized_tar_shards(tmp_path, tokenizer_dir):
     docs = make_docs(50)
-    write_jsonl(tmp_path / "in.jsonl", docs)
-    out = tmp_path / "out"
-    convert(
-        [str(tmp_path / "in.jsonl")],
-        ConvertConfig(
-            output=str(out), format="tar", compression="none", tokenizer=str(tokenizer_dir)
-        ),
+    out = convert_docs(
+        tmp_path, docs, format="tar", compression="none", tokenizer=str(tokenizer_dir)
     )
     ours = [s["input_ids"] for s in shardloader.iter_samples(str(out))]
     theirs = [s["npy"] for s in wds.WebDataset(_wds_urls(out), shardshuffle=False).decode()]

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import gzip
 import io
-import json
 import os
 import socket
 import tracemalloc
@@ -42,35 +41,11 @@ from shardloader.sources import (
     streams,
 )
 from shardloader.storage import InputFile
+from tests.conftest import SUFFIX, compress, line
 from tests.conftest import run_cli as conftest_run_cli
+from tests.documents import read, source
 
-SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 MiB = 1 << 20
-
-
-def compress(data: bytes, codec: str) -> bytes:
-    if codec == "gzip":
-        return gzip.compress(data, mtime=0)
-    if codec == "zstd":
-        return zstandard.ZstdCompressor().compress(data)
-    return data
-
-
-def line(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
-
-
-def source(path: Path) -> InputFile:
-    return InputFile(str(path), path.stat().st_size if path.exists() else 0, str(path.parent))
-
-
-def read(
-    path: Path, *, skip: bool = False, spec: RecordSpec | None = None, **kw: Any
-) -> tuple[list[Document], BadRecords, Counter[str]]:
-    bad = BadRecords("skip" if skip else "raise")
-    stats: Counter[str] = Counter()
-    docs = list(read_documents(source(path), spec=spec or RecordSpec(), bad=bad, stats=stats, **kw))
-    return docs, bad, stats
 
 
 def read_error(path: Path, **kw: Any) -> str:
@@ -380,6 +355,29 @@ def fuzz_read(path: Path, skip: bool, spec: RecordSpec) -> tuple[list[Document],
     return docs, bad
 
 
+def mutate(data: bytes, cuts: list[tuple[int, bytes]], truncate: int | None) -> bytes:
+    """``data`` with each cut's bytes written over it at its offset, then cut short."""
+    out = bytearray(data)
+    for offset, replacement in cuts:
+        at = offset % (len(out) + 1)
+        out[at : at + len(replacement)] = replacement
+    if truncate is not None:
+        del out[truncate % (len(out) + 1) :]
+    return bytes(out)
+
+
+def assert_only_our_errors(path: Path) -> None:
+    """Raising or skipping, reading ``path`` raises only shardloader's errors, and every text
+    it yields is valid UTF-8 (no lone surrogate)."""
+    for skip in (False, True):
+        try:
+            docs, _ = fuzz_read(path, skip, RecordSpec())
+        except ShardloaderError:
+            continue
+        for doc in docs:
+            doc.text.encode("utf-8")
+
+
 LIMIT = {"max_record_bytes": 256}
 FUZZ = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -433,21 +431,10 @@ def test_fuzz_jsonl_garbage_lines_between_good_ones(tmp_path, codec, slots, chun
     truncate=st.integers(0, 10_000) | st.none(),
 )
 def test_fuzz_mutated_jsonl_files_raise_only_our_errors(tmp_path, codec, cuts, truncate):
-    data = bytearray(compress(b"".join(line(r) for r in GOOD * 3), codec))
-    for offset, replacement in cuts:
-        at = offset % (len(data) + 1)
-        data[at : at + len(replacement)] = replacement
-    if truncate is not None:
-        del data[truncate % (len(data) + 1) :]
+    data = mutate(compress(b"".join(line(r) for r in GOOD * 3), codec), cuts, truncate)
     path = tmp_path / f"m.jsonl{SUFFIX[codec]}"
-    path.write_bytes(bytes(data))
-    for skip in (False, True):
-        try:
-            docs, _ = fuzz_read(path, skip, RecordSpec())
-        except ShardloaderError:
-            continue
-        for doc in docs:
-            doc.text.encode("utf-8")
+    path.write_bytes(data)
+    assert_only_our_errors(path)
     with contextlib.suppress(ShardloaderError):
         read_jsonl_table(source(path), spec=RecordSpec(), max_record_bytes=256)
 
@@ -461,21 +448,10 @@ def test_fuzz_mutated_parquet_raises_only_our_errors(tmp_path, cuts, truncate):
     buf = io.BytesIO()
     table = pa.table({"id": [r["id"] for r in GOOD], "text": [r["text"] for r in GOOD]})
     pq.write_table(table, buf, row_group_size=2)
-    data = bytearray(buf.getvalue())
-    for offset, replacement in cuts:
-        at = offset % (len(data) + 1)
-        data[at : at + len(replacement)] = replacement
-    if truncate is not None:
-        del data[truncate % (len(data) + 1) :]
+    data = mutate(buf.getvalue(), cuts, truncate)
     path = tmp_path / "m.parquet"
-    path.write_bytes(bytes(data))
-    for skip in (False, True):
-        try:
-            docs, _ = fuzz_read(path, skip, RecordSpec())
-        except ShardloaderError:
-            continue
-        for doc in docs:
-            doc.text.encode("utf-8")
+    path.write_bytes(data)
+    assert_only_our_errors(path)
 
 
 @FUZZ
@@ -516,8 +492,6 @@ def read_all(root: Path) -> None:
 
 def test_zstd_bomb_inflates_in_bounded_pieces_and_multiframe_files_stay_whole() -> None:
     import io
-
-    import zstandard
 
     from shardloader.sources.streams import ZSTD_FEED_BYTES, iter_chunks
 

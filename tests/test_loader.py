@@ -13,26 +13,14 @@ import pytest
 from shardloader import PackConfig, ShardDataset, ShardLoader, StreamConfig
 from shardloader.loader import _CursorCollate
 from shardloader.resume import Cursor
-from shardloader.testing import S3Server
-from tests.streaming import NUM_SAMPLES, ids_of, make_dataset
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("loader"))
-
-
-@pytest.fixture(scope="module")
-def token_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("loader-tok"), tokenizer=str(tokenizer_dir))
+from tests.streaming import NUM_SAMPLES, ids_of, serve_dataset
 
 
 @pytest.mark.s3
 def test_state_dict_needs_no_storage(dataset_dir: Path, tmp_path: Path) -> None:
     # The main process never reads shards with workers; saving the position must not read the
     # manifest either: with the server down it would block for the retries, then fail.
-    with S3Server() as server:
-        shutil.copytree(dataset_dir, server.data_dir / "data" / "set")
+    with serve_dataset(dataset_dir) as server:
 
         def make() -> ShardLoader:
             config = StreamConfig(cache_dir=str(tmp_path / "cache"), retry_deadline_s=10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,27 +18,16 @@ from shardloader.profiling import (
     profile_dataset,
     suggest,
 )
-from shardloader.testing import S3Server
-from tests.streaming import make_dataset
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("profile")
-    return {
-        "text": make_dataset(root),
-        "tokens": make_dataset(root, tokenizer=str(tokenizer_dir)),
-    }
+from tests.conftest import ROOT
+from tests.streaming import serve_dataset
 
 
 def stage(report: ProfileReport, name: str) -> StageResult:
     return next(s for s in report.stages if s.name == name)
 
 
-def test_every_stage_of_tokenized_shards_is_measured(datasets: dict[str, Path]) -> None:
-    report = profile_dataset(str(datasets["tokens"]), seq_len=64, num_workers=(0, 2), seconds=0.3)
+def test_every_stage_of_tokenized_shards_is_measured(token_dir: Path) -> None:
+    report = profile_dataset(str(token_dir), seq_len=64, num_workers=(0, 2), seconds=0.3)
     assert report.tokenized
     assert not report.remote
     assert report.num_shards == 7
@@ -55,12 +43,12 @@ def test_every_stage_of_tokenized_shards_is_measured(datasets: dict[str, Path]) 
 
 
 def test_text_shards_need_a_tokenizer_and_then_time_it(
-    datasets: dict[str, Path], tokenizer_dir: Path
+    dataset_dir: Path, tokenizer_dir: Path
 ) -> None:
     with pytest.raises(ConfigError, match="text shards; pass --tokenizer"):
-        profile_dataset(str(datasets["text"]), seconds=0.1)
+        profile_dataset(str(dataset_dir), seconds=0.1)
     report = profile_dataset(
-        str(datasets["text"]),
+        str(dataset_dir),
         tokenizer=str(tokenizer_dir),
         seq_len=64,
         num_workers=(0,),
@@ -73,10 +61,9 @@ def test_text_shards_need_a_tokenizer_and_then_time_it(
 
 @pytest.mark.s3
 def test_a_remote_dataset_is_downloaded_and_judged_against_the_cache(
-    datasets: dict[str, Path], tmp_path: Path
+    token_dir: Path, tmp_path: Path
 ) -> None:
-    with S3Server() as s3:
-        shutil.copytree(datasets["tokens"], s3.data_dir / "data" / "set")
+    with serve_dataset(token_dir) as s3:
         report = profile_dataset(
             "s3://data/set",
             seq_len=64,
@@ -154,8 +141,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_cli_prints_a_table_and_json(datasets: dict[str, Path]) -> None:
-    common = (str(datasets["tokens"]), "--seq-len", "64", "--num-workers", "0", "--seconds", "0.2")
+def test_cli_prints_a_table_and_json(token_dir: Path) -> None:
+    common = (str(token_dir), "--seq-len", "64", "--num-workers", "0", "--seconds", "0.2")
     table = run_cli(*common)
     assert table.returncode == 0, table.stderr
     assert "bottleneck:" in table.stdout

@@ -23,7 +23,7 @@ import shardloader
 from shardloader import ConvertConfig, convert
 from shardloader.manifest import MANIFEST_NAME
 from shardloader.testing import S3Server
-from tests.conftest import make_docs, write_jsonl
+from tests.conftest import make_docs, published, write_jsonl
 from tests.conftest import run_cli as conftest_run_cli
 
 pytestmark = pytest.mark.s3
@@ -40,15 +40,6 @@ def bucket(s3_server: S3Server) -> str:
 
 
 run_cli = functools.partial(conftest_run_cli, timeout_s=120)
-
-
-def published(root: Path) -> dict[str, str]:
-    """sha256 of each published file (shards and manifest) directly in ``root``."""
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.iterdir())
-        if p.is_file()
-    }
 
 
 def on_disk(server: S3Server, url: str) -> Path:

@@ -8,9 +8,7 @@ while the good records around it come through unchanged.
 from __future__ import annotations
 
 import gzip
-import json
 import struct
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +29,9 @@ from shardloader.sources import (
     read_documents,
     streams,
 )
-from shardloader.storage import InputFile
+from tests.conftest import SUFFIX, compress, line
+from tests.documents import read, source
 
-SUFFIX = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 GOOD_A = {"id": "a", "text": "first good record"}
 GOOD_B = {"id": "b", "text": "last good record"}
 
@@ -41,36 +39,10 @@ GOOD_B = {"id": "b", "text": "last good record"}
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def compress(data: bytes, codec: str) -> bytes:
-    if codec == "gzip":
-        return gzip.compress(data, mtime=0)
-    if codec == "zstd":
-        return zstandard.ZstdCompressor().compress(data)
-    return data
-
-
 def write(path: Path, data: bytes, codec: str = "none") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(compress(data, codec))
     return path
-
-
-def line(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"
-
-
-def source(path: Path) -> InputFile:
-    size = path.stat().st_size if path.exists() else 0
-    return InputFile(str(path), size, str(path.parent))
-
-
-def read(
-    path: Path, *, skip: bool = False, spec: RecordSpec | None = None
-) -> tuple[list[Document], BadRecords, Counter[str]]:
-    bad = BadRecords("skip" if skip else "raise")
-    stats: Counter[str] = Counter()
-    docs = list(read_documents(source(path), spec=spec or RecordSpec(), bad=bad, stats=stats))
-    return docs, bad, stats
 
 
 def read_error(path: Path, *, skip: bool = False, spec: RecordSpec | None = None) -> CorpusError:

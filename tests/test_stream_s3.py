@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shardloader import ShardDataset, ShardError, ShardLoader, StreamConfig, read_manifest
 from shardloader.testing import S3Server
-from tests.streaming import NUM_SAMPLES, ids_of, make_dataset
+from tests.streaming import NUM_SAMPLES, ids_of, serve_dataset
 
 pytestmark = pytest.mark.s3
 
 
-@pytest.fixture(scope="module")
-def local_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("s3-stream"))
-
-
 @pytest.fixture
-def server(local_dataset: Path) -> S3Server:
-    """A server of this test's own, holding the dataset at ``s3://data/set``."""
-    with S3Server() as s3:
-        shutil.copytree(local_dataset, s3.data_dir / "data" / "set")
+def server(dataset_dir: Path) -> Iterator[S3Server]:
+    with serve_dataset(dataset_dir) as s3:
         yield s3
 
 
@@ -38,7 +31,7 @@ def cached_bytes(cache: Path) -> int:
 
 
 def test_ranks_and_workers_split_exactly_and_fetch_only_their_share(
-    server: S3Server, local_dataset: Path, tmp_path: Path
+    server: S3Server, dataset_dir: Path, tmp_path: Path
 ) -> None:
     world_size = 3
     per_rank, fetched = [], 0
@@ -58,9 +51,9 @@ def test_ranks_and_workers_split_exactly_and_fetch_only_their_share(
     union = [i for ids in per_rank for i in ids]
     assert len(union) == len(set(union))
     # Each rank fetches its own shards; only shards cut by a rank boundary are fetched twice.
-    sizes = read_manifest(str(local_dataset)).shards.column("num_bytes")
-    assert fetched <= dataset_bytes(local_dataset) + (world_size - 1) * max(sizes)
-    assert fetched >= dataset_bytes(local_dataset)
+    sizes = read_manifest(str(dataset_dir)).shards.column("num_bytes")
+    assert fetched <= dataset_bytes(dataset_dir) + (world_size - 1) * max(sizes)
+    assert fetched >= dataset_bytes(dataset_dir)
 
 
 @pytest.mark.slow

@@ -31,10 +31,8 @@ from shardloader.train.checkpoint import latest_checkpoint, list_checkpoints
 from shardloader.train.loop import check_not_empty
 from shardloader.train.model import build_model, forward_loss_sum
 from shardloader.train.safe_load import read_trainer_state
-from tests.conftest import make_docs, write_jsonl
+from tests.conftest import ROOT, make_docs, write_jsonl
 from tests.streaming import NUM_SAMPLES, make_dataset
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +333,12 @@ def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra or {})}
 
 
-def run_torchrun(nproc: int, data: str, out: Path, *flags: str) -> None:
+def run_torchrun(nproc: int, data: str, out: Path, *flags: str) -> str:
+    """``python -m shardloader.train`` on ``nproc`` local ranks; fails on a non-zero exit.
+
+    Returns:
+        Its output (stdout, then stderr).
+    """
     launch = ["--standalone", f"--nproc_per_node={nproc}"]
     result = subprocess.run(
         torchrun_cmd(launch, data, out, *flags),
@@ -346,6 +349,7 @@ def run_torchrun(nproc: int, data: str, out: Path, *flags: str) -> None:
         timeout=400,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
 
 
 def check_epoch(by_rank: dict[int, list[dict[str, Any]]], world_size: int) -> list[set[int]]:

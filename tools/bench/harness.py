@@ -4,10 +4,11 @@
   cached under ``.bench/``), :func:`ensure_tokenizer` trains the byte-level BPE on it once.
 - **Environment**: :func:`job_env` (offline, quiet, the torchvision stub for Mosaic),
   :func:`versions` (package versions of the benchmark interpreter), :func:`default_python`,
-  :func:`machine_busy_s` and :func:`children_cpu_s` (how much CPU other processes took).
+  :func:`cpu_marks` and :func:`other_cpu_share` (how much CPU other processes took during a
+  job, from :func:`machine_busy_s` and :func:`children_cpu_s`).
 - **Output**: :func:`format_columns` (a plain-text table), :func:`fmt_rate` (``median
-  [min-max]``), :func:`verdict` (a ratio against its target), :func:`read_measurements` and
-  :func:`write_results` (the results JSON).
+  [min-max]``), :func:`verdict` and :func:`target_line` (a ratio against its target),
+  :func:`read_measurements` and :func:`write_results` (the results JSON).
 
 Imports only the standard library (and ``tokenizers`` inside :func:`ensure_tokenizer`).
 """
@@ -147,6 +148,26 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def cpu_marks() -> tuple[float, float]:
+    """The machine's and this process's children's CPU seconds now, for `other_cpu_share`."""
+    return machine_busy_s(), children_cpu_s()
+
+
+def other_cpu_share(marks: tuple[float, float], wall_s: float, exclude_s: float = 0.0) -> float:
+    """Share of the machine's CPU (all cores over ``wall_s``) other processes used since ``marks``.
+
+    Args:
+        marks: `cpu_marks` taken when the job started.
+        wall_s: Wall time of the job.
+        exclude_s: CPU seconds of processes of ours that are not children (an S3 server), also
+            not counted as others'.
+    """
+    busy_before, own_before = marks
+    others_s = (machine_busy_s() - busy_before) - (children_cpu_s() - own_before)
+    others_s -= exclude_s
+    return max(0.0, others_s) / (wall_s * (os.cpu_count() or 1))
+
+
 def default_python() -> str:
     """The interpreter for the jobs: .venv-bench's if it exists, else this one."""
     bench_python = ROOT / ".venv-bench" / "bin" / "python"
@@ -224,6 +245,37 @@ def verdict(median: float, best: float, target: float) -> str:
     if median >= target:
         return "meets"
     return "meets only at best-of-N" if best >= target else "MISSES"
+
+
+def target_line(
+    who: str,
+    median: float,
+    best: float,
+    num_runs: int,
+    target: float,
+    *,
+    versus: str,
+    percent: bool,
+) -> str:
+    """``WHO: RATIO VERSUS (best-of-N: BEST); VERDICT the TARGET target``.
+
+    Args:
+        who: What was measured (``"shardloader text local w0"``).
+        median: The ratio at the median.
+        best: The ratio at best-of-N.
+        num_runs: N.
+        target: The target ratio.
+        versus: What the ratio is to (``"the fastest peer"``, ``"of the memmap bound"``).
+        percent: Show the ratios as ``85%`` (else ``1.23x``, the target as ``2x``).
+    """
+    if percent:
+        shown, best_shown, target_shown = f"{median:.0%}", f"{best:.0%}", f"{target:.0%}"
+    else:
+        shown, best_shown, target_shown = f"{median:.2f}x", f"{best:.2f}x", f"{target:g}x"
+    return (
+        f"{who}: {shown} {versus} (best-of-{num_runs}: {best_shown}); "
+        f"{verdict(median, best, target)} the {target_shown} target"
+    )
 
 
 def busy_note(other_cpu_shares: Sequence[float], what: str, advice: str) -> str | None:

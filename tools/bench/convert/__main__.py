@@ -28,13 +28,13 @@ from tools.bench.harness import (
     BENCH_DIR,
     ROOT,
     Corpus,
-    children_cpu_s,
+    cpu_marks,
     default_python,
     ensure_corpus,
     ensure_tokenizer,
     job_env,
     log_tail,
-    machine_busy_s,
+    other_cpu_share,
     versions,
     warm_page_cache,
     write_results,
@@ -80,22 +80,20 @@ def measure(
     command += ["--system", system, "--task", task, "--output", str(output)]
     command += ["--num-proc", str(num_proc), "--result", str(result_path)]
     command += ["--tokenizer", str(tokenizer)] if tokenizer else []
-    busy_before, own_before = machine_busy_s(), children_cpu_s()
+    marks = cpu_marks()
     started = time.perf_counter()
     with log_path.open("w") as log:
         code = subprocess.run(
             command, stdout=log, stderr=subprocess.STDOUT, env=job_env(system), cwd=ROOT
         ).returncode
     process_s = time.perf_counter() - started
-    others_s = (machine_busy_s() - busy_before) - (children_cpu_s() - own_before)
-    other_cpu_share = max(0.0, others_s) / (process_s * (os.cpu_count() or 1))
     failed = Measurement(
         system=system,
         task=task,
         repeat=repeat,
         ok=False,
         process_s=process_s,
-        other_cpu_share=other_cpu_share,
+        other_cpu_share=other_cpu_share(marks, process_s),
     )
     try:
         if code != 0 or not result_path.exists():

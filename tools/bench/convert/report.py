@@ -15,7 +15,7 @@ from tools.bench.harness import (
     fmt_rate,
     format_columns,
     read_measurements,
-    verdict,
+    target_line,
 )
 
 
@@ -182,16 +182,28 @@ def format_verdicts(summaries: list[Summary]) -> list[str]:
         if s.task == "text" and s.ratio_to_fastest_peer and s.best_ratio_to_fastest_peer:
             median, best = s.ratio_to_fastest_peer, s.best_ratio_to_fastest_peer
             lines.append(
-                f"{s.system} text: {median:.2f}x the fastest peer (best-of-{s.num_ok}: "
-                f"{best:.2f}x); {verdict(median, best, TARGET_TEXT_RATIO)} the "
-                f"{TARGET_TEXT_RATIO}x target"
+                target_line(
+                    f"{s.system} text",
+                    median,
+                    best,
+                    s.num_ok,
+                    TARGET_TEXT_RATIO,
+                    versus="the fastest peer",
+                    percent=False,
+                )
             )
         if s.task == "tokens" and s.ratio_to_bound and s.best_ratio_to_bound:
             median, best = s.ratio_to_bound, s.best_ratio_to_bound
             lines.append(
-                f"{s.system} tokens: {median:.0%} of the tokenizer alone (best-of-{s.num_ok}: "
-                f"{best:.0%}); {verdict(median, best, TARGET_TOKEN_RATIO)} the "
-                f"{TARGET_TOKEN_RATIO:.0%} target"
+                target_line(
+                    f"{s.system} tokens",
+                    median,
+                    best,
+                    s.num_ok,
+                    TARGET_TOKEN_RATIO,
+                    versus="of the tokenizer alone",
+                    percent=True,
+                )
             )
     return lines
 

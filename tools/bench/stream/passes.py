@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tools.bench.harness import BENCH_DIR, Corpus, children_cpu_s, log_tail, machine_busy_s
+from tools.bench.harness import BENCH_DIR, Corpus, cpu_marks, log_tail, other_cpu_share
 from tools.bench.stream import (
     BATCH_SIZE,
     BLOCK_SIZE,
@@ -211,7 +211,7 @@ def measure(
     spec["cache_dir"] = str(cache_dir)
     env = job_env(system, s3_job_env(ctx.server) if source == "s3" else None)
     server_pid = ctx.server._proc.pid if ctx.server is not None and ctx.server._proc else None
-    busy_before, own_before = machine_busy_s(), children_cpu_s()
+    marks = cpu_marks()
     server_before = process_cpu_s(server_pid)
     shm_before = mosaic_shared_memory()
     try:
@@ -226,8 +226,7 @@ def measure(
             # pass made.
             for name in mosaic_shared_memory() - shm_before:
                 Path("/dev/shm", name).unlink(missing_ok=True)
-    others_s = (machine_busy_s() - busy_before) - (children_cpu_s() - own_before)
-    others_s -= process_cpu_s(server_pid) - server_before
+    server_s = process_cpu_s(server_pid) - server_before
     base = Measurement(
         system=system,
         task=task,
@@ -239,7 +238,7 @@ def measure(
         process_s=process_s,
         stored_bytes=data.stored_bytes,
         text_bytes=text_bytes if task == "text" else 0,
-        other_cpu_share=max(0.0, others_s) / (process_s * (os.cpu_count() or 1)),
+        other_cpu_share=other_cpu_share(marks, process_s, exclude_s=server_s),
     )
     if code != 0 or result is None:
         return dataclasses.replace(base, error=f"exit {code}: {log_tail(log_path)}")

@@ -14,7 +14,7 @@ from tools.bench.harness import (
     fmt_rate,
     format_columns,
     read_measurements,
-    verdict,
+    target_line,
 )
 from tools.bench.stream import (
     CHECKSUM_TASKS,
@@ -273,9 +273,15 @@ def format_verdicts(summaries: list[Summary]) -> list[str]:
         if s.source == "local" and s.ratio_to_fastest_peer and s.best_ratio_to_fastest_peer:
             median, best = s.ratio_to_fastest_peer, s.best_ratio_to_fastest_peer
             lines.append(
-                f"shardloader {where}: {median:.2f}x the fastest peer (best-of-{s.num_ok}: "
-                f"{best:.2f}x); {verdict(median, best, TARGET_LOCAL_RATIO)} the "
-                f"{TARGET_LOCAL_RATIO:g}x target"
+                target_line(
+                    f"shardloader {where}",
+                    median,
+                    best,
+                    s.num_ok,
+                    TARGET_LOCAL_RATIO,
+                    versus="the fastest peer",
+                    percent=False,
+                )
             )
         if s.ratio_to_bound and s.best_ratio_to_bound:
             bound, target = (
@@ -285,8 +291,15 @@ def format_verdicts(summaries: list[Summary]) -> list[str]:
             )
             median, best = s.ratio_to_bound, s.best_ratio_to_bound
             lines.append(
-                f"shardloader {where}: {median:.0%} of {bound} (best-of-{s.num_ok}: "
-                f"{best:.0%}); {verdict(median, best, target)} the {target:.0%} target"
+                target_line(
+                    f"shardloader {where}",
+                    median,
+                    best,
+                    s.num_ok,
+                    target,
+                    versus=f"of {bound}",
+                    percent=True,
+                )
             )
         if s.source == "local":
             fast = "meets" if s.first_batch_s <= TARGET_FIRST_BATCH_S else "MISSES"
@@ -378,8 +391,8 @@ def print_report(measurements: list[Measurement], sizes_mb: dict[str, float]) ->
         for note in s.notes:
             print(f"note: {where}: {note}")
     shares = [m.other_cpu_share for m in measurements]
-    if note := busy_note(shares, "passes", "compare best-of-N ratios (in the JSON)"):
-        print(note)
+    if busy := busy_note(shares, "passes", "compare best-of-N ratios (in the JSON)"):
+        print(busy)
     return summaries
 
 
