@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 import shardloader
 from shardloader import ConvertConfig, ManifestError, ShardDataset, StreamConfig, convert
 from shardloader.errors import ShardError, ShardloaderError
-from shardloader.formats import ReadSpec, get_format
+from shardloader.formats import ReadSpec, WriteSpec, get_format
 from shardloader.formats.arrow import arrow_schema
 from shardloader.manifest import MANIFEST_NAME, manifest_to_json, parse_manifest
 from tests.conftest import make_docs, write_jsonl
@@ -299,8 +299,7 @@ def test_arrow_token_ids_beyond_the_vocabulary_are_refused(tmp_path, tokenizer_d
     out = make_dataset(tmp_path, "arrow", tokenizer=tokenizer_dir)
     manifest = shardloader.read_manifest(str(out))
     buf = io.BytesIO()
-    writer = get_format("arrow").open_writer(
-        buf,
+    spec = WriteSpec(
         shard_name="s",
         fields=manifest.fields,
         token_dtype=manifest.token_dtype,
@@ -308,6 +307,7 @@ def test_arrow_token_ids_beyond_the_vocabulary_are_refused(tmp_path, tokenizer_d
         compression_level=3,
         batch_bytes=1 << 20,
     )
+    writer = get_format("arrow").open_writer(buf, spec)
     writer.write("a", np.array([3, 4], np.uint16), None)
     writer.write("b", np.array([3, VOCAB + 5], np.uint16), None)
     writer.close()
@@ -412,8 +412,7 @@ def _shard_bytes(fmt: str, compression: str, tokens: bool) -> tuple[bytes, dict[
     )
     fields |= {"meta": "json", "score": "float64", "n": "int64"}
     buf = io.BytesIO()
-    writer = get_format(fmt).open_writer(
-        buf,
+    spec = WriteSpec(
         shard_name="s",
         fields=fields,
         token_dtype="uint16" if tokens else None,
@@ -421,6 +420,7 @@ def _shard_bytes(fmt: str, compression: str, tokens: bool) -> tuple[bytes, dict[
         compression_level=3,
         batch_bytes=64,  # several record batches
     )
+    writer = get_format(fmt).open_writer(buf, spec)
     for i in range(6):
         payload = np.arange(i, i + 3, dtype=np.uint16) if tokens else f"text {i}".encode()
         writer.write(f"d{i}", payload, {"meta": {"k": [i]}, "score": i / 2, "n": i})

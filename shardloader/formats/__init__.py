@@ -50,6 +50,27 @@ class ShardWriter(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True)
+class WriteSpec:
+    """How to write one shard; every shard of a conversion shares all but its name.
+
+    Attributes:
+        shard_name: The shard's stem (``shard-00003-0001``); tar sample keys start with it.
+        fields: Field types, in order (``id`` first, then ``text`` or ``input_ids``).
+        token_dtype: ``"uint16"`` or ``"uint32"`` for tokenized shards, else ``None``.
+        compression: ``"zstd"`` or ``"none"``.
+        compression_level: The zstd level.
+        batch_bytes: Uncompressed size of an Arrow record batch (tar ignores it).
+    """
+
+    shard_name: str
+    fields: Mapping[str, str]
+    token_dtype: str | None
+    compression: str
+    compression_level: int
+    batch_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class ReadSpec:
     """What a shard should hold, as its manifest says; a format checks the shard against it.
 
@@ -99,18 +120,8 @@ class ShardFormat(Protocol):
     def file_suffix(self, compression: str) -> str:
         """File name suffix for shards with this compression (``.arrow``, ``.tar.zst``)."""
 
-    def open_writer(
-        self,
-        sink: Any,
-        *,
-        shard_name: str,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        compression_level: int,
-        batch_bytes: int,
-    ) -> ShardWriter:
-        """Start a shard written to ``sink`` (a binary file-like object)."""
+    def open_writer(self, sink: Any, spec: WriteSpec) -> ShardWriter:
+        """Start a shard written to ``sink`` (a binary file-like object) as ``spec`` says."""
 
     def iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
         """Yield the samples of one shard in order, checked against ``spec``.

@@ -23,6 +23,7 @@ import pyarrow as pa
 from shardloader.errors import ShardError
 from shardloader.formats import (
     ReadSpec,
+    WriteSpec,
     check_num_samples,
     check_token_ids,
     counted,
@@ -181,25 +182,15 @@ class ArrowFormat:
         """Always ``.arrow``: compression is per record batch, inside the file."""
         return ".arrow"
 
-    def open_writer(
-        self,
-        sink: Any,
-        *,
-        shard_name: str,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        compression_level: int,
-        batch_bytes: int,
-    ) -> ArrowShardWriter:
+    def open_writer(self, sink: Any, spec: WriteSpec) -> ArrowShardWriter:
         """Start an Arrow shard."""
         return ArrowShardWriter(
             sink,
-            fields=fields,
-            token_dtype=token_dtype,
-            compression=compression,
-            compression_level=compression_level,
-            batch_bytes=batch_bytes,
+            fields=spec.fields,
+            token_dtype=spec.token_dtype,
+            compression=spec.compression,
+            compression_level=spec.compression_level,
+            batch_bytes=spec.batch_bytes,
         )
 
     def iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from shardloader.errors import StorageError
-from shardloader.formats import get_format
+from shardloader.formats import WriteSpec, get_format
 from shardloader.formats.arrow import rows_before_limit
 from shardloader.manifest import ShardInfo
 from shardloader.storage import write_error
@@ -153,8 +153,7 @@ class ShardSeries:
         stem = f"shard-{self._task:05d}-{len(self.shards):04d}"
         self._name = stem + self._suffix
         self._sink = self._out.open_atomic(self._name, tmp_prefix=self._tmp_prefix)
-        self._writer = self._format.open_writer(
-            self._sink,
+        spec = WriteSpec(
             shard_name=stem,
             fields=self._fields,
             token_dtype=self._token_dtype,
@@ -162,6 +161,7 @@ class ShardSeries:
             compression_level=self._config.compression_level,
             batch_bytes=self._config.batch_bytes,
         )
+        self._writer = self._format.open_writer(self._sink, spec)
         self._num_samples = self._num_payload = self._num_tokens = 0
 
     def _close_shard(self) -> None:

@@ -27,6 +27,7 @@ import zstandard
 from shardloader.errors import ShardError
 from shardloader.formats import (
     ReadSpec,
+    WriteSpec,
     check_token_ids,
     counted,
     extra_fields,
@@ -144,23 +145,13 @@ class TarFormat:
         """``.tar.zst`` when compressed, else ``.tar``."""
         return ".tar.zst" if compression == "zstd" else ".tar"
 
-    def open_writer(
-        self,
-        sink: Any,
-        *,
-        shard_name: str,
-        fields: Mapping[str, str],
-        token_dtype: str | None,
-        compression: str,
-        compression_level: int,
-        batch_bytes: int,
-    ) -> TarShardWriter:
+    def open_writer(self, sink: Any, spec: WriteSpec) -> TarShardWriter:
         """Start a tar shard."""
         return TarShardWriter(
             sink,
-            shard_name=shard_name,
-            compression=compression,
-            compression_level=compression_level,
+            shard_name=spec.shard_name,
+            compression=spec.compression,
+            compression_level=spec.compression_level,
         )
 
     def iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
