@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shardloader.errors import ConfigError, ResumeError
+from shardloader.options import option
 from shardloader.pack_encode import Encoder, SampleEncoder, encode_token_samples
 
 # The public module's logger, as before the row builder moved here.
@@ -65,22 +66,29 @@ ENCODE_GROUP = 256
 class PackConfig:
     """How documents become rows; serializable with :meth:`to_dict` for loader state.
 
+    Each field's meaning is its `shardloader.options.option` help, like every config's. The
+    training command exposes ``seq_len`` and ``mode`` (``--seq-len``, ``--pack-mode``).
+
     Raises:
         ConfigError: A value is out of range or unknown.
     """
 
-    seq_len: int = 2048  # tokens per row
-    mode: str = "concat"  # "concat", "bfd" or "pad"
-    buffer_size: int = 1024  # bfd, and pad with group_by_length: samples placed together
-    long_docs: str = "split"  # bfd and pad: "split" documents longer than seq_len, or "truncate"
-    group_by_length: bool = False  # pad: emit each buffer's rows longest first
-    pad_to_longest: bool = False  # pad: pad a batch to its longest row (a multiple of 8)
-    mask_boundary_labels: bool = True  # label -100 on each segment's first token
-    drop_last: bool = False  # concat: drop the partly filled last row of a stream
-    pad_id: int = 0  # input id of padding (its own segment, label -100)
-    add_bos: bool = False  # text samples: prepend BOS
-    add_eos: bool = True  # text samples: append EOS (as shardloader convert does)
-    text_field: str = "text"  # text samples: the field holding the text
+    seq_len: int = option(2048, "tokens per row")
+    mode: str = option("concat", "concat, bfd or pad", choices=MODES)
+    buffer_size: int = option(1024, "bfd, and pad with group_by_length: samples placed together")
+    long_docs: str = option(
+        "split",
+        "bfd and pad: split documents longer than seq_len, or truncate them",
+        choices=LONG_DOC_POLICIES,
+    )
+    group_by_length: bool = option(False, "pad: emit each buffer's rows longest first")
+    pad_to_longest: bool = option(False, "pad: pad a batch to its longest row (a multiple of 8)")
+    mask_boundary_labels: bool = option(True, "label -100 on each segment's first token")
+    drop_last: bool = option(False, "concat: drop the partly filled last row of a stream")
+    pad_id: int = option(0, "input id of padding (its own segment, label -100)")
+    add_bos: bool = option(False, "text samples: prepend BOS")
+    add_eos: bool = option(True, "text samples: append EOS (as shardloader convert does)")
+    text_field: str = option("text", "text samples: the field holding the text")
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
