@@ -479,3 +479,32 @@ def test_arrow_json_field_limits(tmp_path):
     columns = get_format("arrow").read_columns(str(path), spec)
     with pytest.raises(ShardError, match="s.arrow: field 'meta' of row 0: undecodable JSON"):
         columns.take(np.arange(1))
+
+
+def test_a_tar_zst_member_that_inflates_past_the_limit_is_refused_before_reading(tmp_path):
+    import tracemalloc
+
+    import zstandard
+
+    from shardloader.formats.tar import MAX_MEMBER_BYTES, ustar_header
+
+    out = make_dataset(tmp_path, "tar")  # .tar.zst
+    size = MAX_MEMBER_BYTES + (64 << 20)
+    packed = io.BytesIO()
+    with zstandard.ZstdCompressor(level=1).stream_writer(packed, closefd=False) as z:
+        z.write(tar_bytes(text_sample("a"))[: 2 * 512])  # a.json: header + one block
+        z.write(ustar_header(b"a.txt", size))
+        zeros = bytes(16 << 20)
+        for _ in range(size // len(zeros)):
+            z.write(zeros)  # a few KiB compressed, 1.06 GiB inflated
+    assert len(packed.getvalue()) < 1 << 20
+    shard = replace_shard(out, packed.getvalue(), num_samples=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ShardError, match="over the .*-byte limit") as info:
+            stream(out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(info.value).startswith(shard)
+    assert peak < 64 << 20  # refused at the header, nothing inflated into memory

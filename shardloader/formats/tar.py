@@ -35,6 +35,9 @@ from shardloader.formats import (
 )
 
 _BLOCK = 512
+# Largest member read into memory: a record is at most 256 MiB of text at conversion
+# (ConvertConfig.max_record_bytes), and its token ids at most 4 bytes per byte of text.
+MAX_MEMBER_BYTES = 1 << 30
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 _FLUSH_BYTES = 1 << 20
 
@@ -239,6 +242,11 @@ def _member_key(member: tarfile.TarInfo, schema: _Schema, where: str) -> tuple[s
     """The sample key and extension of a member, refusing anything a writer of ours never makes."""
     if not member.isreg():
         raise ShardError(f"{where}: not a regular file (tar type {member.type!r}); refused")
+    if member.size > MAX_MEMBER_BYTES:  # a .tar.zst can inflate to any size: check before reading
+        raise ShardError(
+            f"{where}: member of {member.size} bytes, over the {MAX_MEMBER_BYTES}-byte limit of "
+            "one sample's part (convert bounds a record at 256 MiB); refused"
+        )
     key, dot, ext = member.name.partition(".")
     if "/" in member.name or "\\" in member.name or not key or not dot:
         raise ShardError(f"{where}: member name is not KEY.EXT without directories")
