@@ -55,8 +55,11 @@ def is_transient(err: BaseException) -> bool:
 
 
 def backoff_s(attempt: int, *, base_s: float = BACKOFF_S, max_s: float = MAX_BACKOFF_S) -> float:
-    """Delay before retry number ``attempt`` (1-based): doubling from ``base_s``, jittered ±50%."""
-    return min(max_s, base_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+    """Delay before retry number ``attempt`` (1-based): doubling from ``base_s``, jittered ±50%.
+
+    Never above ``max_s``: the cap applies after the jitter.
+    """
+    return min(max_s, base_s * 2 ** (attempt - 1) * (0.5 + random.random()))
 
 
 def with_retries(fn: Callable[[], T], *, url: str, what: str, retries: int = RETRIES) -> T:

@@ -58,10 +58,18 @@ def url_to_fs(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSyst
     """Return the fsspec filesystem and the path inside it for ``url``.
 
     Raises:
-        StorageError: The URL's scheme needs a package that is not installed.
+        StorageError: The URL's scheme is unknown, or needs a package that is not installed.
     """
     try:
         return _fsspec_url_to_fs(url, **storage_options)
+    except ValueError as err:
+        # fsspec's "Protocol not known: x" names no URL; other ValueErrors are not ours to word.
+        if not str(err).startswith("Protocol not known"):
+            raise
+        raise StorageError(
+            f"{url}: unknown scheme ({err}); use a local path or a URL fsspec knows "
+            "(s3://, gs://, memory://, file://...)"
+        ) from err
     except ImportError as err:
         scheme = url.split("://", 1)[0]
         extra = {"s3": "shardloader[s3] (s3fs)", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, "")
