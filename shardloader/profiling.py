@@ -309,13 +309,8 @@ def _decode(
     start = time.perf_counter()
     for index, path in enumerate(paths):
         num_decoded += 1
-        spec = ReadSpec(
-            fields=manifest.fields,
-            token_dtype=manifest.token_dtype,
-            compression=manifest.compression,
-            where=urls[index],
-        )
-        columns = fmt.read_columns(path, spec)
+        # The reader's checks (sample count, token ids in the vocabulary) are part of decoding.
+        columns = fmt.read_columns(path, ReadSpec.for_shard(manifest, index, urls[index]))
         taken = columns.take(np.arange(columns.num_rows))
         first = manifest.shards[index].first_sample_id
         samples.extend(
