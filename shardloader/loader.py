@@ -26,7 +26,7 @@ from torch.utils.data import default_collate, default_convert
 from shardloader.dataset import ShardDataset
 from shardloader.errors import ConfigError
 from shardloader.pack import PackConfig, PackedRow, collate_rows
-from shardloader.resume import Cursor, RunSpec, next_epoch_state, state_from_cursors
+from shardloader.resume import Cursor, next_epoch_state, state_from_cursors
 from shardloader.state import LoaderState, merge_states
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,6 @@ class ShardLoader(torch.utils.data.DataLoader):
         super().__init__(dataset, collate_fn=_CursorCollate(collate, dataset), **kwargs)
         self._cursors: dict[int, Cursor] = {}  # the latest per share, of the epoch being read
         self._last_worker: int | None = None  # the share whose batch came last
-        # The state the epoch being read was planned from and the run's spec, taken when
-        # iteration started, so that saving the position never touches storage.
-        self._anchor: LoaderState | None = None
-        self._spec: RunSpec | None = None
         self._epoch_done: int | None = None
         # Stage counters: the latest of each live process (worker id, or -1 for this one), and
         # the sum of the processes that ended (workers of earlier epochs).
@@ -200,7 +196,9 @@ class ShardLoader(torch.utils.data.DataLoader):
         if self.num_workers > 0 and not (self.persistent_workers and self._iterator is not None):
             self._end_workers()  # new worker processes count from zero
         epoch = dataset.epoch
-        self._spec, self._anchor = dataset.resume_spec(), dataset.anchor(epoch)
+        # Read the manifest here, in this process, so that saving the position never touches
+        # storage (workers read their own copy; the main process may never have).
+        dataset.resume_spec()
         for batch, wire, (worker, stages) in super().__iter__():
             self._stages[worker] = stages
             cursor = Cursor._make(wire)
@@ -273,7 +271,7 @@ class ShardLoader(torch.utils.data.DataLoader):
             assert self._epoch_done is not None
             world = dataset.world()
             return next_epoch_state(
-                self._spec or dataset.resume_spec(),
+                dataset.resume_spec(),
                 dataset.loaded_state,
                 done=self._epoch_done,
                 rank=world.rank,
@@ -281,9 +279,7 @@ class ShardLoader(torch.utils.data.DataLoader):
                 num_workers=self.num_workers,
             )
         epoch = dataset.epoch
-        anchor = self._anchor
-        if anchor is None or anchor.epoch != epoch:
-            anchor = dataset.anchor(epoch)  # (not iterated yet: may read the manifest)
+        anchor = dataset.anchor(epoch)  # from the manifest read when iteration started
         return state_from_cursors(anchor, self._cursors.values(), last_share=self._last_worker)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -297,7 +293,6 @@ class ShardLoader(torch.utils.data.DataLoader):
         self.shard_dataset.load_state_dict(state)
         self._cursors, self._last_worker = {}, None
         self._epoch_done = None
-        self._anchor = None
         if self.num_workers > 0:
             self._end_workers()
         self._iterator = None  # persistent workers hold the old position: start fresh ones

@@ -186,7 +186,7 @@ class ShardReader:
                 algorithm=self._manifest.checksum_algorithm,
                 decode=decode,
             )
-            fetched = decoded_at[0]
+            fetched = decoded_at[-1]  # a damaged cached copy's refetch counts as fetch wait
             self.stage_seconds["fetch_wait"] += fetched - started
             self._open[shard] = (local, decoded)
             self.stage_seconds["decode"] += time.perf_counter() - fetched
