@@ -18,15 +18,10 @@ import pytest
 import torch.multiprocessing
 
 from tests import dist_stream
-from tests.streaming import NUM_SAMPLES, make_dataset
+from tests.streaming import NUM_SAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "dist_stream.py"
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("dist"))
 
 
 def load_ranks(out: Path, tag: str, world_size: int) -> list[list[list[int]]]:

@@ -12,7 +12,7 @@ from shardloader import read_manifest
 from shardloader.manifest import iter_shard_urls
 from shardloader.plan import PlanConfig, Span, Window, WorkerPlan, plan_epoch
 from shardloader.reader import ShardReader
-from tests.streaming import SHARD_SIZES, make_dataset, source_docs
+from tests.streaming import SHARD_SIZES, source_docs
 
 
 class _Pin:
@@ -49,11 +49,6 @@ class _LocalFetcher:
     def prefetch(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = "") -> None:
         self.prefetched.append(url)
         self.events.append(("prefetch", url))
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("reader"))
 
 
 def _reader(dataset_dir: Path, fetcher: _LocalFetcher, **kwargs: object) -> ShardReader:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from shardloader import ResumeError, ShardDataset, ShardLoader
 from shardloader.plan import PlanConfig, ResumePoint
 from shardloader.state import STATE_VERSION, LoaderState, merge_states, state_to_json
-from tests.streaming import ids_of, make_dataset
+from tests.streaming import ids_of
 
 V1 = Path(__file__).parent / "data" / "loader_state_v1.json"
 
@@ -28,11 +28,6 @@ V1 = Path(__file__).parent / "data" / "loader_state_v1.json"
 @pytest.fixture(scope="module")
 def saved() -> dict[str, Any]:
     return json.loads(V1.read_text())
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("state"))
 
 
 def _loader(dataset_dir: Path, **kwargs: int) -> ShardLoader:

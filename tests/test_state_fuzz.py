@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from shardloader import ShardDataset, ShardLoader
 from shardloader.errors import ResumeError, ShardloaderError
 from shardloader.state import LoaderState
-from tests.streaming import NUM_SAMPLES, ids_of, make_dataset
+from tests.streaming import NUM_SAMPLES, ids_of
 
 json_values = st.recursive(
     st.none()
@@ -71,11 +71,6 @@ def _mutate(draw: st.DrawFn, state: dict[str, Any]) -> dict[str, Any]:
 def _loader(dataset_dir: Path) -> ShardLoader:
     dataset = ShardDataset(str(dataset_dir))
     return ShardLoader(dataset, batch_size=6, num_workers=0, collate_fn=ids_of)
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("state-fuzz"))
 
 
 @pytest.fixture(scope="module")
