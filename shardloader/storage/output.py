@@ -22,6 +22,7 @@ from typing import IO, Any
 import fsspec
 
 from shardloader.errors import ConfigError, ShardloaderError, StorageError
+from shardloader.locks import same_file, unlink_and_close
 from shardloader.storage.retry import with_retries
 from shardloader.storage.urls import _fs_is_local, join, normalize, url_to_fs
 
@@ -294,9 +295,8 @@ def lock_output(out: OutputDir, rel: str) -> int | None:
                     f"{out.url}: is being written by pid {pid} on {host}; wait for it or remove "
                     f"{path} if it died"
                 ) from None
-            with contextlib.suppress(FileNotFoundError):
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    break
+            if same_file(os.fstat(fd), path):
+                break
             os.close(fd)  # its holder removed it as we opened it: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -306,6 +306,4 @@ def lock_output(out: OutputDir, rel: str) -> int | None:
 def unlock_output(out: OutputDir, rel: str, fd: int | None) -> None:
     """Release the lock `lock_output` took (and remove its file)."""
     if fd is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(url_to_fs(out.url_of(rel))[1])
-        os.close(fd)
+        unlink_and_close(url_to_fs(out.url_of(rel))[1], fd)

@@ -279,7 +279,7 @@ def restricted_planner(reader: Any) -> Any:
 
     class RestrictedPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-            # As DCP's own, whose torch.load(weights_only=False) runs a pickle from the file.
+            # Replaces DCP's load_bytes, which unpickles the value with weights_only=False.
             fqn = read_item.dest_index.fqn
             try:
                 loaded = torch.load(value, weights_only=True)
