@@ -6,9 +6,9 @@
   :func:`versions` (package versions of the benchmark interpreter), :func:`default_python`,
   :func:`cpu_marks` and :func:`other_cpu_share` (how much CPU other processes took during a
   job, from :func:`machine_busy_s` and :func:`children_cpu_s`).
-- **Output**: :func:`format_columns` (a plain-text table), :func:`fmt_rate` (``median
-  [min-max]``), :func:`verdict` and :func:`target_line` (a ratio against its target),
-  :func:`read_measurements` and :func:`write_results` (the results JSON).
+- **Output**: :func:`format_columns` (a plain-text table), :func:`markdown_table`,
+  :func:`fmt_rate` (``median [min-max]``), :func:`verdict` and :func:`target_line` (a ratio
+  against its target), :func:`read_measurements` and :func:`write_results` (the results JSON).
 
 Imports only the standard library (and ``tokenizers`` inside :func:`ensure_tokenizer`).
 """
@@ -238,6 +238,15 @@ def format_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines.insert(0, "  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)))
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table (``|`` in a cell is escaped)."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(row) for row in rows)])
 
 
 def verdict(median: float, best: float, target: float) -> str:
