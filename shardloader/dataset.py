@@ -115,7 +115,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     Args:
         source: The dataset: a directory or URL holding ``_manifest.json`` (``s3://``, ``gs://``,
-            ``http(s)://``, ``memory://``, local paths), or the manifest's own URL.
+            ``http(s)://``, ``memory://``, local paths), or the manifest's own URL. A
+            `shardloader.Mixture` makes a `shardloader.mix_dataset.MixDataset` instead.
         config: Order, split, fetch and cache settings.
         transform: Applied to every sample inside the worker, before packing.
         pack: Pack documents into fixed-length rows inside the workers
@@ -132,6 +133,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
     Samples are dicts: ``id`` (the source id), ``sample_id`` (position in manifest order),
     ``text`` or ``input_ids`` (numpy), the kept fields, and ``is_padding`` under ``"pad"``.
     """
+
+    def __new__(cls, source: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """``ShardDataset(Mixture(...), ...)`` reads a mixture: it makes a `MixDataset`."""
+        from shardloader.mix_config import Mixture
+
+        if isinstance(source, Mixture):
+            from shardloader.mix_dataset import MixDataset
+
+            return MixDataset(source, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
