@@ -88,6 +88,20 @@ class StreamConfig(PlanConfig):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"StreamConfig.{name} must be > 0")
 
+    def make_fetcher(self, storage_options: Mapping[str, Any]) -> Any:
+        """A `shardloader.fetch.ShardFetcher` with these fetch and cache settings."""
+        from shardloader.fetch import ShardFetcher
+
+        return ShardFetcher(
+            cache_dir=self.cache_dir,
+            cache_bytes=self.cache_bytes,
+            storage_options=dict(storage_options),
+            timeout_s=self.timeout_s,
+            retry_deadline_s=self.retry_deadline_s,
+            prefetch_threads=self.prefetch_threads,
+            verify_local=self.verify_local,
+        )
+
 
 class _SharedEpoch:
     """An integer in shared memory: one writer (the rank), read by its DataLoader workers."""
@@ -341,17 +355,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _get_fetcher(self) -> Any:
         if self._fetcher is None:
-            from shardloader.fetch import ShardFetcher
-
-            self._fetcher = ShardFetcher(
-                cache_dir=self.config.cache_dir,
-                cache_bytes=self.config.cache_bytes,
-                storage_options=self._storage_options,
-                timeout_s=self.config.timeout_s,
-                retry_deadline_s=self.config.retry_deadline_s,
-                prefetch_threads=self.config.prefetch_threads,
-                verify_local=self.config.verify_local,
-            )
+            self._fetcher = self.config.make_fetcher(self._storage_options)
         return self._fetcher
 
     def close(self) -> None:

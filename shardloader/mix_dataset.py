@@ -233,7 +233,7 @@ class MixDataset(torch.utils.data.IterableDataset):
                     f"of {spec.total:,}: lower the batch size or raise total"
                 )
             next_epoch(counters)
-        self._fetcher = self._make_fetcher()
+        self._fetcher = self.config.make_fetcher(self._storage_options)
         readers = [
             ShardReader(
                 m,
@@ -361,19 +361,6 @@ class MixDataset(torch.utils.data.IterableDataset):
             )
             rows.append((row, srcs))
         return rows
-
-    def _make_fetcher(self) -> Any:
-        from shardloader.fetch import ShardFetcher
-
-        return ShardFetcher(
-            cache_dir=self.config.cache_dir,
-            cache_bytes=self.config.cache_bytes,
-            storage_options=self._storage_options,
-            timeout_s=self.config.timeout_s,
-            retry_deadline_s=self.config.retry_deadline_s,
-            prefetch_threads=self.config.prefetch_threads,
-            verify_local=self.config.verify_local,
-        )
 
     def close(self) -> None:
         """Stop background fetches of this process."""
