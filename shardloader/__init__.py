@@ -17,6 +17,7 @@ from shardloader.errors import (
     StorageError,
 )
 from shardloader.manifest import Manifest, ShardInfo, read_manifest
+from shardloader.mix_config import Mixture, Phase, Source
 from shardloader.pack import (
     PackConfig,
     PackedRow,
@@ -42,6 +43,7 @@ from shardloader.world import WorldInfo
 if TYPE_CHECKING:
     from shardloader.dataset import ShardDataset, StreamConfig
     from shardloader.loader import ShardLoader
+    from shardloader.mix_dataset import MixDataset, MixLoader
     from shardloader.train import TrainConfig, TrainResult
 
 # These import torch (about a second): loaded on first use, so `shardloader convert` and its
@@ -50,6 +52,8 @@ _LAZY = {
     "ShardDataset": "shardloader.dataset",
     "StreamConfig": "shardloader.dataset",
     "ShardLoader": "shardloader.loader",
+    "MixDataset": "shardloader.mix_dataset",
+    "MixLoader": "shardloader.mix_dataset",
     "TrainConfig": "shardloader.train",
     "TrainResult": "shardloader.train",
 }
@@ -74,11 +78,15 @@ __all__ = [
     "LoaderState",
     "Manifest",
     "ManifestError",
+    "MixDataset",
+    "MixLoader",
+    "Mixture",
     "PackConfig",
     "PackStats",
     "PackedRow",
     "Packer",
     "PackingCollator",
+    "Phase",
     "PlanConfig",
     "ResumeError",
     "ResumePoint",
@@ -88,6 +96,7 @@ __all__ = [
     "ShardInfo",
     "ShardLoader",
     "ShardloaderError",
+    "Source",
     "StorageError",
     "StreamConfig",
     "TextTokenizer",

@@ -19,7 +19,7 @@ from typing import Any
 
 from shardloader import __version__
 from shardloader.convert import ConvertConfig, ConvertResult, convert, merge
-from shardloader.errors import ShardloaderError
+from shardloader.errors import ConfigError, ShardloaderError
 from shardloader.manifest import Manifest, read_manifest
 from shardloader.options import add_options, config_from_args, parse_size
 from shardloader.profiling import ProfileConfig, profile_dataset
@@ -90,6 +90,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if args.mix:
+        return _inspect_mix(args)
+    if not args.dataset:
+        raise ConfigError("inspect needs a dataset (or --mix FILE)")
     m = read_manifest(args.dataset)
     _print_manifest(m)
     print(f"  fields: {json.dumps(dict(m.fields))}")
@@ -118,6 +122,38 @@ def _inspect(args: argparse.Namespace) -> int:
             ids = sample["input_ids"]
             shown["input_ids"] = f"{ids[:12].tolist()}… ({len(ids)} tokens)"
         print(f"  sample {json.dumps(shown, ensure_ascii=False)}")
+    return 0
+
+
+def _inspect_mix(args: argparse.Namespace) -> int:
+    """Print a mixture's plan: per source, units and passes per epoch, when it runs out."""
+    from shardloader.mix_config import Mixture
+    from shardloader.mix_dataset import MixDataset
+    from shardloader.pack import PackConfig
+
+    mixture = Mixture.from_file(args.mix)
+    pack = PackConfig(seq_len=args.seq_len) if mixture.unit == "tokens" else None
+    dataset = MixDataset(
+        mixture, pack=pack, batch_size=args.batch_size, rank=0, world_size=args.world_size
+    )
+    spec = dataset.spec()
+    batch = dataset.batch_units(args.world_size)
+    unit = spec.unit
+    print(
+        f"{args.mix}: {len(spec.names)} sources, {spec.total:,} {unit} per epoch "
+        f"({spec.total // batch:,} global batches of {batch:,} {unit})"
+    )
+    for start, _, _, weights in spec.phases:
+        shown = ", ".join(f"{n} {w:.3f}" for n, w in zip(spec.names, weights, strict=True))
+        print(f"  from {start:,} {unit}: {shown}")
+    for row in dataset.report():
+        out = row["runs_out_at"]
+        ends = "never" if out is None else f"after {out:,.0f} {unit} (step {int(out) // batch:,})"
+        print(
+            f"  {row['source']}: {row['samples']:,} samples, {row['tokens']:,} tokens; "
+            f"per epoch {row['units_per_epoch']:,.0f} {unit} = {row['passes_per_epoch']:.2f} "
+            f"passes (~{row['samples_per_epoch']:,.0f} samples); runs out {ends}"
+        )
     return 0
 
 
@@ -210,8 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     p = sub.add_parser("merge", help="write the manifest of a conversion run in slices")
     p.add_argument("output")
-    p = sub.add_parser("inspect", help="print a dataset's manifest summary and a few samples")
-    p.add_argument("dataset")
+    p = sub.add_parser(
+        "inspect", help="print a dataset's manifest summary and a few samples, or a mixture's plan"
+    )
+    p.add_argument("dataset", nargs="?")
+    p.add_argument("--mix", help="a mixture file (YAML or JSON): print its plan per source")
+    p.add_argument("--batch-size", type=int, default=8, help="--mix: per-rank batch")
+    p.add_argument("--world-size", type=int, default=1, help="--mix: number of ranks")
+    p.add_argument("--seq-len", type=int, default=2048, help="--mix: row length (token mixes)")
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--shards", type=int, default=5)
     p = sub.add_parser("verify", help="re-read every shard and check counts and checksums")

@@ -88,6 +88,20 @@ class StreamConfig(PlanConfig):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"StreamConfig.{name} must be > 0")
 
+    def make_fetcher(self, storage_options: Mapping[str, Any]) -> Any:
+        """A `shardloader.fetch.ShardFetcher` with these fetch and cache settings."""
+        from shardloader.fetch import ShardFetcher
+
+        return ShardFetcher(
+            cache_dir=self.cache_dir,
+            cache_bytes=self.cache_bytes,
+            storage_options=dict(storage_options),
+            timeout_s=self.timeout_s,
+            retry_deadline_s=self.retry_deadline_s,
+            prefetch_threads=self.prefetch_threads,
+            verify_local=self.verify_local,
+        )
+
 
 class _SharedEpoch:
     """An integer in shared memory: one writer (the rank), read by its DataLoader workers."""
@@ -115,7 +129,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     Args:
         source: The dataset: a directory or URL holding ``_manifest.json`` (``s3://``, ``gs://``,
-            ``http(s)://``, ``memory://``, local paths), or the manifest's own URL.
+            ``http(s)://``, ``memory://``, local paths), or the manifest's own URL. A
+            `shardloader.Mixture` makes a `shardloader.mix_dataset.MixDataset` instead.
         config: Order, split, fetch and cache settings.
         transform: Applied to every sample inside the worker, before packing.
         pack: Pack documents into fixed-length rows inside the workers
@@ -132,6 +147,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
     Samples are dicts: ``id`` (the source id), ``sample_id`` (position in manifest order),
     ``text`` or ``input_ids`` (numpy), the kept fields, and ``is_padding`` under ``"pad"``.
     """
+
+    def __new__(cls, source: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """``ShardDataset(Mixture(...), ...)`` reads a mixture: it makes a `MixDataset`."""
+        from shardloader.mix_config import Mixture
+
+        if isinstance(source, Mixture):
+            from shardloader.mix_dataset import MixDataset
+
+            return MixDataset(source, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -330,17 +355,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _get_fetcher(self) -> Any:
         if self._fetcher is None:
-            from shardloader.fetch import ShardFetcher
-
-            self._fetcher = ShardFetcher(
-                cache_dir=self.config.cache_dir,
-                cache_bytes=self.config.cache_bytes,
-                storage_options=self._storage_options,
-                timeout_s=self.config.timeout_s,
-                retry_deadline_s=self.config.retry_deadline_s,
-                prefetch_threads=self.config.prefetch_threads,
-                verify_local=self.config.verify_local,
-            )
+            self._fetcher = self.config.make_fetcher(self._storage_options)
         return self._fetcher
 
     def close(self) -> None:

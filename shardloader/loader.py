@@ -163,6 +163,14 @@ class ShardLoader(torch.utils.data.DataLoader):
         **kwargs: Passed to ``torch.utils.data.DataLoader``.
     """
 
+    def __new__(cls, dataset: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """``ShardLoader(MixDataset, batch_size=N)`` reads a mixture: it makes a `MixLoader`."""
+        from shardloader.mix_dataset import MixDataset, MixLoader
+
+        if isinstance(dataset, MixDataset):
+            return MixLoader(dataset, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, dataset: ShardDataset, **kwargs: Any) -> None:
         if not isinstance(dataset, ShardDataset):
             raise ConfigError(f"ShardLoader needs a ShardDataset, got {type(dataset).__name__}")

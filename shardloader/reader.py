@@ -111,6 +111,56 @@ class ShardReader:
         finally:
             self.close()
 
+    def read_ids(
+        self, ids: np.ndarray, *, ahead: Sequence[int] = (), keep: int = 4
+    ) -> list[Sample]:
+        """The samples of ``ids`` (any order), for random access (`shardloader.mix_dataset`).
+
+        Args:
+            ids: Sample ids in manifest order.
+            ahead: Shards to start fetching in the background (the next ones to be read).
+            keep: Decoded shards kept open between calls (the least recently used go first).
+        """
+        decoded = self._open_ids(ids, ahead, keep)
+        names = ["id", "sample_id", *self._names[1:]]
+        owner = np.searchsorted(self._first, ids, side="right") - 1
+        return list(self._slice(ids, owner, np.zeros(len(ids), bool), decoded, names))
+
+    def token_lengths(
+        self, ids: np.ndarray, field: str, *, ahead: Sequence[int] = (), keep: int = 4
+    ) -> np.ndarray:
+        """Token counts of the samples ``ids`` of token field ``field`` (int64)."""
+        decoded = self._open_ids(ids, ahead, keep)
+        owner = np.searchsorted(self._first, ids, side="right") - 1
+        out = np.empty(len(ids), np.int64)
+        started = time.perf_counter()
+        for shard in sorted(set(owner.tolist())):
+            positions = np.flatnonzero(owner == shard)
+            rows = ids[positions] - self._first[shard]
+            out[positions] = decoded[shard].token_lengths(rows, field)
+        self.stage_seconds["decode"] += time.perf_counter() - started
+        return out
+
+    def _open_ids(
+        self, ids: np.ndarray, ahead: Sequence[int], keep: int
+    ) -> dict[int, ShardColumns]:
+        if len(ids) and (ids.min() < 0 or ids.max() >= self._first[-1]):
+            raise ValueError(f"sample ids out of range for {self._first[-1]} samples")
+        owner = np.searchsorted(self._first, ids, side="right") - 1
+        shards = list(dict.fromkeys(owner.tolist()))
+        for shard in shards:
+            if shard not in self._open:
+                self._prefetch(shard)
+        for shard in ahead:
+            if shard not in self._open and shard not in shards:
+                self._prefetch(shard)
+        decoded = {shard: self._decoded(shard) for shard in shards}
+        for shard in shards:  # most recently used last
+            self._open[shard] = self._open.pop(shard)
+        for shard in list(self._open)[: max(0, len(self._open) - max(keep, len(shards)))]:
+            self._release(shard)
+        return decoded
+
     def _open_window(self, shards: list[int], ahead: Sequence[Window]) -> dict[int, ShardColumns]:
         for index in [i for i in self._open if i not in shards]:
             self._release(index)

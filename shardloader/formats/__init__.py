@@ -150,6 +150,9 @@ class ShardColumns(Protocol):
         Text and string fields come as ``str``, token ids as numpy arrays, ``json`` fields parsed.
         """
 
+    def token_lengths(self, rows: np.ndarray, field: str) -> np.ndarray:
+        """Token counts of ``rows`` of the token field ``field`` (int64), without making samples."""
+
 
 def get_format(name: str) -> ShardFormat:
     """Return the format registered as ``name``.

@@ -276,6 +276,11 @@ class ArrowColumns:
                 out[name] = [column[i] for i in index]
         return out
 
+    def token_lengths(self, rows: np.ndarray, field: str) -> np.ndarray:
+        """Token counts of ``rows`` of ``field``, from the offsets alone."""
+        _, offsets = self._column(field)
+        return (offsets[rows + 1] - offsets[rows]).astype(np.int64)
+
 
 def _numpy_view(values: pa.Array) -> np.ndarray:
     """A primitive Arrow array without nulls as a numpy array over the same memory.

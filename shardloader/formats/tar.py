@@ -217,6 +217,11 @@ class TarColumns:
         index = rows.tolist()
         return {name: [column[i] for i in index] for name, column in self._columns.items()}
 
+    def token_lengths(self, rows: np.ndarray, field: str) -> np.ndarray:
+        """Token counts of ``rows`` of ``field``."""
+        column = self._columns[field]
+        return np.fromiter((len(column[i]) for i in rows.tolist()), np.int64, len(rows))
+
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),

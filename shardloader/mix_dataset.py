@@ -1,0 +1,600 @@
+"""`MixDataset` and `MixLoader`: read a `shardloader.Mixture`, exact in every global batch.
+
+The schedule is `shardloader.mix_plan`'s: one global stream, the same on every rank, planned
+batch by batch from a few counters. Every process that iterates (a rank, or one of its
+DataLoader workers) walks the whole schedule and reads only its own places: rank ``r`` takes
+its slice of every global batch, and DataLoader worker ``w`` of ``K`` the steps ``w, w + K,
+...`` (the DataLoader hands batches to the loop in that order). Each item is one training step
+of this rank, already collated, with the counters after it; `MixLoader` keeps the counters of
+the last step it handed to the loop, and those are the state: the same on every rank, so
+``state_dict`` needs no gather and resumes on any world size or worker count.
+
+Cost of the global view: every process decodes the shards that the whole global stream passes
+through (it reads its own samples only); on one node the shard cache is shared. For token mixes
+every process also reads the token counts of every document (the offsets of an Arrow shard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+from torch.utils.data import default_collate
+
+from shardloader import storage
+from shardloader.errors import ConfigError, ResumeError
+from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
+from shardloader.mix_config import Mixture
+from shardloader.mix_plan import (
+    MixCounters,
+    MixSpec,
+    Piece,
+    SourceOrder,
+    SourceSize,
+    batch_layout,
+    epoch_done,
+    mix_report,
+    next_epoch,
+    plan_mixture,
+    sample_batch,
+    token_batch,
+)
+from shardloader.pack import PackConfig, PackedRow, collate_rows
+from shardloader.reader import ShardReader
+from shardloader.state import dataset_fingerprint
+from shardloader.world import WorldInfo, detect_rank, detect_world, in_spawning_process
+
+log = logging.getLogger(__name__)
+
+STATE_KIND = "shardloader.mix_state"
+STATE_VERSION = 1
+LENGTH_BLOCK = 4096  # token mode: document lengths read per source at a time
+
+
+class MixDataset(torch.utils.data.IterableDataset):
+    """Streams a `Mixture`: one item per training step of this rank.
+
+    Made by ``ShardDataset(mixture, ...)`` as well. Read it with `MixLoader` (or
+    ``ShardLoader(dataset, batch_size=...)``, which makes one), which sets the batch size.
+
+    Args:
+        mixture: The sources, weights, unit, length and phases.
+        config: `shardloader.StreamConfig`: seed, shuffle and window (of every source's
+            stream), fetch and cache settings.
+        transform: Applied to every sample (samples mixes).
+        pack: Token mixes: rows of ``pack.seq_len`` (``mode`` must be ``"concat"``).
+        tokenizer: Checked against the tokenized sources' fingerprint.
+        rank: This rank (detected when iteration starts by default); pass with ``world_size``.
+        world_size: Number of ranks.
+        storage_options: Passed to fsspec for every source.
+        batch_size: Per-rank batch: samples, or rows in a token mix (set by the loader).
+
+    Items are ``(batch, counters)``: the collated step and the `MixCounters` after it. A
+    sample is a dict with ``source`` (the source's name), ``sample_id`` (its id inside its
+    source), ``id`` and its fields; a token step is a dict of tensors (`collate_rows`) with
+    ``sample_sources`` (each piece's source index, aligned with ``sample_ids``).
+    """
+
+    def __init__(
+        self,
+        mixture: Mixture,
+        *,
+        config: Any = None,
+        transform: Callable[[dict[str, Any]], Any] | None = None,
+        pack: PackConfig | None = None,
+        tokenizer: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        from shardloader.dataset import StreamConfig
+
+        if not isinstance(mixture, Mixture):
+            raise ConfigError(f"mixture is a {type(mixture).__name__}; expected a Mixture")
+        if config is not None and not isinstance(config, StreamConfig):
+            raise ConfigError(f"config is a {type(config).__name__}; expected a StreamConfig")
+        if (rank is None) != (world_size is None):
+            raise ConfigError("pass both rank and world_size to the dataset, or neither")
+        if mixture.unit == "tokens":
+            if pack is None:
+                raise ConfigError(
+                    "a mixture with unit='tokens' yields packed rows: pass pack=PackConfig(...)"
+                )
+            if pack.mode != "concat":
+                raise ConfigError(
+                    f"a token mixture packs documents end to end (mode 'concat'), not "
+                    f"{pack.mode!r}: a batch is exactly its tokens, cut into rows"
+                )
+        elif pack is not None:
+            raise ConfigError(
+                "pack needs unit='tokens' in a mixture (the mix is then counted in tokens)"
+            )
+        self.mixture = mixture
+        self.config = config or StreamConfig()
+        self.transform = transform
+        self.pack = pack
+        self.tokenizer = tokenizer
+        self._rank, self._world_size = rank, world_size
+        self._storage_options = dict(storage_options or {})
+        self.batch_size = batch_size
+        self._manifests: list[Manifest] | None = None
+        self._spec: MixSpec | None = None
+        self._fingerprint: str | None = None
+        self._start: MixCounters | None = None  # where the next iteration begins
+        self._handed_world: tuple[int, int] | None = None
+        self._fetcher: Any = None
+        self.stage_seconds = {"fetch_wait": 0.0, "decode": 0.0, "plan": 0.0}
+
+    # --- configuration ------------------------------------------------------------------
+
+    @property
+    def sources(self) -> list[str]:
+        """The sources' URLs, normalized."""
+        return [storage.normalize(s.url) for s in self.mixture.sources]
+
+    def manifests(self) -> list[Manifest]:
+        """Every source's manifest, read on first use and checked against the others."""
+        if self._manifests is None:
+            manifests = [read_manifest(url, **self._storage_options) for url in self.sources]
+            _check_compatible(self.mixture, self.sources, manifests, self.tokenizer)
+            self._manifests = manifests
+        return self._manifests
+
+    def spec(self) -> MixSpec:
+        """The mixture planned against the manifests (checked: refused if infeasible)."""
+        if self._spec is None:
+            sizes = [
+                SourceSize(np.array(m.shards.column("num_samples"), dtype=np.int64), m.num_tokens)
+                for m in self.manifests()
+            ]
+            self._spec = plan_mixture(self.mixture, sizes, self.config.plan_config())
+        return self._spec
+
+    def report(self) -> list[dict[str, Any]]:
+        """Per source: tokens, samples, passes per epoch, when it would run out."""
+        return mix_report(self.spec())
+
+    @property
+    def fingerprint(self) -> str:
+        """What a saved state must match: sources' contents, weights, unit, length, plan."""
+        if self._fingerprint is None:
+            spec = self.spec()
+            mix = self.mixture.to_dict()
+            for source in mix["sources"]:
+                source.pop("url")  # data may move (local to S3); its content is fingerprinted
+            payload = {
+                "mixture": mix,
+                "total": spec.total,
+                "datasets": [dataset_fingerprint(m) for m in self.manifests()],
+                "plan": {
+                    "seed": spec.config.seed,
+                    "shuffle": spec.config.shuffle,
+                    "shuffle_window": spec.config.shuffle_window,
+                },
+                "pack": None if self.pack is None else self.pack.to_dict(),
+            }
+            digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+            self._fingerprint = digest
+        return self._fingerprint
+
+    def world(self) -> WorldInfo:
+        """This process's rank and worker, as iteration would see them now."""
+        if self._handed_world is not None:
+            return detect_world(*self._handed_world)
+        return detect_world(self._rank, self._world_size)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads."""
+        return self.counters().epoch
+
+    def counters(self) -> MixCounters:
+        """Where the next iteration starts (a copy)."""
+        if self._start is None:
+            return MixCounters.fresh(len(self.mixture.sources))
+        return self._start.copy()
+
+    def set_counters(self, counters: MixCounters) -> None:
+        """Start the next iteration at ``counters`` (the loader's position)."""
+        self._start = counters.copy()
+
+    def batch_units(self, world_size: int) -> int:
+        """Units in one global batch: samples, or tokens (rows x seq_len) of all ranks."""
+        if self.batch_size is None or self.batch_size < 1:
+            raise ConfigError(
+                "a MixDataset needs its per-rank batch size: read it with "
+                "ShardLoader(dataset, batch_size=N), or pass batch_size=N"
+            )
+        if self.mixture.unit == "tokens":
+            assert self.pack is not None
+            return self.batch_size * self.pack.seq_len * world_size
+        return self.batch_size * world_size
+
+    # --- iteration ----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[Any, dict[str, Any]]]:
+        world = self.world()
+        spec = self.spec()
+        units = self.batch_units(world.world_size)
+        counters = self.counters()
+        if epoch_done(spec, counters, units):
+            if counters.epoch_units == 0:
+                raise ConfigError(
+                    f"a global batch of {units:,} {spec.unit} does not fit the mixture's epoch "
+                    f"of {spec.total:,}: lower the batch size or raise total"
+                )
+            next_epoch(counters)
+        self._fetcher = self.config.make_fetcher(self._storage_options)
+        readers = [
+            ShardReader(
+                m,
+                [url for _, url in iter_shard_urls(src, m)],
+                fetcher=self._fetcher,
+                prefetch_windows=self.config.prefetch_windows,
+            )
+            for src, m in zip(self.sources, self.manifests(), strict=True)
+        ]
+        orders = [
+            SourceOrder(size.shard_sizes, spec.config, i) for i, size in enumerate(spec.sizes)
+        ]
+        steps = max(world.num_workers, 1)
+        made = 0
+        keep = max(2 * self.config.shuffle_window, 4)
+        lengths = (
+            _Lengths(orders, readers, self.manifests(), keep) if spec.unit == "tokens" else None
+        )
+        epoch = counters.epoch
+        try:
+            while not epoch_done(spec, counters, units) and counters.epoch == epoch:
+                mine = made % steps == world.worker_id
+                made += 1
+                started = time.perf_counter()
+                if lengths is None:
+                    before = list(counters.taken)
+                    counts = sample_batch(spec, counters, units)
+                    self.stage_seconds["plan"] += time.perf_counter() - started
+                    if mine:
+                        batch = self._samples(counts, before, world, orders, readers, keep)
+                        yield batch, counters.to_dict()
+                else:
+                    pieces = token_batch(spec, counters, units, lengths.length)
+                    self.stage_seconds["plan"] += time.perf_counter() - started
+                    if mine:
+                        rows = self._rows(pieces, world, orders, readers, keep)
+                        yield rows, counters.to_dict()
+        finally:
+            for reader in readers:
+                for name, seconds in reader.stage_seconds.items():
+                    self.stage_seconds[name] += seconds
+                reader.close()
+            self.close()
+
+    def _samples(
+        self,
+        counts: list[int],
+        before: list[int],
+        world: WorldInfo,
+        orders: list[SourceOrder],
+        readers: list[ShardReader],
+        keep: int,
+    ) -> list[Any]:
+        assert self.batch_size is not None
+        size = self.batch_size
+        places = batch_layout(counts)[world.rank * size : (world.rank + 1) * size]
+        out: list[Any] = [None] * len(places)
+        names = self.mixture.names
+        for i in sorted({i for i, _ in places}):
+            where = [p for p, (s, _) in enumerate(places) if s == i]
+            positions = [before[i] + places[p][1] for p in where]
+            ids = np.concatenate([orders[i].ids(k, 1) for k in positions])
+            ahead = orders[i].shards_ahead(positions[-1])
+            samples = readers[i].read_ids(ids, ahead=ahead, keep=keep)
+            for p, sample in zip(where, samples, strict=True):
+                sample["source"] = names[i]
+                out[p] = sample if self.transform is None else self.transform(sample)
+        return out
+
+    def _rows(
+        self,
+        pieces: list[Piece],
+        world: WorldInfo,
+        orders: list[SourceOrder],
+        readers: list[ShardReader],
+        keep: int,
+    ) -> list[tuple[PackedRow, list[int]]]:
+        """This rank's rows of a global token batch, each with its pieces' source indices."""
+        assert self.pack is not None
+        assert self.batch_size is not None
+        seq_len = self.pack.seq_len
+        lo = world.rank * self.batch_size * seq_len
+        hi = lo + self.batch_size * seq_len
+        mine: list[Piece] = []
+        at = 0
+        for piece in pieces:
+            n = piece.stop - piece.start
+            a, b = max(at, lo), min(at + n, hi)
+            if a < b:
+                mine.append(piece._replace(start=piece.start + a - at, stop=piece.start + b - at))
+            at += n
+        tokens: dict[tuple[int, int], Any] = {}
+        sample_ids: dict[tuple[int, int], int] = {}
+        for i in sorted({p.source for p in mine}):
+            positions = sorted({p.position for p in mine if p.source == i})
+            ids = np.concatenate([orders[i].ids(k, 1) for k in positions])
+            field = _token_field(self.manifests()[i])
+            samples = readers[i].read_ids(
+                ids, ahead=orders[i].shards_ahead(positions[-1]), keep=keep
+            )
+            for k, sid, sample in zip(positions, ids.tolist(), samples, strict=True):
+                tokens[(i, k)] = sample[field]
+                sample_ids[(i, k)] = sid
+        rows = []
+        for r in range(self.batch_size):
+            row_lo, row_hi = lo + r * seq_len, lo + (r + 1) * seq_len
+            parts, seg, sids, srcs = [], [], [], []
+            at = lo
+            for piece in mine:
+                n = piece.stop - piece.start
+                a, b = max(at, row_lo), min(at + n, row_hi)
+                if a < b:
+                    start = piece.start + a - at
+                    parts.append(tokens[(piece.source, piece.position)][start : start + b - a])
+                    seg.append(b - a)
+                    sids.append(sample_ids[(piece.source, piece.position)])
+                    srcs.append(piece.source)
+                at += n
+            row = PackedRow(
+                np.concatenate(parts),
+                np.array(seg, np.int64),
+                np.array(sids, np.int64),
+                None,
+                (0, 0),
+            )
+            rows.append((row, srcs))
+        return rows
+
+    def close(self) -> None:
+        """Stop background fetches of this process."""
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fetcher"] = None
+        if in_spawning_process() and self._rank is None and self._handed_world is None:
+            state["_handed_world"] = detect_rank()
+        return state
+
+    # --- state --------------------------------------------------------------------------
+
+    def state_from_counters(self, counters: MixCounters) -> dict[str, Any]:
+        """A JSON-ready state: the counters, the fingerprint and per-source realized counts."""
+        spec = self.spec()
+        return {
+            "kind": STATE_KIND,
+            "version": STATE_VERSION,
+            "fingerprint": self.fingerprint,
+            "unit": spec.unit,
+            "sources": list(spec.names),
+            "counters": counters.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `MixLoader.state_dict` (saved on any topology).
+
+        Raises:
+            ResumeError: The state is from another mixture, data or config, or malformed.
+        """
+        if not isinstance(state, Mapping) or state.get("kind") != STATE_KIND:
+            raise ResumeError(
+                "not a mixture loader state (kind is "
+                f"{state.get('kind') if isinstance(state, Mapping) else type(state).__name__!r})"
+            )
+        if state.get("version") != STATE_VERSION:
+            raise ResumeError(
+                f"mixture state version {state.get('version')!r}; this shardloader reads "
+                f"version {STATE_VERSION}"
+            )
+        if state.get("fingerprint") != self.fingerprint:
+            raise ResumeError(
+                "the state is from another mixture: sources, weights, phases, unit, total, "
+                "seed, shuffle or packing differ (or a source's data changed)"
+            )
+        counters = MixCounters.from_dict(state.get("counters"), len(self.mixture.sources))
+        self._start = counters
+
+
+class _Lengths:
+    """Token counts of source documents by stream position, read a block at a time."""
+
+    def __init__(
+        self,
+        orders: list[SourceOrder],
+        readers: list[ShardReader],
+        manifests: list[Manifest],
+        keep: int,
+    ) -> None:
+        self._orders, self._readers, self._keep = orders, readers, keep
+        self._fields = [_token_field(m) for m in manifests]
+        self._blocks: list[tuple[int, np.ndarray]] = [(-1, np.zeros(0, np.int64))] * len(orders)
+
+    def length(self, source: int, position: int) -> int:
+        block, values = self._blocks[source]
+        index = position // LENGTH_BLOCK
+        if index != block:
+            ids = self._orders[source].ids(index * LENGTH_BLOCK, LENGTH_BLOCK)
+            values = self._readers[source].token_lengths(ids, self._fields[source], keep=self._keep)
+            self._blocks[source] = (index, values)
+        return int(values[position % LENGTH_BLOCK])
+
+
+def _token_field(manifest: Manifest) -> str:
+    for name, kind in manifest.fields.items():
+        if kind == "tokens":
+            return name
+    raise ConfigError("the source has no token field")
+
+
+def _check_compatible(
+    mixture: Mixture, urls: list[str], manifests: list[Manifest], tokenizer: Any
+) -> None:
+    """Token sources must share a tokenizer; token mixes need tokenized sources."""
+    first: tuple[str, str] | None = None
+    for url, manifest in zip(urls, manifests, strict=True):
+        if mixture.unit == "tokens" and not manifest.tokenized:
+            raise ConfigError(
+                f"{url}: a text dataset in a mixture with unit='tokens'; convert it with "
+                "--tokenizer (the mix counts tokens, so they must be known before reading)"
+            )
+        if manifest.tokenized:
+            info = manifest.tokenizer or {}
+            fingerprint = str(info.get("fingerprint"))
+            if first is None:
+                first = (url, fingerprint)
+            elif fingerprint != first[1]:
+                raise ConfigError(
+                    f"the mixture's sources use different tokenizers: {first[0]} "
+                    f"(fingerprint {first[1][:12]}) and {url} (fingerprint {fingerprint[:12]})"
+                )
+            if tokenizer is not None:
+                from shardloader.pack_encode import check_tokenizer
+
+                check_tokenizer(manifest, tokenizer, where=url)
+
+
+class _MixCollate:
+    """Collates one step inside the worker; keeps the counters beside it."""
+
+    def __init__(self, collate: Callable[[Any], Any] | None, pack: PackConfig | None) -> None:
+        self.collate = collate
+        self.pack = pack
+
+    def __call__(self, item: tuple[Any, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+        from shardloader.loader import _to_wire
+
+        payload, counters = item
+        if self.pack is not None and self.collate is None:
+            rows = [row for row, _ in payload]
+            batch = collate_rows(rows, self.pack)
+            batch["sample_sources"] = torch.tensor(
+                [s for _, srcs in payload for s in srcs], dtype=torch.int64
+            )
+        elif self.collate is not None and self.pack is not None:
+            batch = self.collate([row for row, _ in payload])
+        else:
+            batch = (self.collate or default_collate)(payload)
+        if torch.utils.data.get_worker_info() is not None:
+            batch = _to_wire(batch)
+        return batch, counters
+
+
+class MixLoader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` over a `MixDataset`: one batch per step, with an exact ``state_dict``.
+
+    Args:
+        dataset: The mixture dataset.
+        batch_size: Per rank: samples per batch, or rows per batch in a token mixture.
+        collate_fn: Collates one step's samples (default: ``default_collate``; token
+            mixtures: `collate_rows` plus ``sample_sources``).
+        **kwargs: Passed to ``DataLoader`` (``num_workers``, ``pin_memory``, ...). Persistent
+            workers are restarted at each epoch (they hold the position they started from).
+    """
+
+    def __init__(
+        self,
+        dataset: MixDataset,
+        batch_size: int | None = None,
+        collate_fn: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(dataset, MixDataset):
+            raise ConfigError(f"MixLoader needs a MixDataset, got {type(dataset).__name__}")
+        if batch_size is not None:
+            if dataset.batch_size not in (None, batch_size):
+                raise ConfigError(
+                    f"batch_size={batch_size} but the dataset was made with "
+                    f"batch_size={dataset.batch_size}"
+                )
+            dataset.batch_size = batch_size
+        dataset.batch_units(1)  # raises without a batch size
+        for name in ("sampler", "batch_sampler", "drop_last"):
+            if kwargs.get(name):
+                raise ConfigError(f"MixLoader makes its own batches; {name} is not supported")
+        collate: Any = _MixCollate(collate_fn, dataset.pack)
+        super().__init__(dataset, batch_size=None, collate_fn=collate, **kwargs)
+        self._last: dict[str, Any] | None = None
+
+    @property
+    def mix_dataset(self) -> MixDataset:
+        """The dataset, typed."""
+        dataset = self.dataset
+        assert isinstance(dataset, MixDataset)
+        return dataset
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        from shardloader.loader import _from_wire
+
+        dataset = self.mix_dataset
+        if self._last is not None:
+            dataset.set_counters(MixCounters.from_dict(self._last, len(dataset.mixture.sources)))
+        self._last = None
+        self._iterator = None  # workers start from the dataset's current position
+        spec = dataset.spec()
+        units = dataset.batch_units(dataset.world().world_size)
+        last: dict[str, Any] | None = None
+        for batch, counters in super().__iter__():
+            last = self._last = counters
+            yield _from_wire(batch)
+        if last is not None:
+            ended = MixCounters.from_dict(last, len(spec.names))
+            if epoch_done(spec, ended, units):
+                next_epoch(ended)
+            dataset.set_counters(ended)
+        self._last = None
+
+    def counters(self) -> MixCounters:
+        """The position of the training loop: after the last step it was handed."""
+        dataset = self.mix_dataset
+        if self._last is not None:
+            return MixCounters.from_dict(self._last, len(dataset.mixture.sources))
+        return dataset.counters()
+
+    def state_dict(self, *, gather: bool = False) -> dict[str, Any]:
+        """The position of the training loop, the same on every rank (``gather`` is not needed).
+
+        Returns:
+            A JSON-ready dict: the mixture's fingerprint and its `MixCounters`.
+        """
+        return self.mix_dataset.state_from_counters(self.counters())
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state_dict` output of any rank, on any topology."""
+        self.mix_dataset.load_state_dict(state)
+        self._last = None
+        self._iterator = None
+
+    def mix_counters(self) -> list[dict[str, Any]]:
+        """Per source, realized against target, since the run began (all ranks together)."""
+        counters = self.counters()
+        spec = self.mix_dataset.spec()
+        total = sum(counters.served) or 1
+        return [
+            {
+                "source": name,
+                spec.unit: counters.served[i],
+                "target": counters.target[i],
+                "samples": counters.taken[i],
+                "share": counters.served[i] / total,
+            }
+            for i, name in enumerate(spec.names)
+        ]
