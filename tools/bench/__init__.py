@@ -8,6 +8,7 @@ each part also runs alone, in ``.venv-bench`` (``bash tools/bench_setup.sh``)::
     .venv-bench/bin/python -m tools.bench.pack        # packing [8 x 2048] rows in memory
     .venv-bench/bin/python -m tools.bench.splits      # ranks x workers: lost, duplicated ids
     .venv-bench/bin/python -m tools.bench.shuffle     # shuffle quality and cost
+    .venv-bench/bin/python -m tools.bench.mix         # weighted mixes: exactness, resume
     python -m tools.bench.plan                        # plan_epoch time and memory
     python -m tools.bench.manifest                    # manifest size, parse time, memory
 
