@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 STATE_KIND = "shardloader.mix_state"
 STATE_VERSION = 1
 LENGTH_BLOCK = 4096  # token mode: document lengths read per source at a time
+READ_AHEAD = 2048  # samples mixes: samples planned and read together (per source, one read)
 
 
 class MixDataset(torch.utils.data.IterableDataset):
@@ -253,6 +254,7 @@ class MixDataset(torch.utils.data.IterableDataset):
             _Lengths(orders, readers, self.manifests(), keep) if spec.unit == "tokens" else None
         )
         epoch = counters.epoch
+        pending: list[tuple[list[tuple[int, int, np.ndarray]], dict[str, Any]]] = []
         try:
             while not epoch_done(spec, counters, units) and counters.epoch == epoch:
                 mine = made % steps == world.worker_id
@@ -263,8 +265,12 @@ class MixDataset(torch.utils.data.IterableDataset):
                     counts = sample_batch(spec, counters, units)
                     self.stage_seconds["plan"] += time.perf_counter() - started
                     if mine:
-                        batch = self._samples(counts, before, world, orders, readers, keep)
-                        yield batch, counters.to_dict()
+                        pending.append((self._places(counts, before, world), counters.to_dict()))
+                    last = epoch_done(spec, counters, units)
+                    if pending and (len(pending) * (self.batch_size or 1) >= READ_AHEAD or last):
+                        batches = self._samples([p for p, _ in pending], orders, readers, keep)
+                        yield from zip(batches, [c for _, c in pending], strict=True)
+                        pending = []
                 else:
                     pieces = token_batch(spec, counters, units, lengths.length)
                     self.stage_seconds["plan"] += time.perf_counter() - started
@@ -278,29 +284,48 @@ class MixDataset(torch.utils.data.IterableDataset):
                 reader.close()
             self.close()
 
+    def _places(
+        self, counts: list[int], before: list[int], world: WorldInfo
+    ) -> list[tuple[int, int, np.ndarray]]:
+        """This rank's places of a global batch: (source, first stream position, where)."""
+        assert self.batch_size is not None
+        lo = world.rank * self.batch_size
+        sources, index = batch_layout(tuple(counts))
+        sources, index = sources[lo : lo + self.batch_size], index[lo : lo + self.batch_size]
+        places = []
+        for i in np.unique(sources).tolist():
+            where = np.flatnonzero(sources == i)
+            # A source's places keep their order, so this rank's are consecutive in its stream.
+            places.append((i, before[i] + int(index[where[0]]), where))
+        return places
+
     def _samples(
         self,
-        counts: list[int],
-        before: list[int],
-        world: WorldInfo,
+        steps: list[list[tuple[int, int, np.ndarray]]],
         orders: list[SourceOrder],
         readers: list[ShardReader],
         keep: int,
-    ) -> list[Any]:
+    ) -> list[list[Any]]:
+        """The samples of several steps' places: one read per source for all of them."""
         assert self.batch_size is not None
-        size = self.batch_size
-        places = batch_layout(counts)[world.rank * size : (world.rank + 1) * size]
-        out: list[Any] = [None] * len(places)
+        out: list[list[Any]] = [[None] * self.batch_size for _ in steps]
         names = self.mixture.names
-        for i in sorted({i for i, _ in places}):
-            where = [p for p, (s, _) in enumerate(places) if s == i]
-            positions = [before[i] + places[p][1] for p in where]
-            ids = np.concatenate([orders[i].ids(k, 1) for k in positions])
-            ahead = orders[i].shards_ahead(positions[-1])
-            samples = readers[i].read_ids(ids, ahead=ahead, keep=keep)
-            for p, sample in zip(where, samples, strict=True):
-                sample["source"] = names[i]
-                out[p] = sample if self.transform is None else self.transform(sample)
+        for i in sorted({i for places in steps for i, _, _ in places}):
+            runs = [
+                (t, first, where)
+                for t, places in enumerate(steps)
+                for s, first, where in places
+                if s == i
+            ]
+            ids = np.concatenate([orders[i].ids(first, len(where)) for _, first, where in runs])
+            ahead = orders[i].shards_ahead(runs[-1][1])
+            samples = iter(readers[i].read_ids(ids, ahead=ahead, keep=keep))
+            for t, _, where in runs:
+                row = out[t]
+                for p in where.tolist():
+                    sample = next(samples)
+                    sample["source"] = names[i]
+                    row[p] = sample if self.transform is None else self.transform(sample)
         return out
 
     def _rows(
@@ -552,9 +577,10 @@ class MixLoader(torch.utils.data.DataLoader):
         spec = dataset.spec()
         units = dataset.batch_units(dataset.world().world_size)
         last: dict[str, Any] | None = None
+        wired = self.num_workers > 0
         for batch, counters in super().__iter__():
             last = self._last = counters
-            yield _from_wire(batch)
+            yield _from_wire(batch) if wired else batch
         if last is not None:
             ended = MixCounters.from_dict(last, len(spec.names))
             if epoch_done(spec, ended, units):

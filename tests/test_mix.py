@@ -90,7 +90,8 @@ def test_every_batch_is_within_one_sample_and_prefixes_stay_close(
 
 
 def test_batch_layout_interleaves_and_ranks_get_balanced_slices() -> None:
-    layout = batch_layout([5, 3, 2])
+    sources, index = batch_layout((5, 3, 2))
+    layout = list(zip(sources.tolist(), index.tolist(), strict=True))
     assert sorted(layout) == sorted(
         [(0, j) for j in range(5)] + [(1, j) for j in range(3)] + [(2, j) for j in range(2)]
     )
@@ -100,6 +101,7 @@ def test_batch_layout_interleaves_and_ranks_get_balanced_slices() -> None:
         assert js == sorted(js)
     first = collections.Counter(s for s, _ in layout[:5])
     assert first in ({0: 3, 1: 1, 2: 1}, {0: 2, 1: 2, 2: 1})
+    assert batch_layout((2, 0, 2))[0].tolist() == [0, 2, 0, 2]  # equal keys: lower source first
 
 
 def test_token_batches_are_exact_in_tokens_and_follow_the_weights() -> None:
