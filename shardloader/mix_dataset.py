@@ -123,6 +123,10 @@ class MixDataset(torch.utils.data.IterableDataset):
         self.config = config or StreamConfig()
         self.transform = transform
         self.pack = pack
+        if isinstance(tokenizer, str):
+            from shardloader.tokenizer import TextTokenizer
+
+            tokenizer = TextTokenizer(tokenizer)
         self.tokenizer = tokenizer
         self._rank, self._world_size = rank, world_size
         self._storage_options = dict(storage_options or {})
@@ -133,7 +137,9 @@ class MixDataset(torch.utils.data.IterableDataset):
         self._start: MixCounters | None = None  # where the next iteration begins
         self._handed_world: tuple[int, int] | None = None
         self._fetcher: Any = None
-        self.stage_seconds = {"fetch_wait": 0.0, "decode": 0.0, "plan": 0.0}
+        # Seconds of this process per stage (see `stage_seconds`): ended readers', then live ones.
+        self._stages = {"fetch_wait": 0.0, "decode": 0.0, "pack": 0.0, "collate": 0.0}
+        self._readers: list[ShardReader] = []
 
     # --- configuration ------------------------------------------------------------------
 
@@ -247,6 +253,7 @@ class MixDataset(torch.utils.data.IterableDataset):
         orders = [
             SourceOrder(size.shard_sizes, spec.config, i) for i, size in enumerate(spec.sizes)
         ]
+        self._readers = readers
         steps = max(world.num_workers, 1)
         made = 0
         keep = max(2 * self.config.shuffle_window, 4)
@@ -263,7 +270,7 @@ class MixDataset(torch.utils.data.IterableDataset):
                 if lengths is None:
                     before = list(counters.taken)
                     counts = sample_batch(spec, counters, units)
-                    self.stage_seconds["plan"] += time.perf_counter() - started
+                    self._stages["pack"] += time.perf_counter() - started
                     if mine:
                         pending.append((self._places(counts, before, world), counters.to_dict()))
                     last = epoch_done(spec, counters, units)
@@ -273,15 +280,16 @@ class MixDataset(torch.utils.data.IterableDataset):
                         pending = []
                 else:
                     pieces = token_batch(spec, counters, units, lengths.length)
-                    self.stage_seconds["plan"] += time.perf_counter() - started
+                    self._stages["pack"] += time.perf_counter() - started
                     if mine:
                         rows = self._rows(pieces, world, orders, readers, keep)
                         yield rows, counters.to_dict()
         finally:
             for reader in readers:
                 for name, seconds in reader.stage_seconds.items():
-                    self.stage_seconds[name] += seconds
+                    self._stages[name] += seconds
                 reader.close()
+            self._readers = []
             self.close()
 
     def _places(
@@ -387,6 +395,22 @@ class MixDataset(torch.utils.data.IterableDataset):
             rows.append((row, srcs))
         return rows
 
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds this process has spent per stage since it started.
+
+        ``fetch_wait`` (blocked on the fetcher), ``decode`` (decoding shards, building samples),
+        ``pack`` (planning the mix and cutting rows), ``collate``.
+        """
+        stages = dict(self._stages)
+        for reader in self._readers:
+            for name, seconds in reader.stage_seconds.items():
+                stages[name] += seconds
+        return stages
+
+    def count_stage(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to stage ``name`` of this process (the loader counts ``collate``)."""
+        self._stages[name] += seconds
+
     def close(self) -> None:
         """Stop background fetches of this process."""
         if self._fetcher is not None:
@@ -396,6 +420,7 @@ class MixDataset(torch.utils.data.IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_fetcher"] = None
+        state["_readers"] = []
         if in_spawning_process() and self._rank is None and self._handed_world is None:
             state["_handed_world"] = detect_rank()
         return state
@@ -500,13 +525,17 @@ def _check_compatible(
 class _MixCollate:
     """Collates one step inside the worker; keeps the counters beside it."""
 
-    def __init__(self, collate: Callable[[Any], Any] | None, pack: PackConfig | None) -> None:
+    def __init__(self, collate: Callable[[Any], Any] | None, dataset: MixDataset) -> None:
         self.collate = collate
-        self.pack = pack
+        self.pack = dataset.pack
+        self.dataset = dataset
 
-    def __call__(self, item: tuple[Any, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    def __call__(
+        self, item: tuple[Any, dict[str, Any]]
+    ) -> tuple[Any, dict[str, Any], tuple[int, dict[str, float]]]:
         from shardloader.loader import _to_wire
 
+        started = time.perf_counter()
         payload, counters = item
         if self.pack is not None and self.collate is None:
             rows = [row for row, _ in payload]
@@ -518,9 +547,14 @@ class _MixCollate:
             batch = self.collate([row for row, _ in payload])
         else:
             batch = (self.collate or default_collate)(payload)
-        if torch.utils.data.get_worker_info() is not None:
+        info = torch.utils.data.get_worker_info()
+        dataset = info.dataset if info is not None else self.dataset
+        assert isinstance(dataset, MixDataset)
+        dataset.count_stage("collate", time.perf_counter() - started)
+        if info is not None:
             batch = _to_wire(batch)
-        return batch, counters
+        worker = info.id if info is not None else -1
+        return batch, counters, (worker, dataset.stage_seconds())
 
 
 class MixLoader(torch.utils.data.DataLoader):
@@ -555,9 +589,12 @@ class MixLoader(torch.utils.data.DataLoader):
         for name in ("sampler", "batch_sampler", "drop_last"):
             if kwargs.get(name):
                 raise ConfigError(f"MixLoader makes its own batches; {name} is not supported")
-        collate: Any = _MixCollate(collate_fn, dataset.pack)
+        collate: Any = _MixCollate(collate_fn, dataset)
         super().__init__(dataset, batch_size=None, collate_fn=collate, **kwargs)
         self._last: dict[str, Any] | None = None
+        # Stage counters: the latest of each live process, and the sum of those that ended.
+        self._stages: dict[int, dict[str, float]] = {}
+        self._stages_ended: dict[str, float] = {}
 
     @property
     def mix_dataset(self) -> MixDataset:
@@ -578,7 +615,13 @@ class MixLoader(torch.utils.data.DataLoader):
         units = dataset.batch_units(dataset.world().world_size)
         last: dict[str, Any] | None = None
         wired = self.num_workers > 0
-        for batch, counters in super().__iter__():
+        if wired:  # new worker processes count from zero
+            for stages in self._stages.values():
+                for name, seconds in stages.items():
+                    self._stages_ended[name] = self._stages_ended.get(name, 0.0) + seconds
+            self._stages = {}
+        for batch, counters, (worker, stages) in super().__iter__():
+            self._stages[worker] = stages
             last = self._last = counters
             yield _from_wire(batch) if wired else batch
         if last is not None:
@@ -587,6 +630,16 @@ class MixLoader(torch.utils.data.DataLoader):
                 next_epoch(ended)
             dataset.set_counters(ended)
         self._last = None
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds the loader's processes spent per stage (like `ShardLoader.stage_seconds`)."""
+        total = dict.fromkeys(("fetch_wait", "decode", "pack", "collate"), 0.0)
+        for name, seconds in self._stages_ended.items():
+            total[name] += seconds
+        for stages in self._stages.values():
+            for name, seconds in stages.items():
+                total[name] = total.get(name, 0.0) + seconds
+        return total
 
     def counters(self) -> MixCounters:
         """The position of the training loop: after the last step it was handed."""

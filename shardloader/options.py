@@ -147,7 +147,8 @@ def add_options(
         has_default = f.default is not dataclasses.MISSING
         inner, _ = _base_type(annotation)
         if meta.get("positional"):
-            parser.add_argument(f.name, help=help_text, metavar=meta.get("metavar"))
+            optional: dict[str, Any] = {"nargs": "?", "default": f.default} if has_default else {}
+            parser.add_argument(f.name, help=help_text, metavar=meta.get("metavar"), **optional)
             continue
         names = list(meta.get("flags") or ("--" + f.name.replace("_", "-"),))
         if inner is bool:

@@ -456,3 +456,114 @@ def test_inspect_mix_prints_the_plan(sources: dict[str, Path], tmp_path: Path) -
     bad = run_cli("inspect", "--mix", str(tmp_path / "bad.json"), check=False)
     assert bad.returncode != 0
     assert "'c' runs out 1,000 samples into the run of total=6,000" in bad.stderr
+
+
+# --- training on a mixture ------------------------------------------------------------------
+
+
+def _mix_file(sources: dict[str, Path], tmp_path: Path) -> Path:
+    path = tmp_path / "mix.yaml"
+    lines = ["unit: tokens", "sources:"]
+    for name in SIZES:
+        reps = ", max_repetitions: 20" if name == "c" else ""
+        lines.append(f"  - {{url: '{sources[name]}', weight: {WEIGHTS[name]}, name: {name}{reps}}}")
+    path.write_text("\n".join([*lines, "total: 20000", ""]))
+    return path
+
+
+@pytest.mark.slow
+def test_train_on_a_mixture_logs_the_mix_and_resumes_exactly(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    import torch
+
+    from shardloader.train import TrainConfig, train
+    from shardloader.train.checkpoint import list_checkpoints
+
+    mix = _mix_file(sources, tmp_path)
+
+    def run(out: Path, **kw: Any) -> Any:
+        config = TrainConfig(
+            mix=str(mix),
+            output_dir=str(out),
+            model="tiny",
+            seq_len=32,
+            batch_size=4,
+            warmup_steps=2,
+            num_workers=2,
+            log_samples=True,
+            deterministic=True,
+            schedule_steps=10,
+            **kw,
+        )
+        return train(config)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full = run(tmp_path / "full", max_steps=10)
+        run(tmp_path / "part", max_steps=6, checkpoint_every=3)
+        assert [s for s, _ in list_checkpoints(tmp_path / "part" / "checkpoints")] == [3, 6]
+        shutil.rmtree(tmp_path / "part" / "checkpoints" / "step-00000006")
+        resumed = run(tmp_path / "part", max_steps=10, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.history[0].step == 4
+    assert [m.loss for m in full.history[3:]] == [m.loss for m in resumed.history]
+    last = full.history[-1].mix
+    assert last is not None
+    assert set(last) == set(SIZES)
+    # 10 steps x 4 rows x 32 tokens; each source within a few documents of its target.
+    assert sum(v["tokens"] for v in last.values()) == 10 * 4 * 32
+    for v in last.values():
+        assert abs(v["tokens"] - v["target"]) < 400
+    assert resumed.history[-1].mix == last
+    metrics = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["mix"] == last
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_torchrun_trains_on_a_mixture_from_the_command_line(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    mix = _mix_file(sources, tmp_path)
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "shardloader.train",
+            "--mix",
+            str(mix),
+            "--output-dir",
+            str(out),
+            "--model",
+            "tiny",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "5",
+            "--num-workers",
+            "1",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| mix a " in result.stderr
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 5
+    # Two ranks x 2 rows x 32 tokens per step, counted once (the counters are global).
+    assert sum(v["tokens"] for v in metrics[-1]["mix"].values()) == 5 * 2 * 2 * 32

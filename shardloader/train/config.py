@@ -34,7 +34,12 @@ class TrainConfig:
     """
 
     data: str = option(
-        help="the shards: a directory or URL with _manifest.json (s3://...)", positional=True
+        "",
+        help="the shards: a directory or URL with _manifest.json (s3://...); or give --mix",
+        positional=True,
+    )
+    mix: str | None = option(
+        None, "a mixture file (YAML or JSON, unit: tokens) to train on instead of DATA"
     )
     output_dir: str = option(help="checkpoints, metrics.jsonl and samples/ go here")
     model: str = option("tiny", f"a preset ({', '.join(PRESETS)}) or a local model directory")
@@ -74,8 +79,14 @@ class TrainConfig:
     progress: str = option("auto", "progress bar on rank 0: auto (on a terminal), on or off")
 
     def __post_init__(self) -> None:
-        if not self.data or not self.output_dir:
-            raise ConfigError("TrainConfig needs data (the shards) and output_dir")
+        if not self.output_dir:
+            raise ConfigError("TrainConfig needs output_dir")
+        if bool(self.data) == bool(self.mix):
+            raise ConfigError("TrainConfig needs either data (the shards) or mix (a mixture file)")
+        if self.mix and self.pack_mode != "concat":
+            raise ConfigError(
+                f"a mixture packs documents end to end (pack_mode 'concat'), not {self.pack_mode!r}"
+            )
         positive = ("seq_len", "batch_size", "grad_accum", "epochs", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -88,6 +99,11 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         self.pack_config()  # validates the mode
+
+    @property
+    def source(self) -> str:
+        """What the run reads, for messages: the data, or the mixture file."""
+        return self.mix or self.data
 
     def pack_config(self) -> PackConfig:
         """How the run packs documents into rows."""

@@ -34,6 +34,8 @@ from shardloader.dataset import ShardDataset, StreamConfig
 from shardloader.errors import ConfigError, ShardloaderError
 from shardloader.loader import ShardLoader
 from shardloader.manifest import Manifest
+from shardloader.mix_config import Mixture
+from shardloader.mix_dataset import MixDataset, MixLoader
 from shardloader.options import add_options, config_from_args
 from shardloader.pack import IGNORE_INDEX, empty_batch
 from shardloader.train.checkpoint import (
@@ -110,7 +112,9 @@ def check_not_empty(manifest: Manifest, data: str) -> None:
         )
 
 
-def _vocab_size(dataset: ShardDataset, config: TrainConfig) -> int:
+def _vocab_size(dataset: ShardDataset | MixDataset, config: TrainConfig) -> int:
+    if isinstance(dataset, MixDataset):  # token mixtures: tokenized sources, one tokenizer
+        return int((dataset.manifests()[0].tokenizer or {})["vocab_size"])
     info = dataset.manifest.tokenizer
     if info and info.get("vocab_size"):
         return int(info["vocab_size"])
@@ -121,12 +125,17 @@ def _vocab_size(dataset: ShardDataset, config: TrainConfig) -> int:
     return int(dataset.tokenizer.info.vocab_size)
 
 
-def _schedule_steps(dataset: ShardDataset, config: TrainConfig, world_size: int) -> int:
+def _schedule_steps(
+    dataset: ShardDataset | MixDataset, config: TrainConfig, world_size: int
+) -> int:
     if config.schedule_steps is not None:
         return config.schedule_steps
     if config.max_steps is not None:
         return config.max_steps
-    tokens = sum(dataset.manifest.shards.column("num_tokens"))
+    if isinstance(dataset, MixDataset):
+        tokens = dataset.spec().total  # an epoch of the mixture, in tokens
+    else:
+        tokens = sum(dataset.manifest.shards.column("num_tokens"))
     if tokens == 0:
         raise ConfigError(
             f"{config.data}: text shards hold no token count; pass --max-steps or "
@@ -136,16 +145,26 @@ def _schedule_steps(dataset: ShardDataset, config: TrainConfig, world_size: int)
     return max(1, math.ceil(config.epochs * tokens / per_step))
 
 
-def _make_loader(config: TrainConfig, runtime: _Runtime) -> ShardLoader:
-    dataset = ShardDataset(
-        config.data,
-        config=StreamConfig(seed=config.seed, shuffle=config.shuffle, cache_dir=config.cache_dir),
-        pack=config.pack_config(),
-        tokenizer=config.tokenizer,
-    )
+def _make_loader(config: TrainConfig, runtime: _Runtime) -> ShardLoader | MixLoader:
+    stream = StreamConfig(seed=config.seed, shuffle=config.shuffle, cache_dir=config.cache_dir)
+    dataset: ShardDataset | MixDataset
+    if config.mix:
+        mixture = Mixture.from_file(config.mix)
+        if mixture.unit != "tokens":
+            raise ConfigError(
+                f"{config.mix}: training reads packed rows, so the mixture is counted in "
+                "tokens: set unit: tokens"
+            )
+        dataset = MixDataset(
+            mixture, config=stream, pack=config.pack_config(), tokenizer=config.tokenizer
+        )
+    else:
+        dataset = ShardDataset(
+            config.data, config=stream, pack=config.pack_config(), tokenizer=config.tokenizer
+        )
     workers = config.num_workers
-    return ShardLoader(
-        dataset,
+    return ShardLoader(  # a MixLoader for a MixDataset
+        dataset,  # type: ignore[arg-type]
         batch_size=config.batch_size,
         num_workers=workers,
         pin_memory=runtime.device.type == "cuda",
@@ -182,8 +201,11 @@ class _Trainer:
         self.config = config
         self.runtime = _start_runtime(config)
         self.loader = _make_loader(config, self.runtime)
-        dataset = self.loader.shard_dataset
-        check_not_empty(dataset.manifest, config.data)
+        dataset = self.dataset
+        if isinstance(dataset, MixDataset):
+            dataset.spec()  # reads and checks every source (empty ones are refused)
+        else:
+            check_not_empty(dataset.manifest, config.data)
         self.schedule_steps = _schedule_steps(dataset, config, self.runtime.world_size)
         model = build_model(
             config.model,
@@ -222,6 +244,18 @@ class _Trainer:
             rank=self.runtime.rank,
             stage_seconds=self.loader.stage_seconds,
         )
+
+    @property
+    def dataset(self) -> ShardDataset | MixDataset:
+        """The loader's dataset (one dataset, or a mixture)."""
+        if isinstance(self.loader, MixLoader):
+            return self.loader.mix_dataset
+        return self.loader.shard_dataset
+
+    def _epoch(self) -> int:
+        if isinstance(self.loader, MixLoader):
+            return self.loader.counters().epoch
+        return self.loader.shard_dataset.epoch
 
     # --- checkpoints (trainer.pt's contents: shardloader.train.checkpoint) ------------------
 
@@ -301,7 +335,7 @@ class _Trainer:
         self.step += 1
         metrics = StepMetrics(
             step=self.step,
-            epoch=self.loader.shard_dataset.epoch,
+            epoch=self._epoch(),
             loss=loss_total / max(total_tokens, 1.0),
             lr=float(self.scheduler.get_last_lr()[0]),
             grad_norm=self._last_grad_norm,
@@ -309,6 +343,11 @@ class _Trainer:
             step_s=elapsed,
             data_wait_s=wait_sum / runtime.world_size,
         )
+        if isinstance(self.loader, MixLoader):  # realized against target, all ranks together
+            metrics.mix = {
+                row["source"]: {"tokens": row["tokens"], "target": round(row["target"], 1)}
+                for row in self.loader.mix_counters()
+            }
         self.scheduler.step()
         return metrics, present
 
@@ -320,10 +359,9 @@ class _Trainer:
                 which would otherwise loop for ever under ``max_steps``.
         """
         if self.step == self._pass_start_step and not self._pass_may_be_empty:
-            dataset = self.loader.shard_dataset
             raise ConfigError(
-                f"{self.config.data}: a pass over the data ({dataset.manifest.num_samples} "
-                f"samples) gave no batch on any of the {self.runtime.world_size} ranks; "
+                f"{self.config.source}: a pass over the data gave no batch on any of the "
+                f"{self.runtime.world_size} ranks; "
                 "train on a dataset with at least one non-empty document per rank"
             )
         self._it = None
@@ -394,7 +432,7 @@ def _train(config: TrainConfig) -> TrainResult:
             if runtime.rank == 0:
                 log.info("model written to %s", trainer.output / MODEL_DIR)
     finally:
-        trainer.loader.shard_dataset.close()
+        trainer.dataset.close()
     if runtime.rank == 0:
         _log_done(result)
     return result

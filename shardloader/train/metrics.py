@@ -41,6 +41,8 @@ class StepMetrics:
     # Rank 0's loader since the previous record: seconds per stage over the workers' capacity
     # (wall time x max(num_workers, 1)); see ShardLoader.stage_seconds.
     loader_busy: dict[str, float] = field(default_factory=dict)
+    # A mixture's realized and target tokens per source since the run began (all ranks).
+    mix: dict[str, dict[str, float]] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -186,6 +188,13 @@ class RunLog:
             f"{m.tokens_per_s / 1e3:.1f}k tok/s | data wait {m.data_wait_fraction:.1%} | "
             f"workers busy {sum(m.loader_busy.values()):.0%}"
         )
+        if m.mix:
+            total = sum(v["tokens"] for v in m.mix.values()) or 1
+            target = sum(v["target"] for v in m.mix.values()) or 1
+            line += " | mix " + " ".join(
+                f"{name} {v['tokens'] / total:.1%} (target {v['target'] / target:.1%})"
+                for name, v in m.mix.items()
+            )
         if self._bar is not None:
             self._bar.set_postfix_str(line.split(" | ", 1)[1])
             self._bar.update(m.step - self._bar.n)
