@@ -354,45 +354,53 @@ class MixDataset(torch.utils.data.IterableDataset):
         at = 0
         for piece in pieces:
             n = piece.stop - piece.start
-            a, b = max(at, lo), min(at + n, hi)
-            if a < b:
+            if lo <= at and at + n <= hi:
+                mine.append(piece)
+            elif at < hi and at + n > lo:
+                a, b = max(at, lo), min(at + n, hi)
                 mine.append(piece._replace(start=piece.start + a - at, stop=piece.start + b - at))
             at += n
-        tokens: dict[tuple[int, int], Any] = {}
-        sample_ids: dict[tuple[int, int], int] = {}
+            if at >= hi:
+                break
+        # Read each source's documents of the slice at once (their stream positions are
+        # consecutive: documents are taken in stream order).
+        docs: dict[tuple[int, int], tuple[Any, int]] = {}
         for i in sorted({p.source for p in mine}):
             positions = sorted({p.position for p in mine if p.source == i})
-            ids = np.concatenate([orders[i].ids(k, 1) for k in positions])
+            first = positions[0]
+            span = orders[i].ids(first, positions[-1] - first + 1)
+            ids = span[np.asarray(positions) - first]
             field = _token_field(self.manifests()[i])
-            samples = readers[i].read_ids(
-                ids, ahead=orders[i].shards_ahead(positions[-1]), keep=keep
-            )
+            ahead = orders[i].shards_ahead(positions[-1])
+            samples = readers[i].read_ids(ids, ahead=ahead, keep=keep)
             for k, sid, sample in zip(positions, ids.tolist(), samples, strict=True):
-                tokens[(i, k)] = sample[field]
-                sample_ids[(i, k)] = sid
+                docs[(i, k)] = (sample[field], sid)
+        flat = np.concatenate([docs[(p.source, p.position)][0][p.start : p.stop] for p in mine])
+        lengths = np.fromiter((p.stop - p.start for p in mine), np.int64, len(mine))
+        piece_ends = np.cumsum(lengths)
+        piece_starts = piece_ends - lengths
+        row_starts = np.arange(self.batch_size, dtype=np.int64) * seq_len
+        seg_starts = np.union1d(piece_starts, row_starts)
+        seg_lens = np.diff(np.append(seg_starts, len(flat)))
+        owner = np.searchsorted(piece_ends, seg_starts, side="right")
+        seg_samples = np.fromiter(
+            (docs[(mine[j].source, mine[j].position)][1] for j in owner.tolist()),
+            np.int64,
+            len(owner),
+        )
+        seg_sources = [mine[j].source for j in owner.tolist()]
+        bounds = np.searchsorted(seg_starts, np.append(row_starts, len(flat))).tolist()
         rows = []
         for r in range(self.batch_size):
-            row_lo, row_hi = lo + r * seq_len, lo + (r + 1) * seq_len
-            parts, seg, sids, srcs = [], [], [], []
-            at = lo
-            for piece in mine:
-                n = piece.stop - piece.start
-                a, b = max(at, row_lo), min(at + n, row_hi)
-                if a < b:
-                    start = piece.start + a - at
-                    parts.append(tokens[(piece.source, piece.position)][start : start + b - a])
-                    seg.append(b - a)
-                    sids.append(sample_ids[(piece.source, piece.position)])
-                    srcs.append(piece.source)
-                at += n
+            a, b = bounds[r], bounds[r + 1]
             row = PackedRow(
-                np.concatenate(parts),
-                np.array(seg, np.int64),
-                np.array(sids, np.int64),
+                flat[r * seq_len : (r + 1) * seq_len],
+                seg_lens[a:b],
+                seg_samples[a:b],
                 None,
                 (0, 0),
             )
-            rows.append((row, srcs))
+            rows.append((row, seg_sources[a:b]))
         return rows
 
     def stage_seconds(self) -> dict[str, float]:

@@ -87,6 +87,8 @@ class MixSpec:
 
     def phase_at(self, position: int) -> int:
         """Index of the phase that holds epoch position ``position``."""
+        if len(self.phases) == 1:
+            return 0
         index = 0
         for i, phase in enumerate(self.phases):
             if phase.start <= position:
@@ -416,20 +418,23 @@ def token_batch(
     """
     pieces: list[Piece] = []
     filled = 0
+    taken, served = counters.taken, counters.served
     while filled < batch_tokens:
         if counters.current is None:
             i = _pick_source(spec, counters, counters.epoch_units + filled)
-            k = counters.taken[i]
-            counters.taken[i] += 1
-            counters.used[i] += length(i, k)
-            counters.current = (i, 0)
-        i, offset = counters.current
-        k = counters.taken[i] - 1
-        size = length(i, k)
+            k = taken[i]
+            taken[i] = k + 1
+            size = length(i, k)
+            counters.used[i] += size
+            offset = 0
+        else:
+            i, offset = counters.current
+            k = taken[i] - 1
+            size = length(i, k)
         take = min(size - offset, batch_tokens - filled)
         if take > 0:
             pieces.append(Piece(i, k, offset, offset + take))
-            counters.served[i] += take
+            served[i] += take
             filled += take
         counters.current = None if offset + take >= size else (i, offset + take)
     phase = spec.phases[spec.phase_at(counters.epoch_units)]
@@ -445,7 +450,7 @@ def _pick_source(spec: MixSpec, counters: MixCounters, position: int) -> int:
     phase_index = spec.phase_at(position)
     if counters.segment[1] != phase_index:
         counters.segment = (position, phase_index, 0)
-        counters.used = [0] * len(counters.used)
+        counters.used[:] = [0] * len(counters.used)
     phase = spec.phases[phase_index]
     since = position - counters.segment[0]
     best, best_lag = -1, None
