@@ -517,10 +517,13 @@ def test_train_on_a_mixture_logs_the_mix_and_resumes_exactly(
     assert set(last) == set(SIZES)
     # 10 steps x 4 rows x 32 tokens; each source within a few documents of its target.
     assert sum(v["tokens"] for v in last.values()) == 10 * 4 * 32
+    assert all(v["samples"] > 0 for v in last.values())
     for v in last.values():
         assert abs(v["tokens"] - v["target"]) < 400
     assert resumed.history[-1].mix == last
-    metrics = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert metrics[-1]["mix"] == last
 
 
@@ -567,3 +570,38 @@ def test_torchrun_trains_on_a_mixture_from_the_command_line(
     assert len(metrics) == 5
     # Two ranks x 2 rows x 32 tokens per step, counted once (the counters are global).
     assert sum(v["tokens"] for v in metrics[-1]["mix"].values()) == 5 * 2 * 2 * 32
+
+
+@pytest.mark.slow
+def test_a_phase_changes_the_mix_at_its_step_on_every_rank(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    base = _mixture(sources, total=600)
+    mixture = Mixture(base.sources, total=600, phases=[Phase(at=0.5, weights={"a": 1, "b": 1})])
+    batches = _global_batches(_run_ranks(tmp_path, "phase", mixture, 2, 1))
+    assert len(batches) == 50
+    for t, step in enumerate(batches):
+        counts = collections.Counter(s for s, _ in step)
+        if t < 25:  # 0.5 / 0.3 / 0.2 of 12
+            assert counts["a"] == 6
+            assert counts["b"] in (3, 4)
+            assert counts["c"] in (2, 3)
+        else:  # from sample 300: a and b half each, c none
+            assert counts == {"a": 6, "b": 6}
+
+
+def test_sources_with_different_tokenizers_are_refused_naming_both(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    from shardloader import ShardDataset
+
+    other_tok = tmp_path / "tok2"
+    shardloader.train_bpe_tokenizer(
+        [d["text"] for d in make_docs(300, seed=5)], str(other_tok), vocab_size=300
+    )
+    other = convert_docs(tmp_path / "other", make_docs(30, seed=6), tokenizer=str(other_tok))
+    mixture = Mixture([Source(str(sources["a"]), 1.0), Source(str(other), 1.0, name="o")])
+    with pytest.raises(ConfigError, match="different tokenizers") as err:
+        ShardDataset(mixture).spec()
+    assert str(sources["a"]) in str(err.value)
+    assert str(other) in str(err.value)

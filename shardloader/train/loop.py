@@ -345,7 +345,11 @@ class _Trainer:
         )
         if isinstance(self.loader, MixLoader):  # realized against target, all ranks together
             metrics.mix = {
-                row["source"]: {"tokens": row["tokens"], "target": round(row["target"], 1)}
+                row["source"]: {
+                    "tokens": row["tokens"],
+                    "target": round(row["target"], 1),
+                    "samples": row["samples"],
+                }
                 for row in self.loader.mix_counters()
             }
         self.scheduler.step()
