@@ -22,7 +22,7 @@ from shardloader.convert import ConvertConfig, ConvertResult, convert, merge
 from shardloader.errors import ConfigError, ShardloaderError
 from shardloader.manifest import Manifest, read_manifest
 from shardloader.options import add_options, config_from_args, parse_size
-from shardloader.profiling import ProfileConfig, profile_dataset
+from shardloader.profiling import LoaderResult, ProfileConfig, ProfileReport, profile_dataset
 from shardloader.verify import iter_samples, verify
 
 __all__ = ["build_parser", "main", "parse_size"]  # parse_size: shardloader.options's, re-exported
@@ -197,10 +197,64 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     config = config_from_args(ProfileConfig, args)
-    report = profile_dataset(**dataclasses.asdict(config))
+    values = dataclasses.asdict(config)
+    mix, source = values.pop("mix"), values.pop("source")
+    if mix:
+        return _profile_mix(mix, values, as_json=args.json)
+    report = profile_dataset(source, **values)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0
+    _print_profile_head(report)
+    print()
+    for run in report.loaders:
+        _print_loader_run("ShardLoader", run)
+    print(f"\nbottleneck: {report.bottleneck}")
+    for line in report.suggestions:
+        print(f"  - {line}")
+    return 0
+
+
+def _profile_mix(mix: str, values: dict[str, Any], *, as_json: bool) -> int:
+    from shardloader.mix_profile import MIX_STAGES, bottleneck_lines, profile_mixture
+
+    report = profile_mixture(mix, **values)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=1))
+        return 0
+    print(f"{report.mix}: {len(report.sources)} sources, weights in {report.unit}")
+    for source in report.sources:
+        print(
+            f"\nsource {source.name}: weight {source.weight:.3f}, "
+            f"{source.token_share:.1%} of the mix's tokens"
+        )
+        _print_profile_head(source.report)
+        print(f"bottleneck: {source.report.bottleneck}")
+        for line in source.report.suggestions:
+            print(f"  - {line}")
+    print(f"\n{'source':<16} {'per worker':>12} {'token share':>12} {'mixed/worker':>13}")
+    for source in report.sources:
+        print(
+            f"{source.name:<16} {source.per_worker_tokens_per_s / 1e6:>11.2f}M "
+            f"{source.token_share:>12.1%} {source.mix_tokens_per_s / 1e6:>12.2f}M"
+        )
+    print(
+        f"{'the mix':<16} {report.per_worker_tokens_per_s / 1e6:>11.2f}M {'':>12} {'':>13}"
+        "  one worker: 1 / sum(share / rate)"
+    )
+    print(f"(per worker: {' + '.join(MIX_STAGES[report.unit])} in turn, the stages the mix runs)")
+    print()
+    for run in report.loaders:
+        _print_loader_run("MixLoader", run)
+    head, why = bottleneck_lines(report)
+    print(f"\nbottleneck: {head}\n  {why}")
+    for line in report.suggestions:
+        print(f"  - {line}")
+    return 0
+
+
+def _print_profile_head(report: ProfileReport) -> None:
+    """The dataset line and the stage table of a `ProfileReport`."""
     kind = "tokenized" if report.tokenized else "text"
     where = "remote" if report.remote else "local"
     print(
@@ -222,16 +276,19 @@ def _profile(args: argparse.Namespace) -> int:
         f"{'one worker':<16} {'':>22} {report.per_worker_tokens_per_s / 1e6:>11.2f}M"
         "  decode + tokenize + pack + collate in turn"
     )
-    print()
-    for run in report.loaders:
-        print(
-            f"ShardLoader num_workers={run.num_workers}: {run.tokens_per_s / 1e6:.2f}M trained "
-            f"tokens/s, first batch after {run.first_batch_s:.2f} s ({run.batches} batches)"
-        )
-    print(f"\nbottleneck: {report.bottleneck}")
-    for line in report.suggestions:
-        print(f"  - {line}")
-    return 0
+
+
+def _print_loader_run(kind: str, run: LoaderResult) -> None:
+    """One end-to-end loader run; a `MixLoader`'s with its stages' busy shares."""
+    print(
+        f"{kind} num_workers={run.num_workers}: {run.tokens_per_s / 1e6:.2f}M trained "
+        f"tokens/s, first batch after {run.first_batch_s:.2f} s ({run.batches} batches)"
+    )
+    if kind == "MixLoader" and run.stage_busy:
+        busy = ", ".join(f"{name} {share:.0%}" for name, share in run.stage_busy.items())
+        k = run.num_workers
+        who = f"{k} worker{'s' if k > 1 else ''}" if k else "the main process"
+        print(f"  busy share of {who}: {busy}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
     p = sub.add_parser(
-        "profile", help="time each stage of reading a dataset here; name the bottleneck"
+        "profile",
+        help="time each stage of reading a dataset (or a mixture) here; name the bottleneck",
     )
     add_options(p, ProfileConfig)
     p.add_argument("--json", action="store_true", help="print the report as JSON")

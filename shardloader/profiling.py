@@ -9,11 +9,14 @@ for a bounded time, and converts every rate to tokens/s so that they compare:
 - tokenize (text shards with a tokenizer): `SampleEncoder`;
 - pack: `Packer` over token documents; collate: `collate_rows` into ``[batch_size, seq_len]``;
 - host-to-device: pinned copy of a batch to the GPU (when there is one);
-- end to end: `ShardLoader` over `ShardDataset` with each requested ``num_workers``.
+- end to end: `ShardLoader` over `ShardDataset` with each requested ``num_workers``, with the
+  share of the workers' time each stage took (`ShardLoader.stage_seconds`).
 
 The slowest stage is the bottleneck. One worker runs decode, tokenize, pack and collate in turn,
 so it makes ``1 / sum(1 / rate)`` tokens/s; `suggest` (a pure function of the figures) turns them
 into advice on workers, cache, tokenizing ahead and shard size, with the rate each would reach.
+A mixture (``--mix``) is profiled source by source with the same stages:
+`shardloader.mix_profile`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,7 +61,13 @@ class ProfileConfig:
     """
 
     source: str = option(
-        help="a converted dataset (directory or URL)", positional=True, metavar="dataset"
+        "",
+        help="a converted dataset (directory or URL); or give --mix",
+        positional=True,
+        metavar="dataset",
+    )
+    mix: str | None = option(
+        None, "a mixture file (YAML or JSON) to profile source by source instead of a dataset"
     )
     tokenizer: str | None = option(None, "local tokenizer (needed for text shards)")
     seq_len: int = option(2048, "tokens per packed row")
@@ -70,6 +79,13 @@ class ProfileConfig:
     cache_dir: str | None = option(None, "cache of the loader runs (default: a temporary one)")
 
     def __post_init__(self) -> None:
+        if not self.source and not self.mix:
+            raise ConfigError("profile needs a dataset (directory or URL) or --mix FILE")
+        if self.source and self.mix:
+            raise ConfigError(
+                f"profile takes a dataset or --mix FILE, not both (got {self.source!r} and "
+                f"--mix {self.mix!r})"
+            )
         if self.seconds <= 0 or self.seq_len < 1 or self.batch_size < 1:
             raise ConfigError("seconds, seq_len and batch_size must be > 0")
         if any(k < 0 for k in self.num_workers):
@@ -104,12 +120,23 @@ class StageResult:
 
 @dataclass(frozen=True)
 class LoaderResult:
-    """`ShardLoader` end to end with ``num_workers`` workers."""
+    """`ShardLoader` (or `MixLoader`) end to end with ``num_workers`` workers.
+
+    Attributes:
+        num_workers: DataLoader workers (0: the main process reads).
+        tokens_per_s: Trained tokens per second after the first batch.
+        first_batch_s: Seconds to the first batch.
+        batches: Batches read.
+        stage_busy: Per stage of the loader's ``stage_seconds`` (``fetch_wait``, ``decode``,
+            ``pack``, ``collate``), its share of the reading processes' time: seconds over wall
+            time times ``max(num_workers, 1)``.
+    """
 
     num_workers: int
     tokens_per_s: float
     first_batch_s: float
     batches: int
+    stage_busy: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -232,7 +259,7 @@ def _report(
 ) -> ProfileReport:
     """The report of the measured stages and loaders, with the bottleneck and `suggest`'s advice."""
     cpu = [s for s in stages if s.name != "fetch" and s.name != "host_to_device"]
-    per_worker = _serial_rate([s.tokens_per_s for s in cpu])
+    per_worker = serial_rate([s.tokens_per_s for s in cpu])
     timed = [s for s in stages if s.tokens_per_s]
     bottleneck = min(timed, key=lambda s: s.tokens_per_s or 0.0).name
     sizes = manifest.shards.column("num_bytes")
@@ -253,7 +280,7 @@ def _report(
     return dataclasses.replace(report, suggestions=tuple(advice))
 
 
-def _serial_rate(rates: Sequence[float | None]) -> float:
+def serial_rate(rates: Sequence[float | None]) -> float:
     """Tokens/s of stages run one after the other by one process."""
     known = [r for r in rates if r]
     return 1.0 / sum(1.0 / r for r in known) if known else 0.0
@@ -417,7 +444,29 @@ def _run_loader(
         world_size=1,
         storage_options=options,
     )
-    loader = ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    try:
+        loader = ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        return time_loader(loader, num_workers, seconds, trained_tokens)
+    finally:
+        dataset.close()
+
+
+def trained_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens of a `collate_rows` batch that carry a label."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def time_loader(
+    loader: Any, num_workers: int, seconds: float, count: Callable[[Any], int]
+) -> LoaderResult:
+    """Read ``loader`` for ``seconds`` after its first batch (or to its end), counting tokens.
+
+    Args:
+        loader: A `ShardLoader` or `MixLoader` (anything iterable with ``stage_seconds()``).
+        num_workers: Its workers, to turn stage seconds into busy shares.
+        seconds: How long to read after the first batch.
+        count: Trained tokens of one batch.
+    """
     tokens = batches = 0
     first = 0.0
     start = time.perf_counter()
@@ -427,47 +476,62 @@ def _run_loader(
             if batches == 0:
                 first = time.perf_counter() - start
             batches += 1
-            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            tokens += count(batch)
             if time.perf_counter() - start >= seconds + first:
                 break
     finally:
         del iterator  # shuts the workers down
-        dataset.close()
-    elapsed = time.perf_counter() - start - first
+    wall = time.perf_counter() - start
+    elapsed = wall - first
     rate = tokens / elapsed if elapsed > 0 else 0.0
-    return LoaderResult(num_workers, rate, first, batches)
+    capacity = max(wall, 1e-9) * max(num_workers, 1)
+    busy = {name: s / capacity for name, s in loader.stage_seconds().items()}
+    return LoaderResult(num_workers, rate, first, batches, busy)
 
 
 def suggest(report: ProfileReport, *, cpu_count: int, cache_bytes: int) -> list[str]:
     """Advice from the measured figures, each with the rate it would reach (pure)."""
-    advice = []
     rates = {s.name: s.tokens_per_s for s in report.stages if s.tokens_per_s}
-    per_worker = report.per_worker_tokens_per_s
     fetch = rates.get("fetch", float("inf"))
+    workers = worker_advice(report.per_worker_tokens_per_s, fetch, cpu_count)
+    return workers + data_advice(report, cache_bytes=cache_bytes)
+
+
+def worker_advice(per_worker: float, fetch: float, cpu_count: int) -> list[str]:
+    """The fewest workers that reach 90% of what the cores (less one) and the fetch allow."""
     usable = max(1, cpu_count - 1)  # one core for the training process
     best = min(usable * per_worker, fetch)
     for k in sorted({k for k in (1, 2, 4, 8, 16, 32) if k < usable} | {usable}):
         reach = min(k * per_worker, fetch)
         if reach >= 0.9 * best:
             capped = " (capped by fetch)" if reach == fetch else ""
-            advice.append(
-                f"num_workers={k}: about {_fmt(reach)} tokens/s "
-                f"({k} x {_fmt(per_worker)} per worker{capped}); this machine has {cpu_count} cores"
-            )
-            break
+            return [
+                f"num_workers={k}: about {format_rate(reach)} tokens/s "
+                f"({k} x {format_rate(per_worker)} per worker{capped}); "
+                f"this machine has {cpu_count} cores"
+            ]
+    return []
+
+
+def data_advice(report: ProfileReport, *, cache_bytes: int) -> list[str]:
+    """Advice on the data itself: tokenizing ahead, the fetch, the cache and shard sizes."""
+    advice = []
+    rates = {s.name: s.tokens_per_s for s in report.stages if s.tokens_per_s}
+    per_worker = report.per_worker_tokens_per_s
+    fetch = rates.get("fetch", float("inf"))
     tokenize = rates.get("tokenize")
     if tokenize and per_worker and per_worker / tokenize > 0.3:  # a third of a worker's time
-        decode_only = _serial_rate(
+        decode_only = serial_rate(
             [rates.get(n) for n in ("decode", "pack", "collate") if rates.get(n)]
         )
         advice.append(
             f"tokenizing costs {per_worker / tokenize:.0%} of a worker's time: convert with "
             f"--tokenizer to store token ids; a worker would then make about "
-            f"{_fmt(decode_only)} tokens/s instead of {_fmt(per_worker)}"
+            f"{format_rate(decode_only)} tokens/s instead of {format_rate(per_worker)}"
         )
     if report.bottleneck == "fetch":
         advice.append(
-            f"fetching is the slowest stage ({_fmt(fetch)} tokens/s): keep prefetch on "
+            f"fetching is the slowest stage ({format_rate(fetch)} tokens/s): keep prefetch on "
             "(prefetch_windows, prefetch_threads), put cache_dir on a local SSD, or use larger "
             "shards so that each request moves more bytes"
         )
@@ -496,7 +560,8 @@ def suggest(report: ProfileReport, *, cpu_count: int, cache_bytes: int) -> list[
     return advice
 
 
-def _fmt(rate: float) -> str:
+def format_rate(rate: float) -> str:
+    """A rate as ``2.5M`` or ``850k``."""
     if rate >= 1e6:
         return f"{rate / 1e6:.1f}M"
     return f"{rate / 1e3:.0f}k"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shardloader import ConfigError
+from shardloader.mix_profile import SourceProfile, mix_bottleneck, profile_mixture
 from shardloader.profiling import (
     ProfileConfig,
     ProfileReport,
@@ -18,7 +19,7 @@ from shardloader.profiling import (
     profile_dataset,
     suggest,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, convert_docs, make_docs
 from tests.streaming import serve_dataset
 
 
@@ -165,11 +166,15 @@ def test_profile_config_is_what_profile_dataset_takes() -> None:
     # `shardloader profile` calls profile_dataset(**asdict(config)): names and defaults agree.
     import inspect
 
-    params = inspect.signature(profile_dataset).parameters
-    for f in dataclasses.fields(ProfileConfig):
-        assert f.name in params, f.name
-        if f.name != "source":
+    # With --mix, profile_mixture(mix, **the rest): the same holds for it.
+    for function, first in ((profile_dataset, "source"), (profile_mixture, "mix")):
+        params = inspect.signature(function).parameters
+        for f in dataclasses.fields(ProfileConfig):
+            if f.name in ("source", "mix"):
+                continue
+            assert f.name in params, f.name
             assert params[f.name].default == f.default, f.name
+        assert first in params
     with pytest.raises(ConfigError, match="seconds, seq_len and batch_size must be > 0"):
         ProfileConfig(source="d", seconds=0)
     with pytest.raises(ConfigError, match="num_workers must be >= 0"):
@@ -189,3 +194,102 @@ def test_cli_flags_come_from_profile_config(tmp_path: Path) -> None:
     bad = run_cli(str(tmp_path), "--num-workers", "two")
     assert bad.returncode == 2
     assert "--num-workers: takes counts like 0,2; got 'two'" in bad.stderr
+
+
+# --- mixtures (--mix) ----------------------------------------------------------------------
+
+MIX_SOURCES = {"web": (300, 0.5), "code": (100, 0.3), "chat": (40, 0.2)}
+
+
+@pytest.fixture(scope="module")
+def mix_file(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A token mixture of three small tokenized datasets (web, code, chat)."""
+    root = tmp_path_factory.mktemp("profile-mix")
+    lines = ["unit: tokens", "total: 30000", "sources:"]
+    for seed, (name, (n, weight)) in enumerate(MIX_SOURCES.items()):
+        out = convert_docs(
+            root / name,
+            make_docs(n, seed=20 + seed),
+            shard_samples=25,
+            tokenizer=str(tokenizer_dir),
+        )
+        lines.append(f"  - {{url: '{out}', weight: {weight}, name: {name}, max_repetitions: 50}}")
+    path = root / "mix.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_profiles_each_source_the_mix_loader_and_names_the_limiting_source(
+    mix_file: Path,
+) -> None:
+    common = ("--mix", str(mix_file), "--seq-len", "32", "--batch-size", "4", "--seconds", "0.2")
+    table = run_cli(*common, "--num-workers", "0,1")
+    assert table.returncode == 0, table.stderr
+    out = table.stdout
+    assert "3 sources, weights in tokens" in out
+    for name, (_, weight) in MIX_SOURCES.items():
+        assert f"source {name}: weight {weight:.3f}, {weight:.1%} of the mix's tokens" in out
+        row = next(line for line in out.splitlines() if line.startswith(f"{name} "))
+        assert f"{weight:.1%}" in row  # the per-worker table: rate, token share, rate / share
+    assert out.count("\ndecode ") == 3  # a stage table per source
+    assert "MixLoader num_workers=0: " in out
+    assert "MixLoader num_workers=1: " in out
+    assert "busy share of the main process: fetch_wait" in out
+    assert "busy share of 1 worker: fetch_wait" in out
+    head = next(line for line in out.splitlines() if line.startswith("bottleneck: source "))
+    assert head.split()[2] in MIX_SOURCES
+
+    as_json = run_cli(*common, "--num-workers", "0", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert [s["name"] for s in report["sources"]] == list(MIX_SOURCES)
+    assert report["bottleneck"] in MIX_SOURCES
+    slowest = min(report["sources"], key=lambda s: s["mix_tokens_per_s"])
+    assert report["bottleneck"] == slowest["name"]
+    for source in report["sources"]:
+        assert source["per_worker_tokens_per_s"] > 0
+        assert {s["name"] for s in source["report"]["stages"]} >= {"fetch", "decode", "pack"}
+    (run,) = report["loaders"]
+    assert run["num_workers"] == 0
+    assert run["batches"] > 0
+    assert run["tokens_per_s"] > 0
+    assert set(run["stage_busy"]) == {"fetch_wait", "decode", "pack", "collate"}
+
+
+def test_cli_needs_a_dataset_or_a_mixture_and_refuses_a_bad_one(
+    mix_file: Path, token_dir: Path, tmp_path: Path
+) -> None:
+    neither = run_cli("--seconds", "0.2")
+    assert neither.returncode == 1
+    assert "profile needs a dataset (directory or URL) or --mix FILE" in neither.stderr
+    both = run_cli(str(token_dir), "--mix", str(mix_file))
+    assert both.returncode == 1
+    assert "profile takes a dataset or --mix FILE, not both" in both.stderr
+    missing = run_cli("--mix", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 1
+    assert "nope.yaml: no such mixture file" in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"sources:\n  - {{url: '{token_dir}', wieght: 1}}\n")
+    refused = run_cli("--mix", str(bad))
+    assert refused.returncode == 1
+    assert "unknown key 'wieght'" in refused.stderr
+    for result in (neither, both, missing, refused):
+        assert "Traceback" not in result.stderr
+
+
+def test_the_source_with_the_lowest_rate_per_share_limits_the_mix() -> None:
+    report = synthetic()
+
+    def source(name: str, rate: float, share: float) -> SourceProfile:
+        return SourceProfile(name, share, share, rate, rate / share, report)
+
+    # fast: 4M tokens/s for half the tokens (8M per share); slow: 1M for the other half (2M).
+    per_worker, name, time_share = mix_bottleneck(
+        [source("fast", 4e6, 0.5), source("slow", 1e6, 0.5)]
+    )
+    assert name == "slow"
+    assert per_worker == pytest.approx(1 / (0.5 / 4e6 + 0.5 / 1e6))  # 1.6M
+    assert time_share == pytest.approx(0.8)
+    # A slower source with a small share limits less than a faster one with a large share.
+    _, name, _ = mix_bottleneck([source("big", 3e6, 0.9), source("small", 1e6, 0.1)])
+    assert name == "big"
