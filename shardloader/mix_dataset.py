@@ -484,16 +484,17 @@ class _Lengths:
     ) -> None:
         self._orders, self._readers, self._keep = orders, readers, keep
         self._fields = [_token_field(m) for m in manifests]
-        self._blocks: list[tuple[int, np.ndarray]] = [(-1, np.zeros(0, np.int64))] * len(orders)
+        self._blocks: list[tuple[int, list[int]]] = [(-1, [])] * len(orders)
 
     def length(self, source: int, position: int) -> int:
         block, values = self._blocks[source]
         index = position // LENGTH_BLOCK
         if index != block:
             ids = self._orders[source].ids(index * LENGTH_BLOCK, LENGTH_BLOCK)
-            values = self._readers[source].token_lengths(ids, self._fields[source], keep=self._keep)
+            reader = self._readers[source]
+            values = reader.token_lengths(ids, self._fields[source], keep=self._keep).tolist()
             self._blocks[source] = (index, values)
-        return int(values[position % LENGTH_BLOCK])
+        return values[position % LENGTH_BLOCK]
 
 
 def _token_field(manifest: Manifest) -> str:

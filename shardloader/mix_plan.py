@@ -418,14 +418,27 @@ def token_batch(
     """
     pieces: list[Piece] = []
     filled = 0
-    taken, served = counters.taken, counters.served
+    taken, served, used = counters.taken, counters.served, counters.used
+    one_phase = len(spec.phases) == 1
+    nums, den = spec.phases[0].numerators, spec.phases[0].denominator
+    active = [i for i, num in enumerate(nums) if num]
     while filled < batch_tokens:
         if counters.current is None:
-            i = _pick_source(spec, counters, counters.epoch_units + filled)
+            position = counters.epoch_units + filled
+            if one_phase and counters.segment[1] == 0:
+                # _pick_source's rule, inlined for the common case (one phase, segment begun).
+                since = position - counters.segment[0]
+                i, best = -1, 0
+                for j in active:
+                    lag = nums[j] * since - used[j] * den
+                    if i < 0 or lag > best:
+                        i, best = j, lag
+            else:
+                i = _pick_source(spec, counters, position)
             k = taken[i]
             taken[i] = k + 1
             size = length(i, k)
-            counters.used[i] += size
+            used[i] += size
             offset = 0
         else:
             i, offset = counters.current
