@@ -72,7 +72,13 @@ def _print_result(r: ConvertResult) -> None:
 
 
 def _print_manifest(m: Manifest) -> None:
-    payload = "token ids" if m.tokenized else "text"
+    payload = (
+        "token ids"
+        if m.tokenized
+        else "chat messages"
+        if list(m.fields)[1:2] == ["messages"]
+        else "text"
+    )
     print(
         f"dataset: {len(m.shards)} {m.format} shards ({m.compression}), {m.num_samples:,} samples "
         f"of {payload}, {_fmt_bytes(m.num_bytes)}"
@@ -118,7 +124,7 @@ def _inspect(args: argparse.Namespace) -> int:
         if "text" in sample:
             text = sample["text"]
             shown["text"] = text[:160] + (f"… ({len(text)} chars)" if len(text) > 160 else "")
-        else:
+        elif "input_ids" in sample:
             ids = sample["input_ids"]
             shown["input_ids"] = f"{ids[:12].tolist()}… ({len(ids)} tokens)"
         print(f"  sample {json.dumps(shown, ensure_ascii=False)}")

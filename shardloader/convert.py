@@ -38,7 +38,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shardloader._version import __version__
@@ -199,9 +199,11 @@ def convert(inputs: Sequence[str] | str, config: ConvertConfig) -> ConvertResult
         if len(todo) < len(mine):
             log.info("resuming: %d of %d tasks already done", len(mine) - len(todo), len(mine))
         num_proc = config.num_proc or _available_cpus()
+        # Every task reads records of the shape the plan found ("auto" resolved once).
+        task_config = replace(config, schema=plan["settings"]["schema"])
         records = run_tasks(
             todo,
-            config,
+            task_config,
             plan["fingerprint"],
             num_proc,
             start_method=pool_start_method(),
@@ -261,7 +263,11 @@ def _write_manifest(out: OutputDir, plan: Mapping[str, Any]) -> Manifest:
         skipped.update(r["skipped"])
         examples.extend(r["skipped_examples"])
     settings = dict(plan["settings"])
-    fields = shard_fields(bool(settings["tokenizer_fingerprint"]), settings["keep_fields"])
+    fields = shard_fields(
+        bool(settings["tokenizer_fingerprint"]),
+        settings["keep_fields"],
+        settings.get("schema", "text"),
+    )
     manifest = Manifest(
         format=settings["format"],
         compression=settings["compression"],

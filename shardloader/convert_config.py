@@ -13,9 +13,31 @@ from shardloader.errors import ConfigError
 from shardloader.formats import COMPRESSIONS
 from shardloader.manifest import FORMATS
 from shardloader.options import option, parse_size
-from shardloader.sources import MAX_RECORD_BYTES, ON_BAD_RECORD, parse_keep_fields
+from shardloader.sources import (
+    CHAT_SCHEMAS,
+    MAX_RECORD_BYTES,
+    ON_BAD_RECORD,
+    SCHEMAS,
+    parse_keep_fields,
+)
 
 MiB = 1 << 20
+
+
+def check_chat_settings(tokenizer: str | None, keep_fields: dict[str, str]) -> None:
+    """Refuse settings that do not go with chat data (stored as a ``messages`` field).
+
+    Raises:
+        ConfigError: A tokenizer (rendering at conversion is not supported yet), or a kept field
+            named ``messages``.
+    """
+    if tokenizer:
+        raise ConfigError(
+            "chat data is stored as messages; pass the tokenizer to the loader/train "
+            "(ShardDataset(..., tokenizer=...)) instead of --tokenizer"
+        )
+    if "messages" in keep_fields:
+        raise ConfigError("keep_fields: 'messages' is where chat data is stored; do not keep it")
 
 
 def _none_if_empty(text: str) -> str | None:
@@ -53,6 +75,13 @@ class ConvertConfig:
         64 * MiB, "group input files into tasks of about this many (stored) bytes", parse=parse_size
     )
     text_field: str = option("text", "field (or Parquet column) holding the text")
+    schema: str = option(
+        "auto",
+        "record shape: text, or chat data stored as messages (OpenAI messages, ShareGPT "
+        "conversations, Alpaca instruction/input/output, prompt/response); auto: from the "
+        "first record",
+        choices=SCHEMAS,
+    )
     id_field: str | None = option(
         "id",
         "field with the document id; ids are made from file:line where missing "
@@ -113,7 +142,11 @@ class ConvertConfig:
             raise ConfigError(
                 f"compression_level must be in [-7, 22], got {self.compression_level}"
             )
-        parse_keep_fields(self.keep_fields)  # validates
+        if self.schema not in SCHEMAS:
+            raise ConfigError(f"schema {self.schema!r}; use one of {', '.join(SCHEMAS)}")
+        keep = parse_keep_fields(self.keep_fields)  # validates
+        if self.schema in CHAT_SCHEMAS:
+            check_chat_settings(self.tokenizer, keep)
 
     def output_settings(self, tokenizer_fingerprint: str | None) -> dict[str, Any]:
         """The settings that shape the output (recorded in the manifest and the work plan)."""
@@ -126,6 +159,7 @@ class ConvertConfig:
             "batch_bytes": self.batch_bytes,
             "task_bytes": self.task_bytes,
             "text_field": self.text_field,
+            "schema": self.schema,
             "id_field": self.id_field,
             "keep_fields": list(self.keep_fields),
             "tokenizer_fingerprint": tokenizer_fingerprint,

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardloader import storage
-from shardloader.convert_config import ConvertConfig
+from shardloader.convert_config import ConvertConfig, check_chat_settings
 from shardloader.errors import ConfigError, CorpusError
+from shardloader.sources import CHAT_SCHEMAS, detect_file_schema, parse_keep_fields
 from shardloader.storage import InputFile
 from shardloader.tokenizer import TextTokenizer
 
@@ -109,12 +110,17 @@ def make_plan(config: ConvertConfig, inputs: Sequence[str]) -> tuple[dict[str, A
     files = _list_inputs(inputs, config.output)
     if not files:
         raise CorpusError(f"no input files found in {list(inputs)}")
+    schema = config.schema
+    if schema == "auto":  # the corpus's first record decides, for every task
+        schema = detect_file_schema(files[0], config.text_field, config.max_record_bytes)
+    if schema in CHAT_SCHEMAS:
+        check_chat_settings(config.tokenizer, parse_keep_fields(config.keep_fields))
     info = None
     if config.tokenizer:  # loaded here so a bad tokenizer fails before any work starts
         info = TextTokenizer(
             config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token
         ).info
-    settings = config.output_settings(info.fingerprint if info else None)
+    settings = {**config.output_settings(info.fingerprint if info else None), "schema": schema}
     tasks = plan_tasks(files, config.task_bytes)
     plan: dict[str, Any] = {
         "version": 1,

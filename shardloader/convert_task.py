@@ -23,9 +23,11 @@ from shardloader.convert_plan import Task
 from shardloader.formats.series import ShardSeries
 from shardloader.manifest import ShardInfo
 from shardloader.sources import (
+    CHAT_SCHEMAS,
     BadRecords,
     Document,
     RecordSpec,
+    detect_file_schema,
     parse_keep_fields,
     read_documents,
     read_jsonl_table,
@@ -48,9 +50,16 @@ def record_name(task: int) -> str:
     return f"{WORK_DIR}/task-{task:05d}.json"
 
 
-def shard_fields(tokenized: bool, keep_fields: Sequence[str]) -> dict[str, str]:
-    """The shards' fields (name -> kind), as the manifest records them."""
+def shard_fields(
+    tokenized: bool, keep_fields: Sequence[str], schema: str = "text"
+) -> dict[str, str]:
+    """The shards' fields (name -> kind), as the manifest records them.
+
+    Chat records (any ``schema`` but ``text``) are stored as ``messages``, a ``json`` field.
+    """
     payload = {"input_ids": "tokens"} if tokenized else {"text": "string"}
+    if schema in CHAT_SCHEMAS:
+        payload = {"messages": "json"}
     return {"id": "string", **payload, **parse_keep_fields(tuple(keep_fields))}
 
 
@@ -243,11 +252,14 @@ def run_task(
         if config.tokenizer
         else None
     )
+    schema = config.schema
+    if schema == "auto":  # convert() passes the plan's shape; alone, the task's first file says
+        schema = detect_file_schema(task.files[0], config.text_field, config.max_record_bytes)
     series = ShardSeries(
         out,
         config,
         task.index,
-        shard_fields(bool(config.tokenizer), config.keep_fields),
+        shard_fields(bool(config.tokenizer), config.keep_fields, schema),
         tokenizer.info.dtype if tokenizer else None,
         tmp_prefix=f"{task.index:05d}-{os.getpid()}-",
     )
@@ -255,6 +267,7 @@ def run_task(
         text_field=config.text_field,
         id_field=config.id_field,
         keep_fields=parse_keep_fields(config.keep_fields),
+        schema=schema,
     )
     bad = BadRecords(config.on_bad_record)
     progress = _Throttle(report)

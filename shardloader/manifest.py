@@ -119,7 +119,8 @@ class Manifest:
         format: Shard format, ``"arrow"`` or ``"tar"``.
         compression: ``"zstd"`` or ``"none"``.
         fields: Ordered mapping of field name to type (``string``, ``int64``, ``float64``,
-            ``bool``, ``json`` or ``tokens``); ``id`` comes first, then ``text`` or ``input_ids``.
+            ``bool``, ``json`` or ``tokens``); ``id`` comes first, then ``text``, ``input_ids`` or
+            (chat data) ``messages``.
         shards: The shards in global sample order.
         checksum_algorithm: Hash used for ``ShardInfo.checksum``.
         token_dtype: ``"uint16"`` or ``"uint32"`` for tokenized shards, else ``None``.
@@ -407,14 +408,18 @@ def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -
 
 
 def _check_fields(manifest: Manifest, where: str) -> None:
-    """Check the schema: ``id``, then ``text`` or ``input_ids`` (with a token dtype), extras."""
+    """Check the schema: ``id``, then the payload, then extras.
+
+    The payload is ``text``, ``input_ids`` (with a token dtype) or ``messages`` (chat data, a
+    ``json`` field).
+    """
     fields = manifest.fields
     unknown = {k: v for k, v in fields.items() if not isinstance(v, str) or v not in FIELD_TYPES}
     if unknown:
         raise ManifestError(f"{where}: unknown field types {unknown}")
     names = list(fields)
     payload = names[1] if len(names) > 1 else None
-    payload_kind = {"text": "string", "input_ids": "tokens"}
+    payload_kind = {"text": "string", "input_ids": "tokens", "messages": "json"}
     if (
         names[:1] != ["id"]
         or fields["id"] != "string"
@@ -424,7 +429,7 @@ def _check_fields(manifest: Manifest, where: str) -> None:
     ):
         raise ManifestError(
             f"{where}: fields {dict(fields)!r:.200} do not start with id (string) and then text "
-            "(string) or input_ids (tokens)"
+            "(string), input_ids (tokens) or messages (json)"
         )
     dtype = manifest.token_dtype
     if (payload == "input_ids") != (dtype is not None) or dtype not in (None, *TOKEN_DTYPES):

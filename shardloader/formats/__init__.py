@@ -1,7 +1,8 @@
 """Shard formats: the :class:`ShardFormat` protocol and the registry keyed by the manifest's format.
 
 A format writes samples into one shard (a binary sink it does not own) and reads them back.
-Samples are plain dicts: ``id`` (str), then ``text`` (str) or ``input_ids`` (numpy array), then
+Samples are plain dicts: ``id`` (str), then ``text`` (str), ``input_ids`` (numpy array) or
+``messages`` (chat data: a list of ``{"role", "content"}`` dicts, written as its JSON text), then
 any kept fields. No format uses pickle.
 
 Shards are read as hostile input: a reader checks what it decodes against the manifest (sample
@@ -170,8 +171,8 @@ def get_format(name: str) -> ShardFormat:
 
 
 def extra_fields(fields: Mapping[str, str]) -> dict[str, str]:
-    """The kept fields of a schema (everything but id, text and input_ids)."""
-    return {k: v for k, v in fields.items() if k not in ("id", "text", "input_ids")}
+    """The kept fields of a schema: all after ``id`` and the payload (text, input_ids, messages)."""
+    return dict(list(fields.items())[2:])
 
 
 def check_num_samples(actual: int, expected: int | None, where: str) -> None:

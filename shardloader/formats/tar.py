@@ -2,8 +2,9 @@
 
 Each sample is a group of members sharing a key (``{shard}-{index:07d}``): ``.txt`` holds the
 UTF-8 text, or ``.npy`` the token ids (a numpy ``.npy`` file, never pickled); ``.json`` holds the
-id and the kept fields. ``webdataset.WebDataset(urls)`` reads them as they are. Member headers
-carry fixed times and owners, so the same input always gives the same bytes.
+id and the kept fields, and for chat data also ``messages`` (then there is no ``.txt``).
+``webdataset.WebDataset(urls)`` reads them as they are. Member headers carry fixed times and
+owners, so the same input always gives the same bytes.
 
 Reading takes a tar as hostile input: every member must be a regular file named ``key.ext``
 (no directories, so two keys never merge), with ``ext`` one the schema expects, each at most once
@@ -78,9 +79,16 @@ class TarShardWriter:
     """
 
     def __init__(
-        self, sink: Any, *, shard_name: str, compression: str, compression_level: int
+        self,
+        sink: Any,
+        *,
+        shard_name: str,
+        compression: str,
+        compression_level: int,
+        json_payload: str | None = None,
     ) -> None:
         self._sink = sink
+        self._json_payload = json_payload
         self._zstd = None
         if compression == "zstd":
             self._zstd = zstandard.ZstdCompressor(level=compression_level).stream_writer(
@@ -108,10 +116,21 @@ class TarShardWriter:
     def write(
         self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
     ) -> None:
-        """Add one sample as ``key.txt`` or ``key.npy``, plus ``key.json``."""
+        """Add one sample as ``key.txt`` or ``key.npy``, plus ``key.json``.
+
+        A JSON payload (chat ``messages``, given as its JSON text) goes into ``key.json``.
+        """
         key = f"{self._prefix}-{self._index:07d}"
         self._index += 1
         meta = {"id": doc_id, **(fields or {})}
+        if self._json_payload is not None and isinstance(payload, bytes):
+            # Spliced in as it is: parsing it again only to dump it would double the cost.
+            head = json.dumps({"id": doc_id}, ensure_ascii=False)[:-1]
+            name = json.dumps(self._json_payload)
+            rest = json.dumps(fields or {}, ensure_ascii=False)[1:]
+            tail = b"}" if not fields else b", " + rest.encode("utf-8")
+            self._add(key + ".json", f"{head}, {name}: ".encode() + payload + tail)
+            return
         self._add(key + ".json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         if isinstance(payload, bytes):
             self._add(key + ".txt", payload)
@@ -155,6 +174,7 @@ class TarFormat:
             shard_name=spec.shard_name,
             compression=spec.compression,
             compression_level=spec.compression_level,
+            json_payload=_json_payload(spec.fields),
         )
 
     def iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
@@ -232,12 +252,20 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
+def _json_payload(fields: Mapping[str, str]) -> str | None:
+    """The payload field's name when it is ``json`` (chat ``messages``), else ``None``."""
+    names = list(fields)
+    return names[1] if len(names) > 1 and fields[names[1]] == "json" else None
+
+
 class _Schema:
     """What the manifest says a sample holds, resolved once per shard."""
 
     def __init__(self, spec: ReadSpec) -> None:
+        self.json_payload = _json_payload(spec.fields)
         self.payload = "input_ids" if "input_ids" in spec.fields else "text"
-        self.exts = frozenset(("json", "npy" if self.payload == "input_ids" else "txt"))
+        exts = {"input_ids": ("json", "npy"), "text": ("json", "txt")}[self.payload]
+        self.exts = frozenset(("json",) if self.json_payload else exts)
         self.extras = extra_fields(spec.fields)
         self.dtype = np.dtype(spec.token_dtype) if spec.token_dtype else None
         self.vocab_size = spec.vocab_size
@@ -272,7 +300,14 @@ def _sample(parts: dict[str, bytes], schema: _Schema, where: str) -> dict[str, A
     if not isinstance(doc_id, str):
         raise ShardError(f"{where}.json: id is {type(doc_id).__name__}, expected a string")
     sample: dict[str, Any] = {"id": doc_id}
-    if schema.payload == "text":
+    if schema.json_payload is not None:
+        value = meta.get(schema.json_payload)
+        if not isinstance(value, list):
+            raise ShardError(
+                f"{where}.json: {schema.json_payload} is {type(value).__name__}, expected a list"
+            )
+        sample[schema.json_payload] = value
+    elif schema.payload == "text":
         try:
             sample["text"] = parts["txt"].decode("utf-8")
         except UnicodeDecodeError as err:

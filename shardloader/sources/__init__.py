@@ -8,6 +8,7 @@ locations. Text is kept exactly as decoded: no normalization, no stripping.
 Modules, each importing only those above it:
 
 - ``records``: Document, RecordSpec, BadRecords, DamagedFileError; one record -> Document
+- ``chat``: chat and instruction shapes (messages, ShareGPT, Alpaca, prompt/response) -> messages
 - ``streams``: decompression (none, gzip, zstd) and line splitting, bounded in memory
 - ``files``: a file's kind and codec by name; refusing FIFOs, devices and sockets
 - ``jsonl_table``: the JSONL fast path, a whole clean file -> Arrow columns
@@ -16,11 +17,17 @@ Modules, each importing only those above it:
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from shardloader import storage
 from shardloader.errors import CorpusError
+from shardloader.sources.chat import CHAT_SCHEMAS, SCHEMAS, detect_schema
 from shardloader.sources.files import check_regular_file, kind_of
 from shardloader.sources.jsonl import read_jsonl
 from shardloader.sources.jsonl_table import (
@@ -43,11 +50,12 @@ from shardloader.sources.records import (
     RecordSpec,
     parse_keep_fields,
 )
-from shardloader.sources.streams import CHUNK_BYTES, ZSTD_FEED_BYTES
+from shardloader.sources.streams import CHUNK_BYTES, ZSTD_FEED_BYTES, iter_chunks, iter_lines
 from shardloader.sources.text import read_text_file
 from shardloader.storage import InputFile
 
 __all__ = [
+    "CHAT_SCHEMAS",
     "CHUNK_BYTES",
     "FAST_JSONL_BLOCK",
     "FAST_JSONL_MAX_BYTES",
@@ -56,6 +64,7 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "ON_BAD_RECORD",
     "RESERVED_FIELDS",
+    "SCHEMAS",
     "ZSTD_FEED_BYTES",
     "BadRecords",
     "DamagedFileError",
@@ -63,6 +72,8 @@ __all__ = [
     "DocumentTable",
     "RecordSpec",
     "check_regular_file",
+    "detect_file_schema",
+    "detect_schema",
     "kind_of",
     "parse_keep_fields",
     "read_documents",
@@ -132,3 +143,41 @@ def read_documents(
             if bad.on_bad_record != "skip":
                 raise
             bad.report("damaged_file", err.where, err.what + "; the rest of the file is skipped")
+
+
+DETECT_LINES = 100  # JSONL lines looked at for the first record when detecting the shape
+
+
+def detect_file_schema(
+    source: InputFile, text_field: str = "text", max_record_bytes: int = MAX_RECORD_BYTES
+) -> str:
+    """The shape of a corpus (``text`` or a chat shape), from the first record of ``source``.
+
+    The first JSON object among the first `DETECT_LINES` lines of a JSONL file, or the column names
+    of a Parquet file, decide (see `detect_schema`); plain-text files, and files whose first
+    records cannot be read, are ``text`` (the reader then reports what is wrong).
+    """
+    kind, codec = kind_of(source.url)
+    if kind == "text":
+        return "text"
+    check_regular_file(source.url)
+    record: Any = None
+    try:
+        with storage.open_read(source.url) as f:
+            if kind == "parquet":
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                return detect_schema(dict.fromkeys(names), text_field)
+            lines = iter_lines(iter_chunks(f, codec, source.url), max_record_bytes)
+            for _, raw in zip(range(DETECT_LINES), lines, strict=False):
+                if isinstance(raw, int) or not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8-sig"))
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(record, dict):
+                    return detect_schema(record, text_field)
+    except (CorpusError, OSError, pa.ArrowException):
+        pass  # the reader reports it, with its file:line
+    return "text"

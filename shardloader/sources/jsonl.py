@@ -13,6 +13,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.json as pa_json
 
+from shardloader.sources.chat import make_chat_document
 from shardloader.sources.jsonl_table import UTF8_BOM, arrow_schema
 from shardloader.sources.records import (
     Document,
@@ -33,6 +34,7 @@ def read_jsonl(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[Do
     url, name, bad, stats = file.url, file.name, file.bad, file.stats
     codec, max_record_bytes = file.codec, file.max_record_bytes
     loads = json.loads
+    make = make_document if spec.schema == "text" else make_chat_document
     num_bytes = 0
     lines = iter_lines(iter_chunks(f, codec, url), max_record_bytes)
     for line_no, raw in enumerate(lines, start=1):
@@ -84,7 +86,7 @@ def read_jsonl(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[Do
                 f"expected a JSON object per line, found {type_name(record)}",
             )
             continue
-        doc = make_document(record, f"{name}:{line_no}", f"{url}:{line_no}", spec, bad)
+        doc = make(record, f"{name}:{line_no}", f"{url}:{line_no}", spec, bad)
         if doc is None:
             continue
         if not (doc.text.isascii() and doc.id.isascii()) or doc.fields:

@@ -152,7 +152,7 @@ def arrow_schema(spec: RecordSpec) -> pa.Schema | None:
     """The fast path's explicit schema for ``spec``; ``None`` where it cannot express it."""
     keep = spec.keep_fields
     names = [spec.text_field, *([spec.id_field] if spec.id_field else []), *keep]
-    if "json" in keep.values() or len(set(names)) != len(names):
+    if spec.schema != "text" or "json" in keep.values() or len(set(names)) != len(names):
         return None
     return pa.schema(
         [(spec.text_field, pa.string())]

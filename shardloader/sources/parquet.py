@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shardloader.errors import CorpusError
+from shardloader.sources.chat import SCHEMA_FIELDS, make_chat_document
 from shardloader.sources.records import (
     BadRecords,
     DamagedFileError,
@@ -39,23 +40,15 @@ def read_parquet(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[
     except (pa.ArrowException, OSError) as err:
         raise DamagedFileError(url, f"not a readable Parquet file ({err})") from err
     schema = pf.schema_arrow
-    if spec.text_field not in schema.names:
-        raise CorpusError(
-            f"{url}: no column {spec.text_field!r} (columns: {', '.join(schema.names)}); "
-            "choose the text column with --text-field"
-        )
-    if not (
-        pa.types.is_string(schema.field(spec.text_field).type)
-        or pa.types.is_large_string(schema.field(spec.text_field).type)
-    ):
-        raise CorpusError(
-            f"{url}: column {spec.text_field!r} has type {schema.field(spec.text_field).type}, "
-            "expected string"
-        )
-    columns = [spec.text_field]
+    if spec.schema == "text":
+        _check_text_column(schema, spec, url)
+        columns = [spec.text_field]
+    else:  # a chat row missing a column is reported row by row (bad_chat_shape)
+        columns = [k for k in SCHEMA_FIELDS[spec.schema] if k in schema.names]
     if spec.id_field is not None and spec.id_field in schema.names:
         columns.append(spec.id_field)
     columns += [k for k in spec.keep_fields if k in schema.names and k not in columns]
+    make = make_document if spec.schema == "text" else make_chat_document
     row = 0
     for group in range(pf.num_row_groups):
         try:
@@ -88,10 +81,22 @@ def read_parquet(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[
             text = record.get(spec.text_field)
             if isinstance(text, str):
                 stats["bytes"] += len(text.encode("utf-8"))
-            doc = make_document(record, f"{name}:{row + offset}", where, spec, bad)
+            doc = make(record, f"{name}:{row + offset}", where, spec, bad)
             if doc is not None:
                 yield doc
         row += len(rows)
+
+
+def _check_text_column(schema: pa.Schema, spec: RecordSpec, url: str) -> None:
+    """Raise unless ``schema`` has the text column, of a string type."""
+    if spec.text_field not in schema.names:
+        raise CorpusError(
+            f"{url}: no column {spec.text_field!r} (columns: {', '.join(schema.names)}); "
+            "choose the text column with --text-field"
+        )
+    kind = schema.field(spec.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise CorpusError(f"{url}: column {spec.text_field!r} has type {kind}, expected string")
 
 
 def _row_bytes(table: pa.Table) -> np.ndarray:

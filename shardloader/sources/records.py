@@ -63,7 +63,8 @@ class Document:
 
     Attributes:
         id: The record's id field, or ``"{file}:{line}"`` (``"{file}"`` for text files).
-        text: The document text, exactly as decoded.
+        text: The document text, exactly as decoded; for chat records, their turns as canonical
+            JSON (``[{"content": ..., "role": ...}, ...]``).
         fields: Kept extra fields (name -> value), already type-checked.
         where: ``path:line`` (or ``path: row N``) of the record, for error messages.
     """
@@ -118,11 +119,14 @@ class RecordSpec:
         id_field: Field holding the document id; when a record lacks it, an id is made from the
             file and line. ``None`` always makes ids.
         keep_fields: Extra fields to keep, name -> type (one of ``KEEP_FIELD_TYPES``).
+        schema: ``"text"``, or the chat shape the records have (see `shardloader.sources.chat`);
+            then a document's text is its conversation normalized to ``messages``, as JSON.
     """
 
     text_field: str = "text"
     id_field: str | None = "id"
     keep_fields: Mapping[str, str] = field(default_factory=dict)
+    schema: str = "text"
 
 
 def parse_keep_fields(specs: tuple[str, ...] | list[str]) -> dict[str, str]:

@@ -1,0 +1,360 @@
+"""Converting chat and instruction data: shapes, detection, bad records, packing end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from transformers import AutoTokenizer
+
+import shardloader
+from shardloader import ConfigError, ConvertConfig, CorpusError
+from shardloader.pack import PackConfig
+from tests.conftest import write_jsonl, write_parquet
+from tests.test_pack_encode import CHAT, CHAT_TEMPLATE
+
+MESSAGES = CHAT  # system, user, assistant, user, assistant; non-ASCII text
+
+
+def sys_(c: str) -> dict[str, str]:
+    return {"role": "system", "content": c}
+
+
+def user(c: str) -> dict[str, str]:
+    return {"role": "user", "content": c}
+
+
+def bot(c: str) -> dict[str, str]:
+    return {"role": "assistant", "content": c}
+
+
+# Each shape: its records and the messages they normalize to.
+SHAPES: dict[str, tuple[list[dict[str, Any]], list[list[dict[str, str]]]]] = {
+    "messages": (
+        [{"id": "m0", "messages": MESSAGES}, {"id": "m1", "messages": [user("q"), bot("a")]}],
+        [MESSAGES, [user("q"), bot("a")]],
+    ),
+    "sharegpt": (
+        [
+            {
+                "id": "s0",
+                "conversations": [
+                    {"from": "system", "value": "Be kind."},
+                    {"from": "human", "value": "hi"},
+                    {"from": "gpt", "value": "hello"},
+                    {"from": "human", "value": "more"},
+                    {"from": "gpt", "value": "sure"},
+                ],
+            }
+        ],
+        [[sys_("Be kind."), user("hi"), bot("hello"), user("more"), bot("sure")]],
+    ),
+    "alpaca": (
+        [
+            {"instruction": "Translate.", "input": "chat", "output": "cat"},
+            {"instruction": "Say hi.", "input": "", "output": "hi"},
+            {"instruction": "Count.", "output": "1 2 3"},
+        ],
+        [
+            [user("Translate.\n\nchat"), bot("cat")],
+            [user("Say hi."), bot("hi")],
+            [user("Count."), bot("1 2 3")],
+        ],
+    ),
+    "prompt_response": (
+        [{"id": 7, "prompt": "2+2?", "response": "4"}],
+        [[user("2+2?"), bot("4")]],
+    ),
+}
+
+
+def convert(tmp_path: Path, records: list[Any], **kw: Any) -> shardloader.ConvertResult:
+    src = tmp_path / "in" / "chat.jsonl"
+    if all(isinstance(r, str) for r in records):
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_text("".join(r + "\n" for r in records))
+    else:
+        write_jsonl(src, records)
+    kw.setdefault("num_proc", 1)
+    return shardloader.convert(str(src), ConvertConfig(output=str(tmp_path / "out"), **kw))
+
+
+def read_back(tmp_path: Path) -> list[dict[str, Any]]:
+    return list(shardloader.iter_samples(str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "tar"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_each_shape_reads_back_as_messages(tmp_path, shape, fmt):
+    records, want = SHAPES[shape]
+    result = convert(tmp_path, records, format=fmt)
+    manifest = result.manifest
+    assert manifest is not None
+    assert dict(manifest.fields) == {"id": "string", "messages": "json"}
+    assert manifest.config["schema"] == shape  # detected
+    samples = read_back(tmp_path)
+    assert [s["messages"] for s in samples] == want
+    if shape == "alpaca":
+        assert [s["id"] for s in samples] == ["chat.jsonl:1", "chat.jsonl:2", "chat.jsonl:3"]
+    if shape == "prompt_response":
+        assert samples[0]["id"] == "7"
+
+
+def test_arrow_shards_open_with_pyarrow_as_json_text(tmp_path):
+    records, want = SHAPES["messages"]
+    convert(tmp_path, records)
+    (shard,) = (tmp_path / "out").glob("*.arrow")
+    table = pa.ipc.open_file(str(shard)).read_all()
+    assert table.column_names == ["id", "messages"]
+    assert [json.loads(v) for v in table.column("messages").to_pylist()] == want
+
+
+def test_tar_shards_hold_messages_in_the_json_member(tmp_path):
+    records, want = SHAPES["sharegpt"]
+    convert(tmp_path, records, format="tar", compression="none")
+    (shard,) = (tmp_path / "out").glob("*.tar")
+    with tarfile.open(shard) as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile(names[0]).read())  # type: ignore[union-attr]
+    assert names == ["shard-00000-0000-0000000.json"]
+    assert meta == {"id": "s0", "messages": want[0]}
+
+
+def test_kept_fields_travel_with_chat_records(tmp_path):
+    records = [{"id": "a", "lang": "en", "messages": [user("q"), bot("a")]}]
+    for fmt in ("arrow", "tar"):
+        convert(tmp_path, records, keep_fields=("lang", "meta:json"), format=fmt, overwrite=True)
+        (sample,) = read_back(tmp_path)
+        assert sample["lang"] == "en"
+        assert sample["meta"] is None
+        assert sample["messages"] == [user("q"), bot("a")]
+
+
+def test_parquet_chat_columns(tmp_path):
+    write_parquet(
+        tmp_path / "in" / "a.parquet",
+        [
+            {"id": "p0", "messages": [user("q"), bot("a")]},
+            {"id": "p1", "messages": MESSAGES},
+        ],
+    )
+    shardloader.convert(
+        str(tmp_path / "in"), ConvertConfig(output=str(tmp_path / "out"), num_proc=1)
+    )
+    assert [s["messages"] for s in read_back(tmp_path)] == [[user("q"), bot("a")], MESSAGES]
+
+
+def test_schema_flag_overrides_detection(tmp_path):
+    records = [{"text": "t", "prompt": "p", "response": "r"}]
+    result = convert(tmp_path, records)
+    assert result.manifest is not None
+    assert result.manifest.config["schema"] == "text"
+    assert read_back(tmp_path)[0]["text"] == "t"
+    result = convert(tmp_path, records, schema="prompt_response", overwrite=True)
+    assert read_back(tmp_path)[0]["messages"] == [user("p"), bot("r")]
+
+
+def test_text_corpus_is_detected_as_text(tmp_path):
+    result = convert(tmp_path, [{"text": "hello"}])
+    assert result.manifest is not None
+    assert dict(result.manifest.fields) == {"id": "string", "text": "string"}
+
+
+def test_detection_looks_past_blank_and_broken_first_lines(tmp_path):
+    lines = ["", "{not json", json.dumps({"messages": [user("q"), bot("a")]})]
+    result = convert(tmp_path, lines, on_bad_record="skip")
+    assert result.manifest is not None
+    assert result.manifest.config["schema"] == "messages"
+    assert dict(result.manifest.skipped) == {"bad_json": 1}
+
+
+def test_wrong_shape_for_the_forced_schema(tmp_path):
+    with pytest.raises(CorpusError, match=r"chat\.jsonl:1: field 'conversations' is missing"):
+        convert(tmp_path, [{"messages": [user("q"), bot("a")]}], schema="sharegpt")
+
+
+def test_cli_schema_flag(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "response": "r", "text": "t"}])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "shardloader", "convert", str(src), "-o", str(out)]
+    run = subprocess.run([*cmd, "--schema", "prompt_response", "--num-proc", "1"], text=True,
+                         capture_output=True, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "chat messages" in run.stdout
+    assert read_back(tmp_path)[0]["messages"] == [user("p"), bot("r")]
+
+
+def test_tokenizer_with_chat_data_is_refused(tmp_path, tokenizer_dir):
+    records = [{"messages": [user("q"), bot("a")]}]
+    with pytest.raises(ConfigError, match="pass the tokenizer to the loader/train"):
+        convert(tmp_path, records, tokenizer=str(tokenizer_dir))
+    with pytest.raises(ConfigError, match="pass the tokenizer to the loader/train"):
+        ConvertConfig(output="x", schema="messages", tokenizer=str(tokenizer_dir))
+    with pytest.raises(ConfigError, match="'messages' is where chat data is stored"):
+        ConvertConfig(output="x", schema="messages", keep_fields=("messages:json",))
+
+
+GOOD = {"messages": [user("q"), bot("a")]}
+BAD = {
+    "unknown_role": (
+        {"messages": [{"role": "robot", "content": "x"}, bot("a")]},
+        "bad_role",
+        "messages[0] has unknown role 'robot'",
+    ),
+    "missing_role": (
+        {"messages": [{"content": "x"}, bot("a")]},
+        "bad_role",
+        "messages[0] has no role",
+    ),
+    "sharegpt_role": (
+        {"conversations": [{"from": "bard", "value": "x"}, {"from": "gpt", "value": "y"}]},
+        "bad_role",
+        "conversations[0] has unknown role 'bard'",
+    ),
+    "non_string_content": (
+        {"messages": [{"role": "user", "content": ["x"]}, bot("a")]},
+        "bad_content",
+        "messages[0] 'content' is an array, expected a string",
+    ),
+    "alpaca_non_string": (
+        {"instruction": "i", "input": 3, "output": "o"},
+        "bad_content",
+        "field 'input' is a number",
+    ),
+    "empty_assistant": (
+        {"messages": [user("q"), bot(""), user("r"), bot("b")]},
+        "empty_assistant_turn",
+        "turn 1 (assistant) is empty",
+    ),
+    "empty_alpaca_output": (
+        {"instruction": "i", "output": ""},
+        "empty_assistant_turn",
+        "turn 1 (assistant) is empty",
+    ),
+    "ends_with_user": (
+        {"messages": [user("q"), bot("a"), user("r")]},
+        "not_ending_with_assistant",
+        "the conversation ends with a user turn",
+    ),
+    "no_assistant": (
+        {"messages": [sys_("s"), user("q")]},
+        "no_assistant_turn",
+        "the conversation has no assistant turn",
+    ),
+    "wrong_shape": (
+        {"messages": "hello"},
+        "bad_chat_shape",
+        "field 'messages' is a string, expected an array of turns",
+    ),
+    "empty_conversation": (
+        {"messages": []},
+        "bad_chat_shape",
+        "field 'messages' is an empty array",
+    ),
+    "turn_not_object": (
+        {"messages": ["hi", bot("a")]},
+        "bad_chat_shape",
+        "messages[0] is a string, expected an object",
+    ),
+}
+
+
+def _first_good(case: dict[str, Any]) -> dict[str, Any]:
+    """A good record of the bad case's shape, so detection finds that shape."""
+    if "conversations" in case:
+        return {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    if "instruction" in case:
+        return {"instruction": "q", "output": "a"}
+    return GOOD
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_conversation_stops_naming_file_line(tmp_path, name):
+    record, _, words = BAD[name]
+    with pytest.raises(CorpusError) as info:
+        convert(tmp_path, [_first_good(record), record])
+    message = str(info.value)
+    assert f"chat.jsonl:2: {words}" in message
+    assert "--on-bad-record=skip" in message
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_conversation_is_counted_under_skip(tmp_path, name):
+    record, kind, words = BAD[name]
+    good = _first_good(record)
+    result = convert(tmp_path, [good, record, good], on_bad_record="skip")
+    manifest = result.manifest
+    assert manifest is not None
+    assert dict(manifest.skipped) == {kind: 1}
+    assert manifest.skipped_examples[0].startswith(f"{tmp_path / 'in' / 'chat.jsonl'}:2: {kind}")
+    assert words in manifest.skipped_examples[0]
+    assert len(read_back(tmp_path)) == 2
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small BPE tokenizer trained here, with a ChatML-like template."""
+    out = tmp_path_factory.mktemp("chat-tok")
+    texts = [m["content"] for m in MESSAGES] * 20 + ["the quick brown fox jumps"] * 20
+    shardloader.train_bpe_tokenizer(texts, str(out), vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_end_to_end_pack_trains_only_assistant_replies(tmp_path, chat_tokenizer):
+    """Convert a chat JSONL of mixed good and bad records, pack it: labels are the replies."""
+    sharegpt = {
+        "id": "g",
+        "conversations": [{"from": "human", "value": "fox?"}, {"from": "gpt", "value": "quick"}],
+    }
+    records = [
+        {"id": "a", "messages": MESSAGES},
+        {"id": "b", "messages": [user("brown?"), bot("the fox")]},
+        {"id": "bad", "messages": [user("q"), bot("a"), user("no reply")]},
+    ]
+    result = convert(tmp_path, records, on_bad_record="skip")
+    assert result.manifest is not None
+    assert dict(result.manifest.skipped) == {"not_ending_with_assistant": 1}
+    write_jsonl(tmp_path / "g" / "g.jsonl", [sharegpt])
+    shardloader.convert(
+        str(tmp_path / "g"), ConvertConfig(output=str(tmp_path / "gout"), num_proc=1)
+    )
+    eos = chat_tokenizer.eos_token
+    for out, replies, prompts in (
+        (
+            tmp_path / "out",
+            [["déjà vu 🙂", "русский текст"], ["the fox"]],
+            ["Answer briefly.", "naïve café?", "Ελληνικά", "brown?", "<|user|>", "<|system|>"],
+        ),
+        (tmp_path / "gout", [["quick"]], ["fox?", "<|user|>", "<|assistant|>"]),
+    ):
+        dataset = shardloader.ShardDataset(
+            str(out),
+            pack=PackConfig(seq_len=128, mode="bfd"),
+            tokenizer=chat_tokenizer,
+        )
+        batches = list(shardloader.ShardLoader(dataset, batch_size=4, num_workers=0))
+        labelled, whole = [], []
+        for batch in batches:
+            for row in range(batch["input_ids"].shape[0]):
+                ids, labels = batch["input_ids"][row], batch["labels"][row]
+                whole.append(chat_tokenizer.decode(ids.tolist()))
+                labelled.append(chat_tokenizer.decode(labels[labels != -100].tolist()))
+        text = "".join(labelled)
+        want = "".join(f"{r}{eos}\n" for conv in replies for r in conv)
+        assert sorted(text.split("\n")) == sorted(want.split("\n"))
+        # the labels are exactly the replies (each with the template's end of turn), so every
+        # other token is -100; the prompts (system, user turns, role headers) are in the rows
+        assert text.replace("\n", "")
+        assert sorted(text.split("\n")) == sorted(want.split("\n"))
+        rows = "".join(whole)
+        for prompt in prompts:
+            assert prompt in rows
+            assert prompt not in text
