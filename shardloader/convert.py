@@ -188,6 +188,8 @@ def convert(inputs: Sequence[str] | str, config: ConvertConfig) -> ConvertResult
     lock_name = LOCK_NAME if config.num_tasks == 1 else f"{LOCK_NAME}-{config.task_index}"
     lock_fd = lock_output(out, lock_name)
     try:
+        for name in out.clean_dead_tmp():
+            log.info("%s: removed %s, left by a run that was killed", out.url, name)
         done = _check_output(out, plan, config)
         if done is not None:
             log.info("%s: this conversion is already complete", out.url)

@@ -187,3 +187,17 @@ def test_second_convert_into_one_output_fails_at_once_and_a_dead_holder_frees_it
     assert rerun.returncode == 0, rerun.stderr
     assert published(out2) == published(reference)
     assert list((out2 / "_work" / "tmp").iterdir()) == []
+
+
+def test_temporaries_of_a_killed_run_are_removed_and_a_live_writers_kept(folder, tmp_path):
+    # What a run killed while writing its plan leaves: p<pid>-plan.json of a pid now gone.
+    out = tmp_path / "out"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp = out / "_work" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / f"p{dead.pid}-plan.json").write_text("{")
+    (tmp / f"p{os.getpid()}-record.json").write_text("{")  # a live process's: kept
+    convert([str(folder)], ConvertConfig(output=str(out), shard_samples=40))
+    assert sorted(p.name for p in tmp.iterdir()) == [f"p{os.getpid()}-record.json"]
+    assert shardloader.verify(str(out)).ok

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import socket
 import tempfile
@@ -206,6 +207,28 @@ class OutputDir:
                 if name.startswith(prefix):
                     os.unlink(os.path.join(tmp_dir, name))
 
+    def clean_dead_tmp(self) -> tuple[str, ...]:
+        """Remove `write_file` temporaries (``p<pid>-...``) of processes no longer running here.
+
+        A run killed while writing its plan, a task record or the manifest leaves one behind; the
+        next run removes it once it holds the lock. A pid that is alive keeps its file (it may
+        be a slice of the same conversion writing at this moment). Returns the names removed.
+        """
+        if not self.local:
+            return ()
+        tmp_dir = self._full(self.TMP_DIR)
+        removed: tuple[str, ...] = ()
+        if not os.path.isdir(tmp_dir):
+            return removed
+        for name in os.listdir(tmp_dir):
+            match = re.match(r"p(\d+)-", name)
+            if match is None or _pid_alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(tmp_dir, name))
+                removed += (name,)
+        return removed
+
     def close(self) -> None:
         """Remove the local temp folder used for remote uploads."""
         if self._remote_tmp is not None:
@@ -307,3 +330,14 @@ def unlock_output(out: OutputDir, rel: str, fd: int | None) -> None:
     """Release the lock `lock_output` took (and remove its file)."""
     if fd is not None:
         unlink_and_close(url_to_fs(out.url_of(rel))[1], fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
