@@ -332,7 +332,7 @@ def next_epoch(counters: MixCounters) -> None:
     counters.epoch += 1
     counters.epoch_units = 0
     counters.segment = (0, -1, 0)
-    counters.used = [0] * len(counters.used)
+    counters.used[:] = [0] * len(counters.used)
 
 
 def sample_batch(spec: MixSpec, counters: MixCounters, batch: int) -> list[int]:
@@ -345,7 +345,7 @@ def sample_batch(spec: MixSpec, counters: MixCounters, batch: int) -> list[int]:
     start, phase_of_segment, segment_batch = counters.segment
     if phase_of_segment != phase_index or segment_batch != batch:
         counters.segment = (position, phase_index, batch)
-        counters.used = [0] * len(counters.used)
+        counters.used[:] = [0] * len(counters.used)
         start = position
     phase = spec.phases[phase_index]
     den = phase.denominator
@@ -421,18 +421,11 @@ def token_batch(
     taken, served, used = counters.taken, counters.served, counters.used
     one_phase = len(spec.phases) == 1
     nums, den = spec.phases[0].numerators, spec.phases[0].denominator
-    active = [i for i, num in enumerate(nums) if num]
     while filled < batch_tokens:
         if counters.current is None:
             position = counters.epoch_units + filled
-            if one_phase and counters.segment[1] == 0:
-                # _pick_source's rule, inlined for the common case (one phase, segment begun).
-                since = position - counters.segment[0]
-                i, best = -1, 0
-                for j in active:
-                    lag = nums[j] * since - used[j] * den
-                    if i < 0 or lag > best:
-                        i, best = j, lag
+            if one_phase and counters.segment[1] == 0:  # the common case, without phase lookups
+                i = _most_lagging(nums, den, used, position - counters.segment[0])
             else:
                 i = _pick_source(spec, counters, position)
             k = taken[i]
@@ -466,13 +459,17 @@ def _pick_source(spec: MixSpec, counters: MixCounters, position: int) -> int:
         counters.used[:] = [0] * len(counters.used)
     phase = spec.phases[phase_index]
     since = position - counters.segment[0]
-    best, best_lag = -1, None
-    for i, num in enumerate(phase.numerators):
-        if not num:
-            continue
-        lag = num * since - counters.used[i] * phase.denominator
-        if best_lag is None or lag > best_lag:
-            best, best_lag = i, lag
+    return _most_lagging(phase.numerators, phase.denominator, counters.used, since)
+
+
+def _most_lagging(nums: Sequence[int], den: int, used: Sequence[int], since: int) -> int:
+    """Of the sources with weight, the one whose ``used`` lags ``num / den x since`` most."""
+    best, best_lag = -1, 0
+    for i, num in enumerate(nums):
+        if num:
+            lag = num * since - used[i] * den
+            if best < 0 or lag > best_lag:
+                best, best_lag = i, lag
     return best
 
 

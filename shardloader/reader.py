@@ -121,17 +121,15 @@ class ShardReader:
             ahead: Shards to start fetching in the background (the next ones to be read).
             keep: Decoded shards kept open between calls (the least recently used go first).
         """
-        decoded = self._open_ids(ids, ahead, keep)
+        decoded, owner = self._open_ids(ids, ahead, keep)
         names = ["id", "sample_id", *self._names[1:]]
-        owner = np.searchsorted(self._first, ids, side="right") - 1
         return list(self._slice(ids, owner, np.zeros(len(ids), bool), decoded, names))
 
     def token_lengths(
         self, ids: np.ndarray, field: str, *, ahead: Sequence[int] = (), keep: int = 4
     ) -> np.ndarray:
         """Token counts of the samples ``ids`` of token field ``field`` (int64)."""
-        decoded = self._open_ids(ids, ahead, keep)
-        owner = np.searchsorted(self._first, ids, side="right") - 1
+        decoded, owner = self._open_ids(ids, ahead, keep)
         out = np.empty(len(ids), np.int64)
         started = time.perf_counter()
         for shard in sorted(set(owner.tolist())):
@@ -143,7 +141,8 @@ class ShardReader:
 
     def _open_ids(
         self, ids: np.ndarray, ahead: Sequence[int], keep: int
-    ) -> dict[int, ShardColumns]:
+    ) -> tuple[dict[int, ShardColumns], np.ndarray]:
+        """Open (fetch, check, decode) the shards of ``ids``; return them and each id's shard."""
         if len(ids) and (ids.min() < 0 or ids.max() >= self._first[-1]):
             raise ValueError(f"sample ids out of range for {self._first[-1]} samples")
         owner = np.searchsorted(self._first, ids, side="right") - 1
@@ -159,7 +158,7 @@ class ShardReader:
             self._open[shard] = self._open.pop(shard)
         for shard in list(self._open)[: max(0, len(self._open) - max(keep, len(shards)))]:
             self._release(shard)
-        return decoded
+        return decoded, owner
 
     def _open_window(self, shards: list[int], ahead: Sequence[Window]) -> dict[int, ShardColumns]:
         for index in [i for i in self._open if i not in shards]:
