@@ -13,7 +13,7 @@ How it reaches DataLoader workers:
   copies of the dataset (``persistent_workers=True``), whether forked or spawned.
 - Rank and world size are never needed at construction. A forked worker inherits its parent's
   process group; for a spawned worker the rank's own process resolves them while pickling the
-  dataset (`shardloader.world.in_spawning_process`) and hands them over.
+  dataset (`shardloader.world.WorldSource`) and hands them over.
 
 Position: each process counts the samples it has yielded (``position``) in its worker's plan.
 `state_dict` returns that count with everything needed to plan the rest of the epoch; the
@@ -43,7 +43,7 @@ from shardloader.plan import EpochPlan, IdArray, PlanConfig, plan_epoch
 from shardloader.reader import ShardReader
 from shardloader.state import LoaderState, dataset_fingerprint
 from shardloader.tokenizer import TextTokenizer
-from shardloader.world import WorldInfo, detect_rank, detect_world, in_spawning_process
+from shardloader.world import WorldInfo, WorldSource, in_spawning_process
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if (rank is None) != (world_size is None):
-            raise ConfigError("pass both rank and world_size to ShardDataset, or neither")
         if config is not None and not isinstance(config, StreamConfig):
             raise ConfigError(f"config is a {type(config).__name__}; expected a StreamConfig")
         self.source = storage.normalize(source)
@@ -182,14 +180,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
             raise ConfigError(f"pack is a {type(pack).__name__}; expected a PackConfig")
         self.pack = pack
         self.tokenizer = TextTokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        self._rank = rank
-        self._world_size = world_size
+        self._world_source = WorldSource(rank, world_size)
         self._storage_options = dict(storage_options or {})
         self._manifest: Manifest | None = None
         self._spec: resume.RunSpec | None = None  # made once from the manifest
         self._epoch = _SharedEpoch(0)
         self._resume: LoaderState | None = None
-        self._handed_world: tuple[int, int] | None = None  # resolved by the spawning rank
         self._fetcher: Any = None
         # Fetch counters of this process's finished epochs (bytes_fetched, retries, ...).
         self.fetch_stats: dict[str, float] = {}
@@ -234,9 +230,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def world(self) -> WorldInfo:
         """This process's rank and worker, as iteration would see them now."""
-        if self._handed_world is not None:
-            return detect_world(*self._handed_world)
-        return detect_world(self._rank, self._world_size)
+        return self._world_source.world()
 
     def __len__(self) -> int:
         """Samples this rank reads in the current epoch (padding included).
@@ -370,9 +364,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
         state = self.__dict__.copy()
         state["_fetcher"] = None
         state["_reader"] = None
-        if in_spawning_process() and self._rank is None and self._handed_world is None:
-            # A spawned worker has no process group: resolve the world here, in the rank.
-            state["_handed_world"] = detect_rank()
         return state
 
     # --- position -----------------------------------------------------------------------

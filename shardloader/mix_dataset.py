@@ -49,7 +49,7 @@ from shardloader.mix_plan import (
 from shardloader.pack import PackConfig, PackedRow, collate_rows
 from shardloader.reader import ShardReader
 from shardloader.state import dataset_fingerprint
-from shardloader.world import WorldInfo, detect_rank, detect_world, in_spawning_process
+from shardloader.world import WorldInfo, WorldSource
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,6 @@ class MixDataset(torch.utils.data.IterableDataset):
             raise ConfigError(f"mixture is a {type(mixture).__name__}; expected a Mixture")
         if config is not None and not isinstance(config, StreamConfig):
             raise ConfigError(f"config is a {type(config).__name__}; expected a StreamConfig")
-        if (rank is None) != (world_size is None):
-            raise ConfigError("pass both rank and world_size to the dataset, or neither")
         if mixture.unit == "tokens":
             if pack is None:
                 raise ConfigError(
@@ -128,14 +126,13 @@ class MixDataset(torch.utils.data.IterableDataset):
 
             tokenizer = TextTokenizer(tokenizer)
         self.tokenizer = tokenizer
-        self._rank, self._world_size = rank, world_size
+        self._world_source = WorldSource(rank, world_size)
         self._storage_options = dict(storage_options or {})
         self.batch_size = batch_size
         self._manifests: list[Manifest] | None = None
         self._spec: MixSpec | None = None
         self._fingerprint: str | None = None
         self._start: MixCounters | None = None  # where the next iteration begins
-        self._handed_world: tuple[int, int] | None = None
         self._fetcher: Any = None
         # Seconds of this process per stage (see `stage_seconds`): ended readers', then live ones.
         self._stages = {"fetch_wait": 0.0, "decode": 0.0, "pack": 0.0, "collate": 0.0}
@@ -195,9 +192,7 @@ class MixDataset(torch.utils.data.IterableDataset):
 
     def world(self) -> WorldInfo:
         """This process's rank and worker, as iteration would see them now."""
-        if self._handed_world is not None:
-            return detect_world(*self._handed_world)
-        return detect_world(self._rank, self._world_size)
+        return self._world_source.world()
 
     @property
     def epoch(self) -> int:
@@ -429,8 +424,6 @@ class MixDataset(torch.utils.data.IterableDataset):
         state = self.__dict__.copy()
         state["_fetcher"] = None
         state["_readers"] = []
-        if in_spawning_process() and self._rank is None and self._handed_world is None:
-            state["_handed_world"] = detect_rank()
         return state
 
     # --- state --------------------------------------------------------------------------

@@ -8,8 +8,9 @@ may be made before ``init_process_group``. `launch_env` gives a training script 
 launcher said (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), before any process group exists.
 
 DataLoader workers have no process group of their own: a forked worker inherits its parent's,
-while a spawned one does not. `ShardDataset` therefore resolves the world in the rank's own
-process when it is pickled for a spawned worker (`in_spawning_process`) and hands it over.
+while a spawned one does not. A dataset therefore keeps its rank in a `WorldSource`, which
+resolves the world in the rank's own process when it is pickled for a spawned worker
+(`in_spawning_process`) and hands it over.
 """
 
 from __future__ import annotations
@@ -74,6 +75,40 @@ def detect_world(rank: int | None = None, world_size: int | None = None) -> Worl
     return WorldInfo(
         rank=rank, world_size=world_size, worker_id=info.id, num_workers=info.num_workers
     )
+
+
+class WorldSource:
+    """Where a dataset's rank comes from: what the user passed, else detected when iterating.
+
+    Pickled for a spawned DataLoader worker (which has no process group), it resolves rank and
+    world size in the rank's own process and hands them over; a forked worker inherits the
+    process group, so it detects them itself.
+
+    Args:
+        rank: The rank the user passed, or ``None`` to detect it; pass with ``world_size``.
+        world_size: The world size the user passed, or ``None``.
+
+    Raises:
+        ConfigError: Only one of ``rank`` and ``world_size`` was passed.
+    """
+
+    def __init__(self, rank: int | None = None, world_size: int | None = None) -> None:
+        if (rank is None) != (world_size is None):
+            raise ConfigError("pass both rank and world_size to the dataset, or neither")
+        self._rank, self._world_size = rank, world_size
+        self._handed: tuple[int, int] | None = None  # resolved by the spawning rank
+
+    def world(self) -> WorldInfo:
+        """This process's rank and worker, as iteration would see them now."""
+        if self._handed is not None:
+            return detect_world(*self._handed)
+        return detect_world(self._rank, self._world_size)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        if in_spawning_process() and self._rank is None and self._handed is None:
+            state["_handed"] = detect_rank()  # a spawned worker has no process group
+        return state
 
 
 @dataclass(frozen=True, slots=True)
