@@ -157,13 +157,13 @@ class ChatRenderer:
             if not messages:  # transformers refuses an empty conversation: render it directly
                 from transformers.utils.chat_template_utils import render_jinja_template
 
-                texts, _ = render_jinja_template(
+                result: Any = render_jinja_template(  # (texts, generation indices)
                     conversations=[[]],
                     chat_template=self.template,
                     add_generation_prompt=prompt,
                     **self.tokenizer.special_tokens_map,
                 )
-                return str(texts[0])
+                return str(result[0][0])
             text = self.tokenizer.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=prompt
             )
