@@ -17,8 +17,11 @@ whatever the template writes.
 Trained tokens travel as ``loss_spans``: sorted, non-overlapping ``[start, end)`` token ranges
 (`mask_to_spans`), checked as hostile input when read back (`spans_to_mask`).
 
-Cost (2-core box, ``python -m tools.bench.convert --tasks chat``): a render is ~20 us of Jinja per
-call, ``1 + 2 * assistant turns`` calls per conversation; tokenizing the text dominates.
+Cost (one core of a busy 2-core box, 338 conversations of ~3 KB with two assistant turns): the
+renders take ~0.1 s (~20 us of Jinja per call, ``1 + 2 * assistant turns`` calls per
+conversation), tokenizing with offsets ~0.3-0.4 s, against ~0.4 s for the tokenizer alone on the
+turns' text; end to end, ``python -m tools.bench.convert --tasks chat`` measured conversion at
+about the tokenizer-alone bound (the box was too busy to tell them apart).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -469,6 +470,15 @@ def test_many_processes_give_the_same_bytes_as_one(tmp_path, default_tok_dir):
         runs[num_proc] = published(out)
     assert runs[1] == runs[2]
     assert len(runs[1]) > 5  # the manifest and several shards
+    # A crash inside task 2 (record and manifest gone, a shard cut short): the rerun redoes it.
+    out = tmp_path / "out-1"
+    (out / "_manifest.json").unlink()
+    (out / "_work" / "task-00002.json").unlink()
+    shard = sorted(out.glob("shard-00002-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = shardloader.convert(str(root), replace(config, output=str(out)))
+    assert result.tasks_run == 1
+    assert published(out) == runs[1]
 
 
 def test_template_is_recorded_and_a_different_one_is_refused(
