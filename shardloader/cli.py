@@ -73,7 +73,9 @@ def _print_result(r: ConvertResult) -> None:
 
 def _print_manifest(m: Manifest) -> None:
     payload = (
-        "token ids"
+        "chat token ids with loss spans"
+        if "loss_spans" in m.fields
+        else "token ids"
         if m.tokenized
         else "chat messages"
         if list(m.fields)[1:2] == ["messages"]
@@ -107,6 +109,11 @@ def _inspect(args: argparse.Namespace) -> int:
         print(
             f"  tokenizer: {m.tokenizer['fingerprint'][:23]}… vocab {m.tokenizer['vocab_size']}, "
             f"dtype {m.token_dtype}"
+            + (
+                f", chat template {m.tokenizer['chat_template'][:23]}…"
+                if m.tokenizer.get("chat_template")
+                else ""
+            )
         )
     print(f"  sources: {len(m.sources)} files; created by {m.created_by}")
     sizes = [s.num_samples for s in m.shards]
@@ -178,7 +185,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from shardloader.sources import BadRecords, RecordSpec, read_documents
     from shardloader.storage import list_files
-    from shardloader.tokenizer import train_bpe_tokenizer
+    from shardloader.tokenizer import CHAT_SPECIAL_TOKENS, train_bpe_tokenizer
 
     files = list_files(args.inputs)
     spec = RecordSpec(text_field=args.text_field, id_field=None)
@@ -194,8 +201,17 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
                 if budget <= 0:
                     return
 
-    path = train_bpe_tokenizer(texts(), args.output, vocab_size=args.vocab_size)
+    chat = args.chat_template == "default"
+    path = train_bpe_tokenizer(texts(), args.output, vocab_size=args.vocab_size, chat_template=chat)
     print(f"tokenizer written to {path} (vocab {args.vocab_size}, byte-level BPE)")
+    if chat:
+        print(
+            "  chat template: the default (ChatML-like, special tokens "
+            f"{' '.join(CHAT_SPECIAL_TOKENS)}) in tokenizer_config.json; "
+            "--chat-template none leaves it out"
+        )
+    else:
+        print("  chat template: none (--chat-template none)")
     if bad.total:
         print(f"  skipped records: {dict(bad.counts)}")
     return 0
@@ -333,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on at most this much text (default 200MiB)",
     )
     p.add_argument("--on-bad-record", default="raise", choices=["raise", "skip"])
+    p.add_argument(
+        "--chat-template",
+        default="default",
+        choices=["default", "none"],
+        help="write a default ChatML-like chat template (and its special tokens) into "
+        "tokenizer_config.json, so convert can render chat data offline (default: default)",
+    )
     p = sub.add_parser(
         "profile",
         help="time each stage of reading a dataset (or a mixture) here; name the bottleneck",

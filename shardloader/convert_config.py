@@ -24,20 +24,36 @@ from shardloader.sources import (
 MiB = 1 << 20
 
 
-def check_chat_settings(tokenizer: str | None, keep_fields: dict[str, str]) -> None:
-    """Refuse settings that do not go with chat data (stored as a ``messages`` field).
+def check_chat_settings(config: ConvertConfig) -> None:
+    """Refuse settings that do not go with chat data.
+
+    Without a tokenizer chat data is stored as a ``messages`` field; with one it is rendered with
+    the tokenizer's chat template into ``input_ids`` and ``loss_spans``, and BOS / EOS are
+    whatever the template writes (``add_eos`` does not apply).
 
     Raises:
-        ConfigError: A tokenizer (rendering at conversion is not supported yet), or a kept field
-            named ``messages``.
+        ConfigError: A kept field named ``messages``, or ``add_bos`` with a tokenizer.
     """
-    if tokenizer:
-        raise ConfigError(
-            "chat data is stored as messages; pass the tokenizer to the loader/train "
-            "(ShardDataset(..., tokenizer=...)) instead of --tokenizer"
-        )
-    if "messages" in keep_fields:
+    if "messages" in parse_keep_fields(config.keep_fields):
         raise ConfigError("keep_fields: 'messages' is where chat data is stored; do not keep it")
+    if config.tokenizer and config.add_bos:
+        raise ConfigError(
+            "add_bos: chat data is rendered with the tokenizer's chat template, which writes BOS "
+            "and EOS itself; drop --add-bos (or use a template that writes BOS)"
+        )
+
+
+def check_text_settings(config: ConvertConfig) -> None:
+    """Refuse chat-only settings for text data.
+
+    Raises:
+        ConfigError: ``max_prompt_tokens`` with text data.
+    """
+    if config.max_prompt_tokens is not None:
+        raise ConfigError(
+            "max_prompt_tokens: applies to chat data only (the tokens before the first assistant "
+            "turn), and this corpus is text; drop it or choose a chat shape with --schema"
+        )
 
 
 def _none_if_empty(text: str) -> str | None:
@@ -94,7 +110,9 @@ class ConvertConfig:
         "(string, int64, float64, bool, json)",
     )
     tokenizer: str | None = option(
-        None, "tokenizer.json or a local Hugging Face tokenizer directory: store token ids"
+        None,
+        "tokenizer.json or a local Hugging Face tokenizer directory: store token ids (chat data: "
+        "rendered with the directory's chat template, with loss_spans over the assistant turns)",
     )
     eos_token: str | None = option(None, "override the tokenizer's end-of-document token")
     bos_token: str | None = option(None, "override the tokenizer's beginning-of-document token")
@@ -102,6 +120,11 @@ class ConvertConfig:
         True, "append EOS to tokenized documents (--no-eos: do not)", negative="--no-eos"
     )
     add_bos: bool = option(False, "prepend BOS to tokenized documents")
+    max_prompt_tokens: int | None = option(
+        None,
+        "chat data with --tokenizer: a conversation with more tokens than this before its first "
+        "assistant turn is a bad record (prompt_too_long)",
+    )
     on_bad_record: str = option(
         "raise",
         "raise: stop at the first bad record; skip: count and skip it",
@@ -144,13 +167,28 @@ class ConvertConfig:
             )
         if self.schema not in SCHEMAS:
             raise ConfigError(f"schema {self.schema!r}; use one of {', '.join(SCHEMAS)}")
-        keep = parse_keep_fields(self.keep_fields)  # validates
+        parse_keep_fields(self.keep_fields)  # validates
+        if self.max_prompt_tokens is not None:
+            if self.max_prompt_tokens <= 0:
+                raise ConfigError(
+                    f"max_prompt_tokens must be positive, got {self.max_prompt_tokens}"
+                )
+            if not self.tokenizer:
+                raise ConfigError(
+                    "max_prompt_tokens counts tokens, so it needs a tokenizer; pass --tokenizer "
+                    "(a directory with a chat template)"
+                )
         if self.schema in CHAT_SCHEMAS:
-            check_chat_settings(self.tokenizer, keep)
+            check_chat_settings(self)
+        elif self.schema == "text":
+            check_text_settings(self)
 
     def output_settings(self, tokenizer_fingerprint: str | None) -> dict[str, Any]:
-        """The settings that shape the output (recorded in the manifest and the work plan)."""
-        return {
+        """The settings that shape the output (recorded in the manifest and the work plan).
+
+        ``max_prompt_tokens`` appears only when set, so other conversions keep their fingerprint.
+        """
+        settings = {
             "format": self.format,
             "compression": self.compression,
             "compression_level": self.compression_level,
@@ -167,3 +205,6 @@ class ConvertConfig:
             "add_bos": self.add_bos if tokenizer_fingerprint else None,
             "on_bad_record": self.on_bad_record,
         }
+        if self.max_prompt_tokens is not None:
+            settings["max_prompt_tokens"] = self.max_prompt_tokens
+        return settings

@@ -14,13 +14,14 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shardloader import storage
-from shardloader.convert_config import ConvertConfig, check_chat_settings
+from shardloader.chat_template import ChatRenderer, load_chat_tokenizer
+from shardloader.convert_config import ConvertConfig, check_chat_settings, check_text_settings
 from shardloader.errors import ConfigError, CorpusError
-from shardloader.sources import CHAT_SCHEMAS, detect_file_schema, parse_keep_fields
+from shardloader.sources import CHAT_SCHEMAS, detect_file_schema
 from shardloader.storage import InputFile
 from shardloader.tokenizer import TextTokenizer
 
@@ -113,14 +114,22 @@ def make_plan(config: ConvertConfig, inputs: Sequence[str]) -> tuple[dict[str, A
     schema = config.schema
     if schema == "auto":  # the corpus's first record decides, for every task
         schema = detect_file_schema(files[0], config.text_field, config.max_record_bytes)
-    if schema in CHAT_SCHEMAS:
-        check_chat_settings(config.tokenizer, parse_keep_fields(config.keep_fields))
+    chat = schema in CHAT_SCHEMAS
+    if chat:
+        check_chat_settings(config)
+    else:
+        check_text_settings(config)
     info = None
     if config.tokenizer:  # loaded here so a bad tokenizer fails before any work starts
         info = TextTokenizer(
             config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token
         ).info
+        if chat:  # the template's text is part of what the shards depend on
+            renderer = ChatRenderer(load_chat_tokenizer(config.tokenizer), config.tokenizer)
+            info = replace(info, chat_template=renderer.template_hash)
     settings = {**config.output_settings(info.fingerprint if info else None), "schema": schema}
+    if chat and info is not None:  # the template writes BOS and EOS
+        settings.update(add_eos=None, add_bos=None, chat_template=info.chat_template)
     tasks = plan_tasks(files, config.task_bytes)
     plan: dict[str, Any] = {
         "version": 1,

@@ -3,9 +3,11 @@
 A clean JSONL file is parsed whole by pyarrow's JSON reader (`read_jsonl_table`); without a
 tokenizer its table is written as it is. Otherwise the documents (from that table, or from the
 line-by-line reader, which finds and reports bad records) are written one by one, or encoded in
-batches first when there is a tokenizer. Every path gives the same bytes. `ShardSeries` cuts the
-samples into shards; the completion record ``_work/task-{task}.json`` is written last, so a task
-with a record is finished.
+batches first when there is a tokenizer. Chat data with a tokenizer is rendered with its chat
+template (`shardloader.chat_template.ChatRenderer`) and stored as ``input_ids`` plus
+``loss_spans``, the token ranges of the assistant turns. Every path gives the same bytes.
+`ShardSeries` cuts the samples into shards; the completion record ``_work/task-{task}.json`` is
+written last, so a task with a record is finished.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
+from shardloader.chat_template import ChatRenderer, load_chat_tokenizer, mask_to_spans
 from shardloader.convert_config import ConvertConfig
 from shardloader.convert_plan import Task
+from shardloader.errors import CorpusError
 from shardloader.formats.series import ShardSeries
 from shardloader.manifest import ShardInfo
 from shardloader.sources import (
@@ -55,11 +59,14 @@ def shard_fields(
 ) -> dict[str, str]:
     """The shards' fields (name -> kind), as the manifest records them.
 
-    Chat records (any ``schema`` but ``text``) are stored as ``messages``, a ``json`` field.
+    Chat records (any ``schema`` but ``text``) are stored as ``messages``, a ``json`` field, or
+    tokenized as ``input_ids`` plus ``loss_spans`` (``json``: ``[start, end)`` token ranges).
     """
     payload = {"input_ids": "tokens"} if tokenized else {"text": "string"}
     if schema in CHAT_SCHEMAS:
-        payload = {"messages": "json"}
+        payload = (
+            {"input_ids": "tokens", "loss_spans": "json"} if tokenized else {"messages": "json"}
+        )
     return {"id": "string", **payload, **parse_keep_fields(tuple(keep_fields))}
 
 
@@ -141,6 +148,64 @@ def _write_tokens(
     return num_docs, num_bytes
 
 
+def _write_chats(
+    docs: Iterable[Document],
+    series: ShardSeries,
+    progress: _Throttle,
+    renderer: ChatRenderer,
+    *,
+    dtype: str,
+    bad: BadRecords,
+    max_prompt_tokens: int | None,
+) -> tuple[int, int]:
+    """The chat path: render conversations, encode them in batches, write ids and loss spans.
+
+    A conversation the template cannot render (``template_error``) or whose prompt is over
+    ``max_prompt_tokens`` (``prompt_too_long``) is a bad record. Returns (documents written,
+    text bytes).
+    """
+    pending: list[tuple[Document, Any]] = []
+    pending_bytes = num_docs = num_bytes = 0
+
+    def flush() -> int:
+        written = 0
+        encoded = renderer.encode([rendered for _, rendered in pending])
+        for (doc, _), (ids, mask) in zip(pending, encoded, strict=True):
+            spans = mask_to_spans(mask)
+            prompt = spans[0][0] if spans else len(ids)
+            if max_prompt_tokens is not None and prompt > max_prompt_tokens:
+                bad.report(
+                    "prompt_too_long",
+                    doc.where,
+                    f"{prompt} tokens before the first assistant turn, over --max-prompt-tokens "
+                    f"{max_prompt_tokens}",
+                    remedy="raise the limit",
+                )
+                continue
+            series.write(doc.id, ids.astype(dtype), {"loss_spans": spans, **(doc.fields or {})})
+            written += 1
+        pending.clear()
+        return written
+
+    for doc in docs:
+        size = len(doc.text.encode("utf-8"))
+        num_bytes += size
+        progress.add(1, size)
+        try:
+            rendered = renderer.render_turns(json.loads(doc.text), doc.where)
+        except CorpusError as err:
+            bad.report("template_error", doc.where, str(err).removeprefix(f"{doc.where}: "))
+            continue
+        pending.append((doc, rendered))
+        pending_bytes += size
+        if len(pending) >= TOKENIZE_BATCH_DOCS or pending_bytes >= TOKENIZE_BATCH_BYTES:
+            num_docs += flush()
+            pending_bytes = 0
+    if pending:
+        num_docs += flush()
+    return num_docs, num_bytes
+
+
 def _convert_file(
     source: InputFile,
     series: ShardSeries,
@@ -148,6 +213,7 @@ def _convert_file(
     *,
     config: ConvertConfig,
     tokenizer: TextTokenizer | None,
+    renderer: ChatRenderer | None,
     spec: RecordSpec,
     bad: BadRecords,
     fast_jsonl: bool,
@@ -171,7 +237,17 @@ def _convert_file(
             if table is not None
             else read_documents(source, spec=spec, bad=bad, stats=stats, max_record_bytes=limit)
         )
-        if tokenizer is not None:
+        if renderer is not None and tokenizer is not None:
+            num_docs, text_bytes = _write_chats(
+                docs,
+                series,
+                progress,
+                renderer,
+                dtype=tokenizer.info.dtype,
+                bad=bad,
+                max_prompt_tokens=config.max_prompt_tokens,
+            )
+        elif tokenizer is not None:
             num_docs, text_bytes = _write_tokens(docs, series, progress, tokenizer, config)
         else:
             num_docs, text_bytes = _write_texts(docs, series, progress)
@@ -255,6 +331,9 @@ def run_task(
     schema = config.schema
     if schema == "auto":  # convert() passes the plan's shape; alone, the task's first file says
         schema = detect_file_schema(task.files[0], config.text_field, config.max_record_bytes)
+    renderer = None
+    if tokenizer is not None and schema in CHAT_SCHEMAS:
+        renderer = ChatRenderer(load_chat_tokenizer(config.tokenizer or ""), config.tokenizer)
     series = ShardSeries(
         out,
         config,
@@ -279,6 +358,7 @@ def run_task(
                 progress,
                 config=config,
                 tokenizer=tokenizer,
+                renderer=renderer,
                 spec=spec,
                 bad=bad,
                 fast_jsonl=fast_jsonl,

@@ -3,7 +3,9 @@
 A sample is a dict from the reader. Its kind follows from its fields, checked in this order:
 
 - ``input_ids`` (tokenized shards): used as they are; conversion already appended EOS (and BOS
-  with ``--add-bos``), so nothing is added here.
+  with ``--add-bos``), so nothing is added here. Chat data rendered at conversion also carries
+  ``loss_spans`` (``[start, end)`` token ranges of the assistant turns), which become the loss
+  mask; they are checked as hostile input (`shardloader.chat_template.check_loss_spans`).
 - ``messages`` (a chat: a list of ``{"role", "content"}``): rendered with the tokenizer's chat
   template; only the assistant turns get a loss.
 - ``prompt`` and ``response``: rendered as a two-turn chat (user, assistant) when the tokenizer has
@@ -15,18 +17,14 @@ A sample is a dict from the reader. Its kind follows from its fields, checked in
 
 Texts are encoded in one batched call per group of samples (Rust-side parallel in ``tokenizers``).
 
-Chat templates: a conversation is rendered once per assistant turn, without and with that turn,
-and the turn's characters are the difference (``render(turns[:i], add_generation_prompt=True)``
-must be a prefix of ``render(turns[:i + 1])``; templates that rewrite earlier turns are refused).
-The whole conversation is then tokenized once with offsets, and every token that overlaps an
-assistant turn's characters gets a loss, so the ids are exactly what inference would see. What
-the template writes after the content (an end-of-turn token, a newline) belongs to the turn: the
-model learns to end its answer. BOS / EOS are whatever the template writes.
+Chat templates are rendered by `shardloader.chat_template.ChatRenderer` (its module docstring
+gives the algorithm), the same code ``shardloader convert --tokenizer`` renders chat data with, so
+shards rendered at conversion and ``messages`` rendered here give the same ids and masks.
 
 The tokenizer is a :class:`shardloader.TextTokenizer` or a Hugging Face fast tokenizer
 (``transformers.AutoTokenizer.from_pretrained(dir, local_files_only=True)``); only the latter
-carries a chat template. :func:`shardloader.tokenizer.check_tokenizer` compares its fingerprint with
-a manifest's.
+renders chat templates. :func:`shardloader.tokenizer.check_tokenizer` compares its fingerprint
+(and chat template) with a manifest's.
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from shardloader.chat_template import ChatRenderer, spans_to_mask, template_text
 from shardloader.errors import ConfigError, CorpusError
 
 # check_tokenizer and tokenizer_fingerprint live in shardloader.tokenizer; dataset.py still imports
@@ -86,12 +85,21 @@ def _token_array(sample: Mapping[str, Any]) -> np.ndarray:
     return array
 
 
+def _token_doc(sample: Mapping[str, Any]) -> EncodedDoc:
+    """A tokenized sample: its ids, and its ``loss_spans`` (checked) as the mask if it has them."""
+    ids = _token_array(sample)
+    if "loss_spans" not in sample:
+        return EncodedDoc(ids, None)
+    return EncodedDoc(ids, spans_to_mask(sample["loss_spans"], len(ids), _describe(sample)))
+
+
 def encode_token_samples(samples: Sequence[Mapping[str, Any]]) -> list[EncodedDoc]:
-    """The encoder for tokenized shards: take each sample's ``input_ids`` as they are.
+    """The encoder for tokenized shards: each sample's ``input_ids``, masked by ``loss_spans``.
 
     Raises:
-        CorpusError: A sample has no ``input_ids`` (text shards need a tokenizer) or they are not
-            a 1-D integer array.
+        CorpusError: A sample has no ``input_ids`` (text shards need a tokenizer), they are not
+            a 1-D integer array, or its ``loss_spans`` are malformed (not ``[start, end]``
+            integer pairs within the ids, sorted and non-overlapping).
     """
     docs = []
     for sample in samples:
@@ -99,7 +107,7 @@ def encode_token_samples(samples: Sequence[Mapping[str, Any]]) -> list[EncodedDo
             raise CorpusError(
                 f"{_describe(sample)}: no input_ids; pass a tokenizer to pack text or SFT samples"
             )
-        docs.append(EncodedDoc(_token_array(sample), None))
+        docs.append(_token_doc(sample))
     return docs
 
 
@@ -108,6 +116,7 @@ class _Backend:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._renderer: ChatRenderer | None = None
         if isinstance(tokenizer, TextTokenizer):
             self.name = tokenizer.path
             self.eos_id, self.bos_id = tokenizer.eos_id, tokenizer.bos_id
@@ -118,7 +127,7 @@ class _Backend:
             self.eos_id = tokenizer.eos_token_id
             self.bos_id = tokenizer.bos_token_id
             self.rust = tokenizer.backend_tokenizer
-            self.chat_template = getattr(tokenizer, "chat_template", None)
+            self.chat_template = template_text(getattr(tokenizer, "chat_template", None))
         else:
             raise ConfigError(
                 f"tokenizer {type(tokenizer).__name__} is neither a shardloader.TextTokenizer nor"
@@ -134,18 +143,11 @@ class _Backend:
         encode = getattr(self.rust, "encode_batch_fast", self.rust.encode_batch)
         return [np.array(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
 
-    def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        encodings = self.rust.encode_batch(texts, add_special_tokens=False)
-        return [
-            (np.array(e.ids, dtype=np.int64), np.array(e.offsets, dtype=np.int64).reshape(-1, 2))
-            for e in encodings
-        ]
-
-    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool) -> str:
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return str(text)
+    def renderer(self) -> ChatRenderer:
+        """The chat renderer of a Hugging Face tokenizer with a template (made on first use)."""
+        if self._renderer is None:
+            self._renderer = ChatRenderer(self.tokenizer, self.name)
+        return self._renderer
 
     def special(self, token_id: int | None, what: str, option: str) -> list[int]:
         if token_id is None:
@@ -190,7 +192,7 @@ class SampleEncoder:
         pairs: list[int] = []
         for i, sample in enumerate(samples):
             if "input_ids" in sample:
-                docs[i] = EncodedDoc(_token_array(sample), None)
+                docs[i] = _token_doc(sample)
             elif "messages" in sample:
                 chats.append(i)
             elif "prompt" in sample and "response" in sample:
@@ -267,15 +269,11 @@ class SampleEncoder:
                 f" template, and {backend.name} has none; load it with transformers.AutoTokenizer"
                 " and set tokenizer.chat_template"
             )
-        rendered = [_render_turns(backend, sample) for sample in samples]
-        encoded = backend.encode_with_offsets([text for text, _ in rendered])
-        docs = []
-        for (_, spans), (ids, offsets) in zip(rendered, encoded, strict=True):
-            mask = np.zeros(len(ids), dtype=bool)
-            for start, end in spans:
-                mask |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-            docs.append(EncodedDoc(ids, mask))
-        return docs
+        renderer = backend.renderer()
+        rendered = [
+            renderer.render_turns(_messages(sample), _describe(sample)) for sample in samples
+        ]
+        return [EncodedDoc(ids, mask) for ids, mask in renderer.encode(rendered)]
 
 
 def _text(sample: Mapping[str, Any], field: str) -> str:
@@ -301,27 +299,3 @@ def _messages(sample: Mapping[str, Any]) -> list[Mapping[str, Any]]:
             f"{_describe(sample)}: messages must be a list of {{role, content}} dicts"
         )
     return list(messages)
-
-
-def _render_turns(
-    backend: _Backend, sample: Mapping[str, Any]
-) -> tuple[str, list[tuple[int, int]]]:
-    """Render a chat; return the text and the character spans of its assistant turns."""
-    messages = _messages(sample)
-    full = backend.render(messages, add_generation_prompt=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = backend.render(messages[:i], add_generation_prompt=True)
-        upto = backend.render(messages[: i + 1], add_generation_prompt=False)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise ConfigError(
-                f"{_describe(sample)}: the chat template renders turn {i} differently once later"
-                " turns follow, so its tokens cannot be found; use a template whose renderings"
-                " of a conversation's prefixes are prefixes of its rendering"
-            )
-        spans.append((len(before), len(upto)))
-    if not spans:
-        raise CorpusError(f"{_describe(sample)}: no assistant turn, so nothing to learn from")
-    return full, spans

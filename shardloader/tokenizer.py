@@ -9,6 +9,10 @@ The fingerprint is the sha256 of the vocabulary (token -> id, added tokens inclu
 added tokens are special: two tokenizers with the same fingerprint map ids to the same strings.
 Which token plays EOS or BOS is recorded beside it, not in it, so loading ``tokenizer.json`` alone
 or its directory (with ``tokenizer_config.json``) gives the same fingerprint.
+
+Shards of chat data rendered at conversion also record the sha256 of the chat template's text
+(`TokenizerInfo.chat_template`); `check_tokenizer` then refuses a tokenizer with another template.
+`train_bpe_tokenizer` can write `DEFAULT_CHAT_TEMPLATE`, a ChatML-like template.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from shardloader.chat_template import read_chat_template, template_hash, template_text
 from shardloader.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,6 +41,22 @@ log = logging.getLogger(__name__)
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 BOS_CANDIDATES = ("<s>", "<bos>", "<|begin_of_text|>")
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+# ChatML-like: "<|im_start|>{role}\n{content}<|im_end|>\n" per turn. The assistant's content and
+# end of turn sit in {% generation %}, so transformers' apply_chat_template(...,
+# return_assistant_tokens_mask=True) marks the tokens shardloader trains on; the generation prompt
+# is the assistant header, so renderings of a conversation's prefixes are prefixes of it.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>\\n' }}{%- endgeneration %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +69,7 @@ class TokenizerInfo:
     bos_id: int | None
     eos_token: str | None
     bos_token: str | None
+    chat_template: str | None = None  # sha256 of the template, for chat rendered at conversion
 
     @property
     def dtype(self) -> str:
@@ -55,8 +77,8 @@ class TokenizerInfo:
         return "uint16" if self.vocab_size <= 1 << 16 else "uint32"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for the manifest."""
-        return {
+        """JSON-ready form for the manifest (``chat_template`` only when set)."""
+        out: dict[str, Any] = {
             "fingerprint": self.fingerprint,
             "vocab_size": self.vocab_size,
             "eos_id": self.eos_id,
@@ -64,6 +86,9 @@ class TokenizerInfo:
             "eos_token": self.eos_token,
             "bos_token": self.bos_token,
         }
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        return out
 
 
 def _special(config: dict[str, Any], key: str) -> str | None:
@@ -88,6 +113,9 @@ class TextTokenizer:
     ) -> None:
         self.path = str(path)
         p = Path(path)
+        # The directory's chat template (None for a bare tokenizer.json): checked against shards
+        # rendered at conversion; rendering itself needs a transformers tokenizer.
+        self.chat_template = read_chat_template(p)
         config: dict[str, Any] = {}
         if p.is_dir():
             config_file = p / "tokenizer_config.json"
@@ -212,6 +240,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return _fingerprint(vocab, special)
 
 
+def tokenizer_chat_template(tokenizer: Any) -> str | None:
+    """The chat template text of a TextTokenizer (from its directory) or Hugging Face tokenizer."""
+    if isinstance(tokenizer, TextTokenizer):
+        return tokenizer.chat_template
+    return template_text(getattr(tokenizer, "chat_template", None))
+
+
 def _tokenizer_name(tokenizer: Any) -> str:
     if isinstance(tokenizer, TextTokenizer):
         return tokenizer.path
@@ -221,7 +256,9 @@ def _tokenizer_name(tokenizer: Any) -> str:
 def check_tokenizer(manifest: Manifest, tokenizer: Any, *, where: str = "dataset") -> None:
     """Refuse a tokenizer whose fingerprint differs from the one the shards were tokenized with.
 
-    Text shards (no tokenizer in the manifest) accept any tokenizer.
+    Text shards (no tokenizer in the manifest) accept any tokenizer. Chat shards rendered at
+    conversion also record their chat template's sha256: a tokenizer with another template (or
+    none) is refused too.
 
     Args:
         manifest: The manifest of the shards.
@@ -230,7 +267,7 @@ def check_tokenizer(manifest: Manifest, tokenizer: Any, *, where: str = "dataset
         where: The dataset URL, for the message.
 
     Raises:
-        ConfigError: The fingerprints differ; the message names both.
+        ConfigError: The fingerprints or chat templates differ; the message names both.
     """
     if not manifest.tokenizer:
         return
@@ -242,6 +279,18 @@ def check_tokenizer(manifest: Manifest, tokenizer: Any, *, where: str = "dataset
             f" {_tokenizer_name(tokenizer)} has fingerprint {actual}; use the tokenizer the"
             " shards were converted with"
         )
+    expected_template = manifest.tokenizer.get("chat_template")
+    if expected_template is None:
+        return
+    text = tokenizer_chat_template(tokenizer)
+    actual_template = template_hash(text) if text is not None else None
+    if actual_template != expected_template:
+        has = f"chat template {actual_template}" if actual_template else "no chat template"
+        raise ConfigError(
+            f"{where}: shards were rendered with the chat template {expected_template}, but"
+            f" {_tokenizer_name(tokenizer)} has {has}; use the tokenizer (and template) the"
+            " shards were converted with, or reconvert them"
+        )
 
 
 def train_bpe_tokenizer(
@@ -251,6 +300,7 @@ def train_bpe_tokenizer(
     vocab_size: int = 8192,
     min_frequency: int = 2,
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    chat_template: bool = False,
 ) -> str:
     """Train a byte-level BPE tokenizer on ``texts`` and save it as a Hugging Face directory.
 
@@ -259,9 +309,15 @@ def train_bpe_tokenizer(
     ``transformers.AutoTokenizer.from_pretrained(dir)`` load it offline. Byte-level BPE decodes
     back to the exact input text.
 
+    With ``chat_template``, `DEFAULT_CHAT_TEMPLATE` goes into ``tokenizer_config.json`` and its
+    markup tokens (`CHAT_SPECIAL_TOKENS`) are added as special tokens.
+
     Returns:
         The path of the written ``tokenizer.json``.
     """
+    special_tokens = list(special_tokens)
+    if chat_template:
+        special_tokens += [t for t in CHAT_SPECIAL_TOKENS if t not in special_tokens]
     if vocab_size < 256 + len(special_tokens):
         raise ConfigError(f"vocab_size {vocab_size} is too small; byte-level BPE needs >= 260")
     tok = tokenizers.Tokenizer(models.BPE())
@@ -290,6 +346,8 @@ def train_bpe_tokenizer(
         "model_max_length": 1_000_000_000,
         "clean_up_tokenization_spaces": False,
     }
+    if chat_template:
+        config["chat_template"] = DEFAULT_CHAT_TEMPLATE
     with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return path

@@ -6,17 +6,22 @@ import json
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
 import shardloader
 from shardloader import ConfigError, ConvertConfig, CorpusError
+from shardloader.chat_template import mask_to_spans, template_hash
 from shardloader.pack import PackConfig
-from tests.conftest import write_jsonl, write_parquet
+from shardloader.pack_encode import SampleEncoder, encode_token_samples
+from shardloader.tokenizer import check_tokenizer
+from tests.conftest import published, write_jsonl, write_parquet
 from tests.test_pack_encode import CHAT, CHAT_TEMPLATE
 
 MESSAGES = CHAT  # system, user, assistant, user, assistant; non-ASCII text
@@ -190,12 +195,11 @@ def test_cli_schema_flag(tmp_path):
     assert read_back(tmp_path)[0]["messages"] == [user("p"), bot("r")]
 
 
-def test_tokenizer_with_chat_data_is_refused(tmp_path, tokenizer_dir):
+def test_tokenizer_without_a_chat_template_is_refused_by_name(tmp_path, tokenizer_dir):
     records = [{"messages": [user("q"), bot("a")]}]
-    with pytest.raises(ConfigError, match="pass the tokenizer to the loader/train"):
+    with pytest.raises(ConfigError) as info:
         convert(tmp_path, records, tokenizer=str(tokenizer_dir))
-    with pytest.raises(ConfigError, match="pass the tokenizer to the loader/train"):
-        ConvertConfig(output="x", schema="messages", tokenizer=str(tokenizer_dir))
+    assert str(info.value).startswith(f"{tokenizer_dir}: the tokenizer has no chat template")
     with pytest.raises(ConfigError, match="'messages' is where chat data is stored"):
         ConvertConfig(output="x", schema="messages", keep_fields=("messages:json",))
 
@@ -358,3 +362,207 @@ def test_end_to_end_pack_trains_only_assistant_replies(tmp_path, chat_tokenizer)
         for prompt in prompts:
             assert prompt in rows
             assert prompt not in text
+
+
+# --- chat rendered at conversion (--tokenizer with a chat template) ---------------------------
+
+
+def _tokenizer_with_template(out: Path, template: str | None) -> Path:
+    """A small BPE tokenizer trained here: the default chat template, or ``template``."""
+    texts = [m["content"] for m in MESSAGES] * 20 + ["the quick brown fox jumps"] * 20
+    shardloader.train_bpe_tokenizer(texts, str(out), vocab_size=300, chat_template=True)
+    if template is not None:
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tokenizer_with_template(tmp_path_factory.mktemp("tok-default"), None)
+
+
+@pytest.fixture(scope="module")
+def eos_tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same vocabulary with another template (turns end with EOS, no generation tags)."""
+    return _tokenizer_with_template(tmp_path_factory.mktemp("tok-eos"), CHAT_TEMPLATE)
+
+
+def load_hf(path: Path) -> Any:
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "tar"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_rendered_chat_equals_read_time_rendering(tmp_path, default_tok_dir, shape, fmt):
+    """Stored ids and spans are exactly what SampleEncoder renders from the same messages."""
+    records, want = SHAPES[shape]
+    result = convert(tmp_path, records, format=fmt, tokenizer=str(default_tok_dir))
+    manifest = result.manifest
+    assert manifest is not None
+    assert dict(manifest.fields) == {"id": "string", "input_ids": "tokens", "loss_spans": "json"}
+    samples = read_back(tmp_path)
+    assert len(samples) == len(want)
+    hf = load_hf(default_tok_dir)
+    read_time = SampleEncoder(hf)([{"messages": m} for m in want])
+    stored = encode_token_samples(samples)
+    for sample, doc, got in zip(samples, read_time, stored, strict=True):
+        assert sample["input_ids"].tolist() == doc.input_ids.tolist()
+        assert doc.loss_mask is not None
+        assert got.loss_mask is not None
+        assert sample["loss_spans"] == mask_to_spans(doc.loss_mask)
+        np.testing.assert_array_equal(got.loss_mask, doc.loss_mask)
+        assert doc.loss_mask.any()
+        assert not doc.loss_mask.all()
+    assert manifest.num_tokens == sum(len(s["input_ids"]) for s in samples)
+
+
+def test_rendered_chat_with_another_template_and_kept_fields(tmp_path, eos_tok_dir):
+    records = [{"id": "a", "lang": "en", "messages": MESSAGES}]
+    convert(tmp_path, records, tokenizer=str(eos_tok_dir), keep_fields=("lang",))
+    (sample,) = read_back(tmp_path)
+    hf = load_hf(eos_tok_dir)
+    (doc,) = SampleEncoder(hf)([{"messages": MESSAGES}])
+    assert sample["input_ids"].tolist() == doc.input_ids.tolist()
+    assert doc.loss_mask is not None
+    assert sample["loss_spans"] == mask_to_spans(doc.loss_mask)
+    assert sample["lang"] == "en"
+    trained = hf.decode(doc.input_ids[doc.loss_mask].tolist())
+    assert trained == "déjà vu 🙂<|endoftext|>\nрусский текст<|endoftext|>\n"
+
+
+def test_rendered_shards_open_with_pyarrow_and_as_webdataset_members(tmp_path, default_tok_dir):
+    records, _ = SHAPES["messages"]
+    convert(tmp_path, records, tokenizer=str(default_tok_dir))
+    (shard,) = (tmp_path / "out").glob("*.arrow")
+    table = pa.ipc.open_file(str(shard)).read_all()
+    assert table.column_names == ["id", "input_ids", "loss_spans"]
+    spans = [json.loads(v) for v in table.column("loss_spans").to_pylist()]
+    assert all(isinstance(s, list) and s and len(s[0]) == 2 for s in spans)
+    convert(tmp_path, records, tokenizer=str(default_tok_dir), format="tar", compression="none",
+            overwrite=True)  # fmt: skip
+    (shard,) = (tmp_path / "out").glob("*.tar")
+    with tarfile.open(shard) as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile(names[0]).read())  # type: ignore[union-attr]
+    assert names[:2] == ["shard-00000-0000-0000000.json", "shard-00000-0000-0000000.npy"]
+    assert meta == {"id": "m0", "loss_spans": spans[0]}
+
+
+def test_many_processes_give_the_same_bytes_as_one(tmp_path, default_tok_dir):
+    root = tmp_path / "in"
+    for k in range(4):
+        convs = [
+            {"id": f"{k}-{i}", "messages": [user(f"q {k} {i} " * (i % 3 + 1)), bot(f"a {i}")]}
+            for i in range(30)
+        ]
+        write_jsonl(root / f"part-{k}.jsonl", convs)
+    runs = {}
+    for num_proc in (1, 2):
+        out = tmp_path / f"out-{num_proc}"
+        config = ConvertConfig(
+            output=str(out), tokenizer=str(default_tok_dir), num_proc=num_proc, task_bytes=1,
+            shard_samples=25,
+        )  # fmt: skip
+        result = shardloader.convert(str(root), config)
+        assert result.tasks_run == 4
+        runs[num_proc] = published(out)
+    assert runs[1] == runs[2]
+    assert len(runs[1]) > 5  # the manifest and several shards
+    # A crash inside task 2 (record and manifest gone, a shard cut short): the rerun redoes it.
+    out = tmp_path / "out-1"
+    (out / "_manifest.json").unlink()
+    (out / "_work" / "task-00002.json").unlink()
+    shard = sorted(out.glob("shard-00002-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = shardloader.convert(str(root), replace(config, output=str(out)))
+    assert result.tasks_run == 1
+    assert published(out) == runs[1]
+
+
+def test_template_is_recorded_and_a_different_one_is_refused(
+    tmp_path, default_tok_dir, eos_tok_dir
+):
+    records = [{"id": "a", "messages": MESSAGES}]
+    result = convert(tmp_path, records, tokenizer=str(default_tok_dir))
+    manifest = result.manifest
+    assert manifest is not None
+    assert manifest.tokenizer is not None
+    want = template_hash(load_hf(default_tok_dir).chat_template)
+    assert manifest.tokenizer["chat_template"] == want
+    assert manifest.config["chat_template"] == want
+    # another template, same vocabulary: another settings fingerprint
+    other = convert(tmp_path / "o", records, tokenizer=str(eos_tok_dir)).manifest
+    assert other is not None
+    assert other.tokenizer is not None
+    assert other.tokenizer["fingerprint"] == manifest.tokenizer["fingerprint"]
+    assert other.config["plan_fingerprint"] != manifest.config["plan_fingerprint"]
+    out = str(tmp_path / "out")
+    # reading needs no tokenizer; the same one (either kind) is accepted
+    assert len(list(shardloader.ShardDataset(out, pack=PackConfig(seq_len=128)))) == 1
+    check_tokenizer(manifest, load_hf(default_tok_dir), where=out)
+    check_tokenizer(manifest, shardloader.TextTokenizer(str(default_tok_dir)), where=out)
+    wrong = load_hf(eos_tok_dir)
+    with pytest.raises(ConfigError) as info:
+        _ = shardloader.ShardDataset(out, tokenizer=wrong).manifest
+    message = str(info.value)
+    assert message.startswith(f"{out}: shards were rendered with the chat template {want}")
+    assert template_hash(CHAT_TEMPLATE) in message
+    assert str(eos_tok_dir) in message
+    bare = load_hf(default_tok_dir)
+    bare.chat_template = None
+    with pytest.raises(ConfigError, match="has no chat template; use the tokenizer"):
+        check_tokenizer(manifest, bare, where=out)
+
+
+def test_prompt_too_long_is_a_bad_record_with_file_line(tmp_path, default_tok_dir):
+    long_prompt = {"id": "long", "messages": [user("the quick brown fox " * 30), bot("ok")]}
+    records = [{"id": "a", "messages": [user("q"), bot("a")]}, long_prompt, {"id": "b", **GOOD}]
+    where = tmp_path / "in" / "chat.jsonl"
+    with pytest.raises(CorpusError) as info:
+        convert(tmp_path, records, tokenizer=str(default_tok_dir), max_prompt_tokens=40)
+    message = str(info.value)
+    assert message.startswith(f"{where}:2: ")
+    assert "tokens before the first assistant turn, over --max-prompt-tokens 40" in message
+    result = convert(tmp_path, records, tokenizer=str(default_tok_dir), max_prompt_tokens=40,
+                     on_bad_record="skip", overwrite=True)  # fmt: skip
+    manifest = result.manifest
+    assert manifest is not None
+    assert dict(manifest.skipped) == {"prompt_too_long": 1}
+    assert manifest.skipped_examples[0].startswith(f"{where}:2: prompt_too_long: ")
+    assert manifest.sources[0]["num_skipped"] == 1
+    assert manifest.config["max_prompt_tokens"] == 40
+    assert [s["id"] for s in read_back(tmp_path)] == ["a", "b"]
+    assert result.num_docs == 2
+
+
+def test_chat_rendering_settings_are_checked(tmp_path, default_tok_dir):
+    with pytest.raises(ConfigError, match="max_prompt_tokens counts tokens, so it needs a tok"):
+        ConvertConfig(output="x", max_prompt_tokens=10)
+    with pytest.raises(ConfigError, match="max_prompt_tokens: applies to chat data only"):
+        convert(tmp_path, [{"text": "hello"}], tokenizer=str(default_tok_dir), max_prompt_tokens=9)
+    with pytest.raises(ConfigError, match="keep_fields: 'loss_spans' is reserved"):
+        ConvertConfig(output="x", keep_fields=("loss_spans:json",))
+    with pytest.raises(ConfigError, match="drop --add-bos"):
+        ConvertConfig(output="x", schema="messages", tokenizer=str(default_tok_dir), add_bos=True)
+    with pytest.raises(ConfigError, match="rendering chat data needs a tokenizer directory"):
+        convert(tmp_path, [GOOD], tokenizer=str(default_tok_dir / "tokenizer.json"))
+
+
+def test_a_conversation_the_template_cannot_render_is_a_bad_record(tmp_path):
+    tok = _tokenizer_with_template(
+        tmp_path / "tok",
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('no system turns') }}{% endif %}"
+        "{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}",
+    )
+    records = [GOOD, {"messages": MESSAGES}, GOOD]
+    result = convert(tmp_path, records, tokenizer=str(tok), on_bad_record="skip")
+    manifest = result.manifest
+    assert manifest is not None
+    assert dict(manifest.skipped) == {"template_error": 1}
+    assert "chat.jsonl:2: template_error: the chat template of" in manifest.skipped_examples[0]
+    assert "no system turns" in manifest.skipped_examples[0]
+    assert len(read_back(tmp_path)) == 2

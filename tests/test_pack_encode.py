@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
 import shardloader
+from shardloader.chat_template import mask_to_spans
 from shardloader.errors import ConfigError, CorpusError
+from shardloader.formats.arrow import arrow_schema
 from shardloader.pack import PackConfig, Packer, PackingCollator, collate_rows
-from shardloader.pack_encode import SampleEncoder
+from shardloader.pack_encode import SampleEncoder, encode_token_samples
 from shardloader.tokenizer import check_tokenizer, tokenizer_fingerprint
 from tests.conftest import make_docs, write_jsonl
+from tests.test_hostile_shards import edit_manifest, npy, replace_shard, tar_bytes
 
 # A small ChatML-like template: each turn is "<|role|>\n" + content + EOS + "\n".
 CHAT_TEMPLATE = (
@@ -239,3 +244,117 @@ def test_fingerprint_check_names_both(tmp_path, tokenizer_dir, hf_tokenizer, tex
         [str(tmp_path / "in")], shardloader.ConvertConfig(output=str(text_out), num_proc=1)
     )
     check_tokenizer(shardloader.read_manifest(str(text_out)), other, where=str(text_out))
+
+
+# --- input_ids + loss_spans (chat rendered at conversion) -----------------------------------
+
+
+def test_loss_spans_become_the_mask():
+    ids = np.arange(10, dtype=np.uint16)
+    samples = [
+        {"id": "a", "input_ids": ids, "loss_spans": [[2, 4], [4, 5], [8, 10]]},
+        {"id": "b", "input_ids": ids, "loss_spans": []},
+        {"id": "c", "input_ids": ids},
+    ]
+    for encode in (encode_token_samples, SampleEncoder()):
+        a, b, c = encode(samples)
+        assert a.loss_mask is not None
+        assert np.flatnonzero(a.loss_mask).tolist() == [2, 3, 4, 8, 9]
+        assert b.loss_mask is not None
+        assert not b.loss_mask.any()
+        assert c.loss_mask is None
+    assert mask_to_spans(np.array([1, 1, 0, 1, 0, 0, 1], bool)) == [[0, 2], [3, 4], [6, 7]]
+    assert mask_to_spans(np.zeros(3, bool)) == []
+
+
+BAD_SPANS = [
+    (None, "loss_spans is NoneType, expected a list of"),
+    ("[[0, 1]]", "loss_spans is str, expected a list of"),
+    ([[0, 1, 2]], r"loss_spans\[0\] is \[0, 1, 2\], expected \[start, end\]"),
+    ([[0]], r"loss_spans\[0\] is \[0\], expected"),
+    ([(0, 1)], r"loss_spans\[0\] is \(0, 1\), expected"),
+    ([[0, 1.0]], r"loss_spans\[0\] is \[0, 1.0\], expected \[start, end\] \(two integers\)"),
+    ([[False, True]], r"loss_spans\[0\] is \[False, True\]"),
+    ([[-1, 2]], r"loss_spans\[0\] is \[-1, 2\], outside 0 <= start < end <= 10"),
+    ([[3, 3]], r"loss_spans\[0\] is \[3, 3\], outside"),
+    ([[5, 11]], r"loss_spans\[0\] is \[5, 11\], outside 0 <= start < end <= 10"),
+    ([[4, 6], [2, 3]], r"loss_spans\[1\] \[2, 3\] starts before the previous span's end 6"),
+    ([[0, 5], [4, 6]], r"loss_spans\[1\] \[4, 6\] starts before the previous span's end 5"),
+    ([[0, 1]] * 2, r"loss_spans\[1\] \[0, 1\] starts before"),
+]
+
+
+@pytest.mark.parametrize(("spans", "match"), BAD_SPANS)
+def test_malformed_loss_spans_are_refused_naming_the_sample(spans, match):
+    sample = {"id": "conv-7", "input_ids": np.arange(10, dtype=np.uint16), "loss_spans": spans}
+    for encode in (encode_token_samples, SampleEncoder()):
+        with pytest.raises(CorpusError, match=match) as info:
+            encode([sample])
+        assert str(info.value).startswith("sample 'conv-7': loss_spans")
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "tar"])
+def test_hand_made_shard_with_bad_loss_spans_is_refused_naming_the_sample(
+    tmp_path, tokenizer_dir, fmt
+):
+    """A shard whose loss_spans point past the sample's tokens: streaming packed names it."""
+    write_jsonl(tmp_path / "in" / "a.jsonl", make_docs(3, seed=2))
+    out = tmp_path / "out"
+    shardloader.convert(
+        [str(tmp_path / "in")],
+        shardloader.ConvertConfig(
+            output=str(out), num_proc=1, tokenizer=str(tokenizer_dir), format=fmt,
+            compression="none", keep_fields=("spans:json",),
+        ),
+    )  # fmt: skip
+    # Rename the kept json field to loss_spans and fill it in: spans for two good samples and
+    # one bad (past the end of its 3 ids).
+    ids = [np.array([5, 6, 7], np.uint16)] * 3
+    spans = [[[1, 3]], [[0, 1], [2, 3]], [[2, 4]]]
+    names = ["good-0", "good-1", "bad-2"]
+    if fmt == "arrow":
+        schema = arrow_schema(
+            {"id": "string", "input_ids": "tokens", "loss_spans": "json"}, "uint16"
+        )
+        table = pa.table(
+            [
+                pa.array(names),
+                pa.array([i.tolist() for i in ids], pa.list_(pa.uint16())),
+                pa.array([json.dumps(s) for s in spans]),
+            ],
+            schema=schema,
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
+        data = sink.getvalue().to_pybytes()
+    else:
+        members: list[Any] = []
+        for k, (name, i, s) in enumerate(zip(names, ids, spans, strict=True)):
+            key = f"shard-00000-0000-{k:07d}"
+            members.append((f"{key}.json", json.dumps({"id": name, "loss_spans": s}).encode()))
+            members.append((f"{key}.npy", npy(i)))
+        data = tar_bytes(members)
+    replace_shard(out, data, 3)
+
+    def rename(doc: dict[str, Any]) -> None:
+        doc["fields"] = {"id": "string", "input_ids": "tokens", "loss_spans": "json"}
+
+    edit_manifest(out, rename)
+    config = shardloader.StreamConfig(shuffle=False)
+    dataset = shardloader.ShardDataset(str(out), config=config, pack=PackConfig(seq_len=4))
+    with pytest.raises(CorpusError) as info:
+        list(dataset)
+    assert str(info.value) == (
+        "sample 'bad-2': loss_spans[0] is [2, 4], outside 0 <= start < end <= 3 (the sample's"
+        " token count)"
+    )
+    # the good samples alone pack, their masks from the spans
+    rows = rows_of(
+        PackConfig(seq_len=3, mode="bfd"),
+        list(shardloader.iter_samples(str(out)))[:2],
+    )
+    assert sorted(r.loss_mask.tolist() for r in rows) == [
+        [False, True, True],
+        [True, False, True],
+    ]

@@ -17,7 +17,7 @@ from shardloader.errors import ConfigError, CorpusError
 
 MAX_EXAMPLES = 20
 ON_BAD_RECORD = ("raise", "skip")
-RESERVED_FIELDS = ("id", "text", "input_ids")
+RESERVED_FIELDS = ("id", "text", "input_ids", "loss_spans")  # loss_spans: the trained tokens
 KEEP_FIELD_TYPES = ("string", "int64", "float64", "bool", "json")
 MAX_RECORD_BYTES = 256 << 20  # one JSONL line, Parquet row or text file; --max-record-bytes
 _INT64 = (-(2**63), 2**63 - 1)
@@ -146,7 +146,7 @@ def parse_keep_fields(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
                 f"keep_fields: {spec!r} has type {kind!r}; use one of {', '.join(KEEP_FIELD_TYPES)}"
             )
         if name in RESERVED_FIELDS:
-            raise ConfigError(f"keep_fields: {name!r} is reserved (id, text, input_ids)")
+            raise ConfigError(f"keep_fields: {name!r} is reserved ({', '.join(RESERVED_FIELDS)})")
         if name in out:
             raise ConfigError(f"keep_fields: {name!r} is listed twice")
         out[name] = kind

@@ -19,6 +19,16 @@ default, cached under ``.bench/``) with the same number of processes ``N`` for e
   the ratio column is against the faster one. Rate: tokens/s, where tokens means the text tokens
   of the corpus (the bound's count, without EOS) for every system, so all rates share a numerator.
 
+- **chat**: JSONL conversations (the text corpus's documents, each cut into a system turn and two
+  user/assistant exchanges, `tools.bench.convert.chat`) -> token shards rendered with a chat
+  template. ``shardloader convert --tokenizer DIR`` with a tokenizer directory that holds the
+  default ChatML-like template (``train_bpe_tokenizer(chat_template=True)``): each conversation is
+  rendered (one Jinja render per prefix), tokenized with offsets and stored as ``input_ids`` plus
+  ``loss_spans``. The bound is the tokenizer alone on the same conversations: their turn contents
+  joined by newlines, encoded as for **tokens** (no template, no markup, no offsets). Rate:
+  tokens/s, numerator the bound's token count, so the ratio is the bound's time over ours. No peer
+  renders chat templates, so none runs here.
+
 Every measurement runs in a fresh subprocess (``python -m tools.bench.convert.jobs``), into a fresh
 output folder that is deleted afterwards. The time is wall time from just after the library's
 import until its output, index or manifest included, is complete; the whole subprocess time
@@ -33,23 +43,27 @@ Run it (on 2 cores the default run takes 20-25 minutes, nearly all of it tokeniz
     .venv-bench/bin/python -m tools.bench.convert            # 256 MB, 3 repeats, N = cores
     .venv-bench/bin/python -m tools.bench.convert --quick    # 32 MB, 1 repeat: a smoke test
     .venv-bench/bin/python -m tools.bench.convert --systems webdataset,mosaic --tasks text
+    .venv-bench/bin/python -m tools.bench.convert --tasks chat --quick
     .venv-bench/bin/python -m tools.bench.convert --from-json .bench/results-convert.json
 
 Other work on the machine skews the rates: each job records the share of CPU that other processes
 used meanwhile, and the verdicts give best-of-N ratios beside the median ones.
 
 Targets (from the issue): shardloader's text conversion at least 1.5x the fastest peer; conversion
-with tokenization at least 80% of the tokenizer-alone bound. Results go to
+with tokenization at least 80% of the tokenizer-alone bound (the chat case is held to the same
+line). Results go to
 ``.bench/results-convert.json`` (``--out``); job logs to ``.bench/logs/``.
 
 The package: ``jobs`` (one conversion, in its own subprocess), ``report`` (medians, ratios, the
-table and verdicts), ``__main__`` (the command line).
+table and verdicts), ``chat`` (the chat corpus and tokenizer), ``__main__`` (the command line).
 """
 
 SHARD_BYTES = 1 << 26  # 64 MiB shards or chunks for every system
 ENCODE_BATCH_DOCS = 1000
 TEXT_SYSTEMS = ("shardloader-arrow", "shardloader-tar", "webdataset", "mosaic", "litdata")
 TOKEN_SYSTEMS = ("bound", "bound-encode-batch", "shardloader-arrow", "mosaic", "litdata")
+CHAT_SYSTEMS = ("bound", "bound-encode-batch", "shardloader-arrow", "shardloader-tar")
+TASKS = ("text", "tokens", "chat")
 PEERS = ("webdataset", "mosaic", "litdata")
 BOUNDS = ("bound", "bound-encode-batch")
 TARGET_TEXT_RATIO = 1.5

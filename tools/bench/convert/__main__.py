@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tools.bench.convert import (
     BOUNDS,
+    CHAT_SYSTEMS,
     PEERS,
     SHARD_BYTES,
     TARGET_TEXT_RATIO,
@@ -23,6 +24,7 @@ from tools.bench.convert import (
     TOKEN_SYSTEMS,
     jobs,
 )
+from tools.bench.convert.chat import ensure_chat_corpus, ensure_chat_tokenizer
 from tools.bench.convert.report import Measurement, print_report, report_from_json
 from tools.bench.harness import (
     BENCH_DIR,
@@ -76,6 +78,7 @@ def measure(
     shutil.rmtree(output, ignore_errors=True)
     result_path.unlink(missing_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.parent.mkdir(parents=True, exist_ok=True)  # a bound job creates no output
     command = [python, "-m", "tools.bench.convert.jobs", *map(str, corpus.files)]
     command += ["--system", system, "--task", task, "--output", str(output)]
     command += ["--num-proc", str(num_proc), "--result", str(result_path)]
@@ -132,7 +135,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="processes each")
     parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (3)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 32 MB, 1 repeat")
-    parser.add_argument("--tasks", default="text,tokens", help="comma-separated: text,tokens")
+    parser.add_argument(
+        "--tasks", default="text,tokens,chat", help="comma-separated: text,tokens,chat"
+    )
     parser.add_argument("--systems", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--python", default=default_python(), help="interpreter for the jobs")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results-convert.json")
@@ -149,10 +154,12 @@ def plan_jobs(args: argparse.Namespace, tasks: list[str]) -> list[tuple[str, str
     only = {s for s in args.systems.split(",") if s}
     plan = [(s, "text") for s in TEXT_SYSTEMS if "text" in tasks]
     plan += [(s, "tokens") for s in TOKEN_SYSTEMS if "tokens" in tasks]
+    plan += [(s, "chat") for s in CHAT_SYSTEMS if "chat" in tasks]
     if only:
         plan = [(s, t) for s, t in plan if s in only or s.split("-")[0] in only]
-        if "tokens" in tasks and ("bound", "tokens") not in plan:
-            plan.insert(0, ("bound", "tokens"))  # tokens/s needs the bound's token count
+        for task in ("tokens", "chat"):
+            if task in tasks and ("bound", task) not in plan:
+                plan.insert(0, ("bound", task))  # tokens/s needs the bound's token count
     return plan
 
 
@@ -160,27 +167,27 @@ def run_jobs(
     args: argparse.Namespace,
     plan: list[tuple[str, str]],
     repeats: int,
-    corpus: Corpus,
-    tokenizer: Path | None,
-) -> tuple[list[Measurement], int | None]:
-    """Every job, repeat by repeat, with a progress line each; the corpus's token count."""
+    corpora: dict[str, Corpus],
+    tokenizers: dict[str, Path],
+) -> tuple[list[Measurement], dict[str, int]]:
+    """Every job, repeat by repeat, with a progress line each; each task's corpus token count."""
     measurements: list[Measurement] = []
-    corpus_tokens: int | None = None  # set by the first good "bound" job
+    corpus_tokens: dict[str, int] = {}  # per task, set by its first good "bound" job
     for repeat in range(repeats):
         for system, task in plan:
             m = measure(
                 system=system,
                 task=task,
                 repeat=repeat,
-                corpus=corpus,
+                corpus=corpora[task],
                 num_proc=args.num_proc,
-                tokenizer=tokenizer if task == "tokens" else None,
-                corpus_tokens=corpus_tokens,
+                tokenizer=tokenizers.get(task),
+                corpus_tokens=corpus_tokens.get(task),
                 python=args.python,
             )
             measurements.append(m)
-            if m.ok and system == "bound" and corpus_tokens is None:
-                corpus_tokens = m.num_tokens
+            if m.ok and system == "bound" and task not in corpus_tokens:
+                corpus_tokens[task] = m.num_tokens
             status = f"{m.job_s:7.2f} s" if m.ok else f"FAILED ({m.error[:200]})"
             status += f"  (other processes: {m.other_cpu_share:.0%} CPU)" if m.ok else ""
             status += f" (note: {m.note})" if m.note else ""
@@ -205,8 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     BENCH_DIR.mkdir(exist_ok=True)
     corpus = ensure_corpus(mb, args.seed, args.num_files)
-    tokenizer = ensure_tokenizer(corpus) if "tokens" in tasks else None
-    warm_page_cache(corpus.files)
+    corpora = {"text": corpus, "tokens": corpus}
+    tokenizers = {"tokens": ensure_tokenizer(corpus)} if "tokens" in tasks else {}
+    if "chat" in tasks:
+        corpora["chat"] = ensure_chat_corpus(corpus)
+        tokenizers["chat"] = ensure_chat_tokenizer(corpus)
+    warm_page_cache([f for task in tasks for f in corpora[task].files])
     found = versions(args.python, VERSIONS)
     print(
         f"corpus: {corpus.path.relative_to(ROOT)}: {len(corpus.files)} files, "
@@ -214,16 +225,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.num_proc} processes each, {repeats} repeat(s)"
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
-    measurements, corpus_tokens = run_jobs(args, plan, repeats, corpus, tokenizer)
+    if "chat" in tasks:
+        chat = corpora["chat"]
+        print(
+            f"chat corpus: {chat.path.relative_to(ROOT)}: {chat.num_docs:,} conversations, "
+            f"{chat.input_bytes / 1e6:.1f} MB of JSONL; tokenizer {tokenizers['chat'].name}"
+        )
+    measurements, corpus_tokens = run_jobs(args, plan, repeats, corpora, tokenizers)
 
-    summaries = print_report(measurements, corpus, corpus_tokens)
+    plain = [m for m in measurements if m.task != "chat"]
+    summaries = print_report(plain, corpus, corpus_tokens.get("tokens")) if plain else []
+    chat_report = None
+    if "chat" in tasks:
+        chat_measurements = [m for m in measurements if m.task == "chat"]
+        print("\nchat: conversion with chat rendering vs the tokenizer alone")
+        chat_summaries = print_report(chat_measurements, corpora["chat"], corpus_tokens.get("chat"))
+        chat_report = {
+            "corpus": {
+                "path": str(corpora["chat"].path.relative_to(ROOT)),
+                "num_docs": corpora["chat"].num_docs,
+                "input_bytes": corpora["chat"].input_bytes,
+                "num_tokens": corpus_tokens.get("chat"),
+            },
+            "summaries": [dataclasses.asdict(s) for s in chat_summaries],
+        }
     report = {
         "corpus": {
             "path": str(corpus.path.relative_to(ROOT)),
             "files": len(corpus.files),
             "num_docs": corpus.num_docs,
             "input_bytes": corpus.input_bytes,
-            "num_tokens": corpus_tokens,
+            "num_tokens": corpus_tokens.get("tokens"),
             "mb": mb,
             "seed": args.seed,
         },
@@ -234,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": found,
         "summaries": [dataclasses.asdict(s) for s in summaries],
         "measurements": [dataclasses.asdict(m) for m in measurements],
+        "chat": chat_report,
         "targets": {
             "text_vs_fastest_peer": TARGET_TEXT_RATIO,
             "tokens_vs_bound": TARGET_TOKEN_RATIO,

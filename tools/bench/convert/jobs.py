@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench.convert import BOUNDS, ENCODE_BATCH_DOCS, SHARD_BYTES
+from tools.bench.convert.chat import contents
 from tools.bench.harness import EOS_TOKEN
 
 
@@ -54,6 +55,8 @@ def load_encoder(tokenizer_path: str, method: str = "fast") -> tuple[Callable[..
     """Return (batch encoder, EOS id); ``method`` is ``"fast"`` or ``"encode_batch"``."""
     from tokenizers import Tokenizer
 
+    if Path(tokenizer_path).is_dir():  # the chat case's tokenizer directory
+        tokenizer_path = str(Path(tokenizer_path) / "tokenizer.json")
     tokenizer = Tokenizer.from_file(tokenizer_path)
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
     if eos_id is None:
@@ -64,12 +67,13 @@ def load_encoder(tokenizer_path: str, method: str = "fast") -> tuple[Callable[..
     return encode, eos_id
 
 
-def _bound_worker(args: tuple[list[str], str, str]) -> tuple[int, int]:
-    paths, tokenizer_path, method = args
+def _bound_worker(args: tuple[list[str], str, str, str]) -> tuple[int, int]:
+    paths, tokenizer_path, method, task = args
     encode, _ = load_encoder(tokenizer_path, method)
+    text_of = contents if task == "chat" else (lambda record: record["text"])
     num_docs = num_tokens = 0
     for batch in read_batches(paths):
-        encodings = encode([record["text"] for record in batch], add_special_tokens=False)
+        encodings = encode([text_of(record) for record in batch], add_special_tokens=False)
         num_tokens += sum(len(encoding.ids) for encoding in encodings)
         num_docs += len(batch)
     return num_docs, num_tokens
@@ -148,8 +152,12 @@ def _pool(num_proc: int) -> Any:
 def _run_shardloader(
     system: str, task: str, inputs: list[str], output: str, num_proc: int, tokenizer: str | None
 ) -> dict[str, Any]:
-    """shardloader (``shardloader-arrow``, ``-tar``, ...): its own CLI, in this process."""
-    tokens = task == "tokens"
+    """shardloader (``shardloader-arrow``, ``-tar``, ...): its own CLI, in this process.
+
+    The chat task's tokenizer is a directory with a chat template: conversion renders each
+    conversation with it and stores ``input_ids`` plus ``loss_spans``.
+    """
+    tokens = task in ("tokens", "chat")
     from shardloader.cli import main as shardloader_main
 
     argv = ["convert", *inputs, "--output", output, "--num-proc", str(num_proc)]
@@ -179,7 +187,7 @@ def _run_bound(
     groups = split_files(inputs, num_proc)
     started = time.perf_counter()
     with _pool(num_proc) as pool:
-        counts = pool.map(_bound_worker, [(g, str(tokenizer), method) for g in groups])
+        counts = pool.map(_bound_worker, [(g, str(tokenizer), method, task) for g in groups])
     job_s = time.perf_counter() - started
     return {
         "job_s": job_s,
@@ -278,7 +286,7 @@ def job_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.convert.jobs")
     parser.add_argument("inputs", nargs="+")
     parser.add_argument("--system", required=True)
-    parser.add_argument("--task", required=True, choices=["text", "tokens"])
+    parser.add_argument("--task", required=True, choices=["text", "tokens", "chat"])
     parser.add_argument("--output", required=True)
     parser.add_argument("--num-proc", type=int, required=True)
     parser.add_argument("--tokenizer")

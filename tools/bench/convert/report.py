@@ -106,16 +106,16 @@ def summarize(
     def ratios(system: str, task: str, best: bool) -> tuple[float | None, float | None]:
         own = headline((system, task), best)
         peer = max((headline((p, task), best) for p in PEERS), default=0.0)
-        bound = headline(("bound", "tokens"), best)
+        bound = headline(("bound", task), best)
         to_peer = own / peer if system.startswith("shardloader") and own and peer else None
-        return to_peer, (own / bound if task == "tokens" and own and bound else None)
+        return to_peer, (own / bound if task != "text" and own and bound else None)
 
     summaries = []
     for (system, task), runs in groups.items():
         key, good = (system, task), [m for m in runs if m.ok]
         to_peer, to_bound = ratios(system, task, best=False)
         best_to_peer, best_to_bound = ratios(system, task, best=True)
-        with_tokens = task == "tokens" and bool(corpus_tokens) and bool(good)
+        with_tokens = task != "text" and bool(corpus_tokens) and bool(good)
         process_s = statistics.median([m.process_s for m in good]) if good else 0.0
         summaries.append(
             Summary(
@@ -192,11 +192,11 @@ def format_verdicts(summaries: list[Summary]) -> list[str]:
                     percent=False,
                 )
             )
-        if s.task == "tokens" and s.ratio_to_bound and s.best_ratio_to_bound:
+        if s.task != "text" and s.ratio_to_bound and s.best_ratio_to_bound:
             median, best = s.ratio_to_bound, s.best_ratio_to_bound
             lines.append(
                 target_line(
-                    f"{s.system} tokens",
+                    f"{s.system} {s.task}",
                     median,
                     best,
                     s.num_ok,
@@ -239,5 +239,17 @@ def report_from_json(path: Path) -> int:
         f"{path}: {info['num_docs']:,} docs, {info['input_bytes'] / 1e6:.1f} MB of JSONL; "
         f"{report['num_proc']} processes each, {report['repeats']} repeat(s)"
     )
-    print_report(measurements, corpus, info.get("num_tokens"))
+    plain = [m for m in measurements if m.task != "chat"]
+    if plain:
+        print_report(plain, corpus, info.get("num_tokens"))
+    if chat := report.get("chat"):
+        chat_corpus = Corpus(
+            path=ROOT / chat["corpus"]["path"],
+            files=(),
+            num_docs=chat["corpus"]["num_docs"],
+            input_bytes=chat["corpus"]["input_bytes"],
+        )
+        print("\nchat: conversion with chat rendering vs the tokenizer alone")
+        chat_runs = [m for m in measurements if m.task == "chat"]
+        print_report(chat_runs, chat_corpus, chat["corpus"]["num_tokens"])
     return 0
