@@ -183,21 +183,32 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
-    from shardloader.sources import BadRecords, RecordSpec, read_documents
+    from shardloader.sources import (
+        CHAT_SCHEMAS,
+        BadRecords,
+        RecordSpec,
+        detect_file_schema,
+        read_documents,
+    )
     from shardloader.storage import list_files
     from shardloader.tokenizer import CHAT_SPECIAL_TOKENS, train_bpe_tokenizer
 
     files = list_files(args.inputs)
-    spec = RecordSpec(text_field=args.text_field, id_field=None)
     bad = BadRecords(args.on_bad_record)
     budget = args.max_bytes
 
     def texts() -> Any:
+        # Chat files (detected per file, as convert does) give their turns' contents.
         nonlocal budget
         for f in files:
+            schema = detect_file_schema(f, args.text_field)
+            spec = RecordSpec(text_field=args.text_field, id_field=None, schema=schema)
             for doc in read_documents(f, spec=spec, bad=bad):
-                yield doc.text
-                budget -= len(doc.text)
+                text = doc.text
+                if schema in CHAT_SCHEMAS:  # normalized turns as canonical JSON
+                    text = "\n".join(turn["content"] for turn in json.loads(doc.text))
+                yield text
+                budget -= len(text)
                 if budget <= 0:
                     return
 

@@ -162,6 +162,29 @@ def test_train_tokenizer_cli_writes_the_default_template_and_says_so(tmp_path, c
     assert "<|im_start|>" not in (tmp_path / "bare" / "tokenizer.json").read_text()
 
 
+def test_train_tokenizer_reads_chat_files_turn_contents(tmp_path, capsys):
+    """A chat corpus (no text field) trains a tokenizer on its turns' contents."""
+    write_jsonl(tmp_path / "mixed" / "a.jsonl", make_docs(50, seed=3))
+    chats = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"zyxquv {i}"},
+                {"from": "gpt", "value": "ok"},
+            ]
+        }
+        for i in range(200)
+    ]
+    write_jsonl(tmp_path / "mixed" / "b.jsonl", chats)
+    assert cli_main(["train-tokenizer", str(tmp_path / "mixed"), "-o", str(tmp_path / "tok"),
+                     "--vocab-size", "400"]) == 0  # fmt: skip
+    assert "tokenizer written to" in capsys.readouterr().out
+    tok = TextTokenizer(str(tmp_path / "tok"))
+    # the turn contents were learned (a frequent word is one token); the JSON markup was not
+    assert len(tok.encode_batch(["zyxquv"], add_bos=False, add_eos=False)[0]) == 1
+    vocab = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert not any("conversations" in token or '"from' in token for token in vocab)
+
+
 def test_default_template_end_to_end_offline(tmp_path, capsys):
     """train-tokenizer -> convert chat -> ShardDataset(bfd): labels are transformers' mask."""
     write_jsonl(tmp_path / "corpus.jsonl", make_docs(300, seed=9))
