@@ -84,10 +84,11 @@ class Evaluator:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.device, self.autocast = device, autocast
         self.source = config.eval_data
+        self.pack = config.pack_config()
         self.dataset = ShardDataset(
             self.source,
             config=StreamConfig(shuffle=False, policy="drop", cache_dir=config.cache_dir),
-            pack=config.pack_config(),
+            pack=self.pack,
             tokenizer=train_data.tokenizer,
             rank=rank,
             world_size=world_size,
@@ -133,10 +134,10 @@ class Evaluator:
         for row in self.dataset:
             rows.append(row)
             if len(rows) == self.config.batch_size:
-                yield collate_rows(rows, self.dataset.pack)  # type: ignore[arg-type]
+                yield collate_rows(rows, self.pack)
                 rows = []
         if rows:
-            yield collate_rows(rows, self.dataset.pack)  # type: ignore[arg-type]
+            yield collate_rows(rows, self.pack)
 
     def evaluate(self, model: nn.Module) -> tuple[float, int]:
         """One pass over the eval split; a collective, call it on every rank.
@@ -164,7 +165,7 @@ class Evaluator:
                         tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                     summed = forward_loss_sum(
                         model,
-                        batch or empty_batch(config.pack_config(), config.batch_size),
+                        batch or empty_batch(self.pack, config.batch_size),
                         device=self.device,
                         autocast=self.autocast,
                         attn_implementation=config.attn_implementation,
