@@ -140,6 +140,23 @@ def test_eval_data_of_another_tokenizer_is_refused(
         train(lora_run(token_dir, tmp_path / "out", max_steps=2, eval_data=str(foreign)))
 
 
+def test_eval_max_batches_bounds_each_eval(token_dir: Path, eval_dir: Path, tmp_path: Path) -> None:
+    run = lora_run(token_dir, tmp_path / "out", max_steps=2, eval_data=str(eval_dir))
+    whole = train(run).history[-1].eval_tokens
+    bounded = (
+        train(
+            lora_run(
+                token_dir, tmp_path / "b", max_steps=2, eval_data=str(eval_dir), eval_max_batches=1
+            )
+        )
+        .history[-1]
+        .eval_tokens
+    )
+    assert whole is not None
+    assert bounded is not None
+    assert 0 < bounded <= 4 * 63 < whole  # one batch of 4 rows of 64 tokens
+
+
 # --- one LoRA run, examined ------------------------------------------------------------------
 
 
