@@ -35,10 +35,12 @@ replaces it). So a save with ``keep=2`` also hashes the previous checkpoint once
 403 MB checkpoint above, a save takes 1.7-2.0 s instead of 1.5 s.
 
 The trainer state in ``trainer.pt``: the step, the finished epochs, the schedule's length and
-state, the loader state of all ranks (as JSON), every rank's RNG states, the world size and the
-config. On resume the RNGs come back only on the same world size (another one re-deals the data
-anyway), and the records of steps after the checkpoint are cut from ``metrics.jsonl`` and
-``samples/``, since those steps are trained again.
+state, the loader state of all ranks (as JSON), every rank's RNG states, the world size, the
+config and, for LoRA, what identifies the base model. A LoRA checkpoint holds the adapters and
+their optimizer state only (``trainable_only``): a few percent of a full one. On resume the RNGs
+come back only on the same world size (another one re-deals the data anyway), and the records of
+steps after the checkpoint are cut from ``metrics.jsonl`` and ``samples/``, since those steps are
+trained again.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,6 +153,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     *,
     keep: int = 2,
+    trainable_only: bool = False,
 ) -> Path:
     """Write a checkpoint of ``step`` atomically; a collective, call it on every rank.
 
@@ -161,12 +164,13 @@ def save_checkpoint(
         optimizer: Its optimizer.
         trainer_state: Everything else, the same on every rank (rank 0 writes it).
         keep: Intact checkpoints to keep; older ones are deleted (0 keeps all).
+        trainable_only: Save only the parameters that get gradients (LoRA adapters) and their
+            optimizer state, not the frozen base.
 
     Returns:
         The checkpoint's directory.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     base = Path(root)
     final = base / f"step-{step:08d}"
@@ -176,7 +180,7 @@ def save_checkpoint(
         base.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
     _barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state, _ = _state_dicts(model, optimizer, trainable_only)
     with _single_process_quiet():
         metadata = dcp.save(
             {"model": model_state, "optim": optim_state}, checkpoint_id=str(partial)
@@ -201,6 +205,27 @@ def save_checkpoint(
     _prune(base, keep, final)
     _barrier()
     return final
+
+
+def _state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Model and optimizer state dicts as DCP saves and loads them, and the options used.
+
+    With ``trainable_only`` the frozen parameters are left out: torch's ``ignore_frozen_params``
+    still returns a tied weight (``lm_head.weight``, the frozen embedding) under its second
+    name, so the model's state is also cut to the names of trainable parameters.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else None
+    states: tuple[Any, Any] = get_state_dict(model, optimizer, options=options)
+    model_state, optim_state = states
+    if trainable_only:
+        inner: Any = getattr(model, "module", model)  # DDP's prefix is not in the state's names
+        trainable = {name for name, p in inner.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trainable}
+    return model_state, optim_state, options
 
 
 def _write_durably(path: Path, write: Any) -> None:
@@ -294,11 +319,17 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> list[str]:
 
 
 def resume_checkpoint(
-    root: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer
+    root: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    trainable_only: bool = False,
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest intact checkpoint under ``root``; a collective, call it on every rank.
 
     Damaged checkpoints (see `verify_checkpoint`) are skipped with a warning that names them.
+    ``trainable_only`` and ``check`` are passed to `load_checkpoint`.
 
     Returns:
         The checkpoint loaded and its trainer state, or ``None`` when ``root`` holds none.
@@ -310,7 +341,9 @@ def resume_checkpoint(
     damaged: list[str] = []
     for _, path in reversed(_step_dirs(root)):
         try:
-            state = load_checkpoint(path, model, optimizer)
+            state = load_checkpoint(
+                path, model, optimizer, trainable_only=trainable_only, check=check
+            )
         except CheckpointDamagedError as err:
             log.warning("%s; skipping the damaged checkpoint %s, trying an older one", err, path)
             damaged.append(str(err))
@@ -327,7 +360,12 @@ def resume_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    trainable_only: bool = False,
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Load model and optimizer in place from a checkpoint; return its trainer state.
 
@@ -335,21 +373,31 @@ def load_checkpoint(
     file is checked against ``checksums.json`` before anything is read, and nothing is unpickled
     except through an allow-list (see `shardloader.train.safe_load`).
 
+    Args:
+        path: The checkpoint directory.
+        model: The (wrapped) model, loaded in place.
+        optimizer: Its optimizer, loaded in place.
+        trainable_only: The checkpoint holds only the trainable parameters (LoRA adapters);
+            the frozen ones are left as they are.
+        check: Called with the directory and the trainer state before any weight is loaded;
+            raises `ResumeError` to refuse the checkpoint (another base model).
+
     Raises:
         CheckpointDamagedError: A file of ``path`` is missing or changed; nothing was loaded.
         ResumeError: ``path`` is intact but not a checkpoint this run can load.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     where = Path(path)
     if not where.is_dir():
         raise ResumeError(f"{where}: no such checkpoint directory")
     names = verify_checkpoint(where)
     state = read_trainer_state(where)
-    states: tuple[Any, Any] = get_state_dict(model, optimizer)
-    model_state, optim_state = states
+    if check is not None:
+        check(where, state)
+    model_state, optim_state, options = _state_dicts(model, optimizer, trainable_only)
     both = {"model": model_state, "optim": optim_state}
     reader = restricted_reader(where, names)
     try:
@@ -365,7 +413,13 @@ def load_checkpoint(
             f"{where}: cannot load the model and optimizer ({type(cause).__name__}: {cause}); "
             "resume with the model settings the checkpoint was written with"
         ) from err
-    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=both["model"],
+        optim_state_dict=both["optim"],
+        options=options,
+    )
     return state
 
 
@@ -383,6 +437,8 @@ def trainer_state(trainer: _Trainer) -> dict[str, Any]:
         "rng": _gather_rng_states(trainer.runtime.world_size),
         "world_size": trainer.runtime.world_size,
         "config": json.dumps(trainer.config.to_dict()),
+        # LoRA: the base the adapters belong to (`shardloader.train.lora.base_identity`).
+        "base_model": json.dumps(trainer.base_identity),
     }
 
 

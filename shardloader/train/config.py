@@ -17,6 +17,8 @@ from shardloader.options import option
 from shardloader.pack import PackConfig
 from shardloader.train.model import PRESETS
 
+LORA_ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
+
 _CHOICES = {
     "parallel": ("ddp", "fsdp"),
     "dtype": ("auto", "bf16", "fp32"),
@@ -77,6 +79,24 @@ class TrainConfig:
     log_samples: bool = option(False, "each rank writes the sample ids of each step")
     deterministic: bool = option(False, "deterministic kernels (exact resume; slower)")
     progress: str = option("auto", "progress bar on rank 0: auto (on a terminal), on or off")
+    lora_rank: int = option(
+        0, "LoRA rank: train low-rank adapters only (0: full fine-tuning; needs peft)"
+    )
+    lora_alpha: float = option(16.0, "LoRA scale: adapter updates are scaled by alpha / rank")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input (training only)")
+    lora_targets: tuple[str, ...] = option(
+        (LORA_ALL_LINEAR,),
+        f"modules that get adapters: {LORA_ALL_LINEAR} (every linear layer but the output "
+        "head) or names such as q_proj,k_proj,v_proj,o_proj",
+    )
+    merge_lora: bool = option(
+        False, "at the end, also write OUT/model/: the base with the adapter merged in"
+    )
+    eval_data: str | None = option(
+        None, "held-out shards (same tokenizer) to report eval loss on, each rank its split"
+    )
+    eval_every: int = option(0, "eval every this many steps (0: only at the end of the run)")
+    eval_max_batches: int | None = option(None, "bound each eval to this many batches per rank")
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -99,6 +119,32 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         self.pack_config()  # validates the mode
+        self._check_lora()
+        self._check_eval()
+
+    def _check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        if self.merge_lora and not self.lora_rank:
+            raise ConfigError("merge_lora needs LoRA: set lora_rank (e.g. --lora-rank 8)")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        targets = self.lora_targets
+        if not targets or (LORA_ALL_LINEAR in targets and len(targets) > 1):
+            raise ConfigError(
+                f"lora_targets must be {LORA_ALL_LINEAR} alone or a list of module names, "
+                f"got {','.join(targets) or 'nothing'}"
+            )
+
+    def _check_eval(self) -> None:
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            raise ConfigError(f"eval_max_batches must be >= 1, got {self.eval_max_batches}")
+        if not self.eval_data and (self.eval_every or self.eval_max_batches is not None):
+            raise ConfigError("eval_every and eval_max_batches need eval_data (--eval-data)")
 
     @property
     def source(self) -> str:

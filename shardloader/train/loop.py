@@ -48,6 +48,16 @@ from shardloader.train.checkpoint import (
     truncate_logs,
 )
 from shardloader.train.config import TrainConfig, lr_at
+from shardloader.train.evaluation import Evaluator
+from shardloader.train.lora import (
+    apply_lora,
+    base_identity,
+    check_resume,
+    count_trainable,
+    export_lora,
+    local_base,
+    require_peft,
+)
 from shardloader.train.metrics import RunLog, StepMetrics, TrainResult
 from shardloader.train.model import (
     build_model,
@@ -199,6 +209,8 @@ class _Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        if config.lora_rank:
+            require_peft()  # before anything starts
         self.runtime = _start_runtime(config)
         self.loader = _make_loader(config, self.runtime)
         dataset = self.dataset
@@ -206,15 +218,24 @@ class _Trainer:
             dataset.spec()  # reads and checks every source (empty ones are refused)
         else:
             check_not_empty(dataset.manifest, config.data)
-        self.schedule_steps = _schedule_steps(dataset, config, self.runtime.world_size)
-        model = build_model(
-            config.model,
-            vocab_size=_vocab_size(dataset, config),
-            max_positions=config.seq_len,
-            seed=config.seed,
-            attn_implementation=config.attn_implementation,
+        self.evaluator = (
+            Evaluator(
+                config,
+                train_data=dataset,
+                rank=self.runtime.rank,
+                world_size=self.runtime.world_size,
+                device=self.runtime.device,
+                autocast=self.runtime.autocast,
+            )
+            if config.eval_data
+            else None
         )
+        self.schedule_steps = _schedule_steps(dataset, config, self.runtime.world_size)
+        self.vocab_size = _vocab_size(dataset, config)
+        model = self.build_local_model()
         self.num_parameters = count_parameters(model)
+        self.num_trainable = count_trainable(model)
+        self.base_identity = self._base_identity() if config.lora_rank else None
         self.model = parallelize(
             model.to(self.runtime.device), parallel=config.parallel, device=self.runtime.device
         )
@@ -245,6 +266,33 @@ class _Trainer:
             stage_seconds=self.loader.stage_seconds,
         )
 
+    def build_local_model(self) -> nn.Module:
+        """The model on this process's CPU before wrapping: the base, with adapters for LoRA."""
+        config = self.config
+        model = build_model(
+            config.model,
+            vocab_size=self.vocab_size,
+            max_positions=config.seq_len,
+            seed=config.seed,
+            attn_implementation=config.attn_implementation,
+        )
+        return apply_lora(model, config) if config.lora_rank else model
+
+    def _base_identity(self) -> dict[str, Any]:
+        """`base_identity` of the base model, computed by rank 0 (it may hash gigabytes)."""
+        config = self.config
+        found: list[Any] = [None]
+        if self.runtime.rank == 0:
+            found[0] = base_identity(
+                config.model,
+                seed=config.seed,
+                vocab_size=self.vocab_size,
+                max_positions=config.seq_len,
+            )
+        if self.runtime.world_size > 1:
+            dist.broadcast_object_list(found, src=0)  # between our own ranks: trusted
+        return dict(found[0])
+
     @property
     def dataset(self) -> ShardDataset | MixDataset:
         """The loader's dataset (one dataset, or a mixture)."""
@@ -267,6 +315,7 @@ class _Trainer:
             self.optimizer,
             trainer_state(self),
             keep=self.config.keep_checkpoints,
+            trainable_only=bool(self.config.lora_rank),
         )
         self.saved_step = self.step
         log.info("step %d: checkpoint %s", self.step, path)
@@ -274,7 +323,13 @@ class _Trainer:
 
     def restore(self) -> Path | None:
         # The newest intact checkpoint: a damaged one is named in a warning and skipped.
-        found = resume_checkpoint(self.checkpoints, self.model, self.optimizer)
+        found = resume_checkpoint(
+            self.checkpoints,
+            self.model,
+            self.optimizer,
+            trainable_only=bool(self.config.lora_rank),
+            check=lambda where, state: check_resume(where, state, self.config, self.base_identity),
+        )
         if found is None:
             log.info("%s: no checkpoint yet, starting from step 0", self.checkpoints)
             return None
@@ -296,13 +351,30 @@ class _Trainer:
                 if taken is None:  # every rank finished the epoch
                     continue
                 records.record(*taken)
+                if self._eval_due():
+                    self._evaluate(records, taken[0])
                 every = self.config.checkpoint_every
                 if every and self.step % every == 0:
                     last_saved = self.save()
+            history = records.history
+            if self.evaluator and history and history[-1].eval_loss is None:
+                self._evaluate(records, history[-1])  # the end of an epochs run
             if self.step != self.saved_step:
                 last_saved = self.save()
         checkpoint = last_saved or latest_checkpoint(self.checkpoints)
         return records.result(self.step, str(checkpoint) if checkpoint else None)
+
+    def _eval_due(self) -> bool:
+        """An eval follows this step: every ``eval_every`` steps, and after the last one."""
+        if self.evaluator is None:
+            return False
+        every = self.config.eval_every
+        return bool(every and self.step % every == 0) or self.step == self.config.max_steps
+
+    def _evaluate(self, records: RunLog, metrics: StepMetrics) -> None:
+        assert self.evaluator is not None
+        loss, tokens = self.evaluator.evaluate(self.model)
+        records.record_eval(metrics, loss, tokens)
 
     def _more(self) -> bool:
         if self.config.max_steps is not None:
@@ -431,12 +503,24 @@ def _train(config: TrainConfig) -> TrainResult:
         if config.resume:
             trainer.restore()
         result = trainer.run()
-        if config.save_model:
+        if config.save_model and config.lora_rank:
+            export_lora(
+                trainer.model,
+                trainer.output,
+                rank=runtime.rank,
+                rebuild=trainer.build_local_model,
+                base_directory=local_base(config.model),
+                merge=config.merge_lora,
+                model_dir=MODEL_DIR,
+            )
+        elif config.save_model:
             export_model(trainer.model, str(trainer.output / MODEL_DIR), rank=runtime.rank)
             if runtime.rank == 0:
                 log.info("model written to %s", trainer.output / MODEL_DIR)
     finally:
         trainer.dataset.close()
+        if trainer.evaluator is not None:
+            trainer.evaluator.close()
     if runtime.rank == 0:
         _log_done(result)
     return result
@@ -455,6 +539,15 @@ def _log_start(trainer: _Trainer) -> None:
         config.batch_size,
         config.grad_accum,
     )
+    if config.lora_rank:
+        log.info(
+            "LoRA rank %d, alpha %g on %s: %.3fM trainable parameters (%.2f%%), base frozen",
+            config.lora_rank,
+            config.lora_alpha,
+            ",".join(config.lora_targets),
+            trainer.num_trainable / 1e6,
+            100 * trainer.num_trainable / max(trainer.num_parameters, 1),
+        )
 
 
 def _log_done(result: TrainResult) -> None:
@@ -471,6 +564,8 @@ def _log_done(result: TrainResult) -> None:
         100 * result.steady_data_wait_fraction,
         result.checkpoint,
     )
+    if result.eval_loss is not None:
+        log.info("final eval loss %.4f", result.eval_loss)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

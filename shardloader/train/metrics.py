@@ -2,8 +2,9 @@
 
 Every ``log_every`` steps rank 0 logs loss, learning rate, global trained tokens/s, the
 data-wait fraction and how busy the loader's workers were, and appends the same record to
-``OUT/metrics.jsonl``; with ``log_samples`` each rank appends the sample ids of each step to
-``OUT/samples/rank-RRRR.jsonl``. `RunLog` keeps the totals a `TrainResult` reports.
+``OUT/metrics.jsonl``; the row of a step after which an eval ran (``--eval-data``) also holds
+``eval_loss`` and ``eval_tokens``; with ``log_samples`` each rank appends the sample ids of each
+step to ``OUT/samples/rank-RRRR.jsonl``. `RunLog` keeps the totals a `TrainResult` reports.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class StepMetrics:
     loader_busy: dict[str, float] = field(default_factory=dict)
     # A mixture's realized and target tokens per source since the run began (all ranks).
     mix: dict[str, dict[str, float]] | None = None
+    # --eval-data: the eval loss after this step and the trained tokens it averages over.
+    eval_loss: float | None = None
+    eval_tokens: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -55,12 +59,15 @@ class StepMetrics:
         return self.data_wait_s / self.step_s if self.step_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """A metrics.jsonl record."""
-        return {
+        """A metrics.jsonl record (``eval_loss`` and ``eval_tokens`` only after an eval)."""
+        record = {
             **dataclasses.asdict(self),
             "tokens_per_s": round(self.tokens_per_s, 1),
             "data_wait_fraction": round(self.data_wait_fraction, 5),
         }
+        if self.eval_loss is None:
+            del record["eval_loss"], record["eval_tokens"]
+        return record
 
 
 @dataclass
@@ -75,6 +82,7 @@ class TrainResult:
     steady_data_wait_fraction: float  # without the run's first step (DataLoader start-up)
     checkpoint: str | None
     history: list[StepMetrics] = field(default_factory=list)
+    eval_loss: float | None = None  # the last eval of the run (--eval-data)
 
     @property
     def tokens_per_s(self) -> float:
@@ -112,6 +120,7 @@ class RunLog:
         self._started = 0.0
         self._samples_file: IO[str] | None = None
         self._metrics_file: IO[str] | None = None
+        self._last_row: tuple[int, int] | None = None  # (step, offset) of the last row written
         self._bar: Any = None
 
     def open(self, start_step: int) -> RunLog:
@@ -155,6 +164,22 @@ class RunLog:
         if metrics.step % self.config.log_every == 0:
             self._report(metrics)
 
+    def record_eval(self, metrics: StepMetrics, loss: float, tokens: int) -> None:
+        """Add an eval's result to the step it followed, in its metrics.jsonl row and the log.
+
+        The step's row, already written, is rewritten with the eval fields (it is the file's
+        last line); a step that was not due for a row gets one.
+        """
+        metrics.eval_loss, metrics.eval_tokens = loss, tokens
+        if self.rank != 0 or self._metrics_file is None:
+            return
+        if self._last_row is not None and self._last_row[0] == metrics.step:
+            self._metrics_file.truncate(self._last_row[1])
+            self._write_row(metrics)
+        else:
+            self._report(metrics)
+        log.info("step %d | eval loss %.4f | %d eval tokens", metrics.step, loss, tokens)
+
     def result(self, steps: int, checkpoint: str | None) -> TrainResult:
         """The run so far, as a `TrainResult`."""
         return TrainResult(
@@ -168,6 +193,9 @@ class RunLog:
             ),
             checkpoint=checkpoint,
             history=self.history,
+            eval_loss=next(
+                (m.eval_loss for m in reversed(self.history) if m.eval_loss is not None), None
+            ),
         )
 
     def _report(self, m: StepMetrics) -> None:
@@ -180,8 +208,7 @@ class RunLog:
             for name, seconds in stages.items()
         }
         self._stages_at = (now, stages)
-        self._metrics_file.write(json.dumps(m.to_dict()) + "\n")
-        self._metrics_file.flush()
+        self._write_row(m)
         line = (
             f"step {m.step}{'/' + str(self.config.max_steps) if self.config.max_steps else ''}"
             f" | epoch {m.epoch} | loss {m.loss:.4f} | lr {m.lr:.2e} | "
@@ -200,6 +227,13 @@ class RunLog:
             self._bar.update(m.step - self._bar.n)
         else:
             log.info("%s", line)
+
+    def _write_row(self, m: StepMetrics) -> None:
+        assert self._metrics_file is not None
+        self._metrics_file.flush()
+        self._last_row = (m.step, self._metrics_file.tell())
+        self._metrics_file.write(json.dumps(m.to_dict()) + "\n")
+        self._metrics_file.flush()
 
 
 def _progress_bar(config: TrainConfig, rank: int, start: int) -> Any:
