@@ -663,7 +663,8 @@ def test_token_mixture_of_chat_and_text_trains_chat_only_on_its_masks(
         unit="tokens",
         total=4 * 32 * 12,
     )
-    dataset = shardloader.ShardDataset(mixture, pack=PackConfig(seq_len=32))
+    # long_docs does not apply to a token mix (concat): long documents are cut, not dropped.
+    dataset = shardloader.ShardDataset(mixture, pack=PackConfig(seq_len=32, long_docs="drop"))
     names = ["text", "chat"]
     previous: tuple[str, int, int] | None = None  # the last segment's document and its end
     seen: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -691,9 +692,13 @@ def test_token_mixture_of_chat_and_text_trains_chat_only_on_its_masks(
             want[0] = -100  # each segment's first label (mask_boundary_labels)
             np.testing.assert_array_equal(labels[lo:hi].numpy(), want)
             seen[name, "tokens"] += hi - lo
+            seen[name, "continued"] += offset > 0
             seen[name, "trained"] += int((want != -100).sum())
     # Not vacuous: both sources served; chat prompts masked, some chat tokens trained.
     assert seen["text", "tokens"] > 500
     assert seen["chat", "tokens"] > 500
+    assert seen["text", "tokens"] + seen["chat", "tokens"] == mixture.total  # all planned
+    assert seen["text", "continued"] > 0
+    assert seen["chat", "continued"] > 0
     assert 0 < seen["chat", "trained"] < 0.8 * seen["chat", "tokens"]
     assert seen["text", "trained"] > 0.8 * seen["text", "tokens"]
