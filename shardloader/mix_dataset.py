@@ -9,6 +9,16 @@ of this rank, already collated, with the counters after it; `MixLoader` keeps th
 the last step it handed to the loop, and those are the state: the same on every rank, so
 ``state_dict`` needs no gather and resumes on any world size or worker count.
 
+Token mixes cut the global token stream into rows like ``PackConfig(mode="concat")``: a document
+that crosses a row (or batch) end continues at the start of the next one, so ``long_docs``
+(truncate or drop, ``bfd`` and ``pad`` only) does not apply, and the plan, which counts each
+document's stored token length (the offsets of an Arrow shard), is exact: every stored token is
+served. Loss masks travel with their tokens: a source whose documents carry one (SFT
+conversations: the token encoder, `shardloader.pack_encode.encode_token_samples`, gives it) gets
+labels only where its mask is set, and mask-free sources keep the all-tokens path (no mask is
+built for a step without a masked document). A conversation cut at a row end continues without
+its beginning in view, as text does; for whole conversations pack a single source with ``bfd``.
+
 Cost of the global view: every process decodes the shards that the whole global stream passes
 through (it reads its own samples only); on one node the shard cache is shared. For token mixes
 every process also reads the token counts of every document (the offsets of an Arrow shard).
@@ -29,7 +39,7 @@ import torch.utils.data
 from torch.utils.data import default_collate
 
 from shardloader import storage
-from shardloader.errors import ConfigError, ResumeError
+from shardloader.errors import ConfigError, CorpusError, ResumeError
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
 from shardloader.mix_config import Mixture
 from shardloader.mix_plan import (
@@ -47,6 +57,7 @@ from shardloader.mix_plan import (
     token_batch,
 )
 from shardloader.pack import PackConfig, PackedRow, collate_rows
+from shardloader.pack_encode import EncodedDoc, encode_token_samples
 from shardloader.reader import ShardReader
 from shardloader.state import dataset_fingerprint
 from shardloader.world import WorldInfo, WorldSource
@@ -359,19 +370,45 @@ class MixDataset(torch.utils.data.IterableDataset):
                 break
         # Read each source's documents of the slice at once (their stream positions are
         # consecutive: documents are taken in stream order).
-        docs: dict[tuple[int, int], tuple[Any, int]] = {}
+        docs: dict[tuple[int, int], tuple[EncodedDoc, int]] = {}
         for i in sorted({p.source for p in mine}):
             positions = sorted({p.position for p in mine if p.source == i})
             first = positions[0]
             span = orders[i].ids(first, positions[-1] - first + 1)
             ids = span[np.asarray(positions) - first]
-            field = _token_field(self.manifests()[i])
             ahead = orders[i].shards_ahead(positions[-1])
             samples = readers[i].read_ids(ids, ahead=ahead, keep=keep)
-            for k, sid, sample in zip(positions, ids.tolist(), samples, strict=True):
-                docs[(i, k)] = (sample[field], sid)
-        flat = np.concatenate([docs[(p.source, p.position)][0][p.start : p.stop] for p in mine])
+            # The token encoder gives each document's ids as stored (the plan counted those)
+            # and its loss mask (SFT shards: a stored field), or None (all tokens are trained).
+            # A source with no field beside id and input_ids has no mask: skip it (~0.6 us/doc).
+            if len(self.manifests()[i].fields) > 2:
+                encoded = encode_token_samples(list(samples))
+            else:
+                encoded = [EncodedDoc(sample["input_ids"], None) for sample in samples]
+            for k, sid, doc in zip(positions, ids.tolist(), encoded, strict=True):
+                docs[(i, k)] = (doc, sid)
+        parts = [docs[(p.source, p.position)][0] for p in mine]
+        for piece, doc in zip(mine, parts, strict=True):
+            if piece.stop > len(doc.input_ids):
+                raise CorpusError(
+                    f"{self.sources[piece.source]}: the token encoder gave document"
+                    f" {piece.position} of the source's stream {len(doc.input_ids)} tokens, fewer"
+                    f" than the {piece.stop} planned from its stored length; a token mixture"
+                    " reads documents as stored"
+                )
+        flat = np.concatenate(
+            [d.input_ids[p.start : p.stop] for p, d in zip(mine, parts, strict=True)]
+        )
         lengths = np.fromiter((p.stop - p.start for p in mine), np.int64, len(mine))
+        masked = np.fromiter((d.loss_mask is not None for d in parts), bool, len(parts))
+        flat_mask = None
+        if masked.any():  # one concatenate; mask-free sources cost nothing per token
+            flat_mask = np.concatenate(
+                [
+                    d.loss_mask[p.start : p.stop] if d.loss_mask is not None else np.ones(n, bool)
+                    for p, d, n in zip(mine, parts, lengths.tolist(), strict=True)
+                ]
+            )
         piece_ends = np.cumsum(lengths)
         piece_starts = piece_ends - lengths
         row_starts = np.arange(self.batch_size, dtype=np.int64) * seq_len
@@ -384,17 +421,14 @@ class MixDataset(torch.utils.data.IterableDataset):
             len(owner),
         )
         seg_sources = [mine[j].source for j in owner.tolist()]
+        seg_masked = masked[owner]
         bounds = np.searchsorted(seg_starts, np.append(row_starts, len(flat))).tolist()
         rows = []
         for r in range(self.batch_size):
             a, b = bounds[r], bounds[r + 1]
-            row = PackedRow(
-                flat[r * seq_len : (r + 1) * seq_len],
-                seg_lens[a:b],
-                seg_samples[a:b],
-                None,
-                (0, 0),
-            )
+            lo, hi = r * seq_len, (r + 1) * seq_len
+            mask = flat_mask[lo:hi] if flat_mask is not None and seg_masked[a:b].any() else None
+            row = PackedRow(flat[lo:hi], seg_lens[a:b], seg_samples[a:b], mask, (0, 0))
             rows.append((row, seg_sources[a:b]))
         return rows
 

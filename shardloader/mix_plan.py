@@ -21,6 +21,9 @@ property of the stream and holds on any topology:
   whose committed tokens lag its target ``w_i x position`` most; a source is never ahead of its
   target by a whole document, so each batch and each prefix is within a few documents of the
   target (the counters report the realized tokens). Rank ``r`` takes rows ``[r R, (r+1) R)``.
+  A document's tokens are its stored count (``length``): token mixes pack like ``concat``, so
+  no document is truncated or dropped (``PackConfig.long_docs`` does not apply) and the counts
+  are exact; loss masks (SFT sources) change which tokens are trained, not which are served.
 - **Counters.** `MixCounters` (a few integers per source) is the whole position: stream
   positions, units served, the shortfalls of the current segment. A loader state is these
   counters, so resume is exact on the same topology and on any other (the next batch is planned

@@ -9,11 +9,26 @@ Modes (``PackConfig.mode``):
   a document carries into the next row. Only the last row of a stream is partly filled.
 - ``bfd`` (best-fit decreasing): the documents of each buffer of ``buffer_size`` samples are
   placed whole into rows, longest first, each into the row whose free space fits it most tightly
-  (a new row when none does). Documents longer than ``seq_len`` are split into ``seq_len`` pieces
-  first, or truncated (``long_docs``). Any two rows of a buffer together hold more than
-  ``seq_len`` tokens (else the later row's first document would have fitted the earlier row).
+  (a new row when none does). Documents longer than ``seq_len`` follow ``long_docs`` (below).
+  Any two rows of a buffer together hold more than ``seq_len`` tokens (else the later row's
+  first document would have fitted the earlier row).
 - ``pad``: one document per row, padded; with ``group_by_length`` each buffer is emitted longest
   first, so that ``pad_to_longest`` batches waste less.
+
+Documents longer than ``seq_len`` in ``bfd`` and ``pad`` (``PackConfig.long_docs``):
+
+- ``auto`` (the default): plain documents are split into ``seq_len`` pieces (each piece its own
+  segment); conversations (documents with a loss mask: SFT samples) are truncated, keeping their
+  start, so a turn is never cut off from the prompt before it.
+- ``split``, ``truncate``, ``drop``: that policy for every document (``split`` cuts
+  conversations mid-turn too; ``drop`` leaves the whole document out).
+
+A truncated conversation whose kept part has no token with a loss (every assistant turn was cut
+off; with ``mask_boundary_labels`` the first token does not count, as its label is masked) would
+train nothing: it is dropped instead. Truncated and dropped documents and their tokens are
+counted in `PackStats` and logged as a warning when their number reaches 1, 10, 100, ...
+(``num_input_tokens == num_row_tokens + num_truncated_tokens + num_dropped_tokens``). ``concat``
+(and so every token mixture) cuts all documents at row ends and ignores ``long_docs``.
 
 Resume cursor: every row carries ``cursor = (upstream_position, skip)``, plain ints, naming where
 the *next* row starts: restart the upstream at ``upstream_position``, pack with
@@ -22,7 +37,8 @@ the *next* row starts: restart the upstream at ``upstream_position``, pack with
 - ``concat``: ``skip`` tokens of that sample's document are dropped (the carry, to the token).
 - ``bfd`` and grouped ``pad``: the sample starts a buffer; it is refilled and placed again (the
   placement is deterministic) and its first ``skip`` rows are dropped.
-- plain ``pad``: ``skip`` rows of that sample's document (more than one when it is split).
+- plain ``pad``: ``skip`` rows (pieces) of that sample's document; after a document's last
+  piece the cursor is ``(its position + 1, 0)``.
 
 After the last row of a buffer (or when a row ends exactly at a document end) the cursor is
 ``(last position read + 1, 0)``.
@@ -55,7 +71,7 @@ from shardloader.pack_encode import Encoder, SampleEncoder, encode_token_samples
 log = logging.getLogger("shardloader.pack")
 
 MODES = ("concat", "bfd", "pad")
-LONG_DOC_POLICIES = ("split", "truncate")
+LONG_DOC_POLICIES = ("auto", "split", "truncate", "drop")
 # concat: documents gathered per vectorized cut (at least 4 rows); bigger buys little.
 CHUNK_TOKENS = 1 << 16
 # Samples per batched tokenizer call; plain pad mode's placement group (any size gives one result).
@@ -77,8 +93,9 @@ class PackConfig:
     mode: str = option("concat", "concat, bfd or pad", choices=MODES)
     buffer_size: int = option(1024, "bfd, and pad with group_by_length: samples placed together")
     long_docs: str = option(
-        "split",
-        "bfd and pad: split documents longer than seq_len, or truncate them",
+        "auto",
+        "bfd and pad, documents longer than seq_len: split, truncate (keep the start) or drop"
+        " them; auto splits plain text and truncates conversations (documents with a loss mask)",
         choices=LONG_DOC_POLICIES,
     )
     group_by_length: bool = option(False, "pad: emit each buffer's rows longest first")
@@ -96,7 +113,9 @@ class PackConfig:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.long_docs not in LONG_DOC_POLICIES:
-            raise ConfigError(f"long_docs must be 'split' or 'truncate', got {self.long_docs!r}")
+            raise ConfigError(
+                f"long_docs must be one of {', '.join(LONG_DOC_POLICIES)}, got {self.long_docs!r}"
+            )
         if self.buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {self.buffer_size}")
         if self.pad_to_longest and self.mode != "pad":
@@ -137,8 +156,10 @@ class PackStats:
     num_input_tokens: int = 0  # after a resume's skip
     num_rows: int = 0
     num_row_tokens: int = 0
-    num_truncated_tokens: int = 0  # long_docs="truncate"
-    num_dropped_tokens: int = 0  # concat with drop_last
+    num_truncated_docs: int = 0  # bfd/pad: documents cut to seq_len (long_docs)
+    num_truncated_tokens: int = 0  # the tokens cut off them
+    num_dropped_docs: int = 0  # bfd/pad: documents left out (long_docs; nothing left to train)
+    num_dropped_tokens: int = 0  # their tokens, and concat's partial last row with drop_last
 
     @property
     def utilization(self) -> float:
@@ -181,6 +202,7 @@ class Packer:
             )
         self.encoder = encoder
         self.stats = PackStats(seq_len=config.seq_len)
+        self._next_warning = 1  # warn of long documents at 1, 10, 100, ... of them
 
     def pack(
         self, samples: Iterable[tuple[int, Mapping[str, Any]]], *, skip: int = 0
@@ -277,17 +299,13 @@ class Packer:
         seq_len = config.seq_len
         lengths = np.fromiter((len(d.input_ids) for d in buffer), np.int64, len(buffer))
         self.stats.num_input_tokens += int(lengths.sum())
-        if config.long_docs == "truncate":
-            piece_doc = np.flatnonzero(lengths)
-            piece_index = np.zeros(len(piece_doc), np.int64)
-            piece_len = np.minimum(lengths[piece_doc], seq_len)
-            self.stats.num_truncated_tokens += int(lengths.sum() - piece_len.sum())
-        else:
-            num_pieces = -(-lengths // seq_len)
-            piece_doc = np.repeat(np.arange(len(buffer)), num_pieces)
-            first_piece = np.cumsum(num_pieces) - num_pieces
-            piece_index = np.arange(len(piece_doc)) - np.repeat(first_piece, num_pieces)
-            piece_len = np.minimum(lengths[piece_doc] - piece_index * seq_len, seq_len)
+        # Tokens kept per document: seq_len if truncated, 0 if dropped; split into pieces below.
+        kept = self._fit_long(buffer, lengths)
+        num_pieces = -(-kept // seq_len)
+        piece_doc = np.repeat(np.arange(len(buffer)), num_pieces)
+        first_piece = np.cumsum(num_pieces) - num_pieces
+        piece_index = np.arange(len(piece_doc)) - np.repeat(first_piece, num_pieces)
+        piece_len = np.minimum(kept[piece_doc] - piece_index * seq_len, seq_len)
         if config.mode == "bfd":
             piece_row = best_fit_decreasing(piece_len, seq_len)
         else:
@@ -301,16 +319,63 @@ class Packer:
                 f" into {num_rows}; resume with the data and PackConfig the cursor was made with"
             )
         order = np.lexsort((np.arange(len(piece_row)), piece_row))
-        next_position = buffer[-1].position + 1
         if keyed:
             cursors = [(buffer[0].position, r + 1) for r in range(num_rows - 1)]
-        else:  # one piece per row, in document order: name the next row's document and piece
+            cursors.append((buffer[-1].position + 1, 0))
+        else:  # one piece per row, in document order: the next piece, or the next document
+            # (not the next row's document: with documents dropped that depends on the grouping)
+            last_piece = piece_index == num_pieces[piece_doc] - 1
             cursors = [
-                (buffer[piece_doc[p]].position, int(piece_index[p])) for p in order[1:].tolist()
+                (buffer[d].position + 1, 0) if last else (buffer[d].position, i + 1)
+                for d, i, last in zip(
+                    piece_doc[order].tolist(),
+                    piece_index[order].tolist(),
+                    last_piece[order].tolist(),
+                    strict=True,
+                )
             ]
-        cursors.append((next_position, 0))
         starts = piece_index * seq_len
         return _assemble(buffer, piece_doc, starts, piece_len, piece_row, order, cursors, skip)
+
+    def _fit_long(self, buffer: list[_Doc], lengths: np.ndarray) -> np.ndarray:
+        """Apply ``long_docs`` (module docstring); return the tokens kept of each document."""
+        config, stats = self.config, self.stats
+        seq_len = config.seq_len
+        long = np.flatnonzero(lengths > seq_len)
+        if not len(long) or config.long_docs == "split":
+            return lengths
+        kept = lengths.copy()
+        first = 1 if config.mask_boundary_labels else 0  # a segment's first label is masked
+        for i in long.tolist():
+            mask = buffer[i].loss_mask
+            if config.long_docs == "auto" and mask is None:
+                continue  # plain text: split
+            length = int(lengths[i])
+            if config.long_docs == "drop" or (mask is not None and not mask[first:seq_len].any()):
+                kept[i] = 0
+                stats.num_dropped_docs += 1
+                stats.num_dropped_tokens += length
+            else:
+                kept[i] = seq_len
+                stats.num_truncated_docs += 1
+                stats.num_truncated_tokens += length - seq_len
+        count = stats.num_truncated_docs + stats.num_dropped_docs
+        if count >= self._next_warning:
+            while self._next_warning <= count:
+                self._next_warning *= 10
+            log.warning(
+                "%d documents longer than seq_len=%d so far (long_docs=%r): %d truncated"
+                " (%d tokens cut off), %d dropped (%d tokens; a truncated conversation with no"
+                " token left to train is dropped too); Packer.stats counts them",
+                count,
+                seq_len,
+                config.long_docs,
+                stats.num_truncated_docs,
+                stats.num_truncated_tokens,
+                stats.num_dropped_docs,
+                stats.num_dropped_tokens,
+            )
+        return kept
 
 
 def _advance(doc: _Doc, num_tokens: int) -> _Doc:

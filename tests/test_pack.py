@@ -21,27 +21,47 @@ from shardloader.pack import (
     collate_rows,
     empty_batch,
 )
+from shardloader.pack_encode import EncodedDoc
 
 
 def make_samples(
-    lengths: Sequence[int], *, gaps: Sequence[int] | None = None, dtype: Any = np.uint32
+    lengths: Sequence[int],
+    *,
+    gaps: Sequence[int] | None = None,
+    dtype: Any = np.uint32,
+    chats: Sequence[bool] | None = None,
 ) -> list[tuple[int, dict[str, Any]]]:
     """Samples whose tokens are unique increasing ints, so a token names its document and offset.
 
-    Positions are consecutive, or spaced by ``gaps`` (an upstream may restart anywhere).
+    Positions are consecutive, or spaced by ``gaps`` (an upstream may restart anywhere). Where
+    ``chats`` is true the sample is a conversation: a ``loss_mask`` (see `chat_mask`) that
+    `encode_masked` hands to the packer.
     """
     samples = []
     position, token = 0, 1
     for i, n in enumerate(lengths):
         ids = np.arange(token, token + n, dtype=dtype)
         token += n
-        samples.append((position, {"id": f"d{i}", "sample_id": 1000 + i, "input_ids": ids}))
+        sample = {"id": f"d{i}", "sample_id": 1000 + i, "input_ids": ids}
+        if chats and chats[i]:
+            sample["loss_mask"] = chat_mask(n)
+        samples.append((position, sample))
         position += 1 + (gaps[i] if gaps else 0)
     return samples
 
 
+def chat_mask(n: int) -> np.ndarray:
+    """Turns of 3 prompt tokens, then 2 answer tokens (with a loss)."""
+    return np.arange(n) % 5 >= 3
+
+
+def encode_masked(samples: Sequence[dict[str, Any]]) -> list[EncodedDoc]:
+    """The token encoder, plus the test's ``loss_mask`` field (SFT documents)."""
+    return [EncodedDoc(s["input_ids"], s.get("loss_mask")) for s in samples]
+
+
 def run(config: PackConfig, samples: Sequence[tuple[int, dict[str, Any]]], skip: int = 0):
-    return list(Packer(config).pack(iter(samples), skip=skip))
+    return list(Packer(config, encoder=encode_masked).pack(iter(samples), skip=skip))
 
 
 def resume(config: PackConfig, samples, cursor: tuple[int, int]) -> list[PackedRow]:
@@ -56,9 +76,12 @@ def assert_rows_equal(got: Sequence[PackedRow], want: Sequence[PackedRow]) -> No
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.segment_lengths, b.segment_lengths)
         np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
-        assert (a.loss_mask is None) == (b.loss_mask is None)
-        if a.loss_mask is not None:
-            np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+        # No mask and a mask of ones train the same tokens (a row's mask is None unless one of
+        # the documents its chunk was cut from has one).
+        ones = np.ones(len(a.input_ids), bool)
+        a_mask = ones if a.loss_mask is None else a.loss_mask
+        b_mask = ones if b.loss_mask is None else b.loss_mask
+        np.testing.assert_array_equal(a_mask, b_mask)
 
 
 def reference_concat(
@@ -207,12 +230,149 @@ def test_pad_one_document_per_row(lengths, seq_len, group, truncate, buffer_size
         assert keys == sorted(keys)
 
 
+def expected_policy(sample: dict[str, Any], config: PackConfig) -> str:
+    """What ``long_docs`` does to one document: keep, split, truncate or drop."""
+    n, mask = len(sample["input_ids"]), sample.get("loss_mask")
+    if n <= config.seq_len:
+        return "keep"
+    how = config.long_docs
+    if how == "auto":
+        how = "split" if mask is None else "truncate"
+    first = 1 if config.mask_boundary_labels else 0
+    if how == "truncate" and mask is not None and not mask[first : config.seq_len].any():
+        how = "drop"  # truncation left nothing to train
+    return how
+
+
+def pieces_by_document(rows: Sequence[PackedRow]) -> dict[int, list[tuple[np.ndarray, Any]]]:
+    """Each document's pieces (tokens, loss mask or None) in the order of their tokens."""
+    out: dict[int, list[tuple[np.ndarray, Any]]] = {}
+    for row in rows:
+        start = 0
+        for n, sample_id in zip(row.segment_lengths.tolist(), row.sample_ids.tolist(), strict=True):
+            mask = row.loss_mask[start : start + n] if row.loss_mask is not None else None
+            out.setdefault(sample_id, []).append((row.input_ids[start : start + n], mask))
+            start += n
+    for pieces in out.values():
+        pieces.sort(key=lambda p: int(p[0][0]))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 40), min_size=0, max_size=30),
+    chats=st.lists(st.booleans(), min_size=30, max_size=30),
+    seq_len=seq_len_st,
+    policy=st.sampled_from(["auto", "split", "truncate", "drop"]),
+    mode=st.sampled_from(
+        [{"mode": "bfd"}, {"mode": "pad"}, {"mode": "pad", "group_by_length": True}]
+    ),
+    buffer_size=st.integers(1, 8),
+    boundary=st.booleans(),
+)
+def test_long_documents_follow_long_docs_and_are_counted(
+    lengths, chats, seq_len, policy, mode, buffer_size, boundary
+):
+    """Conversations stay whole, or keep their start (auto), unless a policy forces otherwise.
+
+    Masks travel with their tokens, and every input token is in a row or counted.
+    """
+    samples = make_samples(lengths, chats=chats)
+    config = PackConfig(
+        seq_len=seq_len,
+        buffer_size=buffer_size,
+        long_docs=policy,
+        mask_boundary_labels=boundary,
+        **mode,
+    )
+    packer = Packer(config, encoder=encode_masked)
+    pieces = pieces_by_document(list(packer.pack(iter(samples))))
+    want = {"truncate": [0, 0], "drop": [0, 0]}
+    for _, sample in samples:
+        ids, mask = sample["input_ids"], sample.get("loss_mask")
+        n = len(ids)
+        how = expected_policy(sample, config)
+        got = pieces.get(sample["sample_id"], [])
+        if how == "drop" or n == 0:
+            assert got == []
+        elif how == "truncate":
+            assert len(got) == 1
+            np.testing.assert_array_equal(got[0][0], ids[:seq_len])
+        else:  # whole, or split into seq_len pieces
+            assert [len(p) for p, _ in got] == [min(seq_len, n - k) for k in range(0, n, seq_len)]
+            np.testing.assert_array_equal(np.concatenate([p for p, _ in got]), ids)
+        for tokens, got_mask in got:
+            offset = int(tokens[0] - ids[0])
+            if mask is None:
+                assert got_mask is None or got_mask.all()
+            else:
+                np.testing.assert_array_equal(got_mask, mask[offset : offset + len(tokens)])
+        if how in want:
+            want[how][0] += 1
+            want[how][1] += n - seq_len if how == "truncate" else n
+    stats = packer.stats
+    assert [stats.num_truncated_docs, stats.num_truncated_tokens] == want["truncate"]
+    assert [stats.num_dropped_docs, stats.num_dropped_tokens] == want["drop"]
+    assert stats.num_input_tokens == sum(lengths)
+    assert (
+        stats.num_row_tokens + stats.num_truncated_tokens + stats.num_dropped_tokens
+        == stats.num_input_tokens
+    )
+
+
+def test_auto_is_the_default_and_keeps_conversations_whole_in_bfd():
+    """A conversation never shares its turns across rows; text longer than a row is split."""
+    assert PackConfig().long_docs == "auto"
+    samples = make_samples([30, 9, 25, 7, 12], chats=[True, True, False, True, False])
+    packer = Packer(PackConfig(seq_len=16, mode="bfd"), encoder=encode_masked)
+    pieces = pieces_by_document(list(packer.pack(iter(samples))))
+    assert [len(pieces[1000 + i]) for i in range(5)] == [1, 1, 2, 1, 1]
+    assert len(pieces[1000][0][0]) == 16  # the long conversation keeps its first 16 tokens
+    assert (packer.stats.num_truncated_docs, packer.stats.num_truncated_tokens) == (1, 14)
+    assert packer.stats.num_dropped_docs == 0
+
+
+def test_truncated_conversation_with_nothing_left_to_train_is_dropped():
+    ids = np.arange(1, 21, dtype=np.uint32)
+    late = np.arange(20) >= 10  # the answer starts after the cut at 8
+    first_only = np.arange(20) == 0  # its one trained token opens the segment
+    samples = [
+        (0, {"sample_id": 0, "input_ids": ids, "loss_mask": late}),
+        (1, {"sample_id": 1, "input_ids": ids + 20, "loss_mask": first_only}),
+        (2, {"sample_id": 2, "input_ids": ids[:5] + 40, "loss_mask": np.zeros(5, bool)}),
+    ]
+    for boundary, kept in [(True, [2]), (False, [1, 2])]:
+        config = PackConfig(seq_len=8, mode="bfd", mask_boundary_labels=boundary)
+        packer = Packer(config, encoder=encode_masked)
+        rows = list(packer.pack(iter(samples)))
+        assert sorted(pieces_by_document(rows)) == kept  # short ones are kept as they are
+        stats = packer.stats
+        assert stats.num_dropped_docs == 3 - len(kept)
+        assert stats.num_dropped_tokens == 20 * (3 - len(kept))
+        assert stats.num_truncated_docs == len(kept) - 1
+
+
+def test_long_documents_are_logged_at_powers_of_ten(caplog):
+    samples = make_samples([20] * 25 + [3], chats=[True] * 26)
+    config = PackConfig(seq_len=8, mode="bfd", buffer_size=1, long_docs="drop")
+    with caplog.at_level("WARNING", logger="shardloader.pack"):
+        rows = run(config, samples)
+    assert [int(r.sample_ids[0]) for r in rows] == [1025]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith("1 documents longer than seq_len=8 so far (long_docs='drop')")
+    assert "10 dropped (200 tokens" in messages[1]
+
+
 MODES = [
     {"mode": "concat"},
     {"mode": "concat", "drop_last": True},
     {"mode": "bfd"},
     {"mode": "bfd", "long_docs": "truncate"},
+    {"mode": "bfd", "long_docs": "drop"},
+    {"mode": "bfd", "long_docs": "split"},
     {"mode": "pad"},
+    {"mode": "pad", "long_docs": "drop"},
     {"mode": "pad", "group_by_length": True},
 ]
 
@@ -223,11 +383,15 @@ MODES = [
     gaps=st.lists(st.integers(0, 2), min_size=25, max_size=25),
     seq_len=st.integers(1, 16),
     buffer_size=st.integers(1, 7),
+    chats=st.lists(st.booleans(), min_size=25, max_size=25),
     mode=st.sampled_from(MODES),
     data=st.data(),
 )
-def test_resume_from_any_row_reproduces_the_rest(lengths, gaps, seq_len, buffer_size, mode, data):
-    samples = make_samples(lengths, gaps=gaps)
+def test_resume_from_any_row_reproduces_the_rest(
+    lengths, gaps, seq_len, buffer_size, chats, mode, data
+):
+    """Also with conversations truncated or dropped, and documents dropped (long_docs)."""
+    samples = make_samples(lengths, gaps=gaps, chats=chats)
     config = PackConfig(seq_len=seq_len, buffer_size=buffer_size, **mode)
     rows = run(config, samples)
     if not rows:
@@ -242,10 +406,10 @@ def test_resume_from_every_row_of_a_long_stream(mode):
     """Every cursor of a stream with many chunks and buffers, on a realistic length mix."""
     rng = np.random.default_rng(2)
     lengths = rng.integers(0, 700, 400).tolist()
-    samples = make_samples(lengths, dtype=np.uint32)
+    samples = make_samples(lengths, dtype=np.uint32, chats=[i % 3 == 0 for i in range(400)])
     config = PackConfig(seq_len=256, buffer_size=64, **mode)
     rows = run(config, samples)
-    assert len(rows) > 100
+    assert len(rows) > 60
     for k in range(0, len(rows), 7):
         assert_rows_equal(resume(config, samples, rows[k].cursor), rows[k + 1 :])
 
@@ -267,10 +431,11 @@ def test_positions_must_rise():
 
 
 def test_samples_without_tokens_need_a_tokenizer():
+    packer = Packer(PackConfig(seq_len=4))
     with pytest.raises(CorpusError, match="'d0': no input_ids; pass a tokenizer"):
-        run(PackConfig(seq_len=4), [(0, {"id": "d0", "text": "hello"})])
+        list(packer.pack([(0, {"id": "d0", "text": "hello"})]))
     with pytest.raises(CorpusError, match="1-D integer array"):
-        run(PackConfig(seq_len=4), [(0, {"id": "d0", "input_ids": np.zeros(3, np.float32)})])
+        list(packer.pack([(0, {"id": "d0", "input_ids": np.zeros(3, np.float32)})]))
 
 
 @pytest.mark.parametrize(
@@ -278,7 +443,7 @@ def test_samples_without_tokens_need_a_tokenizer():
     [
         ({"seq_len": 0}, "seq_len must be >= 1"),
         ({"mode": "greedy"}, "mode must be one of concat, bfd, pad"),
-        ({"long_docs": "drop"}, "long_docs must be"),
+        ({"long_docs": "cut"}, "long_docs must be one of auto, split, truncate, drop, got 'cut'"),
         ({"buffer_size": 0}, "buffer_size must be >= 1"),
         ({"pad_to_longest": True}, "pad_to_longest needs mode='pad'"),
         ({"mode": "bfd", "group_by_length": True}, "group_by_length needs mode='pad'"),

@@ -1,37 +1,43 @@
 """Packed rows through a real (tiny, random) Llama: documents must not see each other.
 
 The per-token loss of every document in a packed batch must equal the loss of that document run
-alone. Negative controls show the pitfalls the pack module documents: the default KV cache and a
-2-D attention mask each let documents attend across boundaries.
+alone; for chat (SFT) conversations, rendered with a chat template, so must the labels (only the
+assistant turns) and the logits. Negative controls show the pitfalls the pack module documents:
+the default KV cache and a 2-D attention mask each let documents attend across boundaries.
 """
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from shardloader.pack import PackConfig, Packer, collate_rows
 from shardloader.pack_attention import document_attention_mask, model_inputs
+from tests.test_pack_encode import CHAT_TEMPLATE
 
 VOCAB = 97
 TOLERANCE = 1e-5
 
 
-def tiny_llama(attn_implementation: str) -> LlamaForCausalLM:
+def tiny_llama(
+    attn_implementation: str, vocab_size: int = VOCAB, max_positions: int = 128
+) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(config).eval()
@@ -225,3 +231,72 @@ def test_document_attention_mask_float_is_additive():
     additive = document_attention_mask(batch["position_ids"], torch.float32)
     assert torch.equal(additive == 0, boolean)
     assert (additive[~boolean] == torch.finfo(torch.float32).min).all()
+
+
+# --- chat (SFT) conversations ---------------------------------------------------------------
+
+WORDS = ["naïve", "café", "déjà", "vu", "doc", "answer", "question", "русский", "Ελληνικά", "ok"]
+
+
+def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Multi-turn chats (an optional system turn, 1-3 user/assistant exchanges) of varied length."""
+    rng = random.Random(seed)
+
+    def text() -> str:
+        return " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))
+
+    chats = []
+    for _ in range(n):
+        chat = [{"role": "system", "content": text()}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            chat += [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]
+        chats.append(chat)
+    return chats
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tokenizer_dir: Path) -> Any:
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def collated(config: PackConfig, tokenizer: Any, samples: list[dict[str, Any]]):
+    rows = list(Packer(config, tokenizer=tokenizer).pack(enumerate(samples)))
+    return rows, collate_rows(rows, config)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_chat_masks_and_logits_survive_packing(chat_tokenizer, attn):
+    """Conversations packed several per row (bfd) get the labels and logits they get alone."""
+    samples = [{"sample_id": i, "messages": c} for i, c in enumerate(conversations(24))]
+    config = PackConfig(seq_len=256, mode="bfd")
+    rows, batch = collated(config, chat_tokenizer, samples)
+    assert len(rows) < len(samples) / 2  # several conversations per row
+    assert max(len(r.sample_ids) for r in rows) >= 3
+    model = tiny_llama(attn, vocab_size=len(chat_tokenizer), max_positions=256)
+    inputs = model_inputs(batch, attn_implementation=attn)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    compared = trained = 0
+    for row, col, n, sample_id in segments(batch):
+        (alone_row,), alone = collated(config, chat_tokenizer, [samples[sample_id]])
+        assert n == len(alone_row.input_ids)  # whole: bfd keeps a conversation in one row
+        ids = alone["input_ids"][:, :n]
+        assert torch.equal(batch["input_ids"][row, col : col + n], ids[0])
+        labels = alone["labels"][0, :n]
+        assert torch.equal(batch["labels"][row, col : col + n], labels)
+        # Not vacuous: the prompt is masked, the assistant turns are not.
+        assert 0 < int((labels != -100).sum()) < n - 1
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[0]
+        torch.testing.assert_close(packed[row, col : col + n], logits, rtol=0, atol=TOLERANCE)
+        compared += 1
+        trained += int((labels != -100).sum())
+    assert compared == len(samples)
+    assert trained == int((batch["labels"] != -100).sum())  # no other token is trained
+    # Not vacuous: letting conversations see each other (a 2-D mask of ones) changes the logits.
+    leaky = {k: v for k, v in inputs.items() if k != "labels"}
+    leaky["attention_mask"] = torch.ones_like(batch["input_ids"])
+    with torch.no_grad():
+        assert (model(**leaky).logits - packed).abs().max() > 1e-2
