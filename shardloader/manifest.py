@@ -175,6 +175,11 @@ class Manifest:
         """Whether the shards hold token ids rather than text."""
         return "input_ids" in self.fields
 
+    @property
+    def conversations(self) -> bool:
+        """Whether the samples are chat data: ``messages``, or ids rendered with ``loss_spans``."""
+        return "messages" in self.fields or "loss_spans" in self.fields
+
 
 def shards_with_ids(shards: Iterable[ShardInfo]) -> ShardTable:
     """Return ``shards`` with ``first_sample_id`` set from the running sum of sample counts."""

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import peft  # noqa: F401  (a dev dependency: missing, the module fails rather than skips)
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,6 @@ from shardloader.verify import iter_samples
 from tests.conftest import ROOT, make_docs, write_jsonl
 from tests.test_train import losses, read_jsonl, run_env, run_torchrun, torchrun_cmd, wait_for
 
-pytest.importorskip("peft")
 # peft 0.21 asks transformers 5 an old question; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
 

@@ -626,31 +626,35 @@ def encode_loss_spans(samples: Any) -> list[Any]:
     return docs
 
 
-def test_token_mixture_of_chat_and_text_trains_chat_only_on_its_masks(
-    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Labels: every token of the text source; only the loss spans of the chat source."""
-    from shardloader import mix_dataset
+def test_token_mixture_of_chat_and_text_trains_chat_only_on_its_masks(tmp_path: Path) -> None:
+    """Labels: every token of the text source; only the assistant tokens of the chat source.
+
+    The chat source is conversations rendered at conversion with the default chat template
+    (``input_ids`` + ``loss_spans``); the text source shares its tokenizer.
+    """
     from shardloader.pack import PackConfig
 
-    probe = {"input_ids": np.arange(4), "loss_spans": [[2, 4]]}
-    if mix_dataset.encode_token_samples([probe])[0].loss_mask is None:
-        # The stored chat format's reader is not on this branch yet: stand in for it.
-        monkeypatch.setattr(mix_dataset, "encode_token_samples", encode_loss_spans)
-    tok = shardloader.TextTokenizer(str(tokenizer_dir))
-    chats = make_docs(60, seed=21)
-    for doc, ids in zip(chats, tok.encode_batch([d["text"] for d in chats]), strict=True):
-        n = len(ids)  # with the EOS that conversion appends
-        doc["loss_spans"] = [[1, max(2, n // 3)], [n // 2, n]]  # two "assistant turns"
-    chat = convert_docs(
-        tmp_path / "chat",
-        chats,
-        tokenizer=str(tokenizer_dir),
-        keep_fields=("loss_spans:json",),
-        shard_samples=17,
-    )
+    tok = tmp_path / "tok"
+    texts = [d["text"] for d in make_docs(300, seed=20)]
+    shardloader.train_bpe_tokenizer(texts, str(tok), vocab_size=500, chat_template=True)
+    rng = np.random.default_rng(21)
+    conversations = []
+    for i, doc in enumerate(make_docs(60, seed=21)):
+        words = doc["text"].split()
+        cut = int(rng.integers(1, max(2, len(words))))
+        messages = [
+            {"role": "user", "content": " ".join(words[:cut])},
+            {"role": "assistant", "content": " ".join(words[cut:]) or "ok"},
+        ]
+        if i % 3 == 0:  # some with a second exchange
+            messages += [
+                {"role": "user", "content": "more?"},
+                {"role": "assistant", "content": " ".join(words[: cut // 2 + 1])},
+            ]
+        conversations.append({"id": f"c{i}", "messages": messages})
+    chat = convert_docs(tmp_path / "chat", conversations, tokenizer=str(tok), shard_samples=17)
     text = convert_docs(
-        tmp_path / "text", make_docs(80, seed=22), tokenizer=str(tokenizer_dir), shard_samples=17
+        tmp_path / "text", make_docs(80, seed=22), tokenizer=str(tok), shard_samples=17
     )
     stored = {
         name: {s["sample_id"]: s for s in shardloader.iter_samples(str(path))}

@@ -63,7 +63,16 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = option(0, "model init and data order")
     shuffle: bool = option(True, "shuffle shards and samples (seed + epoch)")
-    pack_mode: str = option("concat", "packing: concat, bfd or pad (shardloader.PackConfig)")
+    pack_mode: str = option(
+        "auto",
+        "packing: auto (bfd for chat data, so a conversation stays whole in one row; concat "
+        "otherwise), concat, bfd or pad (shardloader.PackConfig)",
+    )
+    long_docs: str = option(
+        "auto",
+        "bfd and pad: documents longer than seq_len are split, truncated or dropped; auto splits "
+        "text and truncates conversations (counted in the log)",
+    )
     cache_dir: str | None = option(None, "node-local cache of remote shards (StreamConfig)")
     num_workers: int = option(2, "DataLoader workers per rank")
     prefetch_factor: int = option(4, "batches each worker reads ahead")
@@ -103,7 +112,7 @@ class TrainConfig:
             raise ConfigError("TrainConfig needs output_dir")
         if bool(self.data) == bool(self.mix):
             raise ConfigError("TrainConfig needs either data (the shards) or mix (a mixture file)")
-        if self.mix and self.pack_mode != "concat":
+        if self.mix and self.pack_mode not in ("auto", "concat"):
             raise ConfigError(
                 f"a mixture packs documents end to end (pack_mode 'concat'), not {self.pack_mode!r}"
             )
@@ -151,9 +160,17 @@ class TrainConfig:
         """What the run reads, for messages: the data, or the mixture file."""
         return self.mix or self.data
 
-    def pack_config(self) -> PackConfig:
-        """How the run packs documents into rows."""
-        return PackConfig(seq_len=self.seq_len, mode=self.pack_mode)
+    def pack_config(self, *, chat: bool = False) -> PackConfig:
+        """How the run packs documents into rows.
+
+        Args:
+            chat: The data holds conversations (`is_chat_data`): ``pack_mode="auto"`` packs
+                them with ``bfd``, whole, instead of ``concat``. Mixtures always concatenate.
+        """
+        mode = self.pack_mode
+        if mode == "auto":
+            mode = "bfd" if chat and not self.mix else "concat"
+        return PackConfig(seq_len=self.seq_len, mode=mode, long_docs=self.long_docs)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (stored in checkpoints)."""

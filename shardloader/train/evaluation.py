@@ -84,7 +84,8 @@ class Evaluator:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.device, self.autocast = device, autocast
         self.source = config.eval_data
-        self.pack = config.pack_config()
+        # packed as training packs (pack_mode "auto" resolved from the training data)
+        self.pack = train_data.pack or config.pack_config()
         self.dataset = ShardDataset(
             self.source,
             config=StreamConfig(shuffle=False, policy="drop", cache_dir=config.cache_dir),

@@ -169,8 +169,14 @@ def _make_loader(config: TrainConfig, runtime: _Runtime) -> ShardLoader | MixLoa
             mixture, config=stream, pack=config.pack_config(), tokenizer=config.tokenizer
         )
     else:
+        chat = False
+        if config.pack_mode == "auto":  # bfd keeps conversations whole: peek at the manifest
+            chat = ShardDataset(config.data, config=stream).manifest.conversations
         dataset = ShardDataset(
-            config.data, config=stream, pack=config.pack_config(), tokenizer=config.tokenizer
+            config.data,
+            config=stream,
+            pack=config.pack_config(chat=chat),
+            tokenizer=config.tokenizer,
         )
     workers = config.num_workers
     return ShardLoader(  # a MixLoader for a MixDataset
@@ -214,6 +220,7 @@ class _Trainer:
         self.runtime = _start_runtime(config)
         self.loader = _make_loader(config, self.runtime)
         dataset = self.dataset
+        self.pack = dataset.pack or config.pack_config()  # pack_mode "auto" resolved
         if isinstance(dataset, MixDataset):
             dataset.spec()  # reads and checks every source (empty ones are refused)
         else:
@@ -456,7 +463,7 @@ class _Trainer:
             with no_sync(self.model, last=i == len(micro) - 1):
                 summed = forward_loss_sum(
                     self.model,
-                    batch or empty_batch(config.pack_config(), config.batch_size),
+                    batch or empty_batch(self.pack, config.batch_size),
                     device=runtime.device,
                     autocast=runtime.autocast,
                     attn_implementation=config.attn_implementation,

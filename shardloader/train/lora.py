@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return peft.get_peft_model(model, settings)
+        with warnings.catch_warnings():  # peft reads a transformers attribute deprecated in v5
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            return peft.get_peft_model(model, settings)
     except ValueError as err:  # e.g. a target module name the model does not have
         raise ConfigError(
             f"{config.model}: cannot add LoRA adapters to {','.join(config.lora_targets)} ({err}); "
