@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
 
 
 def template_text(value: Any) -> str | None:
@@ -149,6 +151,9 @@ class ChatRenderer:
             raise ConfigError(f"{self.name}: the tokenizer has no chat template")
         self.template = template
         self._rust = tokenizer.backend_tokenizer
+        # A template that marks what the model generates ({% generation %}) is rendered once per
+        # conversation, the marked blocks being the trained spans; others by prefixes.
+        self.marks_generation = GENERATION_TAG.search(template) is not None
 
     @property
     def template_hash(self) -> str:
@@ -177,6 +182,32 @@ class ChatRenderer:
             ) from err
         return str(text)
 
+    def _render_marked(
+        self, messages: Sequence[Mapping[str, Any]], what: str
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """One render that also returns the character spans of the ``{% generation %}`` blocks.
+
+        The same Jinja call ``apply_chat_template`` makes (with the tokenizer's special tokens
+        as variables), under transformers' tracker of generation blocks.
+        """
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            result: Any = render_jinja_template(  # (texts, generation spans), one per chat
+                conversations=[[dict(m) for m in messages]],
+                chat_template=self.template,
+                return_assistant_tokens_mask=True,
+                add_generation_prompt=False,
+                **self.tokenizer.special_tokens_map,
+            )
+        except Exception as err:  # noqa: BLE001 - Jinja's TemplateError, raise_exception, ...
+            raise CorpusError(
+                f"{what}: the chat template of {self.name} cannot render it "
+                f"({type(err).__name__}: {err})"
+            ) from err
+        texts, indices = result
+        return str(texts[0]), [(int(a), int(b)) for a, b in indices[0]]
+
     def render_turns(self, messages: Sequence[Mapping[str, Any]], what: str) -> RenderedChat:
         """Render a conversation; return its text and the character spans of its assistant turns.
 
@@ -188,6 +219,12 @@ class ChatRenderer:
             CorpusError: No assistant turn, or the template cannot render the conversation.
             ConfigError: The template renders a turn differently once later turns follow.
         """
+        if self.marks_generation:
+            full, marked = self._render_marked(messages, what)
+            spans = [(start, end) for start, end in marked if end > start]
+            if not any(m.get("role") == "assistant" for m in messages) or not spans:
+                raise CorpusError(f"{what}: no assistant turn, so nothing to learn from")
+            return RenderedChat(full, spans)
         full = self._render(messages, prompt=False, what=what)
         spans = []
         for i, message in enumerate(messages):

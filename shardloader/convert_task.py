@@ -49,6 +49,24 @@ TOKENIZE_BATCH_BYTES = 4 * MiB
 PROGRESS_EVERY_S = 0.25
 
 
+_RENDERERS: dict[tuple[str, tuple[tuple[str, int, int], ...]], ChatRenderer] = {}
+
+
+def _renderer(path: str) -> ChatRenderer:
+    """The chat renderer of tokenizer directory ``path``, loaded once per process.
+
+    Loading a transformers tokenizer takes a few tenths of a second, so a worker that runs many
+    tasks keeps it; the key includes the size and mtime of the directory's files, so a tokenizer
+    changed on disk is loaded again.
+    """
+    files = sorted(os.scandir(path), key=lambda e: e.name) if os.path.isdir(path) else []
+    key = (path, tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in files))
+    if key not in _RENDERERS:
+        _RENDERERS.clear()  # one tokenizer per conversion: keep only the latest
+        _RENDERERS[key] = ChatRenderer(load_chat_tokenizer(path), path)
+    return _RENDERERS[key]
+
+
 def record_name(task: int) -> str:
     """The completion record of task ``task``, relative to the output."""
     return f"{WORK_DIR}/task-{task:05d}.json"
@@ -333,7 +351,7 @@ def run_task(
         schema = detect_file_schema(task.files[0], config.text_field, config.max_record_bytes)
     renderer = None
     if tokenizer is not None and schema in CHAT_SCHEMAS:
-        renderer = ChatRenderer(load_chat_tokenizer(config.tokenizer or ""), config.tokenizer)
+        renderer = _renderer(config.tokenizer or "")
     series = ShardSeries(
         out,
         config,

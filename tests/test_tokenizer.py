@@ -226,3 +226,20 @@ def test_default_template_end_to_end_offline(tmp_path, capsys):
             np.testing.assert_array_equal(flat_labels[start:end], want[ids])
             seen += 1
     assert seen == len(conversations)  # every conversation whole, once
+
+
+def test_generation_marks_and_prefixes_find_the_same_turns(chat_tok_dir):
+    """The default template marks {% generation %}: one render gives the prefix method's spans."""
+    from shardloader.chat_template import ChatRenderer, load_chat_tokenizer
+    from shardloader.errors import CorpusError
+
+    marked = ChatRenderer(load_chat_tokenizer(str(chat_tok_dir)))
+    assert marked.marks_generation
+    prefixes = ChatRenderer(load_chat_tokenizer(str(chat_tok_dir)))
+    prefixes.marks_generation = False
+    for i, conversation in enumerate(CONVERSATIONS):
+        got = marked.render_turns(conversation, f"c{i}")
+        assert got == prefixes.render_turns(conversation, f"c{i}")
+        assert marked.encode([got])[0][1].any()
+    with pytest.raises(CorpusError, match="no assistant turn"):
+        marked.render_turns([{"role": "user", "content": "hi"}], "lonely")

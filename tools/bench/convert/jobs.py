@@ -160,8 +160,13 @@ def _run_shardloader(
     tokens = task in ("tokens", "chat")
     from shardloader.cli import main as shardloader_main
 
+    # Tasks of a quarter of each process's share, so every process has work even on the quick
+    # corpus (the peers split the files over the processes, too): a user sets --task-bytes so.
+    total = sum(os.path.getsize(path) for path in inputs)
+    task_bytes = max(1 << 20, total // (4 * num_proc))
     argv = ["convert", *inputs, "--output", output, "--num-proc", str(num_proc)]
     argv += ["--format", system.removeprefix("shardloader-"), "--shard-bytes", str(SHARD_BYTES)]
+    argv += ["--task-bytes", str(task_bytes)]
     argv += ["--no-progress"] + (["--tokenizer", str(tokenizer)] if tokens else [])
     print("shardloader " + " ".join(argv), flush=True)
     started = time.perf_counter()
