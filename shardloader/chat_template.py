@@ -17,11 +17,18 @@ whatever the template writes.
 Trained tokens travel as ``loss_spans``: sorted, non-overlapping ``[start, end)`` token ranges
 (`mask_to_spans`), checked as hostile input when read back (`spans_to_mask`).
 
-Cost (one core of a busy 2-core box, 338 conversations of ~3 KB with two assistant turns): the
-renders take ~0.1 s (~20 us of Jinja per call, ``1 + 2 * assistant turns`` calls per
-conversation), tokenizing with offsets ~0.3-0.4 s, against ~0.4 s for the tokenizer alone on the
-turns' text; end to end, ``python -m tools.bench.convert --tasks chat`` measured conversion at
-about the tokenizer-alone bound (the box was too busy to tell them apart).
+Templates that mark the generated text with ``{% generation %}`` (transformers' convention, and
+``shardloader train-tokenizer``'s default template) are rendered once per conversation under
+transformers' tracker of those blocks, and the marked blocks are the trained spans; on the default
+template they are exactly the prefix method's spans (``tests/test_tokenizer.py``).
+
+Cost (``python -m tools.bench.convert --tasks chat --quick``, 2 processes on a quiet 2-core VM,
+11,379 conversations of ~3 KB): one process converts ~2.8 MB/s once warm (rendering 12%,
+tokenizing with offsets 64% of its time), the tokenizer alone on the turns' text ~3.4 MB/s. End
+to end the benchmark measures 40-43% of the tokenizer-alone bound: converting its 36 MB takes
+~12 s, ~3 s of them start-up (importing transformers and loading its tokenizer, which the bound
+does not count). Marking generation made rendering 2.3x faster than the ``1 + 2 * assistant
+turns`` renders of the prefix method.
 """
 
 from __future__ import annotations
