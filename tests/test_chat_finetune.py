@@ -168,3 +168,28 @@ def test_kill_and_resume_with_lora_is_exact(chat: dict[str, Path], run: Path) ->
     assert samples_by_rank(killed) == samples_by_rank(run)
     adapter = "adapter/adapter_model.safetensors"  # its config names each run's own base/
     assert (killed / adapter).read_bytes() == (run / adapter).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_the_example_script_runs(tmp_path: Path) -> None:
+    """examples/chat_finetune.sh, as the README shows it (fewer steps)."""
+    import sys
+
+    out = tmp_path / "chat-output"
+    env = run_env({"OUT": str(out), "STEPS": "4"})
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    result = subprocess.run(
+        ["bash", "examples/chat_finetune.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (out / "run" / "adapter" / "adapter_config.json").is_file()
+    assert (out / "run" / "model" / "config.json").is_file()
+    rows = read_jsonl(out / "run" / "metrics.jsonl")
+    assert rows[-1]["step"] == 4
+    assert "eval_loss" in rows[-1]
