@@ -283,14 +283,19 @@ class NodeCache:
         if inode is None:  # a local shard read in place: not ours to delete
             return
         self._verified_entries = {v for v in self._verified_entries if v[:2] != inode}
-        with self.key_lock(key):
-            try:
-                st = os.stat(shard.path)
-            except FileNotFoundError:
-                return
-            if (st.st_dev, st.st_ino) == inode:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(shard.path)
+        try:
+            with self.key_lock(key):
+                try:
+                    st = os.stat(shard.path)
+                except FileNotFoundError:
+                    return
+                if (st.st_dev, st.st_ino) == inode:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(shard.path)
+        except (FileNotFoundError, NotADirectoryError):
+            # The cache folder itself was deleted or replaced (so the copy went with it): the
+            # fetch that follows goes through repairing(), which remakes it or names the cache.
+            self._dirs_ready = False
 
     # -- downloads ----------------------------------------------------------------------------
 
