@@ -16,6 +16,7 @@ from shardloader.errors import (
     ShardloaderError,
     StorageError,
 )
+from shardloader.index import index_parquet
 from shardloader.manifest import Manifest, ShardInfo, read_manifest
 from shardloader.mix_config import Mixture, Phase, Source
 from shardloader.pack import (
@@ -108,6 +109,7 @@ __all__ = [
     "__version__",
     "best_fit_decreasing",
     "check_tokenizer",
+    "index_parquet",
     "collate_rows",
     "convert",
     "document_attention_mask",

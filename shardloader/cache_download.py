@@ -74,7 +74,7 @@ class Downloader:
                 raise ShardError(
                     _mismatch(url, got, (num_bytes, checksum), algorithm)
                     + ' (fetched twice); the object was replaced or corrupted; run "shardloader'
-                    ' verify"'
+                    ' verify" (Parquet files indexed in place: run "shardloader index" again)'
                 )
             return self._cache.publish(fd, tmp, path, checksum)
         except BaseException:

@@ -1,7 +1,8 @@
 """Command-line interface: ``shardloader convert | merge | inspect | verify | profile | train``.
 
-Also ``train-tokenizer``. Flags mirror the fields of the config objects (`shardloader.options`;
-``train`` hands all its flags to ``python -m shardloader.train``). This module parses and prints;
+Also ``index`` (Parquet files read in place) and ``train-tokenizer``. Flags mirror the fields of
+the config objects (`shardloader.options`; ``train`` hands all its flags to
+``python -m shardloader.train``). This module parses and prints;
 the work happens in the library. Errors from shardloader print as one line
 (``error: <location>: <what>``) and exit 1.
 """
@@ -88,6 +89,37 @@ def _print_manifest(m: Manifest) -> None:
     )
     if m.skipped:
         print(f"  skipped records: {dict(m.skipped)}")
+
+
+def _add_index(sub: Any) -> None:
+    p = sub.add_parser(
+        "index", help="write a manifest over existing Parquet files, read in place (zero copy)"
+    )
+    p.add_argument("source", help="a directory, glob or file of Parquet files (local or URL)")
+    p.add_argument("--text-field", default="text", help="the string column holding the text")
+    p.add_argument(
+        "--id-field",
+        default="id",
+        help="the id column, used where the files have it ('': ids are file:row)",
+    )
+    p.add_argument("--keep-fields", nargs="*", default=[], help="other columns to serve")
+    p.add_argument("--output", help="directory for _manifest.json (default: beside the files)")
+
+
+def _index(args: argparse.Namespace) -> int:
+    from shardloader.index import index_parquet
+
+    manifest = index_parquet(
+        args.source,
+        text_field=args.text_field,
+        id_field=args.id_field or None,
+        keep_fields=args.keep_fields,
+        output=args.output,
+    )
+    where = args.output or manifest.root or args.source
+    print(f"{where}: manifest written ({manifest.checksum_algorithm} identities)")
+    _print_manifest(manifest)
+    return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -334,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    _add_index(sub)
     p = sub.add_parser("merge", help="write the manifest of a conversion run in slices")
     p.add_argument("output")
     p = sub.add_parser(
@@ -385,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {
     "convert": _convert,
+    "index": _index,
     "merge": _merge,
     "inspect": _inspect,
     "verify": _verify,

@@ -291,7 +291,8 @@ class ShardFetcher:
         if st.st_size != num_bytes:
             raise ShardError(
                 f"{path}: size {st.st_size} bytes does not match manifest {num_bytes} "
-                '(truncated or replaced?); run "shardloader verify"'
+                '(truncated or replaced?); run "shardloader verify" (Parquet files indexed in '
+                'place: run "shardloader index" again)'
             )
         if self.verify_local:
             seen = (
@@ -313,7 +314,8 @@ class ShardFetcher:
                     raise ShardError(
                         f"{path}: {algorithm} {digest} does not match manifest {checksum}; "
                         'the shard was modified or corrupted; run "shardloader verify", then '
-                        "restore or convert it again"
+                        "restore or convert it again (Parquet files indexed in place: run "
+                        '"shardloader index" again)'
                     )
                 self._verified.add(seen)
         return LocalShard(path)

@@ -29,7 +29,9 @@ from shardloader.errors import ManifestError
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_VERSION = 1
-FORMATS = ("arrow", "tar")
+FORMATS = ("arrow", "tar")  # what convert writes
+# What a manifest may name: also Parquet files indexed in place (`shardloader.index`).
+READ_FORMATS = (*FORMATS, "parquet")
 FIELD_TYPES = ("string", "int64", "float64", "bool", "json", "tokens")
 _SHARD_COLUMNS = ("path", "num_samples", "num_bytes", "checksum", "first_sample_id", "num_tokens")
 _COUNT_COLUMNS = ("num_samples", "num_bytes", "first_sample_id", "num_tokens")
@@ -130,6 +132,9 @@ class Manifest:
         skipped: Count of skipped records by kind (only with ``on_bad_record="skip"``).
         skipped_examples: The first few skipped locations with their reasons.
         created_by: Library name and version that wrote the manifest.
+        root: Where shard paths are relative to, when not the manifest's own directory: an
+            absolute path or URL (``shardloader index --output`` writes it for files it may not
+            write beside).
     """
 
     format: str
@@ -144,6 +149,7 @@ class Manifest:
     skipped: Mapping[str, int] = field(default_factory=dict)
     skipped_examples: tuple[str, ...] = ()
     created_by: str = ""
+    root: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.shards, ShardTable):
@@ -214,6 +220,8 @@ def manifest_to_json(manifest: Manifest) -> bytes:
         "skipped_examples": list(manifest.skipped_examples),
         "sources": [dict(s) for s in manifest.sources],
     }
+    if manifest.root is not None:  # only then: other manifests keep their bytes
+        doc["root"] = manifest.root
     # Everything but the shard table is indented for people; each shard column is one compact
     # line, which keeps a 100,000-shard manifest small and quick to parse.
     head = json.dumps(doc, indent=1, ensure_ascii=False)
@@ -260,6 +268,7 @@ def parse_manifest(data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
             skipped=doc.get("skipped", {}),
             skipped_examples=tuple(doc.get("skipped_examples", ())),
             created_by=doc.get("created_by", ""),
+            root=doc.get("root"),
         )
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ManifestError):
@@ -283,6 +292,7 @@ _TOP_TYPES: dict[str, tuple[type, ...]] = {
     "created_by": (str,),
     "totals": (dict,),
     "shards": (dict,),
+    "root": (str, type(None)),
 }
 
 
@@ -376,7 +386,7 @@ def check_relative_path(path: str, where: str) -> None:
 
 
 def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -> None:
-    if manifest.format not in FORMATS:
+    if manifest.format not in READ_FORMATS:
         raise ManifestError(f"{where}: unknown shard format {manifest.format!r}")
     if manifest.compression not in COMPRESSIONS:
         raise ManifestError(f"{where}: unknown compression {manifest.compression!r:.60}")
@@ -385,6 +395,7 @@ def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -
             f"{where}: unknown checksum algorithm {manifest.checksum_algorithm!r:.60}"
         )
     _check_fields(manifest, where)
+    _check_root(manifest.root, where)
     expected = 0
     shards = manifest.shards
     firsts = shards.column("first_sample_id")
@@ -410,6 +421,14 @@ def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -
             raise ManifestError(
                 f"{where}: totals.{key} is {totals[key]} but the shard table adds up to {actual}"
             )
+
+
+def _check_root(root: str | None, where: str) -> None:
+    """Refuse a ``root`` that is not an absolute path or URL."""
+    if root is None:
+        return
+    if not root or any(c < " " for c in root) or not (root.startswith("/") or "://" in root):
+        raise ManifestError(f"{where}: root {root!r:.200} is not an absolute path or URL")
 
 
 def _check_fields(manifest: Manifest, where: str) -> None:
@@ -478,7 +497,7 @@ def read_manifest(dataset_url: str, **storage_options: Any) -> Manifest:
 
 
 def iter_shard_urls(dataset_url: str, manifest: Manifest) -> Iterator[tuple[ShardInfo, str]]:
-    """Yield each shard with its full URL."""
-    base = storage.dirname(manifest_url(dataset_url))
+    """Yield each shard with its full URL (under ``manifest.root`` when it has one)."""
+    base = manifest.root or storage.dirname(manifest_url(dataset_url))
     for s in manifest.shards:
         yield s, storage.join(base, s.path)

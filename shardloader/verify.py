@@ -49,14 +49,21 @@ def read_shard(url: str, shard: ShardInfo, manifest: Manifest, *, check: bool = 
 
 
 def decode_shard(
-    data: bytes, manifest: Manifest, *, where: str, num_samples: int | None = None
+    data: bytes,
+    manifest: Manifest,
+    *,
+    where: str,
+    num_samples: int | None = None,
+    shard_path: str = "",
 ) -> Iterator[dict[str, Any]]:
     """Yield the samples held in a shard's bytes, checked as the formats check them.
 
     Raises:
         ShardError: The shard does not decode, or (with ``num_samples``) holds another count.
     """
-    spec = ReadSpec.for_manifest(manifest, where=where, num_samples=num_samples)
+    spec = ReadSpec.for_manifest(
+        manifest, where=where, num_samples=num_samples, shard_path=shard_path
+    )
     yield from get_format(manifest.format).iter_samples(io.BytesIO(data), spec)
 
 
@@ -70,7 +77,9 @@ def iter_samples(dataset: str, *, limit: int | None = None) -> Iterator[dict[str
     n = 0
     for shard, url in iter_shard_urls(dataset, manifest):
         data = read_shard(url, shard, manifest)
-        samples = decode_shard(data, manifest, where=url, num_samples=shard.num_samples)
+        samples = decode_shard(
+            data, manifest, where=url, num_samples=shard.num_samples, shard_path=shard.path
+        )
         for offset, sample in enumerate(samples):
             if limit is not None and n >= limit:
                 return
@@ -114,7 +123,9 @@ def verify(dataset: str) -> VerifyReport:
         try:
             data = read_shard(url, shard, manifest)
             report.num_bytes += len(data)
-            samples = decode_shard(data, manifest, where=url, num_samples=shard.num_samples)
+            samples = decode_shard(
+                data, manifest, where=url, num_samples=shard.num_samples, shard_path=shard.path
+            )
             report.num_samples += sum(1 for _ in samples)
         except ShardError as err:
             report.problems.append(str(err))

@@ -82,6 +82,10 @@ class ReadSpec:
         where: Names the shard in errors (its URL).
         num_samples: The shard's sample count; ``None`` skips the count check.
         vocab_size: Token ids must be below it; ``None`` checks only the dtype's range.
+        shard_path: The shard's path in the manifest (relative to the dataset's root), for
+            formats that make ids from it (Parquet files without an id column: ``path:row``).
+        config: The manifest's ``config``; formats that read files written elsewhere find their
+            settings there (Parquet: which columns hold the text, the id and the kept fields).
     """
 
     fields: Mapping[str, str]
@@ -90,10 +94,17 @@ class ReadSpec:
     where: str
     num_samples: int | None = None
     vocab_size: int | None = None
+    shard_path: str = ""
+    config: Mapping[str, Any] | None = None
 
     @classmethod
     def for_manifest(
-        cls, manifest: Manifest, *, where: str, num_samples: int | None = None
+        cls,
+        manifest: Manifest,
+        *,
+        where: str,
+        num_samples: int | None = None,
+        shard_path: str = "",
     ) -> ReadSpec:
         """A shard of ``manifest`` named ``where``, its token ids checked against the vocabulary."""
         return cls(
@@ -103,13 +114,16 @@ class ReadSpec:
             where=where,
             num_samples=num_samples,
             vocab_size=manifest.vocab_size,
+            shard_path=shard_path,
+            config=manifest.config,
         )
 
     @classmethod
     def for_shard(cls, manifest: Manifest, index: int, where: str) -> ReadSpec:
         """Shard ``index`` of ``manifest``, named ``where``: also its count is checked."""
+        shard = manifest.shards[index]
         return cls.for_manifest(
-            manifest, where=where, num_samples=manifest.shards[index].num_samples
+            manifest, where=where, num_samples=shard.num_samples, shard_path=shard.path
         )
 
 
@@ -162,9 +176,14 @@ def get_format(name: str) -> ShardFormat:
         ConfigError: No such format.
     """
     from shardloader.formats.arrow import ArrowFormat
+    from shardloader.formats.parquet import ParquetFormat
     from shardloader.formats.tar import TarFormat
 
-    registry: dict[str, ShardFormat] = {"arrow": ArrowFormat(), "tar": TarFormat()}
+    registry: dict[str, ShardFormat] = {
+        "arrow": ArrowFormat(),
+        "tar": TarFormat(),
+        "parquet": ParquetFormat(),
+    }
     if name not in registry:
         raise ConfigError(f"format {name!r} is not known; use one of {', '.join(registry)}")
     return registry[name]

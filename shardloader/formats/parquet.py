@@ -1,0 +1,210 @@
+"""Parquet files read in place: the shards of a dataset made by ``shardloader index``.
+
+Nothing is written in this format (convert writes Arrow or tar); a manifest of format
+``"parquet"`` names existing Parquet files, one shard per file, and its ``config`` says which
+columns hold the text (``text_field``), the ids (``id_field``, or none) and the kept fields. A
+sample is ``id`` (the id column as text, or ``<shard path>:<row>`` when the files have none),
+``text``, then the kept fields under their column names; list, struct and map columns come as
+Python lists and dicts (manifest type ``json``).
+
+Reading checks a file as hostile input before any row is made: the row count of its footer
+against the manifest (a file rewritten since indexing says to index again), the column types
+against the manifest, every offset and UTF-8 string (``validate(full=True)``; Parquet itself does
+not validate UTF-8), and no nulls in the id or text column. Only the needed columns are decoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from shardloader.errors import ConfigError, ShardError
+from shardloader.formats import ReadSpec, WriteSpec, check_num_samples, counted
+
+REINDEX = 'the file changed after it was indexed: run "shardloader index" again'
+
+
+def field_kind(kind: pa.DataType) -> str | None:
+    """The manifest type of an Arrow column type, or ``None`` where none fits."""
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "string"
+    if pa.types.is_integer(kind):
+        return "int64"
+    if pa.types.is_floating(kind):
+        return "float64"
+    if pa.types.is_boolean(kind):
+        return "bool"
+    if (
+        pa.types.is_list(kind)
+        or pa.types.is_large_list(kind)
+        or pa.types.is_struct(kind)
+        or pa.types.is_map(kind)
+    ):
+        return "json"
+    return None
+
+
+def id_column_ok(kind: pa.DataType) -> bool:
+    """Whether a column of this type can serve as the ids (strings or integers)."""
+    return field_kind(kind) in ("string", "int64")
+
+
+def source_columns(fields: Mapping[str, str], config: Mapping[str, Any]) -> dict[str, str | None]:
+    """Map each manifest field to its column in the files (``None``: ids made from the row)."""
+    out: dict[str, str | None] = {name: name for name in fields}
+    out["id"] = config.get("id_field")
+    out["text"] = config.get("text_field", "text")
+    return out
+
+
+class ParquetFormat:
+    """Parquet files indexed in place (``.parquet``); read only."""
+
+    name = "parquet"
+
+    def file_suffix(self, compression: str) -> str:
+        """``.parquet``."""
+        return ".parquet"
+
+    def open_writer(self, sink: Any, spec: WriteSpec) -> Any:
+        """Refused: Parquet datasets are indexed, not written.
+
+        Raises:
+            ConfigError: Always.
+        """
+        raise ConfigError(
+            'format "parquet" is read in place: run "shardloader index" over Parquet files, or '
+            'convert to "arrow" or "tar"'
+        )
+
+    def iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
+        """Yield the samples of one Parquet file, row group by row group."""
+        yield from counted(self._iter_samples(source, spec), spec.num_samples, spec.where)
+
+    def _iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
+        where = spec.where
+        try:
+            pf = pq.ParquetFile(source)
+            check_num_samples(pf.metadata.num_rows, spec.num_samples, where)
+            columns = _columns_to_read(pf.schema_arrow, spec)
+            row = 0
+            for group in range(pf.num_row_groups):
+                table = pf.read_row_group(group, columns=columns)
+                decoded = ParquetColumns(_checked(table, spec), spec, first_row=row)
+                taken = decoded.take(np.arange(table.num_rows))
+                names = list(taken)
+                for values in zip(*taken.values(), strict=True):
+                    yield dict(zip(names, values, strict=True))
+                row += table.num_rows
+        except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
+            raise ShardError(f"{where}: not a readable Parquet file ({err})") from err
+
+    def read_columns(self, path: str, spec: ReadSpec) -> ParquetColumns:
+        """Read the needed columns of a local Parquet file, checked against ``spec``."""
+        where = spec.where
+        try:
+            pf = pq.ParquetFile(path, memory_map=True)
+            # Before anything is sized by the manifest's count (the reader's window ids).
+            _check_rows(pf.metadata.num_rows, spec)
+            columns = _columns_to_read(pf.schema_arrow, spec)
+            table = pf.read(columns=columns)
+            _check_rows(table.num_rows, spec)
+            return ParquetColumns(_checked(table, spec), spec)
+        except (pa.ArrowException, OSError) as err:
+            raise ShardError(f"{where}: not a readable Parquet file ({err})") from err
+
+
+def _check_rows(actual: int, spec: ReadSpec) -> None:
+    if spec.num_samples is not None and actual != spec.num_samples:
+        raise ShardError(
+            f"{spec.where}: holds {actual} rows but the manifest says {spec.num_samples}; "
+            + REINDEX
+        )
+
+
+def _columns_to_read(schema: pa.Schema, spec: ReadSpec) -> list[str]:
+    """The file's columns that the manifest's fields need, their types checked."""
+    mapping = source_columns(spec.fields, spec.config or {})
+    out = []
+    for name, column in mapping.items():
+        if column is None:
+            continue
+        if column not in schema.names:
+            raise ShardError(
+                f"{spec.where}: no column {column!r} (the manifest's {name!r}); " + REINDEX
+            )
+        kind = schema.field(column).type
+        expected = spec.fields[name]
+        ok = id_column_ok(kind) if name == "id" else field_kind(kind) == expected
+        if not ok:
+            raise ShardError(
+                f"{spec.where}: column {column!r} has type {kind}, the manifest says {expected}; "
+                + REINDEX
+            )
+        out.append(column)
+    return list(dict.fromkeys(out))
+
+
+def _checked(table: pa.Table, spec: ReadSpec) -> pa.Table:
+    """``table`` validated in full (offsets, UTF-8), without nulls in the id and text."""
+    table.validate(full=True)
+    mapping = source_columns(spec.fields, spec.config or {})
+    for name in ("id", "text"):
+        column = mapping[name]
+        if column is not None and table.column(column).null_count:
+            nulls = table.column(column).null_count
+            raise ShardError(f"{spec.where}: column {column!r} ({name}) holds {nulls} nulls")
+    return table
+
+
+class ParquetColumns:
+    """The needed columns of a Parquet file, each made a Python list on first use.
+
+    Args:
+        table: The file's needed columns, checked (`_checked`).
+        spec: What the manifest says of the file.
+        first_row: Row number of the table's first row in the file (for made ids).
+    """
+
+    def __init__(self, table: pa.Table, spec: ReadSpec, *, first_row: int = 0) -> None:
+        self._table = table
+        self._fields = dict(spec.fields)
+        self._columns = source_columns(spec.fields, spec.config or {})
+        self._prefix = spec.shard_path or spec.where
+        self._first_row = first_row
+        self._ready: dict[str, list[Any]] = {}
+        self.num_rows = table.num_rows
+
+    def _column(self, name: str) -> list[Any]:
+        if name not in self._ready:
+            column = self._table.column(self._columns[name])
+            if name == "id" and not pa.types.is_string(column.type):
+                column = pc.cast(column, pa.string())
+            self._ready[name] = column.to_pylist()
+        return self._ready[name]
+
+    def take(self, rows: np.ndarray) -> dict[str, list[Any]]:
+        """The values of ``rows``, column by column."""
+        index = rows.tolist()
+        out: dict[str, list[Any]] = {}
+        for name in self._fields:
+            if name == "id" and self._columns["id"] is None:
+                first, prefix = self._first_row, self._prefix
+                out[name] = [f"{prefix}:{first + i}" for i in index]
+            else:
+                column = self._column(name)
+                out[name] = [column[i] for i in index]
+        return out
+
+    def token_lengths(self, rows: np.ndarray, field: str) -> np.ndarray:
+        """Refused: Parquet datasets hold text, not token ids.
+
+        Raises:
+            ShardError: Always.
+        """
+        raise ShardError(f"{self._prefix}: field {field!r} holds no token ids (a text dataset)")
