@@ -63,6 +63,9 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = option(0, "model init and data order")
     shuffle: bool = option(True, "shuffle shards and samples (seed + epoch)")
+    shuffle_window: int = option(
+        4, "consecutive shard pieces a worker mixes, and holds, at once (StreamConfig)"
+    )
     pack_mode: str = option(
         "auto",
         "packing: auto (bfd for chat data, so a conversation stays whole in one row; concat "
@@ -116,7 +119,7 @@ class TrainConfig:
             raise ConfigError(
                 f"a mixture packs documents end to end (pack_mode 'concat'), not {self.pack_mode!r}"
             )
-        positive = ("seq_len", "batch_size", "grad_accum", "epochs", "log_every")
+        positive = ("seq_len", "batch_size", "grad_accum", "epochs", "log_every", "shuffle_window")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -156,7 +156,12 @@ def _schedule_steps(
 
 
 def _make_loader(config: TrainConfig, runtime: _Runtime) -> ShardLoader | MixLoader:
-    stream = StreamConfig(seed=config.seed, shuffle=config.shuffle, cache_dir=config.cache_dir)
+    stream = StreamConfig(
+        seed=config.seed,
+        shuffle=config.shuffle,
+        shuffle_window=config.shuffle_window,
+        cache_dir=config.cache_dir,
+    )
     dataset: ShardDataset | MixDataset
     if config.mix:
         mixture = Mixture.from_file(config.mix)
