@@ -258,7 +258,10 @@ def _write_manifest(out: OutputDir, plan: Mapping[str, Any]) -> Manifest:
             f"{out.url}: {len(missing)} of {num_tasks} tasks are not finished (tasks {shown}); "
             "run the slices that own them (task % num_tasks == task_index), then merge again"
         )
-    shards = shards_with_ids([ShardInfo(**s) for r in records for s in r["shards"]])
+    entries = [dict(s) for r in records for s in r["shards"]]
+    # A record from before block tables has none: that shard reads as one block.
+    blocks = [s.pop("blocks", None) for s in entries]
+    shards = shards_with_ids([ShardInfo(**s) for s in entries], blocks=blocks)
     skipped: Counter[str] = Counter()
     examples: list[str] = []
     for r in records:

@@ -285,6 +285,7 @@ def _task_record(
     task: Task,
     settings_fingerprint: str,
     shards: Sequence[ShardInfo],
+    blocks: Sequence[list[list[int]] | None],
     done: Sequence[_FileDone],
     bad: BadRecords,
 ) -> dict[str, Any]:
@@ -300,7 +301,10 @@ def _task_record(
     return {
         "task": task.index,
         "settings": settings_fingerprint,
-        "shards": [s._asdict() for s in shards],
+        "shards": [
+            {**s._asdict(), **({"blocks": b} if b is not None else {})}
+            for s, b in zip(shards, blocks, strict=True)
+        ],
         "sources": [d.source for d in done],
         "num_docs": sum(d.num_docs for d in done),
         "num_input_bytes": sum(d.num_bytes for d in done),
@@ -388,7 +392,7 @@ def run_task(
         series.abort()
         raise
     progress.flush()
-    record = _task_record(task, settings_fingerprint, shards, done, bad)
+    record = _task_record(task, settings_fingerprint, shards, series.blocks, done, bad)
     write_file(out, record_name(task.index), json.dumps(record, indent=1).encode())
     out.close()
     return record

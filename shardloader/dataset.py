@@ -34,6 +34,7 @@ import numpy as np
 import torch.utils.data
 
 from shardloader import resume, storage
+from shardloader.blocks import BlockTable
 from shardloader.errors import ConfigError
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
 from shardloader.options import option, parse_size
@@ -183,6 +184,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self._world_source = WorldSource(rank, world_size)
         self._storage_options = dict(storage_options or {})
         self._manifest: Manifest | None = None
+        self._blocks: BlockTable | None = None
         self._spec: resume.RunSpec | None = None  # made once from the manifest
         self._epoch = _SharedEpoch(0)
         self._resume: LoaderState | None = None
@@ -266,9 +268,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         0.17 s for 100,000 shards), and carried to DataLoader workers with the dataset.
         """
         if self._spec is None:
+            blocks = self.config.shuffle_unit == "block"
+            if blocks:  # the plan's units are blocks: sizes are the block sample counts
+                sizes = self.manifest.shards.block_table().num_samples
+            else:
+                sizes = np.array(self.manifest.shards.column("num_samples"), dtype=np.int64)
             self._spec = resume.RunSpec(
-                shard_sizes=np.array(self.manifest.shards.column("num_samples"), dtype=np.int64),
-                dataset=dataset_fingerprint(self.manifest),
+                shard_sizes=sizes,
+                dataset=dataset_fingerprint(self.manifest, blocks=blocks),
                 config=self.config.plan_config(),
                 pack=self.pack_fingerprint,
             )
@@ -313,6 +320,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             fetcher=self._get_fetcher(),
             prefetch_windows=self.config.prefetch_windows,
             mark_padding=self.config.policy == "pad",
+            blocks=self._block_table(),
         )
         self._skip = 0
         self._reader = reader
@@ -343,6 +351,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
             # Stop background fetches (an abandoned or failed epoch must not keep retrying);
             # the cache is on disk, so the next epoch's fetcher finds what was fetched.
             self.close()
+
+    def _block_table(self) -> BlockTable | None:
+        """The plan's units when they are blocks (made once per process, and kept)."""
+        if self.config.shuffle_unit != "block":
+            return None
+        if self._blocks is None:
+            self._blocks = self.manifest.shards.block_table()
+        return self._blocks
 
     def _packer_skip(self, epoch: int, world: WorldInfo) -> int:
         return resume.packer_skip(self._resume, epoch=epoch, world=world, share=self._plan_worker)

@@ -6,6 +6,9 @@ shards (12 MB) parse in about 0.15 s here (``python -m tools.bench.manifest``), 
 per-shard objects. Everything a reader needs is here: the format and schema, per shard its path
 relative to the manifest, sample count, size, checksum and first global sample id, plus the
 tokenizer fingerprint, the conversion settings, the source files and the counts of skipped records.
+Arrow shards also have an optional ``blocks`` column: per shard its record batches as
+``[num_samples, offset, length]`` triples (`shardloader.blocks`, which checks it); readers before
+it ignore the column, and a manifest without it reads as one block per shard.
 Nothing time-dependent is written, so the same conversion always produces the same bytes.
 
 A manifest is read as hostile input: every count must be a non-negative integer below
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, overload
 
 from shardloader import storage
+from shardloader.blocks import BlockTable, block_table, check_block_column
 from shardloader.errors import ManifestError
 
 MANIFEST_NAME = "_manifest.json"
@@ -70,20 +74,40 @@ class ShardTable(Sequence[ShardInfo]):
     whole columns (``table.column("num_samples")``).
     """
 
-    __slots__ = ("_columns",)
+    __slots__ = ("_blocks", "_columns")
 
-    def __init__(self, columns: Mapping[str, Sequence[Any]]) -> None:
+    def __init__(
+        self, columns: Mapping[str, Sequence[Any]], *, blocks: Sequence[Any] | None = None
+    ) -> None:
         self._columns = {col: list(columns[col]) for col in _SHARD_COLUMNS}
+        if blocks is not None and all(b is None for b in blocks):
+            blocks = None
+        self._blocks = None if blocks is None else list(blocks)
 
     @classmethod
-    def from_rows(cls, rows: Iterable[ShardInfo]) -> ShardTable:
-        """Build a table from ``ShardInfo`` rows."""
+    def from_rows(
+        cls, rows: Iterable[ShardInfo], *, blocks: Sequence[Any] | None = None
+    ) -> ShardTable:
+        """Build a table from ``ShardInfo`` rows (and optionally their block lists)."""
         rows = list(rows)
-        return cls({col: [getattr(r, col) for r in rows] for col in _SHARD_COLUMNS})
+        columns = {col: [getattr(r, col) for r in rows] for col in _SHARD_COLUMNS}
+        return cls(columns, blocks=blocks)
 
     def column(self, name: str) -> list[Any]:
         """One column as a list (do not modify it)."""
         return self._columns[name]
+
+    @property
+    def blocks(self) -> list[Any] | None:
+        """Per shard its ``[num_samples, offset, length]`` blocks or ``None`` (one block).
+
+        ``None`` for the whole table when no shard records blocks (tar shards, older manifests).
+        """
+        return self._blocks
+
+    def block_table(self) -> BlockTable:
+        """Every block in manifest order (`shardloader.blocks.BlockTable`)."""
+        return block_table(self._columns["num_samples"], self._columns["num_bytes"], self._blocks)
 
     def __len__(self) -> int:
         return len(self._columns["path"])
@@ -102,7 +126,7 @@ class ShardTable(Sequence[ShardInfo]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ShardTable):
-            return self._columns == other._columns
+            return self._columns == other._columns and self._blocks == other._blocks
         if isinstance(other, Sequence):
             return list(self) == list(other)
         return NotImplemented
@@ -187,14 +211,19 @@ class Manifest:
         return "messages" in self.fields or "loss_spans" in self.fields
 
 
-def shards_with_ids(shards: Iterable[ShardInfo]) -> ShardTable:
-    """Return ``shards`` with ``first_sample_id`` set from the running sum of sample counts."""
+def shards_with_ids(
+    shards: Iterable[ShardInfo], *, blocks: Sequence[Any] | None = None
+) -> ShardTable:
+    """Return ``shards`` with ``first_sample_id`` set from the running sum of sample counts.
+
+    ``blocks``, if given, is each shard's block list (or ``None``), kept in the table.
+    """
     out = []
     first = 0
     for s in shards:
         out.append(s._replace(first_sample_id=first))
         first += s.num_samples
-    return ShardTable.from_rows(out)
+    return ShardTable.from_rows(out, blocks=blocks)
 
 
 def manifest_to_json(manifest: Manifest) -> bytes:
@@ -225,10 +254,13 @@ def manifest_to_json(manifest: Manifest) -> bytes:
     # Everything but the shard table is indented for people; each shard column is one compact
     # line, which keeps a 100,000-shard manifest small and quick to parse.
     head = json.dumps(doc, indent=1, ensure_ascii=False)
-    columns = ",\n".join(
+    lines = [
         f'  "{col}": ' + json.dumps(shards.column(col), separators=(",", ":"))
         for col in _SHARD_COLUMNS
-    )
+    ]
+    if shards.blocks is not None:  # absent when no shard has blocks: older readers' bytes
+        lines.append('  "blocks": ' + json.dumps(shards.blocks, separators=(",", ":")))
+    columns = ",\n".join(lines)
     return (head[:-2] + ',\n "shards": {\n' + columns + "\n }\n}\n").encode("utf-8")
 
 
@@ -340,6 +372,11 @@ def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> ShardTable:
         bad = next(v for v in columns["checksum"] if type(v) is not str)
         raise ManifestError(f"{where}: shard column 'checksum' holds {bad!r:.60}, not a string")
     _check_relative_paths(columns["path"], where)
+    blocks = columns.get("blocks")
+    if blocks is not None:
+        check_block_column(
+            blocks, columns["path"], columns["num_samples"], columns["num_bytes"], where
+        )
     for path, num_samples, num_bytes in zip(
         columns["path"], columns["num_samples"], columns["num_bytes"], strict=True
     ):
@@ -349,7 +386,7 @@ def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> ShardTable:
                 f"than {MAX_SAMPLES_PER_BYTE} a byte; the manifest is corrupt or tampered with: "
                 "reconvert or restore it"
             )
-    return ShardTable(columns)
+    return ShardTable(columns, blocks=blocks)
 
 
 def _check_relative_paths(paths: list[str], where: str) -> None:
@@ -396,6 +433,11 @@ def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -
         )
     _check_fields(manifest, where)
     _check_root(manifest.root, where)
+    if manifest.format == "tar" and manifest.shards.blocks is not None:
+        raise ManifestError(
+            f"{where}: tar shards have a blocks column; a tar shard is read whole (one block), "
+            "so the manifest is corrupt or tampered with: reconvert or restore it"
+        )
     expected = 0
     shards = manifest.shards
     firsts = shards.column("first_sample_id")

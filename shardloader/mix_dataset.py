@@ -130,6 +130,12 @@ class MixDataset(torch.utils.data.IterableDataset):
             )
         self.mixture = mixture
         self.config = config or StreamConfig()
+        if self.config.shuffle_unit != "shard":
+            raise ConfigError(
+                f"StreamConfig.shuffle_unit is {self.config.shuffle_unit!r}; a mixture plans "
+                "whole shards only (blocks are not supported for mixtures yet): use "
+                "shuffle_unit='shard'"
+            )
         self.transform = transform
         self.pack = pack
         if isinstance(tokenizer, str):

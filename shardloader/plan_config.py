@@ -15,6 +15,7 @@ from shardloader.options import option
 from shardloader.plan_spans import IdArray
 
 POLICIES = ("drop", "pad")
+SHUFFLE_UNITS = ("shard", "block")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,12 +29,21 @@ class PlanConfig:
 
     seed: int = option(0, "seeds every permutation, together with the epoch (and rank, worker)")
     shuffle: bool = option(True, "permute shards and the ids inside windows; off: manifest order")
-    shuffle_window: int = option(4, "consecutive shard pieces a worker mixes, and holds, at once")
+    shuffle_window: int = option(
+        4, "consecutive units (shard pieces, or blocks) a worker mixes, and holds, at once"
+    )
     policy: str = option(
         "drop",
         "samples that do not divide by the world size: drop (served first next epoch) or pad "
         "(repeats, marked is_padding)",
         choices=POLICIES,
+    )
+    shuffle_unit: str = option(
+        "shard",
+        "what the plan permutes and groups into windows: whole shards, or blocks (the record "
+        "batches of Arrow shards, of about batch_bytes each; a tar shard is one block): block "
+        "mixes many shards per window, and a worker holds shuffle_window blocks",
+        choices=SHUFFLE_UNITS,
     )
 
     def __post_init__(self) -> None:
@@ -46,6 +56,11 @@ class PlanConfig:
             raise ConfigError(
                 f"{name}.policy is {self.policy!r}; expected one of "
                 + ", ".join(repr(p) for p in POLICIES)
+            )
+        if self.shuffle_unit not in SHUFFLE_UNITS:
+            raise ConfigError(
+                f"{name}.shuffle_unit is {self.shuffle_unit!r}; expected one of "
+                + ", ".join(repr(u) for u in SHUFFLE_UNITS)
             )
 
     def plan_config(self) -> PlanConfig:

@@ -1,11 +1,14 @@
 """Runs one worker's plan: fetch shards via a fetcher, decode them via their format, yield samples.
 
-A worker's share comes as windows of shard pieces (`shardloader.plan.WorkerPlan`). For each
-window the reader makes sure every shard the window touches is on local disk and decoded, asks
-the fetcher to start on the shards of the next windows, then yields the window's samples in plan
-order. Decoded shards are kept only while the current window needs them, so a worker holds about
-``shuffle_window`` shards in memory. Rows are converted to Python objects a window at a time
-(one Arrow ``take`` per shard), not one at a time.
+A worker's share comes as windows of unit pieces (`shardloader.plan.WorkerPlan`); a unit is a
+shard, or with ``shuffle_unit="block"`` a block (`shardloader.blocks.BlockTable`: an Arrow record
+batch). For each window the reader makes sure every unit the window touches is on local disk and
+decoded, asks the fetcher to start on the shards of the next windows, then yields the window's
+samples in plan order. Decoded units are kept only while the current window needs them, so a
+worker holds about ``shuffle_window`` shards, or blocks, in memory. A block is decoded alone from
+the memory-mapped shard (``RecordBatchFileReader.get_batch``); a remote shard is still fetched
+whole into the node cache (range reads of single blocks are not done yet). Rows are converted to
+Python objects a window at a time (one Arrow ``take`` per unit), not one at a time.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
-from shardloader.formats import ReadSpec, ShardColumns, get_format
+from shardloader.blocks import WHOLE_SHARD, BlockTable
+from shardloader.formats import BlockFormat, ReadSpec, ShardColumns, get_format
 from shardloader.manifest import Manifest
 from shardloader.plan import Window, WorkerPlan
 
@@ -66,6 +70,8 @@ class ShardReader:
         fetcher: Brings shards to local disk (and caches remote ones).
         prefetch_windows: Windows ahead whose shards are fetched in the background.
         mark_padding: Add ``is_padding`` to every sample (under the ``"pad"`` policy).
+        blocks: The units the plans were made over, when they are blocks (the plan's
+            ``shard_index`` is then a block index); ``None``: units are shards.
     """
 
     def __init__(
@@ -76,6 +82,7 @@ class ShardReader:
         fetcher: Fetcher,
         prefetch_windows: int = 1,
         mark_padding: bool = False,
+        blocks: BlockTable | None = None,
     ) -> None:
         self._manifest = manifest
         self._urls = list(shard_urls)
@@ -85,7 +92,15 @@ class ShardReader:
         self._format = get_format(manifest.format)
         self._sizes = manifest.shards.column("num_bytes")
         self._checksums = manifest.shards.column("checksum")
-        counts = np.array(manifest.shards.column("num_samples"), dtype=np.int64)
+        if blocks is None:
+            counts = np.array(manifest.shards.column("num_samples"), dtype=np.int64)
+            self._unit_shard = np.arange(len(counts), dtype=np.int64)
+            self._unit_batch = np.full(len(counts), WHOLE_SHARD, dtype=np.int64)
+        else:
+            counts = blocks.num_samples
+            self._unit_shard = blocks.shard_index
+            self._unit_batch = blocks.batch_index
+        self._counts = counts
         self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._names = list(manifest.fields)
         self._open: dict[int, tuple[LocalFile, ShardColumns]] = {}
@@ -217,15 +232,23 @@ class ShardReader:
         self.stage_seconds["decode"] += time.perf_counter() - started
         yield from samples
 
-    def _decoded(self, shard: int) -> ShardColumns:
-        if shard not in self._open:
+    def _decoded(self, unit: int) -> ShardColumns:
+        if unit not in self._open:
             started = time.perf_counter()
             decoded_at: list[float] = []
+            shard, batch = int(self._unit_shard[unit]), int(self._unit_batch[unit])
 
             def decode(path: str) -> ShardColumns:
                 decoded_at.append(time.perf_counter())
-                spec = ReadSpec.for_shard(self._manifest, shard, self._urls[shard])
-                return self._format.read_columns(path, spec)
+                if batch == WHOLE_SHARD:
+                    spec = ReadSpec.for_shard(self._manifest, shard, self._urls[shard])
+                    return self._format.read_columns(path, spec)
+                spec = ReadSpec.for_manifest(
+                    self._manifest,
+                    where=self._urls[shard],
+                    num_samples=int(self._counts[unit]),
+                )
+                return cast(BlockFormat, self._format).read_block(path, spec, batch)
 
             # A cached copy that fails to decode is dropped and fetched again (once).
             local, decoded = self._fetcher.open_decoded(
@@ -237,11 +260,12 @@ class ShardReader:
             )
             fetched = decoded_at[-1]  # a damaged cached copy's refetch counts as fetch wait
             self.stage_seconds["fetch_wait"] += fetched - started
-            self._open[shard] = (local, decoded)
+            self._open[unit] = (local, decoded)
             self.stage_seconds["decode"] += time.perf_counter() - fetched
-        return self._open[shard][1]
+        return self._open[unit][1]
 
-    def _prefetch(self, shard: int) -> None:
+    def _prefetch(self, unit: int) -> None:
+        shard = int(self._unit_shard[unit])
         self._fetcher.prefetch(
             self._urls[shard],
             num_bytes=self._sizes[shard],

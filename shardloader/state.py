@@ -34,14 +34,21 @@ STATE_KIND = "shardloader.loader_state"
 STATE_VERSION = 1
 
 
-def dataset_fingerprint(manifest: Manifest) -> str:
-    """A short hash of what the plan depends on: shard order, sample counts and checksums."""
+def dataset_fingerprint(manifest: Manifest, *, blocks: bool = False) -> str:
+    """A short hash of what the plan depends on: shard order, sample counts and checksums.
+
+    With ``blocks`` (a plan over blocks, ``shuffle_unit="block"``) also every block's sample
+    count, so a state is refused on a manifest whose block table differs (one written before
+    block tables existed reads as one block per shard).
+    """
     digest = hashlib.sha256()
     shards = manifest.shards
     for count, checksum in zip(
         shards.column("num_samples"), shards.column("checksum"), strict=True
     ):
         digest.update(f"{count}:{checksum}\n".encode())
+    if blocks:
+        digest.update(b"blocks:" + shards.block_table().num_samples.tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -119,6 +126,13 @@ class LoaderState:
         Raises:
             ResumeError: Another dataset or config.
         """
+        if self.config.shuffle_unit != config.shuffle_unit:
+            raise ResumeError(
+                f"loader state was saved with shuffle_unit={self.config.shuffle_unit!r}, but "
+                f"this loader has shuffle_unit={config.shuffle_unit!r}; the plans differ, so "
+                f"resume with shuffle_unit={self.config.shuffle_unit!r} (the unit may change "
+                "only with a fresh start)"
+            )
         if self.dataset != dataset:
             raise ResumeError(
                 f"loader state was saved for dataset {self.dataset}, but this dataset is "
@@ -127,7 +141,7 @@ class LoaderState:
         if self.config != config:
             raise ResumeError(
                 f"loader state was saved with {self.config}, but this loader has {config}; "
-                "seed, shuffle, shuffle_window and policy must match to resume"
+                "seed, shuffle, shuffle_window, policy and shuffle_unit must match to resume"
             )
         if (self.pack or None) != (pack or None):
             raise ResumeError(
@@ -156,7 +170,7 @@ class LoaderState:
             "kind": STATE_KIND,
             "version": STATE_VERSION,
             "dataset": self.dataset,
-            "config": asdict(self.config),
+            "config": config_to_dict(self.config),
             "epoch": self.epoch,
             "world_size": self.world_size,
             "num_workers": self.num_workers,
@@ -250,6 +264,18 @@ def merge_states(states: Sequence[Mapping[str, Any] | LoaderState]) -> LoaderSta
     )
 
 
+def config_to_dict(config: PlanConfig) -> dict[str, Any]:
+    """The config as a dict; ``shuffle_unit`` only when not ``"shard"``.
+
+    So a state of the default unit keeps the keys of states saved before blocks existed, and
+    earlier versions of shardloader still read it.
+    """
+    out = asdict(config)
+    if out.get("shuffle_unit") == "shard":
+        del out["shuffle_unit"]
+    return out
+
+
 def _point_to_dict(point: ResumePoint | None) -> dict[str, Any] | None:
     if point is None:
         return None
@@ -257,7 +283,7 @@ def _point_to_dict(point: ResumePoint | None) -> dict[str, Any] | None:
         "epoch": point.epoch,
         "world_size": point.world_size,
         "num_workers": point.num_workers,
-        "config": asdict(point.config),
+        "config": config_to_dict(point.config),
         "consumed": point.consumed.tolist(),
         "previous": _point_to_dict(point.previous),
     }

@@ -184,6 +184,14 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def blocks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The streaming dataset with Arrow record batches of about 2 KB: 173 blocks in 7 shards."""
+    from tests.streaming import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("stream-blocks"), batch_bytes=2000)
+
+
+@pytest.fixture(scope="module")
 def tar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.streaming import make_dataset
 

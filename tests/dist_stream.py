@@ -5,7 +5,7 @@ detected when iteration starts), reads through a `ShardLoader`, and writes the s
 got, batch by batch, to ``OUT/<tag>-rank<R>.json``.
 
 torchrun usage: ``python -m torch.distributed.run --nproc_per_node=N tests/dist_stream.py
-DATASET OUT TAG [--workers K] [--stop-after B] [--resume STATE] [--save STATE]``.
+DATASET OUT TAG [--workers K] [--stop-after B] [--resume STATE] [--save STATE] [--unit U]``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shardloader import ShardDataset, ShardLoader  # noqa: E402
+from shardloader import ShardDataset, ShardLoader, StreamConfig  # noqa: E402
 from tests.streaming import ids_of  # noqa: E402
 
 
@@ -79,8 +79,10 @@ def torchrun_main() -> None:
     parser.add_argument("--stop-after", type=int, default=-1)
     parser.add_argument("--resume")
     parser.add_argument("--save")
+    parser.add_argument("--unit", default="shard")
     args = parser.parse_args()
-    dataset = ShardDataset(args.dataset)
+    config = StreamConfig(shuffle_unit=args.unit, shuffle_window=6 if args.unit == "block" else 4)
+    dataset = ShardDataset(args.dataset, config=config)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     resume = json.loads(Path(args.resume).read_text()) if args.resume else None

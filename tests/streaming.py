@@ -17,15 +17,21 @@ SHARD_SIZES = (300, 17, 200, 153, 1, 212, 120)
 NUM_SAMPLES = sum(SHARD_SIZES)
 
 
-def make_dataset(root: Path, *, fmt: str = "arrow", tokenizer: str | None = None) -> Path:
-    """Convert ``SHARD_SIZES`` documents per file into one shard per file under ``root``."""
+def make_dataset(
+    root: Path, *, fmt: str = "arrow", tokenizer: str | None = None, batch_bytes: int | None = None
+) -> Path:
+    """Convert ``SHARD_SIZES`` documents per file into one shard per file under ``root``.
+
+    A small ``batch_bytes`` cuts the Arrow shards into many record batches (blocks).
+    """
     docs = make_docs(NUM_SAMPLES, seed=7)
     corpus = root / "corpus"
     start = 0
     for index, size in enumerate(SHARD_SIZES):
         write_jsonl(corpus / f"part-{index}.jsonl", docs[start : start + size])
         start += size
-    out = root / f"dataset-{fmt}{'-tok' if tokenizer else ''}"
+    out = root / f"dataset-{fmt}{'-tok' if tokenizer else ''}{'-blocks' if batch_bytes else ''}"
+    extra = {} if batch_bytes is None else {"batch_bytes": batch_bytes}
     config = ConvertConfig(
         output=str(out),
         format=fmt,
@@ -33,6 +39,7 @@ def make_dataset(root: Path, *, fmt: str = "arrow", tokenizer: str | None = None
         num_proc=1,
         keep_fields=("score:float64", "lang"),
         tokenizer=tokenizer,
+        **extra,
     )
     convert([str(corpus)], config)
     sizes = tuple(read_manifest(str(out)).shards.column("num_samples"))

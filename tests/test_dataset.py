@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,9 +22,21 @@ from shardloader import (
     StreamConfig,
     TextTokenizer,
     merge_states,
+    read_manifest,
 )
 from tests.conftest import ROOT
 from tests.streaming import NUM_SAMPLES, SHARD_SIZES, ids_of, source_docs
+
+
+@pytest.fixture(params=["shard", "block"])
+def stream(request: pytest.FixtureRequest) -> tuple[Path, StreamConfig]:
+    """A dataset and the config to read it with: shards as units, or blocks (many per shard)."""
+    if request.param == "shard":
+        return request.getfixturevalue("dataset_dir"), StreamConfig()
+    path = request.getfixturevalue("blocks_dir")
+    blocks = read_manifest(str(path)).shards.block_table()
+    assert blocks.num_blocks > 10 * len(SHARD_SIZES)  # not a vacuous pass: many blocks per shard
+    return path, StreamConfig(shuffle_unit="block", shuffle_window=6)
 
 
 def read_ids(
@@ -35,13 +48,15 @@ def read_ids(
     return [i for batch in loader for i in batch]
 
 
-@pytest.mark.parametrize("fixture", ["dataset_dir", "tar_dir"])
+@pytest.mark.parametrize("unit", ["shard", "block"])
+@pytest.mark.parametrize("fixture", ["dataset_dir", "tar_dir", "blocks_dir"])
 def test_one_process_reads_every_sample_once_with_its_content(
-    fixture: str, request: pytest.FixtureRequest
+    fixture: str, unit: str, request: pytest.FixtureRequest
 ) -> None:
     path = request.getfixturevalue(fixture)
     docs = source_docs()
-    samples = list(ShardDataset(str(path), config=StreamConfig(seed=3)))
+    config = StreamConfig(seed=3, shuffle_unit=unit)
+    samples = list(ShardDataset(str(path), config=config))
     assert sorted(s["sample_id"] for s in samples) == list(range(NUM_SAMPLES))
     for sample in samples:
         doc = docs[sample["sample_id"]]
@@ -86,11 +101,12 @@ def test_order_depends_on_seed_and_epoch_only(dataset_dir: Path) -> None:
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("num_workers", [0, 1, 3])
 def test_ranks_split_exactly_with_workers(
-    dataset_dir: Path, world_size: int, num_workers: int
+    stream: tuple[Path, StreamConfig], world_size: int, num_workers: int
 ) -> None:
+    path, config = stream
     per_rank = []
     for rank in range(world_size):
-        dataset = ShardDataset(str(dataset_dir), rank=rank, world_size=world_size)
+        dataset = ShardDataset(str(path), config=config, rank=rank, world_size=world_size)
         per_rank.append(read_ids(dataset, num_workers=num_workers, batch_size=7))
         assert len(dataset) == len(per_rank[-1])
     counts = {len(ids) for ids in per_rank}
@@ -100,11 +116,12 @@ def test_ranks_split_exactly_with_workers(
     assert NUM_SAMPLES - len(union) == NUM_SAMPLES % world_size
 
 
-def test_pad_policy_fills_ranks_with_marked_repeats(dataset_dir: Path) -> None:
-    config = StreamConfig(policy="pad")
+def test_pad_policy_fills_ranks_with_marked_repeats(stream: tuple[Path, StreamConfig]) -> None:
+    path, config = stream
+    config = dataclasses.replace(config, policy="pad")
     samples = []
     for rank in range(4):
-        ranked = list(ShardDataset(str(dataset_dir), config=config, rank=rank, world_size=4))
+        ranked = list(ShardDataset(str(path), config=config, rank=rank, world_size=4))
         assert len(ranked) == -(-NUM_SAMPLES // 4)
         samples += ranked
     real = [s["sample_id"] for s in samples if not s["is_padding"]]
@@ -113,12 +130,15 @@ def test_pad_policy_fills_ranks_with_marked_repeats(dataset_dir: Path) -> None:
     assert len(padding) == 4 * -(-NUM_SAMPLES // 4) - NUM_SAMPLES
 
 
-def test_drop_policy_serves_every_sample_once_per_epoch_over_epochs(dataset_dir: Path) -> None:
+def test_drop_policy_serves_every_sample_once_per_epoch_over_epochs(
+    stream: tuple[Path, StreamConfig],
+) -> None:
+    path, config = stream
     world_size, epochs = 4, 3
     seen: collections.Counter[int] = collections.Counter()
     loaders = [
         ShardLoader(
-            ShardDataset(str(dataset_dir), rank=r, world_size=world_size),
+            ShardDataset(str(path), config=config, rank=r, world_size=world_size),
             batch_size=10,
             collate_fn=ids_of,
         )
@@ -177,9 +197,10 @@ def run_with_break(
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
+    config: StreamConfig | None = None,
     **kwargs: Any,
 ) -> tuple[list[list[int]], dict[str, Any]]:
-    dataset = ShardDataset(str(dataset_dir), rank=rank, world_size=world_size)
+    dataset = ShardDataset(str(dataset_dir), config=config, rank=rank, world_size=world_size)
     loader = ShardLoader(
         dataset, batch_size=6, num_workers=num_workers, collate_fn=ids_of, **kwargs
     )
@@ -196,18 +217,23 @@ def run_with_break(
 @pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
 @pytest.mark.parametrize("stop_after", [0, 1, 5, 23])
 def test_resume_gives_the_same_remaining_batches(
-    dataset_dir: Path, num_workers: int, stop_after: int
+    stream: tuple[Path, StreamConfig], num_workers: int, stop_after: int
 ) -> None:
-    full, _ = run_with_break(dataset_dir, stop_after=-1, num_workers=num_workers)
+    dataset_dir, config = stream
+    full, _ = run_with_break(dataset_dir, stop_after=-1, num_workers=num_workers, config=config)
     head, state = (
         run_with_break(
-            dataset_dir, stop_after=stop_after, num_workers=num_workers, prefetch_factor=4
+            dataset_dir,
+            stop_after=stop_after,
+            num_workers=num_workers,
+            config=config,
+            prefetch_factor=4,
         )
         if num_workers
-        else run_with_break(dataset_dir, stop_after=stop_after, num_workers=0)
+        else run_with_break(dataset_dir, stop_after=stop_after, num_workers=0, config=config)
     )
     assert head == full[:stop_after]
-    dataset = ShardDataset(str(dataset_dir))
+    dataset = ShardDataset(str(dataset_dir), config=config)
     loader = ShardLoader(dataset, batch_size=6, num_workers=num_workers, collate_fn=ids_of)
     loader.load_state_dict(state)
     assert list(loader) == full[stop_after:]
@@ -263,18 +289,24 @@ print(json.dumps(list(loader)))
 
 @pytest.mark.parametrize(("old", "new"), [((2, 2), (3, 1)), ((3, 1), (2, 3)), ((4, 3), (1, 0))])
 def test_elastic_resume_loses_and_repeats_nothing(
-    dataset_dir: Path, old: tuple[int, int], new: tuple[int, int]
+    stream: tuple[Path, StreamConfig], old: tuple[int, int], new: tuple[int, int]
 ) -> None:
+    dataset_dir, config = stream
     old_world, old_workers = old
     consumed: list[int] = []
     states = []
     for rank in range(old_world):
         batches, state = run_with_break(
-            dataset_dir, stop_after=9, num_workers=old_workers, rank=rank, world_size=old_world
+            dataset_dir,
+            stop_after=9,
+            num_workers=old_workers,
+            rank=rank,
+            world_size=old_world,
+            config=config,
         )
         consumed += [i for b in batches for i in b]
         states.append(state)
-    partial = ShardDataset(str(dataset_dir), rank=0, world_size=new[0])
+    partial = ShardDataset(str(dataset_dir), config=config, rank=0, world_size=new[0])
     partial.load_state_dict(states[0])
     with pytest.raises(ResumeError, match="merge the states of all ranks"):
         list(partial)
@@ -283,7 +315,7 @@ def test_elastic_resume_loses_and_repeats_nothing(
     rest = []
     for rank in range(new_world):
         loader = ShardLoader(
-            ShardDataset(str(dataset_dir), rank=rank, world_size=new_world),
+            ShardDataset(str(dataset_dir), config=config, rank=rank, world_size=new_world),
             batch_size=5,
             num_workers=new_workers,
             collate_fn=ids_of,
@@ -307,6 +339,15 @@ def test_state_from_another_dataset_or_config_is_refused(dataset_dir: Path, tar_
         reseeded.load_state_dict(state)
     with pytest.raises(ResumeError, match="not a shardloader loader state"):
         reseeded.load_state_dict({"epoch": 3})
+    # A state of whole-shard units does not resume over blocks, nor the other way round.
+    blocked = ShardDataset(str(dataset_dir), config=StreamConfig(shuffle_unit="block"))
+    with pytest.raises(ResumeError, match="shuffle_unit='shard'"):
+        blocked.load_state_dict(state)
+    _, block_state = run_with_break(
+        dataset_dir, stop_after=3, num_workers=0, config=StreamConfig(shuffle_unit="block")
+    )
+    with pytest.raises(ResumeError, match="shuffle_unit='block'"):
+        ShardDataset(str(dataset_dir)).load_state_dict(block_state)
 
 
 def test_stateful_dataloader_from_torchdata_resumes_exactly(dataset_dir: Path) -> None:

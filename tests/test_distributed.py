@@ -62,7 +62,7 @@ def test_spawned_ranks_split_exactly_for_every_worker_count(
     assert all(share == shares[0] for share in shares)
 
 
-def torchrun(nproc: int, *args: str) -> None:
+def run_torchrun(nproc: int, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -79,10 +79,16 @@ def torchrun(nproc: int, *args: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.torchrun
+@pytest.mark.parametrize("unit", ["shard", "block"])
 def test_torchrun_ranks_split_exactly_and_resume_on_the_same_and_other_world_size(
-    dataset_dir: Path, tmp_path: Path
+    unit: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    dataset_dir = request.getfixturevalue("dataset_dir" if unit == "shard" else "blocks_dir")
     data, out = str(dataset_dir), str(tmp_path)
+
+    def torchrun(nproc: int, *args: str) -> None:
+        run_torchrun(nproc, *args, "--unit", unit)
+
     torchrun(2, data, out, "full", "--workers", "2")
     full = load_ranks(tmp_path, "full", 2)
     check_exact([[i for b in rank for i in b] for rank in full], 2)

@@ -154,6 +154,17 @@ class ShardFormat(Protocol):
         """
 
 
+class BlockFormat(Protocol):
+    """A format whose shards are read block by block (Arrow: record batches)."""
+
+    def read_block(self, path: str, spec: ReadSpec, block_index: int) -> ShardColumns:
+        """Decode block ``block_index`` of local shard ``path``; ``spec.num_samples`` is its count.
+
+        Raises:
+            ShardError: No such block, or it does not hold the count (or fails the checks).
+        """
+
+
 class ShardColumns(Protocol):
     """A decoded shard, for random access by row."""
 

@@ -33,6 +33,7 @@ from shardloader.formats import (
 )
 
 BATCH_ROWS = 65536
+_FILE_MAGIC_BYTES = 8  # "ARROW1" and two bytes of padding, before the schema message
 _ARROW_TYPES = {
     "string": pa.string(),
     "int64": pa.int64(),
@@ -99,6 +100,10 @@ class ArrowShardWriter:
         self._rows_only = True  # whether every piece was built here from rows
         self._buffered = 0
         self._num_rows = 0
+        self._sink = sink
+        # [num_samples, offset, length] of each record batch's IPC message, for the manifest.
+        # None when the sink cannot tell its position (the manifest then has no block table).
+        self.blocks: list[list[int]] | None = []
 
     def write(
         self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
@@ -164,12 +169,29 @@ class ArrowShardWriter:
             arrays = self._pieces[0]
         else:  # concat_arrays normalizes slices and validity bitmaps, which serialize differently
             arrays = [pa.concat_arrays(list(column)) for column in zip(*self._pieces, strict=True)]
-        self._writer.write_batch(pa.record_batch(arrays, schema=self._schema))
+        batch = pa.record_batch(arrays, schema=self._schema)
+        start = self._position()
+        self._writer.write_batch(batch)
+        end = self._position()
+        if start == 0 and end is not None:  # the file's magic and schema come with batch one
+            start += _FILE_MAGIC_BYTES + self._schema.serialize().size
+        if start is None or end is None or self.blocks is None:
+            self.blocks = None
+        else:
+            self.blocks.append([batch.num_rows, start, end - start])
         self._pieces, self._buffered, self._num_rows = [], 0, 0
         self._rows_only = True
 
+    def _position(self) -> int | None:
+        """Bytes the sink holds so far (the IPC writer writes each message through at once)."""
+        tell = getattr(self._sink, "tell", None)
+        try:
+            return int(tell()) if tell is not None else None
+        except (OSError, ValueError):  # an unseekable stream: no block table
+            return None
+
     def close(self) -> None:
-        """Write the last batch and the file footer."""
+        """Write the last batch and the file footer; `blocks` then lists every batch."""
         self._flush()
         self._writer.close()
 
@@ -221,6 +243,31 @@ class ArrowFormat:
             # Before anything is sized by the manifest's count (the reader's window ids).
             check_num_samples(sum(b.num_rows for b in batches), spec.num_samples, where)
             table = pa.Table.from_batches(batches, schema=reader.schema)
+            _check_batch(table, fields, spec.vocab_size, where)
+        except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
+            raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
+        return ArrowColumns(table, fields, where)
+
+    def read_block(self, path: str, spec: ReadSpec, block_index: int) -> ArrowColumns:
+        """Memory-map an Arrow shard and decode record batch ``block_index`` only.
+
+        ``spec.num_samples`` is the block's count (the manifest's block table); the batch is
+        checked like a whole shard (schema, count, offsets, UTF-8, nulls, token ids).
+        """
+        fields, where = spec.fields, spec.where
+        try:
+            with pa.memory_map(path) as source:
+                reader = pa.ipc.open_file(source)
+                _check_schema(reader.schema, fields, spec.token_dtype, where)
+                if not 0 <= block_index < reader.num_record_batches:
+                    raise ShardError(
+                        f"{where}: the manifest names record batch {block_index} but the shard "
+                        f"holds {reader.num_record_batches}; the manifest does not describe "
+                        'this shard: run "shardloader verify", then reconvert'
+                    )
+                batch = reader.get_batch(block_index)
+            check_num_samples(batch.num_rows, spec.num_samples, f"{where} batch {block_index}")
+            table = pa.Table.from_batches([batch], schema=reader.schema)
             _check_batch(table, fields, spec.vocab_size, where)
         except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
             raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err

@@ -95,6 +95,8 @@ class ShardSeries:
         self._name = ""
         self._num_samples = self._num_payload = self._num_tokens = 0
         self.shards: list[ShardInfo] = []
+        # Per shard its record batches as [num_samples, offset, length], or None (tar shards).
+        self.blocks: list[list[list[int]] | None] = []
 
     def write(
         self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
@@ -168,6 +170,7 @@ class ShardSeries:
         assert self._sink is not None
         self._writer.close()
         self._sink.commit()
+        self.blocks.append(getattr(self._writer, "blocks", None))
         self.shards.append(
             ShardInfo(
                 path=self._name,

@@ -22,7 +22,7 @@ from shardloader.manifest import (
 )
 
 
-def make_manifest(num_shards: int) -> Manifest:
+def make_manifest(num_shards: int, blocks_per_shard: int = 0) -> Manifest:
     shards = [
         ShardInfo(
             path=f"shard-{i // 16:05d}-{i % 16:04d}.arrow",
@@ -33,11 +33,20 @@ def make_manifest(num_shards: int) -> Manifest:
         )
         for i in range(num_shards)
     ]
+    blocks = None
+    if blocks_per_shard:  # a block table as convert writes it: equal batches, the rest last
+        blocks = []
+        for s in shards:
+            k = blocks_per_shard
+            n, step = s.num_samples // k, (s.num_bytes - 4096) // k
+            entry = [[n, 1024 + i * step, step] for i in range(k)]
+            entry[-1][0] += s.num_samples - n * k
+            blocks.append(entry)
     return Manifest(
         format="arrow",
         compression="zstd",
         fields={"id": "string", "text": "string"},
-        shards=shards_with_ids(shards),
+        shards=shards_with_ids(shards, blocks=blocks),
     )
 
 
@@ -45,13 +54,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shards", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--blocks", type=int, default=0, help="record batches per shard in a block table (none)"
+    )
     args = parser.parse_args()
     print(f"{'shards':>8} {'file MB':>8} {'read s (median)':>16} {'peak MB':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.shards:
             path = os.path.join(tmp, MANIFEST_NAME)
             with open(path, "wb") as f:
-                f.write(manifest_to_json(make_manifest(n)))
+                f.write(manifest_to_json(make_manifest(n, args.blocks)))
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()

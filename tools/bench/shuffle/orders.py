@@ -145,6 +145,50 @@ def shardloader_order(
     return RankOrder(interleave_batches(workers, topology.batch_size), workers)
 
 
+def block_sizes(sizes: IdArray, block_samples: int) -> IdArray:
+    """Each shard cut into blocks of ``block_samples`` (the last one shorter), in shard order.
+
+    What convert's record batches are when every sample has the same size: ``batch_bytes`` /
+    sample bytes samples per batch.
+    """
+    full, rest = np.divmod(sizes, block_samples)
+    counts = full + (rest > 0)
+    out = np.full(int(counts.sum()), block_samples, dtype=np.int64)
+    ends = np.cumsum(counts)
+    has_rest = rest > 0
+    out[ends[has_rest] - 1] = rest[has_rest]
+    return out
+
+
+def shardloader_block_order(
+    sizes: IdArray,
+    *,
+    seed: int | None,
+    epoch: int,
+    topology: Topology,
+    block_samples: int,
+    shuffle_window: int,
+) -> RankOrder:
+    """`plan_epoch` with ``shuffle_unit="block"`` over blocks of ``block_samples``.
+
+    The ids are the same global ids as over shards (blocks are contiguous id ranges in shard
+    order), so the metrics still count shards.
+    """
+    config = StreamConfig(
+        seed=seed or 0, shuffle_window=shuffle_window, shuffle_unit="block"
+    ).plan_config()
+    plan = plan_epoch(
+        block_sizes(sizes, block_samples),
+        config=config,
+        epoch=epoch,
+        world_size=topology.world_size,
+        rank=topology.rank,
+        num_workers=topology.num_workers,
+    )
+    workers = tuple(w.sample_ids() for w in plan.workers)
+    return RankOrder(interleave_batches(workers, topology.batch_size), workers)
+
+
 def mosaic_order(sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology) -> RankOrder:
     """Mosaic Streaming 0.13's default shuffle and partition, on one node of ``world_size`` ranks.
 
@@ -304,12 +348,23 @@ def sequential_order(
     return _contiguous_block(np.arange(int(sizes.sum()), dtype=np.int64), topology)
 
 
+# (samples per block, blocks per window) of the block-mode rows: a worker holds b x w samples.
+BLOCK_SETTINGS = ((100, 16), (100, 64), (25, 64), (25, 256))
+
 SYSTEMS = (
     System("shardloader (ShardDataset defaults)", shardloader_order, seed=0),
     System(
         "shardloader shuffle_window=16",
         functools.partial(shardloader_order, shuffle_window=16),
         seed=0,
+    ),
+    *(
+        System(
+            f"shardloader blocks of {b} samples, shuffle_window={w}",
+            functools.partial(shardloader_block_order, block_samples=b, shuffle_window=w),
+            seed=0,
+        )
+        for b, w in BLOCK_SETTINGS
     ),
     System("Mosaic Streaming shuffle=True (py1e defaults)", mosaic_order, seed=MOSAIC_SEED),
     System("WebDataset shardshuffle=True + shuffle(1000)", webdataset_order, seed=0),
