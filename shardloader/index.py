@@ -117,12 +117,13 @@ def index_parquet(
         ShardInfo(path=f.rel, num_samples=f.num_rows, num_bytes=f.num_bytes, checksum=c)
         for f, c in zip(footers, checksums, strict=True)
     ]
+    blocks = [_row_group_blocks(f) for f in footers]  # StreamConfig(shuffle_unit="block")
     out_dir = storage.normalize(output) if output else root
     manifest = Manifest(
         format="parquet",
         compression="none",
         fields=fields,
-        shards=shards_with_ids(shards),
+        shards=shards_with_ids(shards, blocks=blocks),
         checksum_algorithm=algorithm,
         config={
             "source": "parquet files indexed in place",
@@ -285,6 +286,20 @@ def _hash_url(url: str, opts: dict[str, Any]) -> str:
     except OSError as err:
         raise CorpusError(f"{url}: cannot read it to hash ({err})") from err
     return hasher.hexdigest()
+
+
+def _row_group_blocks(footer: _Footer) -> list[list[int]] | None:
+    """The file's row groups as blocks (`shardloader.blocks`), or ``None``: read it whole.
+
+    A file whose row groups cannot be blocks (an empty row group, or byte spans that are not
+    increasing and inside the file) is one block, so block ``i`` is always row group ``i``.
+    """
+    end = 0
+    for num_rows, offset, length in footer.blocks:
+        if num_rows <= 0 or length <= 0 or offset < end or offset + length > footer.num_bytes:
+            return None
+        end = offset + length
+    return [list(b) for b in footer.blocks] if len(footer.blocks) > 1 else None
 
 
 def _source_entry(f: _Footer) -> dict[str, Any]:

@@ -118,6 +118,26 @@ class ParquetFormat:
         except (pa.ArrowException, OSError) as err:
             raise ShardError(f"{where}: not a readable Parquet file ({err})") from err
 
+    def read_block(self, path: str, spec: ReadSpec, block_index: int) -> ParquetColumns:
+        """Read row group ``block_index`` (a block of the manifest), checked like a whole file."""
+        where = spec.where
+        try:
+            pf = pq.ParquetFile(path, memory_map=True)
+            if not 0 <= block_index < pf.num_row_groups:
+                raise ShardError(
+                    f"{where}: has {pf.num_row_groups} row groups, the manifest names block "
+                    f"{block_index}; " + REINDEX
+                )
+            meta = pf.metadata
+            first = sum(meta.row_group(i).num_rows for i in range(block_index))
+            _check_rows(meta.row_group(block_index).num_rows, spec)
+            columns = _columns_to_read(pf.schema_arrow, spec)
+            table = pf.read_row_group(block_index, columns=columns)
+            _check_rows(table.num_rows, spec)
+            return ParquetColumns(_checked(table, spec), spec, first_row=first)
+        except (pa.ArrowException, OSError) as err:
+            raise ShardError(f"{where}: not a readable Parquet file ({err})") from err
+
 
 def _check_rows(actual: int, spec: ReadSpec) -> None:
     if spec.num_samples is not None and actual != spec.num_samples:
