@@ -64,7 +64,11 @@ class TrainConfig:
     seed: int = option(0, "model init and data order")
     shuffle: bool = option(True, "shuffle shards and samples (seed + epoch)")
     shuffle_window: int = option(
-        4, "consecutive shard pieces a worker mixes, and holds, at once (StreamConfig)"
+        4, "consecutive shard pieces (or blocks) a worker mixes, and holds, at once"
+    )
+    shuffle_unit: str = option(
+        "shard",
+        "what the plan permutes: shard, or block (Arrow record batches, Parquet row groups)",
     )
     pack_mode: str = option(
         "auto",

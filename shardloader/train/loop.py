@@ -160,6 +160,7 @@ def _make_loader(config: TrainConfig, runtime: _Runtime) -> ShardLoader | MixLoa
         seed=config.seed,
         shuffle=config.shuffle,
         shuffle_window=config.shuffle_window,
+        shuffle_unit=config.shuffle_unit,
         cache_dir=config.cache_dir,
     )
     dataset: ShardDataset | MixDataset

@@ -33,8 +33,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VARIANTS = (
-    "defaults (shuffle_window=4):",
-    "shuffle_window=16:shuffle_window=16",
+    "shards, window 4 (defaults; holds 4 shards):",
+    "blocks, window 16 (holds 16 blocks):shuffle_unit=block,shuffle_window=16",
+    "blocks, window 36 (holds 4 shards' worth):shuffle_unit=block,shuffle_window=36",
     "uniform order (ideal):@uniform",
 )
 SYLLABLES = ("ka", "lo", "mi", "ren", "to", "va", "shi", "gor", "pel", "dun", "ar", "is", "ub")
@@ -48,10 +49,16 @@ def _topic_words(rng: random.Random, n: int) -> list[str]:
     return sorted(words)
 
 
-def make_docs(topics: int, docs_per_topic: int, words: int, seed: int) -> list[dict[str, Any]]:
-    """Documents of every topic, grouped by topic (topic 0's first): the sorted corpus."""
+def make_docs(
+    topics: int, docs_per_topic: int, words: int, seed: int, vocab_seed: int
+) -> list[dict[str, Any]]:
+    """Documents of every topic, grouped by topic (topic 0's first): the sorted corpus.
+
+    The topics' vocabularies come from ``vocab_seed`` (the same for training and eval), the
+    documents from ``seed``.
+    """
     rng = random.Random(seed)
-    vocabularies = [_topic_words(random.Random(seed * 1000 + t), 120) for t in range(topics)]
+    vocabularies = [_topic_words(random.Random(vocab_seed * 1000 + t), 120) for t in range(topics)]
     docs = []
     for t, vocabulary in enumerate(vocabularies):
         weights = [1.0 / (k + 1) for k in range(len(vocabulary))]  # Zipf-like inside a topic
@@ -74,8 +81,8 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Corpora, tokenizer and converted shards (sorted, uniform, eval)."""
     import shardloader
 
-    docs = make_docs(args.topics, args.docs_per_topic, args.words, args.seed)
-    held = make_docs(args.topics, args.eval_docs_per_topic, args.words, args.seed + 1)
+    docs = make_docs(args.topics, args.docs_per_topic, args.words, args.seed, args.seed)
+    held = make_docs(args.topics, args.eval_docs_per_topic, args.words, args.seed + 1, args.seed)
     shuffled = list(docs)
     random.Random(args.seed).shuffle(shuffled)
     _write_jsonl(work / "sorted.jsonl", docs)
@@ -166,7 +173,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
     for run in results["runs"]:
         steps, losses = zip(*run["eval"], strict=True)
         ax.plot(steps, losses, marker=".", label=run["label"])
@@ -178,7 +185,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss (uniform held-out sample)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -212,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--docs-per-topic", type=int, default=600)
     parser.add_argument("--eval-docs-per-topic", type=int, default=25)
     parser.add_argument("--words", type=int, default=120)
-    parser.add_argument("--shard-samples", type=int, default=75)
+    parser.add_argument("--shard-samples", type=int, default=600)
     parser.add_argument("--batch-bytes", type=int, default=16 << 10)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=256)
