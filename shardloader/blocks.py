@@ -13,13 +13,14 @@ Blocks are contiguous runs of global sample ids in shard order, so a plan made o
 `shardloader.plan`; only the unit it permutes and groups into windows changes. `BlockTable` maps
 a plan's unit index back to its shard and batch.
 
-The column is read as hostile input (`check_block_column`): every count a positive integer,
-offsets increasing and inside the file, the counts adding up to the shard's ``num_samples``, and
-at most `MAX_BLOCKS_PER_SHARD` blocks per shard; an error names the shard. The checks are numpy
-passes over the flattened column. Cost (``python -m tools.bench.manifest --shards 100000 --blocks
-16``): 1.6 M blocks make the manifest 50 MB instead of 12 MB, and reading it takes 2.3 s and
-516 MB peak instead of 0.10 s and 56 MB, mostly JSON's lists of triples; a more compact encoding
-(flat or delta-coded columns) is still to do before block tables suit 100,000-shard datasets.
+The column is stored flat, as four integer lists (`BlockColumns`: ``count`` per shard, then
+``samples``, ``offset`` and ``length`` per block), and read as hostile input
+(`parse_block_columns`): every value a non-negative integer, offsets increasing and inside the
+file, the counts adding up to the shard's ``num_samples``, at most `MAX_BLOCKS_PER_SHARD` blocks
+per shard; an error names the shard. Every check is a numpy pass. Cost (``python -m
+tools.bench.manifest --shards 100000 --blocks 16``, 1.6 M blocks): the manifest is 47 MB instead
+of 12 MB and reads in 0.69 s and 349 MB peak instead of 0.10 s and 56 MB (nested triples took
+2.3 s and 516 MB); most of it is JSON's integers.
 """
 
 from __future__ import annotations
@@ -62,91 +63,168 @@ class BlockTable(NamedTuple):
         return len(self.num_samples)
 
 
+class BlockColumns(NamedTuple):
+    """A manifest's block table, flat: how the ``blocks`` column is stored and kept.
+
+    Attributes:
+        counts: Blocks per shard (the stored ``count``); 0 for a shard without a table (read
+            whole, one block).
+        samples: Samples of every block, shard after shard.
+        offset: Byte offset of every block in its shard.
+        length: Bytes of every block.
+    """
+
+    counts: Int64Array
+    samples: Int64Array
+    offset: Int64Array
+    length: Int64Array
+
+    def to_json(self) -> dict[str, list[int]]:
+        """The column as the manifest stores it: four flat integer lists."""
+        return {
+            "count": self.counts.tolist(),
+            "samples": self.samples.tolist(),
+            "offset": self.offset.tolist(),
+            "length": self.length.tolist(),
+        }
+
+    def per_shard(self) -> list[list[list[int]] | None]:
+        """Per shard its ``[num_samples, offset, length]`` triples, or ``None`` (whole shard)."""
+        triples = np.stack([self.samples, self.offset, self.length], axis=1).tolist()
+        out: list[list[list[int]] | None] = []
+        start = 0
+        for n in self.counts.tolist():
+            out.append(triples[start : start + n] if n else None)
+            start += n
+        return out
+
+
+def block_columns(blocks: Sequence[Sequence[Sequence[int]] | None]) -> BlockColumns | None:
+    """Flatten per-shard triples (``None``: a shard without blocks); ``None`` if none has any."""
+    if all(b is None for b in blocks):
+        return None
+    count = np.fromiter((0 if b is None else len(b) for b in blocks), np.int64, len(blocks))
+    flat = np.fromiter(
+        chain.from_iterable(chain.from_iterable(b for b in blocks if b is not None)), np.int64
+    ).reshape(-1, 3)
+    return BlockColumns(count, flat[:, 0].copy(), flat[:, 1].copy(), flat[:, 2].copy())
+
+
 def block_table(
-    num_samples: Sequence[int], num_bytes: Sequence[int], blocks: Sequence[Any] | None
+    num_samples: Sequence[int], num_bytes: Sequence[int], columns: BlockColumns | None
 ) -> BlockTable:
-    """The blocks of a shard table: its ``blocks`` column, a whole shard where it has none.
+    """The blocks of a shard table: its block columns, a whole shard where a shard has none.
 
     Args:
         num_samples: Samples per shard.
         num_bytes: Bytes per shard file.
-        blocks: The manifest's ``blocks`` column (checked by `check_block_column`), or ``None``.
+        columns: The manifest's block columns (checked by `parse_block_columns`), or ``None``.
     """
     n = len(num_samples)
-    if blocks is None:
-        blocks = [None] * n
-    counts = np.fromiter((1 if b is None else len(b) for b in blocks), np.int64, n)
-    triples = [
-        [[s, 0, size]] if b is None else b
-        for b, s, size in zip(blocks, num_samples, num_bytes, strict=True)
-    ]
-    flat = np.fromiter(chain.from_iterable(chain.from_iterable(triples)), np.int64)
-    flat = flat.reshape(-1, 3)
-    shard_index = np.repeat(np.arange(n, dtype=np.int64), counts)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    batch_index = np.arange(len(flat), dtype=np.int64) - np.repeat(starts, counts)
-    whole = np.fromiter((b is None for b in blocks), np.bool_, n)
-    batch_index[np.repeat(whole, counts)] = WHOLE_SHARD
-    return BlockTable(
-        num_samples=flat[:, 0].copy(),
-        shard_index=shard_index,
-        batch_index=batch_index,
-        offset=flat[:, 1].copy(),
-        length=flat[:, 2].copy(),
-    )
+    shard_samples = np.asarray(num_samples, dtype=np.int64).reshape(n)
+    shard_bytes = np.asarray(num_bytes, dtype=np.int64).reshape(n)
+    if columns is None:
+        return BlockTable(
+            num_samples=shard_samples.copy(),
+            shard_index=np.arange(n, dtype=np.int64),
+            batch_index=np.full(n, WHOLE_SHARD, dtype=np.int64),
+            offset=np.zeros(n, dtype=np.int64),
+            length=shard_bytes.copy(),
+        )
+    whole = columns.counts == 0
+    units = np.where(whole, 1, columns.counts)  # blocks per shard in the table
+    total = int(units.sum())
+    shard_index = np.repeat(np.arange(n, dtype=np.int64), units)
+    first_unit = np.concatenate([[0], np.cumsum(units)[:-1]]).astype(np.int64)
+    batch_index = np.arange(total, dtype=np.int64) - np.repeat(first_unit, units)
+    unit_whole = np.repeat(whole, units)
+    batch_index[unit_whole] = WHOLE_SHARD
+    samples = np.empty(total, dtype=np.int64)
+    offset = np.zeros(total, dtype=np.int64)
+    length = np.empty(total, dtype=np.int64)
+    samples[unit_whole] = shard_samples[whole]
+    length[unit_whole] = shard_bytes[whole]
+    samples[~unit_whole] = columns.samples
+    offset[~unit_whole] = columns.offset
+    length[~unit_whole] = columns.length
+    return BlockTable(samples, shard_index, batch_index, offset, length)
 
 
-def check_block_column(
-    blocks: Any,
+_BLOCK_KEYS = ("count", "samples", "offset", "length")
+
+
+def _int_column(value: Any, name: str, where: str) -> Int64Array:
+    if not isinstance(value, list):
+        raise ManifestError(
+            f"{where}: shard column 'blocks' has {name} of type {type(value).__name__}, "
+            "expected a list of integers"
+        )
+    if not value:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        array = np.array(value)
+    except (ValueError, OverflowError):  # ragged nesting, ints beyond int64: refused below
+        array = np.array([0.5])
+    if array.dtype.kind != "i" or array.ndim != 1 or (array.min() < 0 or array.max() >= 1 << 62):
+        raise ManifestError(
+            f"{where}: shard column 'blocks' has {name} values that are not non-negative "
+            "integers below 2**62; the manifest is corrupt or tampered with: reconvert or "
+            "restore it"
+        )
+    return array.astype(np.int64, copy=False)
+
+
+def parse_block_columns(
+    value: Any,
     paths: Sequence[str],
     num_samples: Sequence[int],
     num_bytes: Sequence[int],
     where: str,
-) -> None:
-    """Check a manifest's ``blocks`` column as hostile input.
+) -> BlockColumns | None:
+    """Read a manifest's ``blocks`` column as hostile input; ``None`` when no shard has blocks.
+
+    The column is ``{"count": [per shard], "samples": [...], "offset": [...], "length": [...]}``
+    (`BlockColumns`). Every check is a numpy pass, so 1.6 M blocks parse in a fraction of a second.
 
     Raises:
-        ManifestError: Naming the shard: not a list of ``[num_samples, offset, length]``
-            triples, a count not positive, a block outside the file or overlapping the one
-            before it, counts not adding up to the shard's ``num_samples``, or too many blocks.
+        ManifestError: Naming the shard where one is to blame: not four integer lists, a count
+            per shard that is not ``len(paths)`` long or over `MAX_BLOCKS_PER_SHARD`, counts that
+            do not add up to the flat columns' length, a block without samples, outside the file
+            or overlapping the one before it, or a shard whose blocks do not hold its samples.
     """
-    if not isinstance(blocks, list) or len(blocks) != len(paths):
-        n = len(blocks) if isinstance(blocks, list) else type(blocks).__name__
+    if not isinstance(value, dict) or sorted(value) != sorted(_BLOCK_KEYS):
+        keys = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise ManifestError(
-            f"{where}: shard column 'blocks' has {n} entries, expected a list of {len(paths)}"
+            f"{where}: shard column 'blocks' is {keys}, expected an object of "
+            f"{', '.join(_BLOCK_KEYS)} integer lists; the manifest is corrupt or tampered with"
         )
-    for i, entry in enumerate(blocks):
-        if entry is not None and (type(entry) is not list or len(entry) > MAX_BLOCKS_PER_SHARD):
-            what = f"{len(entry)} blocks" if type(entry) is list else type(entry).__name__
-            raise ManifestError(
-                f"{where}: shard {paths[i]}: blocks entry is {what}, expected a list of at most "
-                f"{MAX_BLOCKS_PER_SHARD} [num_samples, offset, length] triples or null"
-            )
-    present = [i for i, entry in enumerate(blocks) if entry is not None]
-    triples = list(chain.from_iterable(blocks[i] for i in present))
-    if not all(type(t) is list and len(t) == 3 for t in triples):
-        _raise_at(blocks, present, paths, where, lambda t: type(t) is list and len(t) == 3)
-    values = list(chain.from_iterable(triples))
-    if not all(type(v) is int and 0 <= v < 1 << 62 for v in values):
-        _raise_at(
-            blocks,
-            present,
-            paths,
-            where,
-            lambda t: all(type(v) is int and 0 <= v < 1 << 62 for v in t),
+    count, samples, offset, length = (_int_column(value[k], k, where) for k in _BLOCK_KEYS)
+    if len(count) != len(paths):
+        raise ManifestError(
+            f"{where}: shard column 'blocks' counts blocks of {len(count)} shards, expected a "
+            f"list of {len(paths)}"
         )
-    if not present:
-        return
-    flat = np.array(values, dtype=np.int64).reshape(-1, 3)
-    counts = np.array([len(blocks[i]) for i in present], dtype=np.int64)
-    owner = np.repeat(np.array(present, dtype=np.int64), counts)
-    samples, offset, length = flat[:, 0], flat[:, 1], flat[:, 2]
+    too_many = np.flatnonzero(count > MAX_BLOCKS_PER_SHARD)
+    if len(too_many):
+        i = int(too_many[0])
+        raise ManifestError(
+            f"{where}: shard {paths[i]}: {count[i]} blocks, more than {MAX_BLOCKS_PER_SHARD}; "
+            "the manifest is corrupt or tampered with: reconvert or restore it"
+        )
+    total = int(count.sum())
+    if not len(samples) == len(offset) == len(length) == total:
+        raise ManifestError(
+            f"{where}: shard column 'blocks' counts {total} blocks but holds "
+            f"{len(samples)}/{len(offset)}/{len(length)} samples/offsets/lengths"
+        )
+    if total == 0:
+        return None
+    owner = np.repeat(np.arange(len(paths), dtype=np.int64), count)
     end = offset + length
-    size = np.array(num_bytes, dtype=np.int64)[owner]
-    overlap = np.zeros(len(flat), dtype=np.bool_)
-    if len(flat) > 1:
-        same = owner[1:] == owner[:-1]
-        overlap[1:] = same & (offset[1:] < end[:-1])
+    size = np.asarray(num_bytes, dtype=np.int64)[owner]
+    overlap = np.zeros(total, dtype=np.bool_)
+    if total > 1:
+        overlap[1:] = (owner[1:] == owner[:-1]) & (offset[1:] < end[:-1])
     bad = np.flatnonzero((samples <= 0) | (length <= 0) | (end > size) | overlap)
     if len(bad):
         k = int(bad[0])
@@ -155,25 +233,21 @@ def check_block_column(
             f"{length[k]}] has no samples, lies outside the file's {size[k]} bytes or overlaps "
             "the block before it; the manifest is corrupt or tampered with: reconvert or restore it"
         )
+    expected = np.asarray(num_samples, dtype=np.int64)
+    # A block never holds more than its shard (so the per-shard sums below cannot overflow).
+    over = np.flatnonzero(samples > expected[owner])
+    present = np.flatnonzero(count > 0)
+    starts = (np.cumsum(count) - count)[present]
     sums = np.zeros(len(paths), dtype=np.int64)
-    np.add.at(sums, owner, samples)
-    expected = np.array(num_samples, dtype=np.int64)
-    wrong = [i for i in present if sums[i] != expected[i]]
-    if wrong:
-        i = wrong[0]
+    if not len(over):
+        sums[present] = np.add.reduceat(samples, starts)
+    wrong = np.flatnonzero((count > 0) & (sums != expected))
+    if len(over) or len(wrong):
+        i = int(owner[over[0]]) if len(over) else int(wrong[0])
+        if len(over):
+            sums[i] = int(samples[over[0]])
         raise ManifestError(
             f"{where}: shard {paths[i]}: its blocks hold {sums[i]} samples but the shard "
             f"{expected[i]}; the manifest is corrupt or tampered with: reconvert or restore it"
         )
-
-
-def _raise_at(
-    blocks: list[Any], present: list[int], paths: Sequence[str], where: str, ok: Any
-) -> None:
-    for i in present:
-        for t in blocks[i]:
-            if not (type(t) is list and len(t) == 3 and ok(t)):
-                raise ManifestError(
-                    f"{where}: shard {paths[i]}: block {t!r:.60} is not a [num_samples, "
-                    "offset, length] triple of non-negative integers"
-                )
+    return BlockColumns(count, samples, offset, length)

@@ -6,9 +6,10 @@ shards (12 MB) parse in about 0.15 s here (``python -m tools.bench.manifest``), 
 per-shard objects. Everything a reader needs is here: the format and schema, per shard its path
 relative to the manifest, sample count, size, checksum and first global sample id, plus the
 tokenizer fingerprint, the conversion settings, the source files and the counts of skipped records.
-Arrow shards also have an optional ``blocks`` column: per shard its record batches as
-``[num_samples, offset, length]`` triples (`shardloader.blocks`, which checks it); readers before
-it ignore the column, and a manifest without it reads as one block per shard.
+Arrow shards (and indexed Parquet files) also have an optional ``blocks`` column: their record
+batches (row groups) as four flat integer lists, ``count`` per shard then ``samples``, ``offset``
+and ``length`` per block (`shardloader.blocks`, which checks it); readers before it ignore the
+column, and a manifest without it reads as one block per shard.
 Nothing time-dependent is written, so the same conversion always produces the same bytes.
 
 A manifest is read as hostile input: every count must be a non-negative integer below
@@ -27,8 +28,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, overload
 
+import numpy as np
+
 from shardloader import storage
-from shardloader.blocks import BlockTable, block_table, check_block_column
+from shardloader.blocks import (
+    BlockColumns,
+    BlockTable,
+    block_columns,
+    block_table,
+    parse_block_columns,
+)
 from shardloader.errors import ManifestError
 
 MANIFEST_NAME = "_manifest.json"
@@ -74,15 +83,19 @@ class ShardTable(Sequence[ShardInfo]):
     whole columns (``table.column("num_samples")``).
     """
 
-    __slots__ = ("_blocks", "_columns")
+    __slots__ = ("_block_columns", "_columns")
 
     def __init__(
-        self, columns: Mapping[str, Sequence[Any]], *, blocks: Sequence[Any] | None = None
+        self,
+        columns: Mapping[str, Sequence[Any]],
+        *,
+        blocks: Sequence[Any] | None = None,
+        block_cols: BlockColumns | None = None,
     ) -> None:
         self._columns = {col: list(columns[col]) for col in _SHARD_COLUMNS}
-        if blocks is not None and all(b is None for b in blocks):
-            blocks = None
-        self._blocks = None if blocks is None else list(blocks)
+        if blocks is not None:  # per-shard triples (writers): kept flat, as the manifest stores
+            block_cols = block_columns(blocks)
+        self._block_columns = block_cols
 
     @classmethod
     def from_rows(
@@ -103,11 +116,19 @@ class ShardTable(Sequence[ShardInfo]):
 
         ``None`` for the whole table when no shard records blocks (tar shards, older manifests).
         """
-        return self._blocks
+        cols = self._block_columns
+        return None if cols is None else cols.per_shard()
+
+    @property
+    def block_columns(self) -> BlockColumns | None:
+        """The block table as stored: flat columns (`shardloader.blocks.BlockColumns`)."""
+        return self._block_columns
 
     def block_table(self) -> BlockTable:
         """Every block in manifest order (`shardloader.blocks.BlockTable`)."""
-        return block_table(self._columns["num_samples"], self._columns["num_bytes"], self._blocks)
+        return block_table(
+            self._columns["num_samples"], self._columns["num_bytes"], self._block_columns
+        )
 
     def __len__(self) -> int:
         return len(self._columns["path"])
@@ -126,7 +147,13 @@ class ShardTable(Sequence[ShardInfo]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ShardTable):
-            return self._columns == other._columns and self._blocks == other._blocks
+            mine, theirs = self._block_columns, other._block_columns
+            same_blocks = (mine is None and theirs is None) or (
+                mine is not None
+                and theirs is not None
+                and all(np.array_equal(a, b) for a, b in zip(mine, theirs, strict=True))
+            )
+            return self._columns == other._columns and same_blocks
         if isinstance(other, Sequence):
             return list(self) == list(other)
         return NotImplemented
@@ -258,8 +285,9 @@ def manifest_to_json(manifest: Manifest) -> bytes:
         f'  "{col}": ' + json.dumps(shards.column(col), separators=(",", ":"))
         for col in _SHARD_COLUMNS
     ]
-    if shards.blocks is not None:  # absent when no shard has blocks: older readers' bytes
-        lines.append('  "blocks": ' + json.dumps(shards.blocks, separators=(",", ":")))
+    if shards.block_columns is not None:  # absent when no shard has blocks: older readers' bytes
+        blocks = shards.block_columns.to_json()
+        lines.append('  "blocks": ' + json.dumps(blocks, separators=(",", ":")))
     columns = ",\n".join(lines)
     return (head[:-2] + ',\n "shards": {\n' + columns + "\n }\n}\n").encode("utf-8")
 
@@ -372,10 +400,10 @@ def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> ShardTable:
         bad = next(v for v in columns["checksum"] if type(v) is not str)
         raise ManifestError(f"{where}: shard column 'checksum' holds {bad!r:.60}, not a string")
     _check_relative_paths(columns["path"], where)
-    blocks = columns.get("blocks")
-    if blocks is not None:
-        check_block_column(
-            blocks, columns["path"], columns["num_samples"], columns["num_bytes"], where
+    block_cols = None
+    if "blocks" in columns:
+        block_cols = parse_block_columns(
+            columns["blocks"], columns["path"], columns["num_samples"], columns["num_bytes"], where
         )
     for path, num_samples, num_bytes in zip(
         columns["path"], columns["num_samples"], columns["num_bytes"], strict=True
@@ -386,7 +414,7 @@ def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> ShardTable:
                 f"than {MAX_SAMPLES_PER_BYTE} a byte; the manifest is corrupt or tampered with: "
                 "reconvert or restore it"
             )
-    return ShardTable(columns, blocks=blocks)
+    return ShardTable(columns, block_cols=block_cols)
 
 
 def _check_relative_paths(paths: list[str], where: str) -> None:
@@ -433,7 +461,7 @@ def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -
         )
     _check_fields(manifest, where)
     _check_root(manifest.root, where)
-    if manifest.format == "tar" and manifest.shards.blocks is not None:
+    if manifest.format == "tar" and manifest.shards.block_columns is not None:
         raise ManifestError(
             f"{where}: tar shards have a blocks column; a tar shard is read whole (one block), "
             "so the manifest is corrupt or tampered with: reconvert or restore it"

@@ -64,20 +64,79 @@ def test_a_manifest_without_blocks_reads_in_both_units(blocks_dir: Path, tmp_pat
         assert all(s["text"] == docs[s["sample_id"]]["text"] for s in samples)
 
 
+def nested(shards: dict[str, Any]) -> list[Any]:
+    """The stored (flat) block column as per-shard triples (``None``: no table)."""
+    flat = shards["blocks"]
+    triples = [list(t) for t in zip(flat["samples"], flat["offset"], flat["length"], strict=True)]
+    out, start = [], 0
+    for n in flat["count"]:
+        out.append(triples[start : start + n] if n else None)
+        start += n
+    return out
+
+
+def store(shards: dict[str, Any], per_shard: list[Any]) -> None:
+    """Write per-shard triples back in the stored (flat) form."""
+    triples = [t for entry in per_shard if entry for t in entry]
+    shards["blocks"] = {
+        "count": [len(entry) if entry else 0 for entry in per_shard],
+        "samples": [t[0] for t in triples],
+        "offset": [t[1] for t in triples],
+        "length": [t[2] for t in triples],
+    }
+
+
+def on_shard_2(change: Any) -> Any:
+    """An edit of shard 2's triples, applied through the flat form."""
+
+    def edit(shards: dict[str, Any]) -> None:
+        per_shard = nested(shards)
+        change(per_shard[2])
+        store(shards, per_shard)
+
+    return edit
+
+
 BAD_TABLES = [
-    (
-        lambda s: s["blocks"][2].__setitem__(0, [s["blocks"][2][0][0] + 1, *s["blocks"][2][0][1:]]),
-        "blocks hold",
-    ),
-    (lambda s: s["blocks"][2].__setitem__(0, [0, *s["blocks"][2][0][1:]]), "no samples"),
-    (lambda s: s["blocks"][2][-1].__setitem__(2, 10**9), "outside the file"),
-    (lambda s: s["blocks"][2][1].__setitem__(1, 0), "overlaps"),
-    (lambda s: s["blocks"][2][0].__setitem__(1, -5), "not a \\[num_samples, offset, length\\]"),
-    (lambda s: s["blocks"][2].__setitem__(0, [1, 2]), "not a \\[num_samples, offset, length\\]"),
-    (lambda s: s["blocks"][2][0].__setitem__(0, 1.5), "not a \\[num_samples, offset, length\\]"),
-    (lambda s: s["blocks"].__setitem__(2, {"a": 1}), "blocks entry is dict"),
-    (lambda s: s["blocks"].__setitem__(2, [[1, 0, 1]] * (1 << 20 | 1)), "blocks entry is"),
+    (on_shard_2(lambda b: b[0].__setitem__(0, b[0][0] + 1)), "blocks hold"),
+    (on_shard_2(lambda b: b[0].__setitem__(0, 0)), "no samples"),
+    (on_shard_2(lambda b: b[-1].__setitem__(2, 10**9)), "outside the file"),
+    (on_shard_2(lambda b: b[1].__setitem__(1, 0)), "overlaps"),
+    (on_shard_2(lambda b: b[0].__setitem__(0, b[0][0] + 10**6)), "blocks hold"),
 ]
+BAD_COLUMNS = [
+    (lambda s: s["blocks"]["offset"].__setitem__(0, -5), "not non-negative integers"),
+    (lambda s: s["blocks"]["samples"].__setitem__(0, 1.5), "not non-negative integers"),
+    (lambda s: s["blocks"]["length"].__setitem__(0, "7"), "not non-negative integers"),
+    (lambda s: s["blocks"]["length"].__setitem__(0, [1, 2]), "not non-negative integers"),
+    (lambda s: s["blocks"]["count"].__setitem__(0, 10**30), "not non-negative integers"),
+    (lambda s: s["blocks"].pop("length"), "expected an object of"),
+    (lambda s: s.__setitem__("blocks", [[1, 0, 1]]), "expected an object of"),
+    (lambda s: s["blocks"]["samples"].pop(), "counts .* blocks but holds"),
+]
+
+
+@pytest.mark.parametrize(("change", "match"), BAD_COLUMNS)
+def test_a_malformed_block_column_is_refused(
+    blocks_dir: Path, tmp_path: Path, change: Any, match: str
+) -> None:
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / MANIFEST_NAME).write_bytes((blocks_dir / MANIFEST_NAME).read_bytes())
+    edit(out, change)
+    with pytest.raises(ManifestError, match=match) as info:
+        read_manifest(str(out))
+    assert "blocks" in str(info.value)
+
+
+def test_too_many_blocks_in_a_shard_is_refused_naming_it(blocks_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "many"
+    out.mkdir()
+    (out / MANIFEST_NAME).write_bytes((blocks_dir / MANIFEST_NAME).read_bytes())
+    edit(out, lambda s: s["blocks"]["count"].__setitem__(2, (1 << 20) + 1))
+    path = json.loads((out / MANIFEST_NAME).read_text())["shards"]["path"][2]
+    with pytest.raises(ManifestError, match=f"shard {path}: 1048577 blocks, more than"):
+        read_manifest(str(out))
 
 
 @pytest.mark.parametrize(("change", "match"), BAD_TABLES)
@@ -98,8 +157,8 @@ def test_a_blocks_column_of_the_wrong_length_or_on_tar_is_refused(
     blocks_dir: Path, tar_dir: Path, tmp_path: Path
 ) -> None:
     for source, change, match in [
-        (blocks_dir, lambda s: s["blocks"].pop(), "expected a list of 7"),
-        (tar_dir, lambda s: s.__setitem__("blocks", [None] * 6 + [[[120, 0, 10]]]), "tar"),
+        (blocks_dir, lambda s: s["blocks"]["count"].pop(), "expected a list of 7"),
+        (tar_dir, lambda s: store(s, [None] * 6 + [[[120, 0, 10]]]), "tar"),
     ]:
         out = tmp_path / source.name
         out.mkdir()
@@ -119,9 +178,11 @@ def test_block_counts_that_add_up_but_miss_the_batches_fail_at_read(
     (out / MANIFEST_NAME).write_bytes((blocks_dir / MANIFEST_NAME).read_bytes())
 
     def shift(shards: dict[str, Any]) -> None:  # one sample moved from batch 0 to batch 1
-        first, second = shards["blocks"][0][:2]
+        per_shard = nested(shards)
+        first, second = per_shard[0][:2]
         first[0] -= 1
         second[0] += 1
+        store(shards, per_shard)
 
     edit(out, shift)
     path = json.loads((out / MANIFEST_NAME).read_text())["shards"]["path"][0]

@@ -92,7 +92,12 @@ def replace_shard(out: Path, data: bytes, num_samples: int, index: int = 0) -> s
         shards["checksum"][index] = hashlib.sha256(data).hexdigest()
         shards["num_samples"][index] = num_samples
         if "blocks" in shards:  # the new bytes' batches are unknown: read the shard whole
-            shards["blocks"][index] = None
+            blocks = shards["blocks"]
+            start = sum(blocks["count"][:index])
+            end = start + blocks["count"][index]
+            for name in ("samples", "offset", "length"):
+                del blocks[name][start:end]
+            blocks["count"][index] = 0
 
     edit_manifest(out, edit)
     return str(path)
