@@ -7,7 +7,16 @@ system's own code:
   defaults of `shardloader.ShardDataset`: seed 0, ``shuffle_window=4``, ``"drop"``). Worker ``w``
   reads ``plan.workers[w].sample_ids()``. Before measuring, the script converts a tiny corpus and
   checks that a real ``ShardDataset`` under a real ``DataLoader`` yields exactly the reconstructed
-  order (`check_shard_dataset`). One more row sets ``shuffle_window=16``.
+  order (`check_shard_dataset`). One more row sets ``shuffle_window=16``. Block mode
+  (``StreamConfig(shuffle_unit="block", shuffle_window=w)``): each shard is modelled as blocks
+  of ``b`` samples (the last one shorter; a record batch of ``batch_bytes`` when samples have
+  one size) and the plan is ``plan_epoch`` over those block sizes, as ``ShardDataset`` plans over
+  ``manifest.shards.block_table().num_samples``; ids stay global, so the metrics still count
+  shards. Rows: ``b=25, w=64`` and ``w=256``, ``b=100, w=64``. The column "worker holds" is a
+  worker's memory bound: ``w`` blocks of ``b`` samples, against ``w`` shards (4 by default) in
+  shard mode, with the largest window measured in rank 0's plan. The check converts the same
+  tiny corpus with record batches of 256 bytes (several per shard) and compares a real
+  ``ShardDataset`` in block mode (window 3) with ``plan_epoch`` over the manifest's block sizes.
 - **Mosaic Streaming** 0.13 (``StreamingDataset(shuffle=True)`` with its defaults): shuffle
   ``py1e``, seed 9176, ``num_canonical_nodes`` = physical nodes (one node of ``W`` ranks here),
   ``shuffle_block_size = max(4_000_000 // num_canonical_nodes, 1 << 18)``, batching ``random``,
@@ -32,7 +41,12 @@ first B, ...), exhausted workers skipped (`interleave_batches`). Rank 0 is measu
 
 Metrics: the fraction of consecutive samples from the same shard; Spearman's |rho| between
 position and sample id (ids rank-transformed, so a rank's subset counts like a whole epoch); the
-mean number of distinct shards in consecutive windows of 1,000 samples; determinism (the same
+mean number of distinct shards in consecutive windows of 1,000 samples; Mosaic Streaming's own
+metric ("gap entropy", `metrics.mosaic_entropy`, as ``get_entropy_shuffle_quality`` in its
+``simulation/core/shuffle_quality.py``): the harmonic mean of the Shannon entropies (bits) of the
+absolute gaps between consecutive sample ids and between consecutive samples' shard indices, not
+normalized, on the measured order with global ids (so it compares only within one corpus and
+world size; the uniform row is the ceiling there, no shuffle scores 0); determinism (the same
 seed and epoch twice must give the same order, asserted where the system promises it; the
 fraction of positions that change from epoch 0 to 1); and the cost of making rank 0's whole
 epoch order (wall time, then peak traced memory from `tracemalloc` in a second run).

@@ -1,5 +1,6 @@
 """Checks against the real systems: ShardDataset under a DataLoader yields the reconstructed
-order, and WebDataset's ``detshuffle`` repeats epoch 0 without persistent workers."""
+order (shard mode and block mode), and WebDataset's ``detshuffle`` repeats epoch 0 without
+persistent workers."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch.utils.data
 from tools.bench.shuffle.orders import (
     WDS_INITIAL,
     WDS_SAMPLE_BUFFER,
+    IdArray,
     Topology,
+    plan_order,
     shardloader_order,
 )
 
@@ -25,56 +28,98 @@ def _collate_ids(batch: list[dict[str, Any]]) -> list[int]:
     return [int(sample["sample_id"]) for sample in batch]
 
 
-def check_shard_dataset(num_workers: int = 2, batch_size: int = 7, world_size: int = 2) -> int:
+def _write_corpus(corpus: Path, sizes: IdArray) -> None:
+    """One JSONL file per shard, ``sizes[i]`` documents in file ``i``, ids in global order."""
+    corpus.mkdir()
+    start = 0
+    for index, size in enumerate(sizes.tolist()):
+        lines = [json.dumps({"text": f"doc {start + i}"}) for i in range(size)]
+        (corpus / f"part-{index:02d}.jsonl").write_text("\n".join(lines) + "\n")
+        start += size
+
+
+def _loader_ids(dataset: Any, num_workers: int, batch_size: int) -> IdArray:
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate_ids,
+        multiprocessing_context="fork",
+    )
+    return np.array([i for batch in loader for i in batch], dtype=np.int64)
+
+
+def check_shard_dataset(
+    num_workers: int = 2,
+    batch_size: int = 7,
+    world_size: int = 2,
+    block_window: int = 3,
+    batch_bytes: int = 256,
+) -> tuple[int, int]:
     """Convert a tiny uneven corpus and compare ShardDataset under a DataLoader with the order.
+
+    Shard mode (``StreamConfig()``) is compared with `shardloader_order`; block mode
+    (``StreamConfig(shuffle_unit="block", shuffle_window=block_window)``, shards written in record
+    batches of ``batch_bytes`` so most have several) with `plan_order` over the manifest's block
+    sizes, which is what `shardloader_block_order` models with blocks of a fixed size.
 
     Args:
         num_workers: DataLoader workers.
         batch_size: Samples per batch.
         world_size: Ranks (each read in this process, with an explicit rank).
+        block_window: ``shuffle_window`` of the block-mode check, in blocks.
+        batch_bytes: Convert's record batch size (uncompressed bytes).
 
     Returns:
-        Number of samples compared.
+        Samples compared in shard mode, and in block mode.
 
     Raises:
-        AssertionError: The DataLoader yielded another order than `shardloader_order`.
+        AssertionError: The DataLoader yielded another order than the reconstruction.
     """
-    from shardloader import ConvertConfig, ShardDataset, convert, read_manifest
+    from shardloader import ConvertConfig, ShardDataset, StreamConfig, convert, read_manifest
 
     sizes = np.array([300, 17, 200, 153, 1, 212, 120, 64, 333, 9], dtype=np.int64)
-    compared = 0
+    compared = {"shard": 0, "block": 0}
     with tempfile.TemporaryDirectory(prefix="bench-shuffle-") as tmp:
         corpus = Path(tmp) / "corpus"
-        corpus.mkdir()
-        start = 0
-        for index, size in enumerate(sizes.tolist()):
-            lines = [json.dumps({"text": f"doc {start + i}"}) for i in range(size)]
-            (corpus / f"part-{index:02d}.jsonl").write_text("\n".join(lines) + "\n")
-            start += size
+        _write_corpus(corpus, sizes)
         out = Path(tmp) / "shards"
-        convert([str(corpus)], ConvertConfig(output=str(out), task_bytes=1, num_proc=1))
-        written = np.array(read_manifest(str(out)).shards.column("num_samples"), dtype=np.int64)
+        convert(
+            [str(corpus)],
+            ConvertConfig(output=str(out), task_bytes=1, num_proc=1, batch_bytes=batch_bytes),
+        )
+        manifest = read_manifest(str(out))
+        written = np.array(manifest.shards.column("num_samples"), dtype=np.int64)
         assert np.array_equal(written, sizes), f"one shard per file expected, got {written}"
-        for epoch, rank in itertools.product((0, 1), range(world_size)):
-            dataset = ShardDataset(str(out), rank=rank, world_size=world_size)
+        blocks = manifest.shards.block_table()
+        assert len(blocks.num_samples) > 2 * len(sizes), "expected several blocks per shard"
+        configs = {
+            "shard": StreamConfig(),
+            "block": StreamConfig(shuffle_unit="block", shuffle_window=block_window),
+        }
+        for (mode, config), epoch, rank in itertools.product(
+            configs.items(), (0, 1), range(world_size)
+        ):
+            dataset = ShardDataset(str(out), config=config, rank=rank, world_size=world_size)
             dataset.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                collate_fn=_collate_ids,
-                multiprocessing_context="fork",
-            )
-            seen = np.array([i for batch in loader for i in batch], dtype=np.int64)
+            seen = _loader_ids(dataset, num_workers, batch_size)
             topology = Topology(
                 world_size=world_size, rank=rank, num_workers=num_workers, batch_size=batch_size
             )
-            expected = shardloader_order(sizes, seed=0, epoch=epoch, topology=topology).loop
+            if mode == "shard":
+                expected = shardloader_order(sizes, seed=0, epoch=epoch, topology=topology).loop
+            else:
+                units = np.asarray(blocks.num_samples, dtype=np.int64)
+                plan_config = config.plan_config()
+                expected = plan_order(
+                    units, config=plan_config, epoch=epoch, topology=topology
+                ).loop
             assert np.array_equal(seen, expected), (
-                f"epoch {epoch} rank {rank}: the DataLoader order differs from the reconstruction"
+                f"{mode} mode, epoch {epoch} rank {rank}: the DataLoader order differs from the "
+                "reconstruction"
             )
-            compared += len(seen)
-    return compared
+            compared[mode] += len(seen)
+    return compared["shard"], compared["block"]
 
 
 class _Range(torch.utils.data.IterableDataset):

@@ -2,7 +2,8 @@
 
 Metrics: the fraction of consecutive samples from the same shard, Spearman's |rho| between
 position and (rank-transformed) sample id, the mean number of distinct shards per window of
-``WINDOW`` samples, and a digest to compare orders across machines.
+``WINDOW`` samples, Mosaic Streaming's gap entropy (`mosaic_entropy`), and a digest to compare
+orders across machines.
 """
 
 from __future__ import annotations
@@ -48,15 +49,57 @@ def mean_distinct_shards(shards: IdArray, window: int = WINDOW) -> float:
     return float(np.mean((np.diff(blocks, axis=1) != 0).sum(axis=1) + 1))
 
 
+def gap_entropy(ordering: IdArray) -> float:
+    """Shannon entropy, in bits, of the absolute gaps between consecutive values.
+
+    As ``get_entropy`` in Mosaic Streaming's ``simulation/core/shuffle_quality.py``: the ``n - 1``
+    values ``|ordering[i+1] - ordering[i]|`` are counted (``np.bincount``) and the entropy of their
+    empirical distribution is ``-sum(p * log2(p))``. No normalization: an order of ``n`` values
+    scores at most ``log2(n - 1)`` (every gap different); a sorted run of consecutive ids scores 0.
+    """
+    n = len(ordering)
+    if n < 2:
+        return 0.0
+    freqs = np.bincount(np.abs(np.diff(ordering)))
+    probs = freqs[freqs != 0] / (n - 1)
+    return max(0.0, float(-np.sum(probs * np.log2(probs))))  # one gap value: -0.0, shown as 0
+
+
+def mosaic_entropy(ids: IdArray, shards: IdArray) -> float:
+    """Mosaic Streaming's shuffle quality: harmonic mean of sample-gap and shard-gap entropies.
+
+    As ``get_entropy_shuffle_quality`` in ``streaming/simulation/core/shuffle_quality.py`` (0.13):
+    ``2 * s * h / (s + h)`` with ``s = gap_entropy(sample ids)`` and ``h = gap_entropy(shard
+    index of each sample)``, in bits, not normalized. Mosaic applies it to the global order of one
+    epoch (every rank's samples, padding removed); here it is applied to the order measured (rank
+    0's loop order or one worker's), with global sample ids as they are, so a value compares
+    across systems only at the same corpus and world size (similar ``n``: the uniform permutation
+    row is the ceiling there). Two ids from the same shard give a shard gap of 0.
+
+    Args:
+        ids: Sample ids in reading order.
+        shards: The shard of each id.
+
+    Returns:
+        The harmonic mean in bits (0 when both entropies are 0).
+    """
+    sample = gap_entropy(ids)
+    shard = gap_entropy(shards)
+    if sample + shard == 0:
+        return 0.0
+    return 2 * sample * shard / (sample + shard)
+
+
 def quality(ids: IdArray, first: IdArray) -> dict[str, float | int]:
-    """The three quality metrics of one order.
+    """The quality metrics of one order.
 
     Args:
         ids: Sample ids in reading order.
         first: First sample id of every shard, plus the total.
 
     Returns:
-        ``samples``, ``same_shard``, ``spearman_abs`` and ``distinct_shards_per_1000``.
+        ``samples``, ``same_shard``, ``spearman_abs``, ``distinct_shards_per_1000`` and
+        ``mosaic_entropy_bits``.
     """
     shards = shard_of(ids, first)
     return {
@@ -64,6 +107,7 @@ def quality(ids: IdArray, first: IdArray) -> dict[str, float | int]:
         "same_shard": same_shard_fraction(shards),
         "spearman_abs": spearman_abs(ids),
         "distinct_shards_per_1000": mean_distinct_shards(shards),
+        "mosaic_entropy_bits": mosaic_entropy(ids, shards),
     }
 
 

@@ -1,6 +1,7 @@
 """Each system's epoch order for one rank, built with the system's own code from shard sizes.
 
-shardloader (`plan_epoch` with `StreamConfig`'s defaults), Mosaic Streaming (``py1e``, partition
+shardloader (`plan_epoch` with `StreamConfig`'s defaults, a wider window, and block mode over
+blocks of a fixed number of samples), Mosaic Streaming (``py1e``, partition
 ``relaxed``), WebDataset (shard buffer, then sample buffer), a uniform permutation (the ideal) and
 manifest order (the worst); and what a DataLoader hands the loop (`interleave_batches`).
 """
@@ -20,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shardloader.dataset import StreamConfig
-from shardloader.plan import plan_epoch
+from shardloader.plan import PlanConfig, plan_epoch
 from tools.bench.harness import STUBS
 
 IdArray = npt.NDArray[np.int64]
@@ -38,10 +39,13 @@ class RankOrder:
     Attributes:
         loop: What the training loop sees: the workers' batches interleaved round-robin.
         workers: Each DataLoader worker's own order.
+        held: For shardloader, the most samples one worker holds at once (its largest window,
+            over the rank's workers); ``None`` for the other systems.
     """
 
     loop: IdArray
     workers: tuple[IdArray, ...]
+    held: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +85,7 @@ class System:
         seed: The system's default seed.
         deterministic: Whether the system promises the same order for the same seed and epoch.
         epoch_varies: Whether a different epoch is meant to give a different order.
+        holds: What one worker holds in memory to make its order (empty: not a memory bound).
     """
 
     name: str
@@ -88,6 +93,7 @@ class System:
     seed: int | None
     deterministic: bool = True
     epoch_varies: bool = True
+    holds: str = ""
 
 
 def interleave_batches(workers: Sequence[IdArray], batch_size: int) -> IdArray:
@@ -117,6 +123,33 @@ def first_ids(sizes: IdArray) -> IdArray:
     return first
 
 
+def plan_order(
+    unit_sizes: IdArray, *, config: PlanConfig, epoch: int, topology: Topology
+) -> RankOrder:
+    """`plan_epoch` over ``unit_sizes`` (shards, or blocks in shard order): one rank's order.
+
+    Args:
+        unit_sizes: Samples per planning unit, in manifest order.
+        config: The plan's settings.
+        epoch: The epoch.
+        topology: Ranks, workers and batch size.
+
+    Returns:
+        The rank's order, with the largest window a worker holds.
+    """
+    plan = plan_epoch(
+        unit_sizes,
+        config=config,
+        epoch=epoch,
+        world_size=topology.world_size,
+        rank=topology.rank,
+        num_workers=topology.num_workers,
+    )
+    workers = tuple(w.sample_ids() for w in plan.workers)
+    held = max((win.num_samples for w in plan.workers for win in w.windows), default=0)
+    return RankOrder(interleave_batches(workers, topology.batch_size), workers, held)
+
+
 def shardloader_order(
     sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology, shuffle_window: int = 4
 ) -> RankOrder:
@@ -133,16 +166,7 @@ def shardloader_order(
         The rank's order.
     """
     config = StreamConfig(seed=seed or 0, shuffle_window=shuffle_window).plan_config()
-    plan = plan_epoch(
-        sizes,
-        config=config,
-        epoch=epoch,
-        world_size=topology.world_size,
-        rank=topology.rank,
-        num_workers=topology.num_workers,
-    )
-    workers = tuple(w.sample_ids() for w in plan.workers)
-    return RankOrder(interleave_batches(workers, topology.batch_size), workers)
+    return plan_order(sizes, config=config, epoch=epoch, topology=topology)
 
 
 def block_sizes(sizes: IdArray, block_samples: int) -> IdArray:
@@ -171,22 +195,26 @@ def shardloader_block_order(
 ) -> RankOrder:
     """`plan_epoch` with ``shuffle_unit="block"`` over blocks of ``block_samples``.
 
-    The ids are the same global ids as over shards (blocks are contiguous id ranges in shard
-    order), so the metrics still count shards.
+    As `shardloader.ShardDataset` in block mode, whose plan's sizes are the manifest's
+    ``block_table().num_samples``. The ids are the same global ids as over shards (blocks are
+    contiguous id ranges in shard order), so the metrics still count shards.
+
+    Args:
+        sizes: Samples per shard, in manifest order.
+        seed: The plan's seed.
+        epoch: The epoch.
+        topology: Ranks, workers and batch size.
+        block_samples: Samples per block (each shard's last block is shorter).
+        shuffle_window: Blocks a worker mixes (and holds) at once.
+
+    Returns:
+        The rank's order.
     """
     config = StreamConfig(
         seed=seed or 0, shuffle_window=shuffle_window, shuffle_unit="block"
     ).plan_config()
-    plan = plan_epoch(
-        block_sizes(sizes, block_samples),
-        config=config,
-        epoch=epoch,
-        world_size=topology.world_size,
-        rank=topology.rank,
-        num_workers=topology.num_workers,
-    )
-    workers = tuple(w.sample_ids() for w in plan.workers)
-    return RankOrder(interleave_batches(workers, topology.batch_size), workers)
+    units = block_sizes(sizes, block_samples)
+    return plan_order(units, config=config, epoch=epoch, topology=topology)
 
 
 def mosaic_order(sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology) -> RankOrder:
@@ -348,27 +376,40 @@ def sequential_order(
     return _contiguous_block(np.arange(int(sizes.sum()), dtype=np.int64), topology)
 
 
-# (samples per block, blocks per window) of the block-mode rows: a worker holds b x w samples.
-BLOCK_SETTINGS = ((100, 16), (100, 64), (25, 64), (25, 256))
+# (samples per block, blocks per window) of the block-mode rows: a worker holds b x w samples
+# (1,600, 6,400 and 6,400), against 4 x (and 16 x) a shard in shard mode.
+BLOCK_SETTINGS = ((25, 64), (25, 256), (100, 64))
 
 SYSTEMS = (
-    System("shardloader (ShardDataset defaults)", shardloader_order, seed=0),
+    System("shardloader (ShardDataset defaults)", shardloader_order, seed=0, holds="4 x shard"),
     System(
         "shardloader shuffle_window=16",
         functools.partial(shardloader_order, shuffle_window=16),
         seed=0,
+        holds="16 x shard",
     ),
     *(
         System(
-            f"shardloader blocks of {b} samples, shuffle_window={w}",
+            f'shardloader shuffle_unit="block", blocks of {b} samples, shuffle_window={w}',
             functools.partial(shardloader_block_order, block_samples=b, shuffle_window=w),
             seed=0,
+            holds=f"{w} x {b} = {w * b:,}",
         )
         for b, w in BLOCK_SETTINGS
     ),
     System("Mosaic Streaming shuffle=True (py1e defaults)", mosaic_order, seed=MOSAIC_SEED),
-    System("WebDataset shardshuffle=True + shuffle(1000)", webdataset_order, seed=0),
-    System("WebDataset all shards shuffled + shuffle(1000)", webdataset_full_order, seed=0),
+    System(
+        "WebDataset shardshuffle=True + shuffle(1000)",
+        webdataset_order,
+        seed=0,
+        holds=f"buffer {WDS_SAMPLE_BUFFER:,}",
+    ),
+    System(
+        "WebDataset all shards shuffled + shuffle(1000)",
+        webdataset_full_order,
+        seed=0,
+        holds=f"buffer {WDS_SAMPLE_BUFFER:,}",
+    ),
     System("uniform permutation (ideal)", uniform_order, seed=0),
     System("no shuffle (manifest order)", sequential_order, seed=0, epoch_varies=False),
 )

@@ -53,6 +53,8 @@ def run_quality(
                         "corpus": corpus,
                         "world_size": world_size,
                         "system": system.name,
+                        "holds": system.holds,
+                        "held_max_samples": order.held,
                         "loop": quality(order.loop, first),
                         "worker0": quality(order.workers[0], first),
                         "order_s": seconds,
