@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from shardloader.cli import main as cli_main
-from shardloader.train.checkpoint import list_checkpoints
 from shardloader.verify import iter_samples
 from tests.conftest import ROOT
-from tests.test_train import read_jsonl, run_env, run_torchrun, samples_by_rank, wait_for
+from tests.test_train import (
+    kill_at_checkpoint,
+    read_jsonl,
+    run_env,
+    run_torchrun,
+    samples_by_rank,
+)
 from tools.make_chat_corpus import main as make_chat_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
@@ -140,23 +144,7 @@ def test_eval_loss_is_the_cross_entropy_of_the_assistant_tokens_alone(
 @pytest.mark.torchrun
 def test_kill_and_resume_with_lora_is_exact(chat: dict[str, Path], run: Path) -> None:
     killed = chat["root"] / "killed"
-    proc = subprocess.Popen(
-        launch(chat, killed),
-        cwd=ROOT,
-        env=run_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wait_for(killed / "checkpoints" / "step-00000012", proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun, its ranks and their DataLoader workers
-        proc.wait()
-    saved = [s for s, _ in list_checkpoints(killed / "checkpoints")]
-    assert saved
-    assert max(saved) < 24, saved
+    kill_at_checkpoint(launch(chat, killed), killed, 12, 24)
     run_torchrun(2, str(chat["train"]), killed, *FLAGS, "--eval-data", str(chat["eval"]),
                  "--resume")  # fmt: skip
 

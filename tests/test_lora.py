@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,11 +20,16 @@ import torch.nn.functional as F
 
 from shardloader import ConfigError, ConvertConfig, ResumeError, convert, read_manifest
 from shardloader.train import TrainConfig, TrainResult, train
-from shardloader.train.checkpoint import list_checkpoints
 from shardloader.train.model import build_model
 from shardloader.verify import iter_samples
-from tests.conftest import ROOT, make_docs, write_jsonl
-from tests.test_train import losses, read_jsonl, run_env, run_torchrun, torchrun_cmd, wait_for
+from tests.conftest import make_docs, write_jsonl
+from tests.test_train import (
+    kill_at_checkpoint,
+    losses,
+    read_jsonl,
+    run_torchrun,
+    torchrun_cmd,
+)
 
 # peft 0.21 asks transformers 5 an old question; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")
@@ -327,23 +329,8 @@ def test_kill_then_resume_with_lora_and_eval_is_exact(
     run_torchrun(2, str(token_dir), full, *flags)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        torchrun_cmd(["--standalone", "--nproc_per_node=2"], str(token_dir), killed, *flags),
-        cwd=ROOT,
-        env=run_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wait_for(killed / "checkpoints" / "step-00000008", proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    saved = [s for s, _ in list_checkpoints(killed / "checkpoints")]
-    assert saved
-    assert max(saved) < 16, saved
+    launch = ["--standalone", "--nproc_per_node=2"]
+    kill_at_checkpoint(torchrun_cmd(launch, str(token_dir), killed, *flags), killed, 8, 16)
     logs = run_torchrun(2, str(token_dir), killed, *flags, "--resume")
     assert "resumed from" in logs
     assert losses(killed) == losses(full)

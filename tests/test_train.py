@@ -421,6 +421,33 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 300) ->
         time.sleep(0.01)
 
 
+def kill_at_checkpoint(cmd: list[str], out: Path, step: int, max_steps: int) -> list[int]:
+    """Start ``cmd`` (a torchrun training job), ``kill -9`` it once checkpoint ``step`` exists.
+
+    Returns:
+        The steps of the checkpoints that survived: at least one, all before ``max_steps`` (the
+        run was killed mid-way, so a resume test is not vacuous).
+    """
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(out / "checkpoints" / f"step-{step:08d}", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun, its ranks and their DataLoader workers
+        proc.wait()
+    saved = [s for s, _ in list_checkpoints(out / "checkpoints")]
+    assert saved, "no checkpoint survived the kill"
+    assert max(saved) < max_steps, saved
+    return saved
+
+
 @pytest.mark.slow
 @pytest.mark.torchrun
 def test_kill_9_then_resume_gives_the_same_losses_and_samples(
@@ -431,23 +458,8 @@ def test_kill_9_then_resume_gives_the_same_losses_and_samples(
     run_torchrun(2, str(token_data), full, *steps)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        torchrun_cmd(["--standalone", "--nproc_per_node=2"], str(token_data), killed, *steps),
-        cwd=ROOT,
-        env=run_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        wait_for(killed / "checkpoints" / "step-00000010", proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun, its ranks and their DataLoader workers
-        proc.wait()
-    saved = [s for s, _ in list_checkpoints(killed / "checkpoints")]
-    assert saved, "no checkpoint survived the kill"
-    assert max(saved) < 40, saved  # killed mid-run: the test is not vacuous
+    launch = ["--standalone", "--nproc_per_node=2"]
+    kill_at_checkpoint(torchrun_cmd(launch, str(token_data), killed, *steps), killed, 10, 40)
     run_torchrun(2, str(token_data), killed, *steps, "--resume")
     assert losses(killed) == losses(full)
     assert samples_by_rank(killed) == samples_by_rank(full)
