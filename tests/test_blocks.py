@@ -19,6 +19,14 @@ from shardloader.plan import PlanConfig, plan_epoch
 from tests.streaming import NUM_SAMPLES, SHARD_SIZES, source_docs
 
 
+def edited_manifest(source: Path, out: Path, change: Any) -> Path:
+    """``source``'s manifest alone in ``out``, with ``change`` applied to its shard table."""
+    out.mkdir()
+    (out / MANIFEST_NAME).write_bytes((source / MANIFEST_NAME).read_bytes())
+    edit(out, change)
+    return out
+
+
 def edit(path: Path, change: Any) -> None:
     doc = json.loads((path / MANIFEST_NAME).read_text())
     change(doc["shards"])
@@ -120,20 +128,16 @@ BAD_COLUMNS = [
 def test_a_malformed_block_column_is_refused(
     blocks_dir: Path, tmp_path: Path, change: Any, match: str
 ) -> None:
-    out = tmp_path / "bad"
-    out.mkdir()
-    (out / MANIFEST_NAME).write_bytes((blocks_dir / MANIFEST_NAME).read_bytes())
-    edit(out, change)
+    out = edited_manifest(blocks_dir, tmp_path / "bad", change)
     with pytest.raises(ManifestError, match=match) as info:
         read_manifest(str(out))
     assert "blocks" in str(info.value)
 
 
 def test_too_many_blocks_in_a_shard_is_refused_naming_it(blocks_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "many"
-    out.mkdir()
-    (out / MANIFEST_NAME).write_bytes((blocks_dir / MANIFEST_NAME).read_bytes())
-    edit(out, lambda s: s["blocks"]["count"].__setitem__(2, (1 << 20) + 1))
+    out = edited_manifest(
+        blocks_dir, tmp_path / "many", lambda s: s["blocks"]["count"].__setitem__(2, 1 << 20 | 1)
+    )
     path = json.loads((out / MANIFEST_NAME).read_text())["shards"]["path"][2]
     with pytest.raises(ManifestError, match=f"shard {path}: 1048577 blocks, more than"):
         read_manifest(str(out))
@@ -143,10 +147,7 @@ def test_too_many_blocks_in_a_shard_is_refused_naming_it(blocks_dir: Path, tmp_p
 def test_a_bad_block_table_is_refused_naming_the_shard(
     blocks_dir: Path, tmp_path: Path, change: Any, match: str
 ) -> None:
-    out = tmp_path / "bad"
-    out.mkdir()
-    (out / MANIFEST_NAME).write_bytes((blocks_dir / MANIFEST_NAME).read_bytes())
-    edit(out, change)
+    out = edited_manifest(blocks_dir, tmp_path / "bad", change)
     path = json.loads((out / MANIFEST_NAME).read_text())["shards"]["path"][2]
     with pytest.raises(ManifestError, match=match) as info:
         read_manifest(str(out))

@@ -28,6 +28,7 @@ from tests.test_train import (
     losses,
     read_jsonl,
     run_torchrun,
+    small_run,
     torchrun_cmd,
 )
 
@@ -69,20 +70,8 @@ def eval_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> P
 
 
 def lora_run(data: Path, out: Path, **overrides: Any) -> TrainConfig:
-    settings: dict[str, Any] = dict(
-        data=str(data),
-        output_dir=str(out),
-        model="tiny",
-        seq_len=64,
-        batch_size=4,
-        lr=1e-2,
-        warmup_steps=3,
-        num_workers=0,
-        deterministic=True,
-        lora_rank=8,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    """`tests.test_train.small_run` with LoRA (rank 8) at a higher learning rate."""
+    return small_run(data, out, **{"lr": 1e-2, "lora_rank": 8, "log_samples": False, **overrides})
 
 
 def dir_bytes(path: Path) -> int:
