@@ -95,3 +95,46 @@ def test_a_replaced_shard_is_refused_naming_it(server: S3Server, tmp_path: Path)
     with pytest.raises(ShardError, match=victim.name) as caught:
         list(dataset)
     assert "s3://" in str(caught.value)
+
+
+def test_block_mode_from_s3_splits_exactly_through_one_node_cache(
+    blocks_dir: Path, tmp_path: Path
+) -> None:
+    """shuffle_unit="block" over S3: remote shards are fetched whole into the node cache, once.
+
+    A block-mode rank reads blocks of most shards, so the ranks of a node share one cache (as
+    they do by default): every shard is fetched once, and the split is exact.
+    """
+    world_size = 2
+    cache = tmp_path / "node-cache"
+    config = StreamConfig(cache_dir=str(cache), shuffle_unit="block", shuffle_window=8, seed=4)
+    with serve_dataset(blocks_dir) as s3:
+        per_rank = []
+        for rank in range(world_size):
+            dataset = ShardDataset(
+                "s3://data/set",
+                config=config,
+                rank=rank,
+                world_size=world_size,
+                storage_options=s3.storage_options,
+            )
+            loader = ShardLoader(dataset, batch_size=8, num_workers=2, collate_fn=ids_of)
+            per_rank.append([i for batch in loader for i in batch])
+    assert [len(ids) for ids in per_rank] == [NUM_SAMPLES // world_size] * world_size
+    union = [i for ids in per_rank for i in ids]
+    assert len(union) == len(set(union)) == NUM_SAMPLES - NUM_SAMPLES % world_size
+    touched = [{int(s) for s in read_manifest(str(blocks_dir)).shards.block_table().shard_index}]
+    assert len(touched[0]) == 7  # the blocks of every shard are in play
+    assert cached_bytes(cache) == dataset_bytes(blocks_dir)  # each shard fetched once
+    local = [
+        i
+        for rank in range(world_size)
+        for batch in ShardLoader(
+            ShardDataset(str(blocks_dir), config=config, rank=rank, world_size=world_size),
+            batch_size=8,
+            num_workers=2,
+            collate_fn=ids_of,
+        )
+        for i in batch
+    ]
+    assert local == union  # the same order as from local disk
