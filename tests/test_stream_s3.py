@@ -123,8 +123,6 @@ def test_block_mode_from_s3_splits_exactly_through_one_node_cache(
     assert [len(ids) for ids in per_rank] == [NUM_SAMPLES // world_size] * world_size
     union = [i for ids in per_rank for i in ids]
     assert len(union) == len(set(union)) == NUM_SAMPLES - NUM_SAMPLES % world_size
-    touched = [{int(s) for s in read_manifest(str(blocks_dir)).shards.block_table().shard_index}]
-    assert len(touched[0]) == 7  # the blocks of every shard are in play
     assert cached_bytes(cache) == dataset_bytes(blocks_dir)  # each shard fetched once
     local = [
         i
