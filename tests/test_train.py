@@ -116,11 +116,23 @@ def test_flags_mirror_the_config_fields() -> None:
         ({"parallel": "zero3"}, "parallel must be one of ddp, fsdp"),
         ({"pack_mode": "tight"}, "mode must be one of"),
         ({"max_steps": 0}, "max_steps must be >= 1"),
+        ({"shuffle_unit": "row"}, "shuffle_unit must be one of shard, block"),
+        ({"long_docs": "fold"}, "long_docs must be"),
+        ({"shuffle_window": 0}, "shuffle_window must be >= 1"),
     ],
 )
 def test_bad_settings_are_named(overrides: dict[str, Any], message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         small_run(tmp_path, tmp_path / "out", **overrides)
+
+
+def test_a_mixture_is_packed_end_to_end_only(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="a mixture packs documents end to end"):
+        TrainConfig(mix="m.yaml", output_dir=str(tmp_path), pack_mode="bfd")
+    assert TrainConfig(mix="m.yaml", output_dir=str(tmp_path)).pack_config().mode == "concat"
+    chat = TrainConfig(data="d", output_dir=str(tmp_path)).pack_config(chat=True)
+    assert (chat.mode, chat.long_docs) == ("bfd", "auto")
+    assert TrainConfig(data="d", output_dir=str(tmp_path)).pack_config().mode == "concat"
 
 
 def test_a_missing_model_path_is_named(token_data: Path, tmp_path: Path) -> None:

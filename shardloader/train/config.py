@@ -24,6 +24,7 @@ _CHOICES = {
     "dtype": ("auto", "bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
     "progress": ("auto", "on", "off"),
+    "shuffle_unit": ("shard", "block"),
 }
 
 
