@@ -149,10 +149,26 @@ def test_parquet_chat_columns(tmp_path):
             {"id": "p1", "messages": MESSAGES},
         ],
     )
-    shardloader.convert(
+    result = shardloader.convert(
         str(tmp_path / "in"), ConvertConfig(output=str(tmp_path / "out"), num_proc=1)
     )
     assert [s["messages"] for s in read_back(tmp_path)] == [[user("q"), bot("a")], MESSAGES]
+    # "bytes in" counts the conversations (their turns as JSON), not 0 for want of a text column
+    turns = [[user("q"), bot("a")], MESSAGES]
+    want = sum(len(json.dumps(t, ensure_ascii=False)) for t in turns)
+    assert want // 2 < result.num_input_bytes <= 2 * want
+
+
+def test_a_lone_surrogate_in_a_conversation_names_its_field(tmp_path):
+    line = '{"id": "s", "conversations": [{"from": "human", "value": "hi \\ud800"}, ' + (
+        '{"from": "gpt", "value": "ok"}]}'
+    )
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "c.jsonl").write_text(line + "\n")
+    with pytest.raises(CorpusError, match=r"c\.jsonl:1: field 'conversations' holds a lone"):
+        shardloader.convert(
+            str(tmp_path / "in"), ConvertConfig(output=str(tmp_path / "out"), num_proc=1)
+        )
 
 
 def test_schema_flag_overrides_detection(tmp_path):

@@ -13,7 +13,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from shardloader.sources.chat import make_chat_document
+from shardloader.sources.chat import SCHEMA_FIELDS, make_chat_document
 from shardloader.sources.jsonl_table import UTF8_BOM, arrow_schema
 from shardloader.sources.records import (
     Document,
@@ -134,7 +134,9 @@ def _lone_surrogate(doc: Document, spec: RecordSpec) -> str:
     one UTF-8 encode, about a tenth of the time it takes to parse that JSON line (scanning the raw
     line for ``\u`` escapes first measured no cheaper overall).
     """
-    values: list[tuple[str, Any]] = [(spec.text_field, doc.text), (spec.id_field or "id", doc.id)]
+    # A chat record's text is its normalized turns: name the fields they came from.
+    text_name = spec.text_field if spec.schema == "text" else "/".join(SCHEMA_FIELDS[spec.schema])
+    values: list[tuple[str, Any]] = [(text_name, doc.text), (spec.id_field or "id", doc.id)]
     values += list((doc.fields or {}).items())
     for name, value in values:
         if value is None or isinstance(value, (bool, int, float)):

@@ -78,11 +78,13 @@ def read_parquet(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[
             if record is None:
                 continue
             where = f"{url}: row {row + offset} (row group {group})"
-            text = record.get(spec.text_field)
+            text = record.get(spec.text_field) if spec.schema == "text" else None
             if isinstance(text, str):
                 stats["bytes"] += len(text.encode("utf-8"))
             doc = make(record, f"{name}:{row + offset}", where, spec, bad)
             if doc is not None:
+                if spec.schema != "text":  # a conversation's size: its turns as canonical JSON
+                    stats["bytes"] += len(doc.text.encode("utf-8"))
                 yield doc
         row += len(rows)
 
