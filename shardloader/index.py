@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from shardloader import storage
 from shardloader._version import __version__
 from shardloader.cache import hash_fd
-from shardloader.errors import ConfigError, CorpusError
+from shardloader.errors import ConfigError, CorpusError, ShardloaderError
 from shardloader.formats.parquet import field_kind, id_column_ok
 from shardloader.manifest import (
     MANIFEST_NAME,
@@ -184,9 +184,11 @@ def _read_footer(
             etag = str(raw).strip('"') if raw else None
             with storage.open_read(url, **opts) as f:
                 meta = pq.read_metadata(f)
-    except (pa.ArrowException, OSError) as err:
+        schema = meta.schema.to_arrow_schema()
+    except ShardloaderError:  # ours (also ValueError / OSError): as it is
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:  # ValueError: non-UTF-8 names
         raise CorpusError(f"{url}: not a readable Parquet file ({err})") from err
-    schema = meta.schema.to_arrow_schema()
     if text_field not in schema.names:
         raise CorpusError(
             f"{url}: no column {text_field!r} (columns: {', '.join(schema.names)}); "

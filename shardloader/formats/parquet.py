@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from shardloader.errors import ConfigError, ShardError
+from shardloader.errors import ConfigError, ShardError, ShardloaderError
 from shardloader.formats import ReadSpec, WriteSpec, check_num_samples, counted
 
 REINDEX = 'the file changed after it was indexed: run "shardloader index" again'
@@ -101,7 +101,9 @@ class ParquetFormat:
                 for values in zip(*taken.values(), strict=True):
                     yield dict(zip(names, values, strict=True))
                 row += table.num_rows
-        except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
+        except ShardloaderError:  # ours (also ValueError / OSError): as it is
+            raise
+        except (pa.ArrowException, OSError, ValueError) as err:  # pyarrow's IOError status: OSError
             raise ShardError(f"{where}: not a readable Parquet file ({err})") from err
 
     def read_columns(self, path: str, spec: ReadSpec) -> ParquetColumns:
@@ -115,7 +117,9 @@ class ParquetFormat:
             table = pf.read(columns=columns)
             _check_rows(table.num_rows, spec)
             return ParquetColumns(_checked(table, spec), spec)
-        except (pa.ArrowException, OSError) as err:
+        except ShardloaderError:  # ours (also ValueError / OSError): as it is
+            raise
+        except (pa.ArrowException, OSError, ValueError) as err:
             raise ShardError(f"{where}: not a readable Parquet file ({err})") from err
 
     def read_block(self, path: str, spec: ReadSpec, block_index: int) -> ParquetColumns:
@@ -135,7 +139,9 @@ class ParquetFormat:
             table = pf.read_row_group(block_index, columns=columns)
             _check_rows(table.num_rows, spec)
             return ParquetColumns(_checked(table, spec), spec, first_row=first)
-        except (pa.ArrowException, OSError) as err:
+        except ShardloaderError:  # ours (also ValueError / OSError): as it is
+            raise
+        except (pa.ArrowException, OSError, ValueError) as err:
             raise ShardError(f"{where}: not a readable Parquet file ({err})") from err
 
 

@@ -178,6 +178,6 @@ def detect_file_schema(
                     continue
                 if isinstance(record, dict):
                     return detect_schema(record, text_field)
-    except (CorpusError, OSError, pa.ArrowException):
+    except (CorpusError, OSError, ValueError, pa.ArrowException):
         pass  # the reader reports it, with its file:line
     return "text"

@@ -37,9 +37,9 @@ def read_parquet(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[
     max_record_bytes = file.max_record_bytes
     try:
         pf = pq.ParquetFile(f)
-    except (pa.ArrowException, OSError) as err:
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as err:  # ValueError: non-UTF-8 names
         raise DamagedFileError(url, f"not a readable Parquet file ({err})") from err
-    schema = pf.schema_arrow
     if spec.schema == "text":
         _check_text_column(schema, spec, url)
         columns = [spec.text_field]
