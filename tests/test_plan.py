@@ -321,12 +321,25 @@ def test_fast_carry_chain_matches_the_full_sequence():
 
 
 def draw_consumed(data: st.DataObject, plans: list[EpochPlan], *, equal: bool) -> np.ndarray:
-    """Random consumed counts; with ``equal``, every rank consumed as many as rank 0."""
+    """Random consumed counts; with ``equal``, every rank consumed as many as rank 0.
+
+    With ``equal``, a rank whose workers were planned other counts than rank 0's (after an
+    elastic re-split, ranks hold equal samples but may divide them differently among their
+    workers) takes rank 0's total, its workers filled in order.
+    """
     rows = []
     for plan in plans[: 1 if equal else None]:
         rows.append([data.draw(st.integers(0, w.num_samples)) for w in plan.workers])
-    if equal:
-        rows *= len(plans)
+    for plan in plans[1:] if equal else []:
+        planned = [w.num_samples for w in plan.workers]
+        row = list(rows[0])
+        if any(c > p for c, p in zip(row, planned, strict=True)):
+            left, row = sum(rows[0]), []
+            for p in planned:
+                row.append(min(left, p))
+                left -= row[-1]
+            assert left == 0, "ranks hold equal samples"
+        rows.append(row)
     return np.array(rows, dtype=np.int64)
 
 
