@@ -16,8 +16,9 @@ download is checked against it, so a replaced object is refused. Multipart ETags
 a hash of the bytes: then every remote file is streamed once and hashed (sha256), and a warning
 says so. A file rewritten after indexing fails that check, or the footer's row count, by name.
 
-Row groups are recorded per file in ``sources[i]["blocks"]`` as ``[num_rows, offset, length]``:
-the byte span of the row group's column chunks, from the footer (for range reads by block).
+Row groups are recorded as the shard's blocks in the manifest's block table (`shardloader.blocks`:
+per row group its rows, and the byte span of its column chunks from the footer, for range reads);
+a file of one row group, or whose row groups cannot be blocks, has none and is read whole.
 """
 
 from __future__ import annotations
@@ -309,7 +310,6 @@ def _source_entry(f: _Footer) -> dict[str, Any]:
         "path": f.rel,
         "num_bytes": f.num_bytes,
         "num_rows": f.num_rows,
-        "blocks": f.blocks,
     }
     if f.etag is not None:
         entry["etag"] = f.etag
