@@ -1,9 +1,13 @@
 """Blocks: the record batches inside shards, as the manifest records them and the plan uses them.
 
 An Arrow shard is a sequence of record batches of about ``batch_bytes`` each (a "block"). Convert
-records, per shard, one ``[num_samples, offset, length]`` triple per batch in the manifest's
-optional ``blocks`` column: the batch's sample count, and where its IPC message (metadata and
-body, the footer's ``Block`` entry) lies in the file, so that a range read can fetch one block.
+records, per shard, one entry per batch in the manifest's optional ``blocks`` column: the
+batch's sample count; where its IPC message (metadata and body, the footer's ``Block`` entry)
+lies in the file, so that a range read can fetch one block; its decoded payload bytes (what the
+plan bounds a window by); and its digest (`block_digest`: the first 128 bits of the sha256 of
+the message's bytes), so that a reader checks the block it decodes instead of hashing the whole
+shard. ``shardloader index`` records Parquet row groups the same way, with their uncompressed
+size and no digest (the whole file's checksum is used).
 A shard without an entry (``null``, or a manifest written before blocks existed) is one block,
 the whole shard. Tar shards are always one block: a ``.tar.zst`` is one zstd stream that cannot
 be entered in the middle, and an uncompressed tar has no index of its members.
@@ -13,18 +17,21 @@ Blocks are contiguous runs of global sample ids in shard order, so a plan made o
 `shardloader.plan`; only the unit it permutes and groups into windows changes. `BlockTable` maps
 a plan's unit index back to its shard and batch.
 
-The column is stored flat, as four integer lists (`BlockColumns`: ``count`` per shard, then
-``samples``, ``offset`` and ``length`` per block), and read as hostile input
-(`parse_block_columns`): every value a non-negative integer, offsets increasing and inside the
-file, the counts adding up to the shard's ``num_samples``, at most `MAX_BLOCKS_PER_SHARD` blocks
-per shard; an error names the shard. Every check is a numpy pass. Cost (``python -m
-tools.bench.manifest --shards 100000 --blocks 16``, 1.6 M blocks): the manifest is 47 MB instead
-of 12 MB and reads in 0.69 s and 349 MB peak instead of 0.10 s and 56 MB (nested triples took
-2.3 s and 516 MB); most of it is JSON's integers.
+The column is stored flat, as lists (`BlockColumns`: ``count`` per shard, then ``samples``,
+``offset``, ``length`` and optionally ``decoded`` and ``digest`` per block; manifests written before
+the last two existed read with them unknown), and read as hostile input (`parse_block_columns`):
+every value a non-negative integer, offsets increasing and inside the file, the counts adding up to
+the shard's ``num_samples``, at most `MAX_BLOCKS_PER_SHARD` blocks per shard, digests of 32
+lowercase hex characters; an error names the shard. Every check is a numpy pass. Cost (``python -m
+tools.bench.manifest --shards 100000 --blocks 16``, 1.6 M blocks): the manifest is 47 MB instead of
+12 MB and reads in 0.69 s and 349 MB peak instead of 0.10 s and 56 MB (nested triples took 2.3 s and
+516 MB); most of it is JSON's integers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any, NamedTuple
@@ -49,6 +56,9 @@ class BlockTable(NamedTuple):
         batch_index: The record batch inside its shard (`WHOLE_SHARD` for a whole-shard block).
         offset: Byte offset of the block's IPC message in the shard (0 for a whole shard).
         length: Bytes of the block's IPC message (the shard's size for a whole shard).
+        decoded: Bytes the block holds decoded (its payload); 0 where unknown.
+        digest: Per block the first 128 bits of the sha256 of its bytes ``[offset, offset +
+            length)``, hex; ``""`` where unknown (the whole shard's checksum is used).
     """
 
     num_samples: Int64Array
@@ -56,6 +66,8 @@ class BlockTable(NamedTuple):
     batch_index: Int64Array
     offset: Int64Array
     length: Int64Array
+    decoded: Int64Array
+    digest: npt.NDArray[np.str_]
 
     @property
     def num_blocks(self) -> int:
@@ -72,42 +84,88 @@ class BlockColumns(NamedTuple):
         samples: Samples of every block, shard after shard.
         offset: Byte offset of every block in its shard.
         length: Bytes of every block.
+        decoded: Decoded (payload) bytes of every block, 0 where unknown; ``None``: none known
+            (a manifest written before they were recorded).
+        digest: Every block's `block_digest` (``""`` where unknown), or ``None``: none known.
     """
 
     counts: Int64Array
     samples: Int64Array
     offset: Int64Array
     length: Int64Array
+    decoded: Int64Array | None = None
+    digest: npt.NDArray[np.str_] | None = None
 
-    def to_json(self) -> dict[str, list[int]]:
-        """The column as the manifest stores it: four flat integer lists."""
-        return {
+    def to_json(self) -> dict[str, list[Any]]:
+        """The column as the manifest stores it: flat lists (integers, and the digests)."""
+        out: dict[str, list[Any]] = {
             "count": self.counts.tolist(),
             "samples": self.samples.tolist(),
             "offset": self.offset.tolist(),
             "length": self.length.tolist(),
         }
+        if self.decoded is not None:
+            out["decoded"] = self.decoded.tolist()
+        if self.digest is not None:
+            out["digest"] = self.digest.tolist()
+        return out
 
-    def per_shard(self) -> list[list[list[int]] | None]:
-        """Per shard its ``[num_samples, offset, length]`` triples, or ``None`` (whole shard)."""
-        triples = np.stack([self.samples, self.offset, self.length], axis=1).tolist()
-        out: list[list[list[int]] | None] = []
+    def per_shard(self) -> list[list[list[Any]] | None]:
+        """Per shard its blocks (`BLOCK_ENTRY` lists), or ``None`` (a whole shard)."""
+        n = len(self.samples)
+        decoded = self.decoded if self.decoded is not None else np.zeros(n, np.int64)
+        digest = self.digest if self.digest is not None else np.full(n, "", dtype="<U32")
+        rows = [
+            [a, b, c, d, e]
+            for a, b, c, d, e in zip(
+                self.samples.tolist(),
+                self.offset.tolist(),
+                self.length.tolist(),
+                decoded.tolist(),
+                digest.tolist(),
+                strict=True,
+            )
+        ]
+        out: list[list[list[Any]] | None] = []
         start = 0
-        for n in self.counts.tolist():
-            out.append(triples[start : start + n] if n else None)
-            start += n
+        for count in self.counts.tolist():
+            out.append(rows[start : start + count] if count else None)
+            start += count
         return out
 
 
-def block_columns(blocks: Sequence[Sequence[Sequence[int]] | None]) -> BlockColumns | None:
-    """Flatten per-shard triples (``None``: a shard without blocks); ``None`` if none has any."""
+# What a writer records per block: [num_samples, offset, length] and optionally the decoded
+# bytes and the digest (older task records hold the first three only).
+BLOCK_ENTRY = ("samples", "offset", "length", "decoded", "digest")
+DIGEST_HEX = 32  # hex characters of a block digest: the first 128 bits of a sha256
+
+
+def block_digest(data: bytes | memoryview) -> str:
+    """The digest the block table records for a block's bytes: sha256, first 128 bits, hex."""
+    return hashlib.sha256(data).hexdigest()[:DIGEST_HEX]
+
+
+def block_columns(blocks: Sequence[Sequence[Sequence[Any]] | None]) -> BlockColumns | None:
+    """Flatten per-shard block lists (``None``: a shard without blocks); ``None`` if none has any.
+
+    A block is ``[num_samples, offset, length]`` or ``[num_samples, offset, length, decoded,
+    digest]`` (`BLOCK_ENTRY`); a column that no block knows is left out.
+    """
     if all(b is None for b in blocks):
         return None
     count = np.fromiter((0 if b is None else len(b) for b in blocks), np.int64, len(blocks))
-    flat = np.fromiter(
-        chain.from_iterable(chain.from_iterable(b for b in blocks if b is not None)), np.int64
-    ).reshape(-1, 3)
-    return BlockColumns(count, flat[:, 0].copy(), flat[:, 1].copy(), flat[:, 2].copy())
+    entries = list(chain.from_iterable(b for b in blocks if b is not None))
+    flat = np.array([e[:3] for e in entries], dtype=np.int64).reshape(-1, 3)
+    decoded = np.array([e[3] if len(e) > 3 else 0 for e in entries], dtype=np.int64)
+    digest = np.array([e[4] if len(e) > 4 else "" for e in entries], dtype=f"<U{DIGEST_HEX}")
+    return BlockColumns(
+        count,
+        flat[:, 0].copy(),
+        flat[:, 1].copy(),
+        flat[:, 2].copy(),
+        decoded if decoded.any() else None,
+        digest if (digest != "").any() else None,
+    )
 
 
 def block_table(
@@ -130,6 +188,8 @@ def block_table(
             batch_index=np.full(n, WHOLE_SHARD, dtype=np.int64),
             offset=np.zeros(n, dtype=np.int64),
             length=shard_bytes.copy(),
+            decoded=np.zeros(n, dtype=np.int64),
+            digest=np.full(n, "", dtype=f"<U{DIGEST_HEX}"),
         )
     whole = columns.counts == 0
     units = np.where(whole, 1, columns.counts)  # blocks per shard in the table
@@ -147,10 +207,28 @@ def block_table(
     samples[~unit_whole] = columns.samples
     offset[~unit_whole] = columns.offset
     length[~unit_whole] = columns.length
-    return BlockTable(samples, shard_index, batch_index, offset, length)
+    decoded = np.zeros(total, dtype=np.int64)
+    digest = np.full(total, "", dtype=f"<U{DIGEST_HEX}")
+    if columns.decoded is not None:
+        decoded[~unit_whole] = columns.decoded
+    if columns.digest is not None:
+        digest[~unit_whole] = columns.digest
+    return BlockTable(samples, shard_index, batch_index, offset, length, decoded, digest)
+
+
+def shard_decoded_bytes(table: BlockTable, num_shards: int) -> Int64Array:
+    """Decoded bytes per shard: the sum of its blocks', 0 where a block's is unknown."""
+    total = np.zeros(num_shards, dtype=np.int64)
+    np.add.at(total, table.shard_index, table.decoded)
+    unknown = np.zeros(num_shards, dtype=np.bool_)
+    unknown[table.shard_index[table.decoded == 0]] = True
+    total[unknown] = 0
+    return total
 
 
 _BLOCK_KEYS = ("count", "samples", "offset", "length")
+_OPTIONAL_KEYS = ("decoded", "digest")
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 def _int_column(value: Any, name: str, where: str) -> Int64Array:
@@ -192,11 +270,16 @@ def parse_block_columns(
             do not add up to the flat columns' length, a block without samples, outside the file
             or overlapping the one before it, or a shard whose blocks do not hold its samples.
     """
-    if not isinstance(value, dict) or sorted(value) != sorted(_BLOCK_KEYS):
+    if (
+        not isinstance(value, dict)
+        or not set(_BLOCK_KEYS) <= set(value)
+        or not set(value) <= {*_BLOCK_KEYS, *_OPTIONAL_KEYS}
+    ):
         keys = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise ManifestError(
             f"{where}: shard column 'blocks' is {keys}, expected an object of "
-            f"{', '.join(_BLOCK_KEYS)} integer lists; the manifest is corrupt or tampered with"
+            f"{', '.join(_BLOCK_KEYS)} integer lists (and optionally {', '.join(_OPTIONAL_KEYS)}"
+            "); the manifest is corrupt or tampered with"
         )
     count, samples, offset, length = (_int_column(value[k], k, where) for k in _BLOCK_KEYS)
     if len(count) != len(paths):
@@ -217,6 +300,14 @@ def parse_block_columns(
             f"{where}: shard column 'blocks' counts {total} blocks but holds "
             f"{len(samples)}/{len(offset)}/{len(length)} samples/offsets/lengths"
         )
+    decoded = _int_column(value["decoded"], "decoded", where) if "decoded" in value else None
+    digest = _digest_column(value["digest"], where) if "digest" in value else None
+    for name, column in (("decoded", decoded), ("digest", digest)):
+        if column is not None and len(column) != total:
+            raise ManifestError(
+                f"{where}: shard column 'blocks' counts {total} blocks but holds {len(column)} "
+                f"{name} values; the manifest is corrupt or tampered with"
+            )
     if total == 0:
         return None
     owner = np.repeat(np.arange(len(paths), dtype=np.int64), count)
@@ -250,4 +341,19 @@ def parse_block_columns(
             f"{where}: shard {paths[i]}: its blocks hold {sums[i]} samples but the shard "
             f"{expected[i]}; the manifest is corrupt or tampered with: reconvert or restore it"
         )
-    return BlockColumns(count, samples, offset, length)
+    return BlockColumns(count, samples, offset, length, decoded, digest)
+
+
+def _digest_column(value: Any, where: str) -> npt.NDArray[np.str_]:
+    """Block digests: a list of `DIGEST_HEX` lowercase hex characters each, or ``""``."""
+    ok = isinstance(value, list) and all(type(v) is str for v in value)
+    if ok:
+        lengths = {len(v) for v in value}
+        ok = lengths <= {0, DIGEST_HEX} and _HEX.fullmatch("".join(value)) is not None
+    if not ok:
+        raise ManifestError(
+            f"{where}: shard column 'blocks' has digest values that are not {DIGEST_HEX} "
+            "lowercase hex characters (or empty); the manifest is corrupt or tampered with: "
+            "reconvert or restore it"
+        )
+    return np.array(value, dtype=f"<U{DIGEST_HEX}")

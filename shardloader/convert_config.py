@@ -21,6 +21,7 @@ from shardloader.sources import (
     parse_keep_fields,
 )
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -86,7 +87,12 @@ class ConvertConfig:
         128 * MiB, "close a shard at this many uncompressed payload bytes", parse=parse_size
     )
     shard_samples: int | None = option(None, "close a shard at this many samples")
-    batch_bytes: int = option(4 * MiB, "Arrow record batch size, uncompressed", parse=parse_size)
+    batch_bytes: int = option(
+        128 * KiB,
+        "Arrow record batch size, uncompressed: a block, the unit streaming shuffles and "
+        "checks (smaller mixes more shards per window of shuffle_bytes)",
+        parse=parse_size,
+    )
     task_bytes: int = option(
         64 * MiB, "group input files into tasks of about this many (stored) bytes", parse=parse_size
     )

@@ -27,20 +27,21 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch.utils.data
 
 from shardloader import resume, storage
-from shardloader.blocks import BlockTable
+from shardloader.blocks import BlockTable, shard_decoded_bytes
 from shardloader.errors import ConfigError
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
 from shardloader.options import option, parse_size
 from shardloader.pack import PackConfig, Packer
 from shardloader.pack_encode import check_tokenizer
 from shardloader.plan import EpochPlan, IdArray, PlanConfig, plan_epoch
+from shardloader.plan_config import SHUFFLE_UNITS
 from shardloader.reader import ShardReader
 from shardloader.state import LoaderState, dataset_fingerprint
 from shardloader.tokenizer import TextTokenizer
@@ -53,14 +54,61 @@ STAGES = ("produce", "fetch_wait", "decode", "collate")
 GiB = 1 << 30
 
 
+MiB = 1 << 20
+BLOCK_WINDOW = 4096  # blocks in a window at most by default (shuffle_bytes is the real bound)
+BLOCK_WINDOW_BYTES = 64 * MiB  # decoded bytes of a window by default, in block mode
+SHARD_WINDOW = 4  # shards in a window by default, in shard mode
+
+
+class UnitPlan(NamedTuple):
+    """What a dataset's plans are made over, once `StreamConfig.resolve` chose the unit.
+
+    Attributes:
+        config: The plan config, every "auto" setting chosen (what states record).
+        sizes: Samples per unit (shard or block), in manifest order.
+        unit_bytes: Decoded bytes per unit (0 where unknown), or ``None`` (none known).
+        blocks: The block table when the units are blocks, else ``None``.
+    """
+
+    config: PlanConfig
+    sizes: IdArray
+    unit_bytes: IdArray | None
+    blocks: BlockTable | None
+
+
 @dataclass(frozen=True, kw_only=True)
 class StreamConfig(PlanConfig):
     """How a `ShardDataset` orders, splits, fetches and caches.
 
-    The plan's settings (`shardloader.plan.PlanConfig`: seed, shuffle, window, policy) must be
-    the same on every rank and in a state being resumed; the fetch and cache settings may
-    differ per run and per node. Each field's meaning is its `shardloader.options.option` help.
+    The plan's settings (`shardloader.plan.PlanConfig`: seed, shuffle, window, policy, unit)
+    must be the same on every rank and in a state being resumed; the fetch and cache settings
+    may differ per run and per node. Each field's meaning is its `shardloader.options.option`
+    help. ``shuffle_unit="auto"``, ``shuffle_window=None`` and ``shuffle_bytes=None`` are chosen
+    per dataset by `resolve`: blocks in windows of at most 64 MiB decoded when the shards are
+    local and the manifest records its blocks' decoded sizes and digests (Arrow datasets
+    converted by this version on), else whole shards, 4 per window, as before.
     """
+
+    _AUTO = True
+
+    shuffle_window: int | None = option(
+        None,
+        "units a worker mixes, and holds, at most at once (default: 4 shards, or up to "
+        f"{BLOCK_WINDOW} blocks within shuffle_bytes)",
+    )
+    shuffle_unit: str = option(
+        "auto",
+        "what the plan permutes and groups into windows: block (the record batches of Arrow "
+        "shards, Parquet row groups; many shards mix in every window), shard, or auto: block "
+        "for local shards whose manifest records their blocks' sizes and digests, else shard",
+        choices=(*SHUFFLE_UNITS, "auto"),
+    )
+    shuffle_bytes: int | None = option(
+        None,
+        "bound on a window's decoded bytes, so on what a worker holds decoded (default: 64MiB "
+        "in block mode; none in shard mode, where shuffle_window counts shards; 0: none)",
+        parse=parse_size,
+    )
 
     cache_dir: str | None = option(None, "node-local cache of remote shards (default: temp dir)")
     cache_bytes: int = option(
@@ -88,6 +136,74 @@ class StreamConfig(PlanConfig):
         for name in ("timeout_s", "retry_deadline_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"StreamConfig.{name} must be > 0")
+
+    def resolve(self, manifest: Manifest, *, remote: bool = False) -> UnitPlan:
+        """The plan config for ``manifest``, every "auto" setting chosen, and its units.
+
+        "auto" reads in blocks when the manifest records every block's decoded size and digest
+        (Arrow shards converted by this version; Parquet row groups have no digest) and the
+        shards are local. Remote shards are fetched whole into the node cache, and a rank in
+        block mode touches most of them in every window, so remote datasets stay in whole
+        shards unless ``shuffle_unit="block"`` is asked for (with a cache that holds them).
+
+        Args:
+            manifest: The dataset's manifest.
+            remote: Whether the shards are remote (the same answer on every rank).
+        """
+        unit = self.shuffle_unit
+        table = manifest.shards.block_table() if manifest.shards.block_columns else None
+        unit_bytes: IdArray | None
+        window: int
+        budget: int | None
+        if unit == "auto":  # every block's size and digest known: Arrow shards from convert
+            known = table is not None and bool(table.decoded.all() and table.digest.all())
+            unit = "block" if known and not remote else "shard"
+        if unit == "block":
+            table = table or manifest.shards.block_table()
+            sizes, unit_bytes = table.num_samples, table.decoded
+            window = self.shuffle_window or BLOCK_WINDOW
+            budget = BLOCK_WINDOW_BYTES if self.shuffle_bytes is None else self.shuffle_bytes
+        else:
+            sizes = np.array(manifest.shards.column("num_samples"), dtype=np.int64)
+            unit_bytes = None if table is None else shard_decoded_bytes(table, len(sizes))
+            window, budget = self.shuffle_window or SHARD_WINDOW, self.shuffle_bytes
+            table = None
+        budget = budget or None  # 0: no bound
+        if unit_bytes is not None and not unit_bytes.any():
+            unit_bytes = None
+        config = PlanConfig(
+            seed=self.seed,
+            shuffle=self.shuffle,
+            shuffle_window=window,
+            policy=self.policy,
+            shuffle_unit=unit,
+            shuffle_bytes=budget,
+        )
+        return UnitPlan(config, sizes, unit_bytes, table)
+
+    def shard_plan_config(self) -> PlanConfig:
+        """The plan config over whole shards, whatever the dataset (a mixture's sources)."""
+        return PlanConfig(
+            seed=self.seed,
+            shuffle=self.shuffle,
+            shuffle_window=self.shuffle_window or SHARD_WINDOW,
+            policy=self.policy,
+        )
+
+    def adopt(self, saved: PlanConfig) -> StreamConfig:
+        """This config with its "auto" settings taken from a saved state's config.
+
+        So a state saved under earlier defaults (whole shards, 4 per window) resumes on a
+        dataset that "auto" would now read in blocks. Settings given explicitly stay.
+        """
+        changes: dict[str, Any] = {}
+        if self.shuffle_unit == "auto":
+            changes["shuffle_unit"] = saved.shuffle_unit
+        if self.shuffle_window is None:
+            changes["shuffle_window"] = saved.shuffle_window
+        if self.shuffle_bytes is None:
+            changes["shuffle_bytes"] = saved.shuffle_bytes or 0  # 0: no bound
+        return replace(self, **changes)
 
     def make_fetcher(self, storage_options: Mapping[str, Any]) -> Any:
         """A `shardloader.fetch.ShardFetcher` with these fetch and cache settings."""
@@ -250,7 +366,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         world, epoch = self.world(), self.epoch
         whole = plan_epoch(
             self.resume_spec().shard_sizes,
-            config=self.config.plan_config(),
+            config=self.resume_spec().config,
             epoch=epoch,
             world_size=world.world_size,
             rank=world.rank,
@@ -268,16 +384,18 @@ class ShardDataset(torch.utils.data.IterableDataset):
         0.17 s for 100,000 shards), and carried to DataLoader workers with the dataset.
         """
         if self._spec is None:
-            blocks = self.config.shuffle_unit == "block"
-            if blocks:  # the plan's units are blocks: sizes are the block sample counts
-                sizes = self.manifest.shards.block_table().num_samples
-            else:
-                sizes = np.array(self.manifest.shards.column("num_samples"), dtype=np.int64)
+            units = self.config.resolve(self.manifest, remote=not storage.is_local(self.source))
+            self._blocks = units.blocks
+            budget = units.unit_bytes if units.config.shuffle_bytes else None
             self._spec = resume.RunSpec(
-                shard_sizes=sizes,
-                dataset=dataset_fingerprint(self.manifest, blocks=blocks),
-                config=self.config.plan_config(),
+                shard_sizes=units.sizes,
+                dataset=dataset_fingerprint(
+                    self.manifest, blocks=units.blocks is not None, unit_bytes=budget
+                ),
+                config=units.config,
                 pack=self.pack_fingerprint,
+                unit_bytes=budget,
+                unit_groups=None if units.blocks is None else units.blocks.shard_index,
             )
         return self._spec
 
@@ -297,6 +415,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             resume=start.resume,
             carry_in=start.carry_in,
             keep_ranks=spec.keep_ranks,
+            unit_bytes=spec.unit_bytes,
+            unit_groups=spec.unit_groups,
         )
 
     def carry_in(self, epoch: int, world_size: int, num_workers: int) -> IdArray:
@@ -321,6 +441,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             prefetch_windows=self.config.prefetch_windows,
             mark_padding=self.config.policy == "pad",
             blocks=self._block_table(),
+            verify_blocks=self.config.verify_local,
         )
         self._skip = 0
         self._reader = reader
@@ -354,10 +475,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _block_table(self) -> BlockTable | None:
         """The plan's units when they are blocks (made once per process, and kept)."""
-        if self.config.shuffle_unit != "block":
-            return None
-        if self._blocks is None:
-            self._blocks = self.manifest.shards.block_table()
+        self.resume_spec()
         return self._blocks
 
     def _packer_skip(self, epoch: int, world: WorldInfo) -> int:
@@ -467,8 +585,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             loaded = resume.state_from_worker(state)
         else:
             loaded = LoaderState.from_dict(state)
-        loaded.check(
-            dataset=self.fingerprint, config=self.config.plan_config(), pack=self.pack_fingerprint
-        )
+        adopted = self.config.adopt(loaded.config)
+        if adopted != self.config:  # "auto" settings follow the state (resolved again)
+            self.config, self._spec, self._blocks = adopted, None, None
+        spec = self.resume_spec()
+        loaded.check(dataset=spec.dataset, config=spec.config, pack=self.pack_fingerprint)
         self._resume = loaded
         self.set_epoch(loaded.epoch)

@@ -157,11 +157,20 @@ class ShardFetcher:
     # -- public API ---------------------------------------------------------------------------
 
     def open(
-        self, url: str, *, num_bytes: int, checksum: str, algorithm: str = "sha256"
+        self,
+        url: str,
+        *,
+        num_bytes: int,
+        checksum: str,
+        algorithm: str = "sha256",
+        hash_whole: bool = True,
     ) -> LocalShard:
         """Return ``url`` on local disk, checked against the manifest and pinned until released.
 
         Blocks while the shard downloads (or waits for another process downloading it).
+        ``hash_whole=False``: the caller checks what it reads itself (block digests), so a
+        local shard or a cached copy is not hashed whole first (its size still is, and every
+        download is still checked whole).
 
         Raises:
             ShardError: The shard is missing, or its size or checksum does not match (a remote
@@ -171,10 +180,12 @@ class ShardFetcher:
         """
         self._check_process()
         if storage.is_local(url):
-            return self._open_local(url, num_bytes, checksum, algorithm)
+            return self._open_local(url, num_bytes, checksum, algorithm, hash_whole)
         key = entry_key(url, algorithm, checksum)
         self._await_prefetch(key)
-        return self._get(url, key, num_bytes, checksum, algorithm, prefetch=False)
+        return self._get(
+            url, key, num_bytes, checksum, algorithm, prefetch=False, hash_whole=hash_whole
+        )
 
     def prefetch(
         self, url: str, *, num_bytes: int, checksum: str, algorithm: str = "sha256"
@@ -215,6 +226,7 @@ class ShardFetcher:
         checksum: str,
         algorithm: str = "sha256",
         decode: Callable[[str], T],
+        hash_whole: bool = True,
     ) -> tuple[LocalShard, T]:
         """:meth:`open` ``url``, then ``decode`` its local path; a cached copy gets a second try.
 
@@ -228,7 +240,9 @@ class ShardFetcher:
             ShardError: As :meth:`open`; or the shard does not decode (for a remote shard: not
                 even a fresh copy matching the manifest), naming the URL and the local path.
         """
-        shard = self.open(url, num_bytes=num_bytes, checksum=checksum, algorithm=algorithm)
+        shard = self.open(
+            url, num_bytes=num_bytes, checksum=checksum, algorithm=algorithm, hash_whole=hash_whole
+        )
         key = entry_key(url, algorithm, checksum)
         try:
             return shard, decode(shard.path)
@@ -282,7 +296,9 @@ class ShardFetcher:
 
     # -- local shards -------------------------------------------------------------------------
 
-    def _open_local(self, url: str, num_bytes: int, checksum: str, algorithm: str) -> LocalShard:
+    def _open_local(
+        self, url: str, num_bytes: int, checksum: str, algorithm: str, hash_whole: bool = True
+    ) -> LocalShard:
         path = url.removeprefix("file://")
         try:
             st = os.stat(path)
@@ -294,7 +310,7 @@ class ShardFetcher:
                 '(truncated or replaced?); run "shardloader verify" (Parquet files indexed in '
                 'place: run "shardloader index" again)'
             )
-        if self.verify_local:
+        if self.verify_local and hash_whole:
             seen = (
                 path,
                 st.st_dev,
@@ -332,6 +348,7 @@ class ShardFetcher:
         *,
         prefetch: bool,
         fresh: bool = False,
+        hash_whole: bool = True,
     ) -> LocalShard:
         """Pin the cached entry, downloading it first (once across processes) if missing.
 
@@ -342,7 +359,9 @@ class ShardFetcher:
         path = self._cache.entry_path(key, url)
         return self._cache.repairing(
             url,
-            lambda: self._get_once(url, key, path, num_bytes, checksum, algorithm, prefetch, fresh),
+            lambda: self._get_once(
+                url, key, path, num_bytes, checksum, algorithm, prefetch, fresh, hash_whole
+            ),
         )
 
     def _get_once(
@@ -355,12 +374,15 @@ class ShardFetcher:
         algorithm: str,
         prefetch: bool,
         fresh: bool,
+        hash_whole: bool = True,
     ) -> LocalShard:
         dropped = fresh
         while True:
             shard = self._cache.pin(path, num_bytes)
             if shard is not None:
-                if self._cache.check_entry(shard, url, key, checksum, algorithm, final=dropped):
+                if not hash_whole or self._cache.check_entry(
+                    shard, url, key, checksum, algorithm, final=dropped
+                ):
                     if not prefetch:
                         self._count("cache_hits")
                     return shard

@@ -211,7 +211,8 @@ def _read_footer(
             stats = chunk.statistics
             if chunk.path_in_schema == text_field and stats is not None and stats.has_null_count:
                 nulls += stats.null_count
-        blocks.append([rg.num_rows, start, max(0, end - start)])
+        # Decoded bytes: the row group's uncompressed size (every column: an upper bound).
+        blocks.append([rg.num_rows, start, max(0, end - start), max(0, rg.total_byte_size)])
     if nulls:
         raise CorpusError(
             f"{url}: column {text_field!r} holds {nulls} nulls; filter them out, or convert "
@@ -298,7 +299,7 @@ def _row_group_blocks(footer: _Footer) -> list[list[int]] | None:
     increasing and inside the file) is one block, so block ``i`` is always row group ``i``.
     """
     end = 0
-    for num_rows, offset, length in footer.blocks:
+    for num_rows, offset, length, _ in footer.blocks:
         if num_rows <= 0 or length <= 0 or offset < end or offset + length > footer.num_bytes:
             return None
         end = offset + length

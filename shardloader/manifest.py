@@ -151,7 +151,7 @@ class ShardTable(Sequence[ShardInfo]):
             same_blocks = (mine is None and theirs is None) or (
                 mine is not None
                 and theirs is not None
-                and all(np.array_equal(a, b) for a, b in zip(mine, theirs, strict=True))
+                and all(_same_column(a, b) for a, b in zip(mine, theirs, strict=True))
             )
             return self._columns == other._columns and same_blocks
         if isinstance(other, Sequence):
@@ -236,6 +236,12 @@ class Manifest:
     def conversations(self) -> bool:
         """Whether the samples are chat data: ``messages``, or ids rendered with ``loss_spans``."""
         return "messages" in self.fields or "loss_spans" in self.fields
+
+
+def _same_column(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.array_equal(a, b))
 
 
 def shards_with_ids(

@@ -130,11 +130,10 @@ class MixDataset(torch.utils.data.IterableDataset):
             )
         self.mixture = mixture
         self.config = config or StreamConfig()
-        if self.config.shuffle_unit != "shard":
+        if self.config.shuffle_unit == "block":
             raise ConfigError(
-                f"StreamConfig.shuffle_unit is {self.config.shuffle_unit!r}; a mixture plans "
-                "whole shards only (blocks are not supported for mixtures yet): use "
-                "shuffle_unit='shard'"
+                "StreamConfig.shuffle_unit is 'block'; a mixture plans whole shards only "
+                "(blocks are not supported for mixtures yet): use shuffle_unit='shard' or 'auto'"
             )
         self.transform = transform
         self.pack = pack
@@ -177,7 +176,7 @@ class MixDataset(torch.utils.data.IterableDataset):
                 SourceSize(np.array(m.shards.column("num_samples"), dtype=np.int64), m.num_tokens)
                 for m in self.manifests()
             ]
-            self._spec = plan_mixture(self.mixture, sizes, self.config.plan_config())
+            self._spec = plan_mixture(self.mixture, sizes, self.config.shard_plan_config())
         return self._spec
 
     def report(self) -> list[dict[str, Any]]:
@@ -268,7 +267,7 @@ class MixDataset(torch.utils.data.IterableDataset):
         self._readers = readers
         steps = max(world.num_workers, 1)
         made = 0
-        keep = max(2 * self.config.shuffle_window, 4)
+        keep = max(2 * (spec.config.shuffle_window or 1), 4)
         lengths = (
             _Lengths(orders, readers, self.manifests(), keep) if spec.unit == "tokens" else None
         )

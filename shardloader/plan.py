@@ -4,10 +4,17 @@ A pure function of (shard sizes, config, epoch, world, resume point): no I/O, no
 environment. Sample ids are positions in manifest order: shard ``i`` holds ids ``first[i] ..
 first[i] + sizes[i] - 1``, ``first`` being the running sum of the sizes.
 
+The units may also be blocks (the record batches of Arrow shards, Parquet row groups; see
+`shardloader.blocks`): blocks are contiguous id ranges in shard order, so everything below holds
+with "block" for "shard"; ``unit_groups`` then names each block's shard.
+
 Algorithm, for one epoch over ``W`` ranks with ``K`` workers each:
 
 1. Permute the shard order with a generator seeded by ``(seed, epoch)`` (none if ``shuffle`` is
-   off).
+   off). Over blocks with ``unit_groups``, the order spreads each shard's blocks evenly over the
+   epoch instead (`shardloader.plan_sequence.unit_keys`: the ``m`` blocks of a shard, in a random
+   order, fall one in each ``1/m`` of the epoch, at a random place in it), so that any stretch
+   of the sequence draws on as many shards as it can, in proportion to their sizes.
 2. Lay out the epoch's sequence: the ids carried in from the previous epoch first, then every
    shard's samples in natural order, shards in the permuted order. Its length is ``L``.
 3. Make it divide. ``"drop"``: each rank gets ``n = L // W``; the last ``L % W`` ids of the
@@ -16,16 +23,20 @@ Algorithm, for one epoch over ``W`` ranks with ``K`` workers each:
    ``n * W - L`` positions repeat the first ids of the sequence and are marked as padding.
 4. Rank ``r`` takes positions ``[r * n, (r + 1) * n)``. Worker ``w`` takes a contiguous sub-block;
    the sub-blocks differ by at most one and lower worker ids get the extra samples.
-5. A worker reads its block in windows of ``shuffle_window`` consecutive shard pieces; a window's
-   ids are permuted together, seeded by ``(seed, epoch, rank, worker, window index)``.
+5. A worker reads its block in windows of at most ``shuffle_window`` consecutive shard pieces,
+   and, with ``shuffle_bytes`` and ``unit_bytes``, of at most that many decoded bytes (a window
+   ends before the piece that would pass it; a piece of part of a unit counts its share); a
+   window's ids are permuted together, seeded by ``(seed, epoch, rank, worker, window index)``.
 
-So a rank opens only the shards of its block (the two at its ends shared with its neighbours,
-plus the shards of carried-in or padding ids), and a worker holds at most ``shuffle_window``
-shards at once. A worker's share is kept as spans (`Span`: shard_index, start, stop); its ids are
-made window by window (`WorkerPlan.iter_windows`), so memory follows one window, not the corpus.
-Generators are PCG64 seeded by a ``SeedSequence`` of integers only, and permutations are an
-argsort of the generator's raw 64-bit output, which numpy keeps stable across versions and
-machines.
+So over shards a rank opens only the shards of its block (the two at its ends shared with its
+neighbours, plus the shards of carried-in or padding ids), and a worker holds at most
+``shuffle_window`` shards at once; over blocks a rank touches most shards, a few blocks of each, and
+a worker holds at most one window of blocks (``shuffle_bytes``). A worker's share is kept as spans
+(`Span`: shard_index, start, stop); its ids are made window by window (`WorkerPlan.iter_windows`),
+so memory follows one window, not the corpus. Generators are PCG64 seeded by a ``SeedSequence`` of
+integers only, and permutations are an argsort of the generator's raw 64-bit output (or of float64
+keys made from it with exact or correctly rounded arithmetic), which numpy keeps stable across
+versions and machines.
 
 Carry-over ("drop"): per epoch, ``carry_in + T - leftover`` ids are served (``T`` = samples in
 the corpus), so over epochs ``0 .. E-1`` every id is served ``E`` times less its multiplicity in
@@ -156,6 +167,8 @@ def plan_epoch(
     resume: ResumePoint | None = None,
     carry_in: Sequence[int] | npt.NDArray[np.integer] | None = None,
     keep_ranks: bool = False,
+    unit_bytes: Sequence[int] | npt.NDArray[np.integer] | None = None,
+    unit_groups: Sequence[int] | npt.NDArray[np.integer] | None = None,
 ) -> EpochPlan:
     """Plan one rank's share of an epoch, or of the rest of an interrupted epoch.
 
@@ -176,6 +189,13 @@ def plan_epoch(
             ranks consumed different numbers of samples (packing: a row holds a varying number
             of documents), so the resume is exact; by default such a rest is split anew so that
             ranks get equal counts. Pass the same value for every resume of an epoch.
+        unit_bytes: Decoded bytes of every shard (or block), for ``config.shuffle_bytes``: a
+            window ends before the piece that would take it past that many bytes (a piece of
+            part of a unit counts its share). ``None`` or 0: unknown, not bounded.
+        unit_groups: When the units are blocks: the shard of every block (non-decreasing, from
+            0). The epoch's order then spreads each shard's blocks evenly over the epoch
+            (`shardloader.plan_sequence.unit_keys`) instead of permuting units uniformly. The
+            same value for every rank and resume.
 
     Returns:
         The rank's plan, with one `WorkerPlan` per worker.
@@ -188,6 +208,7 @@ def plan_epoch(
     if resume is not None and not isinstance(resume, ResumePoint):
         raise ConfigError(f"resume is a {type(resume).__name__}; expected a ResumePoint or None")
     sizes, first = _check_sizes(shard_sizes)
+    groups = None if unit_groups is None else _check_groups(unit_groups, len(sizes))
     _check_world(epoch, world_size, num_workers)
     check_int("rank", rank, 0)
     if rank >= world_size:
@@ -201,10 +222,18 @@ def plan_epoch(
         while started is not None and started.previous is not None:
             started = started.previous
         chain_world = world_size if started is None else started.world_size
-        carry = carry_chain(sizes, first, config, epoch, chain_world)
+        carry = carry_chain(sizes, first, config, epoch, chain_world, groups)
     else:
         carry = _check_carry(carry_in, int(first[-1]))
-    fresh = FreshEpoch(sizes=sizes, first=first, config=config, epoch=epoch, carry=carry)
+    fresh = FreshEpoch(
+        sizes=sizes,
+        first=first,
+        config=config,
+        epoch=epoch,
+        carry=carry,
+        unit_bytes=None if unit_bytes is None else _check_unit_bytes(unit_bytes, len(sizes)),
+        groups=groups,
+    )
     planner = planner_for(resume, world_size, max(num_workers, 1), fresh, keep_ranks)
     workers = tuple(planner.worker_plan(rank, w) for w in range(planner.num_workers))
     leftover = planner.leftover_ids()
@@ -232,6 +261,7 @@ def plan_carry_in(
     since: EpochStart | None = None,
     num_workers: int = 0,
     keep_ranks: bool = False,
+    unit_groups: Sequence[int] | npt.NDArray[np.integer] | None = None,
 ) -> IdArray:
     """The ids epoch ``epoch`` serves first: epoch ``epoch - 1``'s leftover.
 
@@ -250,6 +280,7 @@ def plan_carry_in(
         since: A known start of an epoch ``<= epoch`` (a loaded state's).
         num_workers: With ``since``: workers per rank of the epochs after it.
         keep_ranks: With ``since``: as passed to `plan_epoch` when those epochs were planned.
+        unit_groups: As passed to `plan_epoch`.
 
     Returns:
         The ids (fewer than ``world_size`` without ``since``; none under ``"pad"``).
@@ -260,9 +291,10 @@ def plan_carry_in(
     """
     check_config(config)
     sizes, first = _check_sizes(shard_sizes)
+    groups = None if unit_groups is None else _check_groups(unit_groups, len(sizes))
     _check_world(epoch, world_size, num_workers)
     if since is None:
-        return carry_chain(sizes, first, config, epoch, world_size)
+        return carry_chain(sizes, first, config, epoch, world_size, groups)
     if since.epoch > epoch:
         raise ConfigError(
             f"plan_carry_in: since is epoch {since.epoch}, after epoch {epoch}; pass a start "
@@ -280,6 +312,7 @@ def plan_carry_in(
             resume=since.resume if e == since.epoch else None,
             carry_in=carry,
             keep_ranks=keep_ranks,
+            unit_groups=groups,
         ).leftover_ids
     return carry
 
@@ -305,6 +338,32 @@ def _check_sizes(shard_sizes: Sequence[int] | npt.NDArray[np.integer]) -> tuple[
     first = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=first[1:])
     return sizes, first
+
+
+def _check_groups(groups: Sequence[int] | npt.NDArray[np.integer], num_units: int) -> IdArray:
+    values = np.asarray(groups)
+    ok = values.shape == (num_units,) and is_int_array(values)
+    if ok and num_units:
+        steps = np.diff(values)
+        ok = values[0] == 0 and bool(((steps == 0) | (steps == 1)).all())
+    if not ok:
+        raise ConfigError(
+            f"unit_groups has shape {values.shape} and dtype {values.dtype}; expected the shard "
+            f"of each of the {num_units} units, from 0, non-decreasing by steps of 0 or 1"
+        )
+    return values.astype(np.int64)
+
+
+def _check_unit_bytes(
+    unit_bytes: Sequence[int] | npt.NDArray[np.integer], num_units: int
+) -> IdArray:
+    values = np.asarray(unit_bytes)
+    if values.shape != (num_units,) or not is_int_array(values) or (values < 0).any():
+        raise ConfigError(
+            f"unit_bytes has shape {values.shape} and dtype {values.dtype}; expected one "
+            f"integer >= 0 per shard ({num_units})"
+        )
+    return values.astype(np.int64)
 
 
 def _check_carry(carry_in: Sequence[int] | npt.NDArray[np.integer], num_samples: int) -> IdArray:

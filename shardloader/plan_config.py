@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from shardloader.errors import ConfigError
-from shardloader.options import option
+from shardloader.options import option, parse_size
 from shardloader.plan_spans import IdArray
 
 POLICIES = ("drop", "pad")
@@ -29,8 +29,8 @@ class PlanConfig:
 
     seed: int = option(0, "seeds every permutation, together with the epoch (and rank, worker)")
     shuffle: bool = option(True, "permute shards and the ids inside windows; off: manifest order")
-    shuffle_window: int = option(
-        4, "consecutive units (shard pieces, or blocks) a worker mixes, and holds, at once"
+    shuffle_window: int | None = option(
+        4, "consecutive units (shard pieces, or blocks) a worker mixes, and holds, at most at once"
     )
     policy: str = option(
         "drop",
@@ -41,26 +41,40 @@ class PlanConfig:
     shuffle_unit: str = option(
         "shard",
         "what the plan permutes and groups into windows: whole shards, or blocks (the record "
-        "batches of Arrow shards, of about batch_bytes each; a tar shard is one block): block "
-        "mixes many shards per window, and a worker holds shuffle_window blocks",
+        "batches of Arrow shards, of about batch_bytes each; Parquet row groups; a tar shard is "
+        "one block): block mixes many shards per window",
         choices=SHUFFLE_UNITS,
     )
+    shuffle_bytes: int | None = option(
+        None,
+        "bound on the decoded bytes of a window: a window ends before the unit that would pass "
+        "it (always at least one unit); units of unknown size count 0; none: shuffle_window only",
+        parse=parse_size,
+    )
+
+    # Whether shuffle_unit "auto" and shuffle_window None (chosen from the dataset) are allowed:
+    # in `shardloader.dataset.StreamConfig`, resolved per manifest; never in a plan's config.
+    _AUTO = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_int(f"{name}.seed", self.seed, 0)
         if not isinstance(self.shuffle, bool):
             raise ConfigError(f"{name}.shuffle is {self.shuffle!r}; expected True or False")
-        check_int(f"{name}.shuffle_window", self.shuffle_window, 1)
+        if not (self._AUTO and self.shuffle_window is None):
+            check_int(f"{name}.shuffle_window", self.shuffle_window, 1)
+        if self.shuffle_bytes is not None:  # (0, "no bound", only where "auto" is allowed)
+            check_int(f"{name}.shuffle_bytes", self.shuffle_bytes, 0 if self._AUTO else 1)
         if self.policy not in POLICIES:
             raise ConfigError(
                 f"{name}.policy is {self.policy!r}; expected one of "
                 + ", ".join(repr(p) for p in POLICIES)
             )
-        if self.shuffle_unit not in SHUFFLE_UNITS:
+        units = (*SHUFFLE_UNITS, "auto") if self._AUTO else SHUFFLE_UNITS
+        if self.shuffle_unit not in units:
             raise ConfigError(
                 f"{name}.shuffle_unit is {self.shuffle_unit!r}; expected one of "
-                + ", ".join(repr(u) for u in SHUFFLE_UNITS)
+                + ", ".join(repr(u) for u in units)
             )
 
     def plan_config(self) -> PlanConfig:
@@ -144,3 +158,9 @@ def check_config(config: object) -> None:
     """Raise `ConfigError` unless ``config`` is a `PlanConfig`."""
     if not isinstance(config, PlanConfig):
         raise ConfigError(f"config is a {type(config).__name__}; expected a PlanConfig")
+    if config.shuffle_unit not in SHUFFLE_UNITS or config.shuffle_window is None:
+        raise ConfigError(
+            f"config has shuffle_unit={config.shuffle_unit!r}, shuffle_window="
+            f"{config.shuffle_window!r}: chosen per dataset; plan with the resolved config "
+            "(ShardDataset.resume_spec().config, or StreamConfig.resolve)"
+        )

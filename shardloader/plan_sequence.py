@@ -23,6 +23,7 @@ from shardloader.plan_spans import (
     Block,
     IdArray,
     Piece,
+    WindowBudget,
     WorkerPlan,
     as_padding,
     body_spans,
@@ -32,7 +33,6 @@ from shardloader.plan_spans import (
     generator,
     group_windows,
     ids_to_spans,
-    permutation,
     piece_ids,
 )
 
@@ -141,10 +141,21 @@ class FreshEpoch:
     config: PlanConfig
     epoch: int
     carry: IdArray
+    unit_bytes: IdArray | None = None  # decoded bytes per unit, for config.shuffle_bytes
+    groups: IdArray | None = None  # the shard of every unit (block), to spread a shard's blocks
+
+    @property
+    def budget(self) -> WindowBudget | None:
+        """The windows' byte bound, when the config sets one and the units' sizes are known."""
+        if self.config.shuffle_bytes is None or self.unit_bytes is None:
+            return None
+        return WindowBudget(self.config.shuffle_bytes, self.unit_bytes, self.sizes)
 
     def planner(self, world_size: int, num_workers: int) -> _SplitPlanner:
         """The epoch's sequence divided among ``world_size x num_workers``."""
-        seq = _epoch_sequence(self.sizes, self.first, self.config, self.epoch, self.carry)
+        seq = _epoch_sequence(
+            self.sizes, self.first, self.config, self.epoch, self.carry, self.groups
+        )
         return _SplitPlanner(seq, self, world_size, num_workers, depth=0, inherited=empty_ids())
 
 
@@ -191,7 +202,9 @@ class _SplitPlanner:
         if config.shuffle:
             key = (_WINDOW_ORDER, config.seed, self._fresh.epoch, self._depth, rank, worker_id)
         pieces = self._pieces(*self._worker_range(rank, worker_id))
-        windows = group_windows(pieces, config.shuffle_window, key)
+        window = config.shuffle_window
+        assert window is not None  # plan_epoch checks the config is resolved
+        windows = group_windows(pieces, window, key, budget=self._fresh.budget)
         return WorkerPlan(rank, worker_id, self._fresh.epoch, windows, self._fresh.first)
 
     def _pieces(self, start: int, stop: int) -> list[Piece]:
@@ -313,7 +326,12 @@ def planner_for(
 
 
 def carry_chain(
-    sizes: IdArray, first: IdArray, config: PlanConfig, epoch: int, world_size: int
+    sizes: IdArray,
+    first: IdArray,
+    config: PlanConfig,
+    epoch: int,
+    world_size: int,
+    groups: IdArray | None = None,
 ) -> IdArray:
     """Epoch ``epoch``'s carry-in, replaying epochs ``0 .. epoch-1`` on ``world_size`` ranks."""
     carry = empty_ids()
@@ -323,23 +341,30 @@ def carry_chain(
     for e in range(epoch):
         if len(carry) == 0 and total % world_size == 0:
             break  # every later epoch divides evenly too
-        carry = _sequence_tail(sizes, first, config, e, carry, (len(carry) + total) % world_size)
+        count = (len(carry) + total) % world_size
+        carry = _sequence_tail(sizes, first, config, e, carry, count, groups)
     return carry
 
 
 def _sequence_tail(
-    sizes: IdArray, first: IdArray, config: PlanConfig, epoch: int, carry: IdArray, count: int
+    sizes: IdArray,
+    first: IdArray,
+    config: PlanConfig,
+    epoch: int,
+    carry: IdArray,
+    count: int,
+    groups: IdArray | None,
 ) -> IdArray:
     """The last ``count`` ids of an epoch's sequence.
 
     Only the last shards of the permutation are needed: they are the ones with the largest
-    generator outputs, found by a partial sort (an O(N) argpartition instead of a full sort).
+    keys, found by a partial sort (an O(N) argpartition instead of a full sort).
     """
     num_shards = len(sizes)
     if count == 0:
         return empty_ids()
     if config.shuffle and count <= first[-1]:
-        keys = generator((_SHARD_ORDER, config.seed, epoch)).random_raw(num_shards)
+        keys = unit_keys(len(sizes), (_SHARD_ORDER, config.seed, epoch), groups)
         k = 64
         while k < num_shards:
             top = np.argpartition(keys, num_shards - k)[num_shards - k :]
@@ -352,15 +377,49 @@ def _sequence_tail(
                 end = int(ends[-1])
                 return piece_ids(body_spans(top, top_sizes, ends, end - count, end), first)
             k *= 4
-    seq = _epoch_sequence(sizes, first, config, epoch, carry)
+    seq = _epoch_sequence(sizes, first, config, epoch, carry, groups)
     return piece_ids(seq.pieces(seq.length - count, seq.length), first)
 
 
 def _epoch_sequence(
-    sizes: IdArray, first: IdArray, config: PlanConfig, epoch: int, carry: IdArray
+    sizes: IdArray,
+    first: IdArray,
+    config: PlanConfig,
+    epoch: int,
+    carry: IdArray,
+    groups: IdArray | None = None,
 ) -> _EpochSequence:
     if config.shuffle:
-        perm = permutation(len(sizes), (_SHARD_ORDER, config.seed, epoch))
+        keys = unit_keys(len(sizes), (_SHARD_ORDER, config.seed, epoch), groups)
+        perm = np.argsort(keys, kind="stable").astype(np.int64)
     else:
         perm = np.arange(len(sizes), dtype=np.int64)
     return _EpochSequence(sizes, first, perm, carry)
+
+
+def unit_keys(num_units: int, key: tuple[int, ...], groups: IdArray | None) -> np.ndarray:
+    """Sort keys of the units' order in an epoch: the units sorted by them is the sequence.
+
+    Without ``groups``: PCG64's raw 64-bit outputs (a uniform permutation; shard mode). With
+    ``groups`` (each unit's shard, units of a shard contiguous and in order): the ``m`` units of
+    a shard are rotated by a random turn ``c`` (unit ``i`` takes slot ``j = (i + c) mod m``), and
+    slot ``j`` gets ``(j + v) / m``, ``v`` uniform in [0, 1) and drawn per unit. So a shard's
+    blocks are spread evenly over the epoch, one per ``1/m`` of it, at jittered places, each
+    shard starting at a random block (no epoch reads every shard from its start):
+    every stretch of the sequence holds blocks of as many shards as it can, in proportion to
+    their sizes (what a uniform permutation does), with no two stretches aligned. float64
+    arithmetic (exact adds, correctly rounded divisions) gives the same keys on every machine.
+    """
+    gen = generator(key)
+    raw = gen.random_raw(num_units)
+    if groups is None:
+        return raw
+    counts = np.bincount(groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    # Each shard's blocks from a random one on, wrapping round (a rotation per shard: O(units),
+    # no second sort), so the epoch does not read every shard from its start to its end.
+    turn = gen.random_raw(len(counts)) % counts.astype(np.uint64)
+    index = np.arange(num_units, dtype=np.int64) - starts[groups]
+    slot = (index + turn.astype(np.int64)[groups]) % counts[groups]
+    jitter = (raw >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return (slot + jitter) / counts[groups]

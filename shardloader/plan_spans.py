@@ -151,25 +151,66 @@ def body_spans(perm: IdArray, sizes: IdArray, ends: IdArray, start: int, stop: i
 
 
 def group_windows(
-    pieces: list[Piece], shuffle_window: int, key: tuple[int, ...] | None
+    pieces: list[Piece],
+    shuffle_window: int,
+    key: tuple[int, ...] | None,
+    *,
+    budget: WindowBudget | None = None,
 ) -> tuple[Window, ...]:
-    """Consecutive spans, ``shuffle_window`` at a time; explicit ids form windows of their own."""
+    """Consecutive spans, ``shuffle_window`` at a time; explicit ids form windows of their own.
+
+    With ``budget``, a window also ends before the span that would take its bytes past
+    ``budget.limit`` (a window always holds at least one span).
+    """
     windows: list[Window] = []
     run: list[Span] = []
+    used = 0
     for piece in [*pieces, None]:
         if isinstance(piece, Span):
+            size = 0 if budget is None else budget.span_bytes(piece)
+            if run and budget is not None and used + size > budget.limit:
+                windows.append(_window(run, key, len(windows)))
+                run, used = [], 0
             run.append(piece)
+            used += size
             if len(run) < shuffle_window:
                 continue
         if run:
-            window_key = None if key is None else (*key, len(windows))
-            windows.append(Window(spans=tuple(run), shuffle_key=window_key))
-            run = []
+            windows.append(_window(run, key, len(windows)))
+            run, used = [], 0
         if isinstance(piece, Block):
             piece.ids.setflags(write=False)
             piece.padded.setflags(write=False)
             windows.append(Window(ids=piece.ids, padded=piece.padded))
     return tuple(windows)
+
+
+def _window(run: list[Span], key: tuple[int, ...] | None, index: int) -> Window:
+    return Window(spans=tuple(run), shuffle_key=None if key is None else (*key, index))
+
+
+@dataclass(frozen=True, eq=False)
+class WindowBudget:
+    """A bound on a window's decoded bytes, and every unit's decoded size.
+
+    Attributes:
+        limit: Bytes a window may hold (`shardloader.plan.PlanConfig.shuffle_bytes`).
+        unit_bytes: Decoded bytes of each unit (0: unknown, counts nothing).
+        unit_samples: Samples of each unit; a span of part of a unit counts its share of the
+            unit's bytes, rounded up.
+    """
+
+    limit: int
+    unit_bytes: IdArray
+    unit_samples: IdArray
+
+    def span_bytes(self, span: Span) -> int:
+        """Decoded bytes of a span (its share of its unit's)."""
+        total = int(self.unit_bytes[span.shard_index])
+        samples = int(self.unit_samples[span.shard_index])
+        if samples <= 0 or total <= 0:
+            return 0
+        return -(-total * (span.stop - span.start) // samples)
 
 
 def window_samples(window: Window, first: IdArray) -> WindowSamples:

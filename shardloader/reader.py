@@ -5,9 +5,12 @@ shard, or with ``shuffle_unit="block"`` a block (`shardloader.blocks.BlockTable`
 batch). For each window the reader makes sure every unit the window touches is on local disk and
 decoded, asks the fetcher to start on the shards of the next windows, then yields the window's
 samples in plan order. Decoded units are kept only while the current window needs them, so a
-worker holds about ``shuffle_window`` shards, or blocks, in memory. A block is decoded alone from
-the memory-mapped shard (``RecordBatchFileReader.get_batch``); a remote shard is still fetched
-whole into the node cache (range reads of single blocks are not done yet). Rows are converted to
+worker holds one window in memory: ``shuffle_window`` shards, or the blocks of at most
+``shuffle_bytes`` decoded bytes. A block is read alone from the memory-mapped shard: with a
+digest in the block table its bytes are copied, checked against the digest and decoded (so the
+shard is not hashed whole in each process), else ``RecordBatchFileReader.get_batch``. A remote
+shard is still fetched whole into the node cache (range reads of single blocks are not done
+yet). Rows are converted to
 Python objects a window at a time (one Arrow ``take`` per unit), not one at a time.
 """
 
@@ -21,7 +24,13 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from shardloader.blocks import WHOLE_SHARD, BlockTable
-from shardloader.formats import BlockFormat, ReadSpec, ShardColumns, get_format
+from shardloader.formats import (
+    BlockFormat,
+    ReadSpec,
+    ShardColumns,
+    VerifiedBlockFormat,
+    get_format,
+)
 from shardloader.manifest import Manifest
 from shardloader.plan import Window, WorkerPlan
 
@@ -54,6 +63,7 @@ class Fetcher(Protocol):
         checksum: str,
         algorithm: str = ...,
         decode: Callable[[str], ShardColumns],
+        hash_whole: bool = ...,
     ) -> tuple[LocalFile, ShardColumns]:
         """`open`, then ``decode`` the local path; a damaged cached copy is fetched again."""
 
@@ -72,6 +82,8 @@ class ShardReader:
         mark_padding: Add ``is_padding`` to every sample (under the ``"pad"`` policy).
         blocks: The units the plans were made over, when they are blocks (the plan's
             ``shard_index`` is then a block index); ``None``: units are shards.
+        verify_blocks: Check each block against its digest in the block table, where it has
+            one (instead of hashing the whole shard in each process that opens it).
     """
 
     def __init__(
@@ -83,6 +95,7 @@ class ShardReader:
         prefetch_windows: int = 1,
         mark_padding: bool = False,
         blocks: BlockTable | None = None,
+        verify_blocks: bool = True,
     ) -> None:
         self._manifest = manifest
         self._urls = list(shard_urls)
@@ -92,6 +105,8 @@ class ShardReader:
         self._format = get_format(manifest.format)
         self._sizes = manifest.shards.column("num_bytes")
         self._checksums = manifest.shards.column("checksum")
+        self._blocks = blocks
+        self._verify_blocks = verify_blocks and hasattr(self._format, "read_verified_block")
         if blocks is None:
             counts = np.array(manifest.shards.column("num_samples"), dtype=np.int64)
             self._unit_shard = np.arange(len(counts), dtype=np.int64)
@@ -237,6 +252,9 @@ class ShardReader:
             started = time.perf_counter()
             decoded_at: list[float] = []
             shard, batch = int(self._unit_shard[unit]), int(self._unit_batch[unit])
+            digest = ""
+            if self._blocks is not None and self._verify_blocks and batch != WHOLE_SHARD:
+                digest = str(self._blocks.digest[unit])
 
             def decode(path: str) -> ShardColumns:
                 decoded_at.append(time.perf_counter())
@@ -248,6 +266,11 @@ class ShardReader:
                     where=self._urls[shard],
                     num_samples=int(self._counts[unit]),
                 )
+                if digest and self._blocks is not None:
+                    span = (int(self._blocks.offset[unit]), int(self._blocks.length[unit]))
+                    return cast(VerifiedBlockFormat, self._format).read_verified_block(
+                        path, spec, batch, span, digest
+                    )
                 return cast(BlockFormat, self._format).read_block(path, spec, batch)
 
             # A cached copy that fails to decode is dropped and fetched again (once).
@@ -257,6 +280,7 @@ class ShardReader:
                 checksum=self._checksums[shard],
                 algorithm=self._manifest.checksum_algorithm,
                 decode=decode,
+                hash_whole=not digest,  # the block's own digest checks what is decoded
             )
             fetched = decoded_at[-1]  # a damaged cached copy's refetch counts as fetch wait
             self.stage_seconds["fetch_wait"] += fetched - started

@@ -75,12 +75,16 @@ class RunSpec:
         dataset: `shardloader.state.dataset_fingerprint` of the manifest.
         config: The plan config.
         pack: The packing settings (`shardloader.pack.PackConfig.to_dict`), if packing.
+        unit_bytes: Decoded bytes per unit, for the config's ``shuffle_bytes`` (or ``None``).
+        unit_groups: With blocks as units, each block's shard (`shardloader.plan.plan_epoch`).
     """
 
     shard_sizes: IdArray
     dataset: str
     config: PlanConfig
     pack: Mapping[str, Any] | None = None
+    unit_bytes: IdArray | None = None
+    unit_groups: IdArray | None = None
 
     @property
     def keep_ranks(self) -> bool:
@@ -133,6 +137,7 @@ def epoch_carry_in(
         since=since,
         num_workers=num_workers,
         keep_ranks=spec.keep_ranks,
+        unit_groups=spec.unit_groups,
     )
 
 

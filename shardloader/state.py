@@ -34,12 +34,15 @@ STATE_KIND = "shardloader.loader_state"
 STATE_VERSION = 1
 
 
-def dataset_fingerprint(manifest: Manifest, *, blocks: bool = False) -> str:
+def dataset_fingerprint(
+    manifest: Manifest, *, blocks: bool = False, unit_bytes: np.ndarray | None = None
+) -> str:
     """A short hash of what the plan depends on: shard order, sample counts and checksums.
 
     With ``blocks`` (a plan over blocks, ``shuffle_unit="block"``) also every block's sample
     count, so a state is refused on a manifest whose block table differs (one written before
-    block tables existed reads as one block per shard).
+    block tables existed reads as one block per shard); with ``unit_bytes`` (windows bounded in
+    bytes) also the units' decoded sizes.
     """
     digest = hashlib.sha256()
     shards = manifest.shards
@@ -47,8 +50,12 @@ def dataset_fingerprint(manifest: Manifest, *, blocks: bool = False) -> str:
         shards.column("num_samples"), shards.column("checksum"), strict=True
     ):
         digest.update(f"{count}:{checksum}\n".encode())
-    if blocks:
-        digest.update(b"blocks:" + shards.block_table().num_samples.tobytes())
+    if blocks:  # (and the order that spreads each shard's blocks over the epoch)
+        table = shards.block_table()
+        digest.update(b"blocks-spread:" + table.num_samples.tobytes())
+        digest.update(table.shard_index.tobytes())
+    if unit_bytes is not None:  # windows bounded in bytes are cut by the units' sizes
+        digest.update(b"bytes:" + np.asarray(unit_bytes, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -265,14 +272,16 @@ def merge_states(states: Sequence[Mapping[str, Any] | LoaderState]) -> LoaderSta
 
 
 def config_to_dict(config: PlanConfig) -> dict[str, Any]:
-    """The config as a dict; ``shuffle_unit`` only when not ``"shard"``.
+    """The config as a dict; ``shuffle_unit`` only if not ``"shard"``, ``shuffle_bytes`` if set.
 
-    So a state of the default unit keeps the keys of states saved before blocks existed, and
+    So a state of whole shards keeps the keys of states saved before blocks existed, and
     earlier versions of shardloader still read it.
     """
     out = asdict(config)
     if out.get("shuffle_unit") == "shard":
         del out["shuffle_unit"]
+    if out.get("shuffle_bytes") is None:
+        del out["shuffle_bytes"]
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,17 @@ def test_convert_records_every_record_batch_at_its_offset(blocks_dir: Path) -> N
         data = (blocks_dir / shard.path).read_bytes()
         reader = pa.ipc.open_file(pa.BufferReader(data))
         assert len(entry) == reader.num_record_batches > 1 or shard.num_samples < 20
-        assert sum(n for n, _, _ in entry) == shard.num_samples
-        for index, (n, offset, length) in enumerate(entry):
+        assert sum(n for n, *_ in entry) == shard.num_samples
+        for index, (n, offset, length, decoded, digest) in enumerate(entry):
             # A range read of [offset, offset + length) is one decodable IPC message.
             message = pa.ipc.read_message(pa.BufferReader(data[offset : offset + length]))
             batch = pa.ipc.read_record_batch(message, reader.schema)
             assert batch.num_rows == n
             assert batch.equals(reader.get_batch(index))
+            # Its digest is the sha256 of those bytes; decoded is the batch's payload bytes.
+            assert digest == hashlib.sha256(data[offset : offset + length]).hexdigest()[:32]
+            texts = batch.column("text").to_pylist()
+            assert decoded == sum(len(t.encode()) for t in texts)
 
 
 def test_tar_manifests_have_no_block_table(tar_dir: Path) -> None:
@@ -254,3 +259,153 @@ def test_a_plan_over_blocks_serves_the_ids_a_plan_over_shards_serves(
         served[unit] = (len(union), set(union.tolist()) | set(plan.leftover_ids.tolist()))
     assert served["shard"][0] == served["block"][0]
     assert served["shard"][1] == served["block"][1] == set(range(total))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    blocks=st.lists(st.lists(st.integers(0, 40), min_size=1, max_size=6), min_size=1, max_size=12),
+    block_bytes=st.lists(st.integers(0, 900), min_size=72, max_size=72),
+    budget=st.integers(1, 3000),
+    world_size=st.integers(1, 5),
+    num_workers=st.integers(0, 3),
+    window=st.integers(1, 8),
+    seed=st.integers(0, 3),
+    epoch=st.integers(0, 2),
+)
+def test_blocks_spread_by_shard_in_byte_bounded_windows_keep_exact_splits(
+    blocks: list[list[int]],
+    block_bytes: list[int],
+    budget: int,
+    world_size: int,
+    num_workers: int,
+    window: int,
+    seed: int,
+    epoch: int,
+) -> None:
+    """The default block plan: each shard's blocks spread over the epoch, windows bounded in
+    bytes. Every id is served as often as over whole shards, ranks get equal counts, and no
+    window of two or more pieces passes the budget."""
+    sizes = np.array([n for b in blocks for n in b], dtype=np.int64)
+    groups = np.repeat(np.arange(len(blocks)), [len(b) for b in blocks])
+    unit_bytes = np.array(block_bytes[: len(sizes)], dtype=np.int64)
+    total = int(sizes.sum())
+    config = PlanConfig(
+        seed=seed, shuffle_window=window, shuffle_unit="block", shuffle_bytes=budget
+    )
+    shard_config = PlanConfig(seed=seed, shuffle_window=window)
+    kwargs = {"epoch": epoch, "world_size": world_size, "num_workers": num_workers}
+    ids, shard_ids = [], []
+    for rank in range(world_size):
+        plan = plan_epoch(
+            sizes, config=config, rank=rank, unit_bytes=unit_bytes, unit_groups=groups, **kwargs
+        )
+        again = plan_epoch(
+            sizes, config=config, rank=rank, unit_bytes=unit_bytes, unit_groups=groups, **kwargs
+        )
+        assert np.array_equal(plan.sample_ids(), again.sample_ids())  # deterministic
+        assert len(plan.sample_ids()) == (plan.num_carried + total) // world_size
+        ids.append(plan.sample_ids())
+        for worker in plan.workers:
+            for win in worker.windows:
+                used = sum(
+                    -(
+                        -int(unit_bytes[s.shard_index])
+                        * (s.stop - s.start)
+                        // int(sizes[s.shard_index])
+                    )
+                    for s in win.spans
+                    if sizes[s.shard_index]
+                )
+                assert len(win.spans) <= window
+                assert used <= budget or len(win.spans) == 1
+        whole = plan_epoch([sum(b) for b in blocks], config=shard_config, rank=rank, **kwargs)
+        shard_ids.append(whole.sample_ids())
+    union = np.concatenate(ids)
+    served = set(union.tolist()) | set(plan.leftover_ids.tolist())
+    assert served == set(range(total))
+    assert len(np.unique(union)) >= len(union) - plan.num_carried
+    assert len(union) == len(np.concatenate(shard_ids))
+
+
+def test_a_shards_blocks_are_spread_over_the_epoch() -> None:
+    """100 shards of 20 blocks: every tenth of the epoch holds about 2 blocks of each shard,
+    and a shard's blocks are not read in their stored order."""
+    sizes = np.full(2000, 10, dtype=np.int64)
+    groups = np.repeat(np.arange(100), 20)
+    plan = plan_epoch(
+        sizes,
+        config=PlanConfig(shuffle_unit="block", shuffle_window=1),
+        epoch=0,
+        world_size=1,
+        rank=0,
+        num_workers=0,
+        unit_groups=groups,
+    )
+    order = [s.shard_index for w in plan.workers[0].windows for s in w.spans]
+    assert sorted(order) == list(range(2000))
+    for tenth in range(10):
+        part = np.array(order[tenth * 200 : (tenth + 1) * 200]) // 20
+        assert np.bincount(part, minlength=100).max() <= 3  # 2 expected; 20 if clumped
+    in_shard_0 = [u for u in order if u < 20]
+    assert in_shard_0 != sorted(in_shard_0)
+    # Without groups (as before), the blocks are one uniform permutation: clumps happen.
+    plain = plan_epoch(
+        sizes,
+        config=PlanConfig(shuffle_unit="block", shuffle_window=1),
+        epoch=0,
+        world_size=1,
+        rank=0,
+        num_workers=0,
+    )
+    order = [s.shard_index for w in plain.workers[0].windows for s in w.spans]
+    worst = max(
+        np.bincount(np.array(order[t * 200 : (t + 1) * 200]) // 20, minlength=100).max()
+        for t in range(10)
+    )
+    assert worst > 3
+
+
+def test_auto_reads_in_blocks_within_the_byte_budget(blocks_dir: Path, tmp_path: Path) -> None:
+    """StreamConfig() picks blocks for a manifest that records their sizes, bounds windows by
+    shuffle_bytes, and falls back to whole shards, 4 a window, for one that does not."""
+    dataset = ShardDataset(str(blocks_dir))
+    spec = dataset.resume_spec()
+    table = read_manifest(str(blocks_dir)).shards.block_table()
+    assert spec.config.shuffle_unit == "block"
+    assert spec.config.shuffle_bytes == 64 << 20
+    assert np.array_equal(spec.unit_bytes, table.decoded)
+    budget = 3 * int(table.decoded.max())
+    small = ShardDataset(str(blocks_dir), config=StreamConfig(shuffle_bytes=budget))
+    plan = small.plan(0, 1, 0, 2)
+    sizes = table.num_samples
+    assert max(len(w.spans) for worker in plan.workers for w in worker.windows) >= 3
+    for worker in plan.workers:
+        for win in worker.windows:
+            held = sum(
+                -(
+                    -int(table.decoded[s.shard_index])
+                    * (s.stop - s.start)
+                    // int(sizes[s.shard_index])
+                )
+                for s in win.spans
+            )
+            assert held <= budget
+    docs = source_docs()
+    samples = list(small)
+    assert sorted(s["sample_id"] for s in samples) == list(range(NUM_SAMPLES))
+    assert all(s["text"] == docs[s["sample_id"]]["text"] for s in samples)
+    old = edited_manifest(blocks_dir, tmp_path / "old", lambda s: s["blocks"].pop("decoded"))
+    config = ShardDataset(str(old)).resume_spec().config
+    assert (config.shuffle_unit, config.shuffle_window, config.shuffle_bytes) == ("shard", 4, None)
+
+
+def test_a_bad_digest_column_is_refused(blocks_dir: Path, tmp_path: Path) -> None:
+    for change in (
+        lambda s: s["blocks"]["digest"].__setitem__(0, "XYZ" * 10 + "ab"),
+        lambda s: s["blocks"]["digest"].__setitem__(0, 5),
+        lambda s: s["blocks"]["digest"].pop(),
+        lambda s: s["blocks"]["decoded"].__setitem__(0, -1),
+    ):
+        out = edited_manifest(blocks_dir, tmp_path / f"bad{id(change)}", change)
+        with pytest.raises(ManifestError, match="blocks"):
+            read_manifest(str(out))

@@ -285,8 +285,10 @@ def test_local_shard_with_a_flipped_bit_is_refused_in_a_fresh_process(
     victim = sorted(dataset.glob("shard-*.arrow"))[0]
     flip_bit(victim, victim.stat().st_size // 2, keep_mtime=keep_mtime)
     out = stream_in_fresh_process(dataset)
-    assert out.startswith(f"ShardError: {victim}: sha256 ")
-    assert "does not match manifest" in out
+    # Read in blocks (the default for a dataset convert made): the damaged block's own digest
+    # catches it, naming the shard and the record batch.
+    assert out.startswith(f"ShardError: {victim} batch ")
+    assert "do not match the manifest's block digest" in out
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -297,7 +299,11 @@ def test_local_shard_rotting_between_epochs_is_refused(dataset_dir, tmp_path, nu
     assert sorted(stream(dataset, num_workers)) == ALL_IDS
     victim = sorted(copy.glob("shard-*.arrow"))[2]
     flip_bit(victim, victim.stat().st_size // 2)  # bit rot: size and mtime unchanged
-    # A new ShardDataset (a new run in this process) and new workers check afresh.
+    # A new ShardDataset (a new run in this process) and new workers check afresh: in blocks,
+    # the block's digest; in whole shards, the shard's sha256.
     dataset = ShardDataset(str(copy), config=StreamConfig(shuffle=False))
+    with pytest.raises(ShardError, match=f"{victim} batch .* block digest"):
+        stream(dataset, num_workers)
+    dataset = ShardDataset(str(copy), config=StreamConfig(shuffle=False, shuffle_unit="shard"))
     with pytest.raises(ShardError, match=f"{victim}: sha256 .* does not match manifest"):
         stream(dataset, num_workers)

@@ -339,15 +339,21 @@ def test_state_from_another_dataset_or_config_is_refused(dataset_dir: Path, tar_
         reseeded.load_state_dict(state)
     with pytest.raises(ResumeError, match="not a shardloader loader state"):
         reseeded.load_state_dict({"epoch": 3})
-    # A state of whole-shard units does not resume over blocks, nor the other way round.
+    # A state of whole-shard units does not resume over blocks, nor the other way round; the
+    # default ("auto": blocks, as this manifest records their sizes) takes the state's unit.
+    assert state["config"]["shuffle_unit"] == "block"
+    sharded = ShardDataset(str(dataset_dir), config=StreamConfig(shuffle_unit="shard"))
+    with pytest.raises(ResumeError, match="shuffle_unit='block'"):
+        sharded.load_state_dict(state)
+    _, shard_state = run_with_break(
+        dataset_dir, stop_after=3, num_workers=0, config=StreamConfig(shuffle_unit="shard")
+    )
     blocked = ShardDataset(str(dataset_dir), config=StreamConfig(shuffle_unit="block"))
     with pytest.raises(ResumeError, match="shuffle_unit='shard'"):
-        blocked.load_state_dict(state)
-    _, block_state = run_with_break(
-        dataset_dir, stop_after=3, num_workers=0, config=StreamConfig(shuffle_unit="block")
-    )
-    with pytest.raises(ResumeError, match="shuffle_unit='block'"):
-        ShardDataset(str(dataset_dir)).load_state_dict(block_state)
+        blocked.load_state_dict(shard_state)
+    adopting = ShardDataset(str(dataset_dir))
+    adopting.load_state_dict(shard_state)
+    assert adopting.resume_spec().config.shuffle_unit == "shard"
 
 
 def test_stateful_dataloader_from_torchdata_resumes_exactly(dataset_dir: Path) -> None:

@@ -95,8 +95,9 @@ def replace_shard(out: Path, data: bytes, num_samples: int, index: int = 0) -> s
             blocks = shards["blocks"]
             start = sum(blocks["count"][:index])
             end = start + blocks["count"][index]
-            for name in ("samples", "offset", "length"):
-                del blocks[name][start:end]
+            for name in ("samples", "offset", "length", "decoded", "digest"):
+                if name in blocks:
+                    del blocks[name][start:end]
             blocks["count"][index] = 0
 
     edit_manifest(out, edit)

@@ -100,9 +100,13 @@ def test_index_reads_footers_into_counts_blocks_and_checksums(parquet_dir: Path)
         assert [b[0] for b in blocks] == [meta.row_group(g).num_rows for g in range(len(blocks))]
         assert sum(b[0] for b in blocks) == shard.num_samples
         data = path.read_bytes()
-        for _, offset, length in blocks:  # the spans tile the file between magic and footer
+        for group, (_, offset, length, decoded, digest) in enumerate(blocks):
+            # the spans tile the file between magic and footer; decoded is the row group's
+            # uncompressed size; no digest (the whole file's checksum is checked)
             assert offset >= 4
             assert offset + length <= len(data) - 8
+            assert decoded == meta.row_group(group).total_byte_size > 0
+            assert digest == ""
         assert [b[1] + b[2] for b in blocks[:-1]] == [b[1] for b in blocks[1:]]
     assert len(manifest.shards) == 7  # README.md beside them is not a shard
 
@@ -189,7 +193,7 @@ def test_row_groups_are_blocks_split_exactly_and_resumed(
     grouped = [b for b in blocks if b is not None]
     assert sum(len(b) for b in grouped) > len(SHARD_SIZES)  # more units than files: not vacuous
     for b, size in zip(blocks, SHARD_SIZES, strict=True):
-        assert b is None or sum(n for n, _, _ in b) == size
+        assert b is None or sum(n for n, *_ in b) == size
     want = pyarrow_rows(parquet_dir)
     config = StreamConfig(seed=5, shuffle_unit="block", shuffle_window=3)
     per_rank: list[list[int]] = []
@@ -244,7 +248,11 @@ def test_text_is_packed_with_a_tokenizer_as_for_text_shards(
     pack = PackConfig(seq_len=128)
     tok = str(tokenizer_dir)
     got = ShardLoader(ShardDataset(str(parquet_dir), pack=pack, tokenizer=tok), batch_size=8)
-    want = ShardLoader(ShardDataset(str(dataset_dir), pack=pack, tokenizer=tok), batch_size=8)
+    # Both in whole shards (Parquet row groups have no digest, so "auto" plans them so).
+    same = StreamConfig(shuffle_unit="shard")
+    want = ShardLoader(
+        ShardDataset(str(dataset_dir), pack=pack, tokenizer=tok, config=same), batch_size=8
+    )
     n = 0
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"])

@@ -41,7 +41,14 @@ class _LocalFetcher:
         return _Pin(self, url)
 
     def open_decoded(
-        self, url: str, *, num_bytes: int, checksum: str, algorithm: str = "", decode: Any
+        self,
+        url: str,
+        *,
+        num_bytes: int,
+        checksum: str,
+        algorithm: str = "",
+        decode: Any,
+        hash_whole: bool = True,
     ) -> tuple[_Pin, Any]:
         pin = self.open(url, num_bytes=num_bytes, checksum=checksum, algorithm=algorithm)
         return pin, decode(pin.path)

@@ -116,7 +116,7 @@ def test_flags_mirror_the_config_fields() -> None:
         ({"parallel": "zero3"}, "parallel must be one of ddp, fsdp"),
         ({"pack_mode": "tight"}, "mode must be one of"),
         ({"max_steps": 0}, "max_steps must be >= 1"),
-        ({"shuffle_unit": "row"}, "shuffle_unit must be one of shard, block"),
+        ({"shuffle_unit": "row"}, "shuffle_unit must be one of auto, shard, block"),
         ({"long_docs": "fold"}, "long_docs must be"),
         ({"shuffle_window": 0}, "shuffle_window must be >= 1"),
     ],

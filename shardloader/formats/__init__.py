@@ -165,6 +165,23 @@ class BlockFormat(Protocol):
         """
 
 
+class VerifiedBlockFormat(BlockFormat, Protocol):
+    """A block format that can check a block's bytes against its digest before decoding them."""
+
+    def read_verified_block(
+        self, path: str, spec: ReadSpec, block_index: int, where: tuple[int, int], digest: str
+    ) -> ShardColumns:
+        """Read a block's bytes, check them against its digest, and decode those bytes.
+
+        ``where`` is ``(offset, length)`` in local shard ``path``; ``digest`` is
+        `shardloader.blocks.block_digest` of those bytes.
+
+        Raises:
+            ShardError: The bytes do not match the digest (naming the shard and block), or as
+                `BlockFormat.read_block`.
+        """
+
+
 class ShardColumns(Protocol):
     """A decoded shard, for random access by row."""
 

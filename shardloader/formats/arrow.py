@@ -21,6 +21,7 @@ from typing import IO, Any
 import numpy as np
 import pyarrow as pa
 
+from shardloader.blocks import block_digest
 from shardloader.errors import ShardError
 from shardloader.formats import (
     ReadSpec,
@@ -89,8 +90,9 @@ class ArrowShardWriter:
         self._tokens = "input_ids" in fields
         self._dtype = np.dtype(token_dtype) if token_dtype else None
         codec = pa.Codec("zstd", compression_level) if compression == "zstd" else None
+        self._tee = _BatchTee(sink)
         self._writer = pa.ipc.new_file(
-            sink, self._schema, options=pa.ipc.IpcWriteOptions(compression=codec)
+            self._tee, self._schema, options=pa.ipc.IpcWriteOptions(compression=codec)
         )
         self._batch_bytes = batch_bytes
         self._ids: list[str] = []
@@ -101,9 +103,10 @@ class ArrowShardWriter:
         self._buffered = 0
         self._num_rows = 0
         self._sink = sink
-        # [num_samples, offset, length] of each record batch's IPC message, for the manifest.
-        # None when the sink cannot tell its position (the manifest then has no block table).
-        self.blocks: list[list[int]] | None = []
+        # [num_samples, offset, length, decoded bytes, digest] of each record batch's IPC
+        # message (`shardloader.blocks.BLOCK_ENTRY`), for the manifest. None when the sink
+        # cannot tell its position (the manifest then has no block table).
+        self.blocks: list[list[Any]] | None = []
 
     def write(
         self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
@@ -171,14 +174,17 @@ class ArrowShardWriter:
             arrays = [pa.concat_arrays(list(column)) for column in zip(*self._pieces, strict=True)]
         batch = pa.record_batch(arrays, schema=self._schema)
         start = self._position()
+        self._tee.capture = []
         self._writer.write_batch(batch)
+        written, self._tee.capture = b"".join(self._tee.capture), None
         end = self._position()
         if start == 0 and end is not None:  # the file's magic and schema come with batch one
             start += _FILE_MAGIC_BYTES + self._schema.serialize().size
-        if start is None or end is None or self.blocks is None:
+        if start is None or end is None or self.blocks is None or len(written) < end - start:
             self.blocks = None
         else:
-            self.blocks.append([batch.num_rows, start, end - start])
+            digest = block_digest(memoryview(written)[len(written) - (end - start) :])
+            self.blocks.append([batch.num_rows, start, end - start, self._buffered, digest])
         self._pieces, self._buffered, self._num_rows = [], 0, 0
         self._rows_only = True
 
@@ -194,6 +200,46 @@ class ArrowShardWriter:
         """Write the last batch and the file footer; `blocks` then lists every batch."""
         self._flush()
         self._writer.close()
+
+
+class _BatchTee:
+    """The sink an Arrow writer writes through, keeping what one record batch writes.
+
+    While ``capture`` is a list, each write is also appended to it (one batch's compressed
+    message: bounded by the batch size), so the batch's digest costs no second read.
+    """
+
+    def __init__(self, sink: Any) -> None:
+        self._sink = sink
+        self.capture: list[bytes] | None = None
+
+    def write(self, data: Any) -> int:
+        if self.capture is not None:
+            self.capture.append(bytes(data))
+        return int(self._sink.write(data))
+
+    def tell(self) -> int:
+        tell = getattr(self._sink, "tell", None)
+        if tell is None:
+            raise OSError("the sink cannot tell its position")
+        return int(tell())
+
+    def flush(self) -> None:
+        flush = getattr(self._sink, "flush", None)
+        if flush is not None:
+            flush()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return bool(getattr(self._sink, "closed", False))
+
+    def close(self) -> None:
+        close = getattr(self._sink, "close", None)
+        if close is not None:
+            close()
 
 
 class ArrowFormat:
@@ -272,6 +318,40 @@ class ArrowFormat:
         except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
             raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
         return ArrowColumns(table, fields, where)
+
+    def read_verified_block(
+        self, path: str, spec: ReadSpec, block_index: int, where: tuple[int, int], digest: str
+    ) -> ArrowColumns:
+        """Read a record batch's bytes, check them against its digest, decode those bytes.
+
+        ``where`` is ``(offset, length)`` of batch ``block_index``'s IPC message in the shard.
+
+        The schema comes from the file's footer and is checked against the manifest's fields;
+        the batch is checked like `read_block`'s. So a damaged or replaced block is caught
+        without hashing the whole shard.
+        """
+        label = f"{spec.where} batch {block_index}"
+        offset, length = where
+        try:
+            with pa.memory_map(path) as source:
+                schema = pa.ipc.open_file(source).schema
+                _check_schema(schema, spec.fields, spec.token_dtype, spec.where)
+                source.seek(offset)
+                # A copy (one block): what is checked is what is decoded, whatever the file does.
+                data = pa.py_buffer(source.read(length))
+            if len(data) != length or block_digest(memoryview(data)) != digest:
+                raise ShardError(
+                    f"{label}: bytes [{offset}, {offset + length}) do not match the manifest's "
+                    'block digest; the shard was modified or corrupted: run "shardloader '
+                    'verify", then restore or convert it again'
+                )
+            batch = pa.ipc.read_record_batch(pa.ipc.read_message(data), schema)
+            check_num_samples(batch.num_rows, spec.num_samples, label)
+            table = pa.Table.from_batches([batch], schema=schema)
+            _check_batch(table, spec.fields, spec.vocab_size, spec.where)
+        except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
+            raise ShardError(f"{label}: not a readable Arrow record batch ({err})") from err
+        return ArrowColumns(table, spec.fields, spec.where)
 
 
 class ArrowColumns:

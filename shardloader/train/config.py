@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardloader.errors import ConfigError
-from shardloader.options import option
+from shardloader.options import option, parse_size
 from shardloader.pack import PackConfig
 from shardloader.train.model import PRESETS
 
@@ -24,7 +24,7 @@ _CHOICES = {
     "dtype": ("auto", "bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
     "progress": ("auto", "on", "off"),
-    "shuffle_unit": ("shard", "block"),
+    "shuffle_unit": ("auto", "shard", "block"),
 }
 
 
@@ -64,12 +64,20 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = option(0, "model init and data order")
     shuffle: bool = option(True, "shuffle shards and samples (seed + epoch)")
-    shuffle_window: int = option(
-        4, "consecutive shard pieces (or blocks) a worker mixes, and holds, at once"
+    shuffle_window: int | None = option(
+        None,
+        "units a worker mixes, and holds, at most at once (default: 4 shards, or the blocks "
+        "that fit shuffle_bytes)",
     )
     shuffle_unit: str = option(
-        "shard",
-        "what the plan permutes: shard, or block (Arrow record batches, Parquet row groups)",
+        "auto",
+        "what the plan permutes: block (Arrow record batches, Parquet row groups), shard, or "
+        "auto (block for local shards whose manifest records their blocks' sizes)",
+    )
+    shuffle_bytes: int | None = option(
+        None,
+        "bound on what a worker holds decoded (default: 64MiB in block mode; 0: none)",
+        parse=parse_size,
     )
     pack_mode: str = option(
         "auto",
@@ -126,7 +134,7 @@ class TrainConfig:
             )
         positive = ("seq_len", "batch_size", "grad_accum", "epochs", "log_every", "shuffle_window")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")

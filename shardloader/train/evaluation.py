@@ -110,7 +110,7 @@ class Evaluator:
             )
         plan = plan_epoch(
             self.dataset.resume_spec().shard_sizes,
-            config=self.dataset.config.plan_config(),
+            config=self.dataset.resume_spec().config,
             epoch=0,
             world_size=world_size,
             rank=rank,

@@ -161,6 +161,7 @@ def _make_loader(config: TrainConfig, runtime: _Runtime) -> ShardLoader | MixLoa
         shuffle=config.shuffle,
         shuffle_window=config.shuffle_window,
         shuffle_unit=config.shuffle_unit,
+        shuffle_bytes=config.shuffle_bytes,
         cache_dir=config.cache_dir,
     )
     dataset: ShardDataset | MixDataset

@@ -3,20 +3,20 @@
 Every order here is a pure function of the shard sizes (no shard is read), built with each
 system's own code:
 
-- **shardloader**: `shardloader.plan.plan_epoch` with ``StreamConfig().plan_config()`` (the
-  defaults of `shardloader.ShardDataset`: seed 0, ``shuffle_window=4``, ``"drop"``). Worker ``w``
-  reads ``plan.workers[w].sample_ids()``. Before measuring, the script converts a tiny corpus and
-  checks that a real ``ShardDataset`` under a real ``DataLoader`` yields exactly the reconstructed
-  order (`check_shard_dataset`). One more row sets ``shuffle_window=16``. Block mode
-  (``StreamConfig(shuffle_unit="block", shuffle_window=w)``): each shard is modelled as blocks
-  of ``b`` samples (the last one shorter; a record batch of ``batch_bytes`` when samples have
-  one size) and the plan is ``plan_epoch`` over those block sizes, as ``ShardDataset`` plans over
-  ``manifest.shards.block_table().num_samples``; ids stay global, so the metrics still count
-  shards. Rows: ``b=25, w=64`` and ``w=256``, ``b=100, w=64``. The column "worker holds" is a
-  worker's memory bound: ``w`` blocks of ``b`` samples, against ``w`` shards (4 by default) in
-  shard mode, with the largest window measured in rank 0's plan. The check converts the same
-  tiny corpus with record batches of 256 bytes (several per shard) and compares a real
-  ``ShardDataset`` in block mode (window 3) with ``plan_epoch`` over the manifest's block sizes.
+- **shardloader**: `shardloader.plan.plan_epoch` as ``ShardDataset`` plans with its defaults
+  over a dataset convert made (``StreamConfig()``: seed 0, ``"drop"``, ``shuffle_unit="auto"``
+  resolving to blocks, windows of at most ``shuffle_bytes`` = 64 MiB decoded). The corpus is
+  modelled as documents of 2,621 bytes (about the mean of the stream benchmark's corpus), so
+  convert's default record batches (128 KiB) hold 51 of them; each shard is cut into such
+  blocks (the last one shorter), the plan gets every block's decoded size and shard
+  (``unit_bytes``, ``unit_groups``: each shard's blocks are spread over the epoch), and a
+  window holds at most 502 blocks = 25,602 documents. Worker ``w`` reads
+  ``plan.workers[w].sample_ids()``; ids stay global, so the metrics count shards. Rows with
+  ``shuffle_bytes`` of 16 and 256 MiB, and whole shards (``shuffle_unit="shard"``: 4 shards a
+  window, the default before blocks; and 16) for comparison. Before measuring, the script
+  converts a tiny corpus and checks that a real ``ShardDataset`` under a real ``DataLoader``
+  yields exactly the reconstructed order, in whole shards and in blocks (record batches of 256
+  bytes, windows of 3 of them: `check_shard_dataset`).
 - **Mosaic Streaming** 0.13 (``StreamingDataset(shuffle=True)`` with its defaults): shuffle
   ``py1e``, seed 9176, ``num_canonical_nodes`` = physical nodes (one node of ``W`` ranks here),
   ``shuffle_block_size = max(4_000_000 // num_canonical_nodes, 1 << 18)``, batching ``random``,

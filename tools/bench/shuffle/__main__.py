@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"ShardDataset under a DataLoader (2 ranks x 2 workers, batch 7, epochs 0-1) yields "
             f"the reconstructed order: {checked[0]} samples compared in shard mode, "
-            f'{checked[1]} with shuffle_unit="block" (record batches of 256 bytes, window 3)'
+            f"{checked[1]} in blocks, the default (record batches of 256 bytes, windows of 3)"
         )
     quality_rows = print_quality(args, corpora)
     det_rows, wds_epochs = print_determinism(args, corpora["long-tailed"])

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
+from shardloader.dataset import BLOCK_WINDOW
+from shardloader.plan import PlanConfig
 from tools.bench.shuffle.orders import (
     WDS_INITIAL,
     WDS_SAMPLE_BUFFER,
@@ -58,16 +60,18 @@ def check_shard_dataset(
 ) -> tuple[int, int]:
     """Convert a tiny uneven corpus and compare ShardDataset under a DataLoader with the order.
 
-    Shard mode (``StreamConfig()``) is compared with `shardloader_order`; block mode
-    (``StreamConfig(shuffle_unit="block", shuffle_window=block_window)``, shards written in record
-    batches of ``batch_bytes`` so most have several) with `plan_order` over the manifest's block
-    sizes, which is what `shardloader_block_order` models with blocks of a fixed size.
+    Shard mode (``StreamConfig(shuffle_unit="shard")``) is compared with `shardloader_order`;
+    block mode (``StreamConfig()``, the default, with ``shuffle_bytes`` of ``block_window``
+    record batches so that a worker reads several windows; shards written in record batches of
+    ``batch_bytes`` so most have several) with `plan_order` over the manifest's block sizes,
+    decoded sizes and shards, which is what `shardloader_default_order` models with blocks of a
+    fixed size.
 
     Args:
         num_workers: DataLoader workers.
         batch_size: Samples per batch.
         world_size: Ranks (each read in this process, with an explicit rank).
-        block_window: ``shuffle_window`` of the block-mode check, in blocks.
+        block_window: ``shuffle_bytes`` of the block-mode check, in record batches.
         batch_bytes: Convert's record batch size (uncompressed bytes).
 
     Returns:
@@ -94,14 +98,16 @@ def check_shard_dataset(
         blocks = manifest.shards.block_table()
         assert len(blocks.num_samples) > 2 * len(sizes), "expected several blocks per shard"
         configs = {
-            "shard": StreamConfig(),
-            "block": StreamConfig(shuffle_unit="block", shuffle_window=block_window),
+            "shard": StreamConfig(shuffle_unit="shard"),
+            "block": StreamConfig(shuffle_bytes=block_window * batch_bytes),
         }
         for (mode, config), epoch, rank in itertools.product(
             configs.items(), (0, 1), range(world_size)
         ):
             dataset = ShardDataset(str(out), config=config, rank=rank, world_size=world_size)
             dataset.set_epoch(epoch)
+            resolved = dataset.resume_spec().config
+            assert resolved.shuffle_unit == mode, f"{config} planned {resolved}"
             seen = _loader_ids(dataset, num_workers, batch_size)
             topology = Topology(
                 world_size=world_size, rank=rank, num_workers=num_workers, batch_size=batch_size
@@ -109,10 +115,17 @@ def check_shard_dataset(
             if mode == "shard":
                 expected = shardloader_order(sizes, seed=0, epoch=epoch, topology=topology).loop
             else:
-                units = np.asarray(blocks.num_samples, dtype=np.int64)
-                plan_config = config.plan_config()
                 expected = plan_order(
-                    units, config=plan_config, epoch=epoch, topology=topology
+                    np.asarray(blocks.num_samples, dtype=np.int64),
+                    config=PlanConfig(
+                        shuffle_unit="block",
+                        shuffle_window=BLOCK_WINDOW,
+                        shuffle_bytes=block_window * batch_bytes,
+                    ),
+                    epoch=epoch,
+                    topology=topology,
+                    unit_bytes=blocks.decoded,
+                    unit_groups=blocks.shard_index,
                 ).loop
             assert np.array_equal(seen, expected), (
                 f"{mode} mode, epoch {epoch} rank {rank}: the DataLoader order differs from the "

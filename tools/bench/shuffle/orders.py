@@ -20,7 +20,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from shardloader.dataset import StreamConfig
+from shardloader.convert_config import ConvertConfig
+from shardloader.dataset import BLOCK_WINDOW, BLOCK_WINDOW_BYTES
 from shardloader.plan import PlanConfig, plan_epoch
 from tools.bench.harness import STUBS
 
@@ -124,7 +125,13 @@ def first_ids(sizes: IdArray) -> IdArray:
 
 
 def plan_order(
-    unit_sizes: IdArray, *, config: PlanConfig, epoch: int, topology: Topology
+    unit_sizes: IdArray,
+    *,
+    config: PlanConfig,
+    epoch: int,
+    topology: Topology,
+    unit_bytes: IdArray | None = None,
+    unit_groups: IdArray | None = None,
 ) -> RankOrder:
     """`plan_epoch` over ``unit_sizes`` (shards, or blocks in shard order): one rank's order.
 
@@ -133,6 +140,8 @@ def plan_order(
         config: The plan's settings.
         epoch: The epoch.
         topology: Ranks, workers and batch size.
+        unit_bytes: Decoded bytes per unit (for ``config.shuffle_bytes``).
+        unit_groups: Each block's shard (blocks are spread over the epoch by shard).
 
     Returns:
         The rank's order, with the largest window a worker holds.
@@ -144,28 +153,82 @@ def plan_order(
         world_size=topology.world_size,
         rank=topology.rank,
         num_workers=topology.num_workers,
+        unit_bytes=unit_bytes,
+        unit_groups=unit_groups,
     )
     workers = tuple(w.sample_ids() for w in plan.workers)
     held = max((win.num_samples for w in plan.workers for win in w.windows), default=0)
     return RankOrder(interleave_batches(workers, topology.batch_size), workers, held)
 
 
-def shardloader_order(
-    sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology, shuffle_window: int = 4
+# The corpus the default row models: documents of this many bytes (the mean of the stream
+# benchmark's generated corpus is 2,750), so convert's default record batches of 128 KiB hold
+# ceil(131,072 / 2,621) = 51 of them. The plan then bounds a window by bytes, as ShardDataset
+# does with the block sizes the manifest records.
+SAMPLE_BYTES = 2621
+
+
+def shardloader_default_order(
+    sizes: IdArray,
+    *,
+    seed: int | None,
+    epoch: int,
+    topology: Topology,
+    sample_bytes: int = SAMPLE_BYTES,
+    shuffle_bytes: int = BLOCK_WINDOW_BYTES,
 ) -> RankOrder:
-    """`plan_epoch` with the defaults of `shardloader.StreamConfig` (``shuffle_window=4``).
+    """`plan_epoch` as `shardloader.ShardDataset` plans a dataset convert made, by default.
+
+    ``StreamConfig()`` resolves to blocks (``shuffle_unit="auto"``: the manifest records the
+    blocks' decoded sizes) in windows of at most ``BLOCK_WINDOW_BYTES`` (64 MiB) decoded; the
+    blocks are convert's default record batches (``batch_bytes`` 128 KiB) of documents of
+    ``sample_bytes`` each.
 
     Args:
         sizes: Samples per shard, in manifest order.
         seed: The plan's seed.
         epoch: The epoch.
         topology: Ranks, workers and batch size.
-        shuffle_window: Shard pieces a worker mixes at once (the only non-default knob).
+        sample_bytes: Bytes of every document.
+        shuffle_bytes: The window bound (`StreamConfig.shuffle_bytes`).
 
     Returns:
         The rank's order.
     """
-    config = StreamConfig(seed=seed or 0, shuffle_window=shuffle_window).plan_config()
+    per_block = -(-ConvertConfig.batch_bytes // sample_bytes)  # a batch ends after its limit
+    units = block_sizes(sizes, per_block)
+    config = PlanConfig(
+        seed=seed or 0,
+        shuffle_unit="block",
+        shuffle_window=BLOCK_WINDOW,
+        shuffle_bytes=shuffle_bytes,
+    )
+    return plan_order(
+        units,
+        config=config,
+        epoch=epoch,
+        topology=topology,
+        unit_bytes=units * sample_bytes,
+        unit_groups=block_groups(sizes, per_block),
+    )
+
+
+def shardloader_order(
+    sizes: IdArray, *, seed: int | None, epoch: int, topology: Topology, shuffle_window: int = 4
+) -> RankOrder:
+    """`plan_epoch` over whole shards (``shuffle_unit="shard"``; the default before blocks).
+
+    Args:
+        sizes: Samples per shard, in manifest order.
+        seed: The plan's seed.
+        epoch: The epoch.
+        topology: Ranks, workers and batch size.
+        shuffle_window: Shards a worker mixes at once (4: the shard-mode default).
+
+    Returns:
+        The rank's order.
+    """
+    config = PlanConfig(seed=seed or 0, shuffle_window=shuffle_window)
     return plan_order(sizes, config=config, epoch=epoch, topology=topology)
 
 
@@ -182,6 +245,12 @@ def block_sizes(sizes: IdArray, block_samples: int) -> IdArray:
     has_rest = rest > 0
     out[ends[has_rest] - 1] = rest[has_rest]
     return out
+
+
+def block_groups(sizes: IdArray, block_samples: int) -> IdArray:
+    """The shard of every block of `block_sizes` (the corpora here have no empty shard)."""
+    counts = -(-sizes // block_samples)
+    return np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
 
 
 def shardloader_block_order(
@@ -210,9 +279,7 @@ def shardloader_block_order(
     Returns:
         The rank's order.
     """
-    config = StreamConfig(
-        seed=seed or 0, shuffle_window=shuffle_window, shuffle_unit="block"
-    ).plan_config()
+    config = PlanConfig(seed=seed or 0, shuffle_window=shuffle_window, shuffle_unit="block")
     units = block_sizes(sizes, block_samples)
     return plan_order(units, config=config, epoch=epoch, topology=topology)
 
@@ -376,12 +443,24 @@ def sequential_order(
     return _contiguous_block(np.arange(int(sizes.sum()), dtype=np.int64), topology)
 
 
-# (samples per block, blocks per window) of the block-mode rows: a worker holds b x w samples
-# (1,600, 6,400 and 6,400), against 4 x (and 16 x) a shard in shard mode.
-BLOCK_SETTINGS = ((25, 64), (25, 256), (100, 64))
+MiB = 1 << 20
+BUDGETS = (16 * MiB, 256 * MiB)  # other shuffle_bytes than the default's 64 MiB
+_DEFAULT_BLOCK = -(-ConvertConfig.batch_bytes // SAMPLE_BYTES)
 
 SYSTEMS = (
-    System("shardloader (ShardDataset defaults)", shardloader_order, seed=0, holds="4 x shard"),
+    System(
+        "shardloader (ShardDataset defaults)",
+        shardloader_default_order,
+        seed=0,
+        holds=f"64 MiB: {BLOCK_WINDOW_BYTES // (_DEFAULT_BLOCK * SAMPLE_BYTES)} x "
+        f"{_DEFAULT_BLOCK} = {BLOCK_WINDOW_BYTES // SAMPLE_BYTES:,}",
+    ),
+    System(
+        'shardloader shuffle_unit="shard" (the default before blocks)',
+        shardloader_order,
+        seed=0,
+        holds="4 x shard",
+    ),
     System(
         "shardloader shuffle_window=16",
         functools.partial(shardloader_order, shuffle_window=16),
@@ -390,12 +469,13 @@ SYSTEMS = (
     ),
     *(
         System(
-            f'shardloader shuffle_unit="block", blocks of {b} samples, shuffle_window={w}',
-            functools.partial(shardloader_block_order, block_samples=b, shuffle_window=w),
+            f"shardloader shuffle_bytes={budget // MiB}MiB",
+            functools.partial(shardloader_default_order, shuffle_bytes=budget),
             seed=0,
-            holds=f"{w} x {b} = {w * b:,}",
+            holds=f"{budget // MiB} MiB: {budget // (_DEFAULT_BLOCK * SAMPLE_BYTES)} x "
+            f"{_DEFAULT_BLOCK} = {budget // SAMPLE_BYTES:,}",
         )
-        for b, w in BLOCK_SETTINGS
+        for budget in BUDGETS
     ),
     System("Mosaic Streaming shuffle=True (py1e defaults)", mosaic_order, seed=MOSAIC_SEED),
     System(
