@@ -12,8 +12,10 @@ the manifest (local path or URL) and only what the lengths need:
   batches only). Length figures are then marked as sampled; every count from the manifest
   (documents, tokens, bytes, sources, shard sizes) is exact.
 
-Cost: the manifest, plus one column per shard for token datasets (100k documents of ~500 tokens
-in 7 Arrow shards: about 0.1 s), or ~100 shard openings for text.
+Cost (2-core VM, 101,297 documents from ``tools/make_corpus.py --mb 294``, 4 Arrow shards):
+tokenized (66.5 M tokens), 0.38 s in process: 0.24 s for the ``input_ids`` offsets, 0.12 s for
+``bfd`` on the lengths; ``shardloader stats`` 1.1 s with its imports. Text, 10,000 documents
+sampled: 1.0-1.4 s for the command; all 101,297: 1.6 s.
 """
 
 from __future__ import annotations
