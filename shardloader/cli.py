@@ -1,7 +1,7 @@
-"""Command-line interface: ``shardloader convert | merge | inspect | verify | profile | train``.
+"""Command-line interface: ``shardloader convert | merge | inspect | stats | verify | profile``.
 
-Also ``index`` (Parquet files read in place) and ``train-tokenizer``. Flags mirror the fields of
-the config objects (`shardloader.options`; ``train`` hands all its flags to
+Also ``train``, ``index`` (Parquet files read in place) and ``train-tokenizer``. Flags mirror
+the fields of the config objects (`shardloader.options`; ``train`` hands all its flags to
 ``python -m shardloader.train``). This module parses and prints;
 the work happens in the library. Errors from shardloader print as one line
 (``error: <location>: <what>``) and exit 1.
@@ -202,6 +202,63 @@ def _inspect_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    from shardloader.stats import dataset_stats, write_plot
+
+    stats = dataset_stats(
+        args.dataset, sample=args.sample, seq_len=args.seq_len, long_threshold=args.long
+    )
+    if args.plot:
+        write_plot(stats, args.plot)
+    if args.json:
+        print(json.dumps(stats.to_dict(), indent=1))
+        return 0
+    print(
+        f"{stats.dataset}: {stats.num_documents:,} documents"
+        + (f", {stats.num_tokens:,} tokens" if stats.length_unit == "tokens" else "")
+        + f", {_fmt_bytes(stats.num_bytes)} in {stats.num_shards} {stats.format} shards "
+        f"({stats.compression})"
+    )
+    measured = (
+        f"a sample of {stats.num_measured:,} documents from shards spread over the dataset"
+        if stats.sampled
+        else f"all {stats.num_measured:,} documents"
+    )
+    lengths = stats.lengths
+    print(f"\nlength in {stats.length_unit} ({measured}):")
+    print(
+        f"  mean {lengths.mean:,.1f}  p50 {lengths.p50:,}  p90 {lengths.p90:,}  "
+        f"p99 {lengths.p99:,}  max {lengths.max:,}"
+    )
+    top = max((c for _, _, c in stats.histogram), default=0)
+    for lo, hi, count in stats.histogram:
+        label = f"{lo:,}" if hi - lo == 1 else f"{lo:,}-{hi - 1:,}"
+        bar = "#" * (round(40 * count / top) if top else 0)
+        print(f"  {label:>17} {count:>9,} {bar}")
+    print(f"  empty: {stats.num_empty:,}; longer than {stats.long_threshold:,}: {stats.num_long:,}")
+    if stats.pack:
+        print(f"\npacking into rows of {stats.seq_len:,} tokens (one stream, manifest order):")
+        for p in stats.pack:
+            print(f"  {p.mode:<7} {p.num_rows:>12,} rows, {p.utilization:.1%} of their tokens real")
+    sb, sd = stats.shard_bytes, stats.shard_documents
+    print(
+        f"\nshards: {_fmt_bytes(sb.min)} to {_fmt_bytes(sb.max)} (median {_fmt_bytes(sb.p50)}); "
+        f"{sd.min:,} to {sd.max:,} documents (median {sd.p50:,})"
+    )
+    print(f"\nsources: {len(stats.sources)} files")
+    ranked = sorted(stats.sources, key=lambda s: -s["num_records"])
+    for source in ranked[: args.sources]:
+        skipped = f", {source['num_skipped']:,} skipped" if source["num_skipped"] else ""
+        print(f"  {source['num_records']:>10,} records{skipped}  {source['url']}")
+    if len(ranked) > args.sources:
+        print(f"  ... {len(ranked) - args.sources} more")
+    if stats.skipped:
+        print(f"skipped at conversion: {stats.skipped}")
+    if args.plot:
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     report = verify(args.dataset)
     for problem in report.problems:
@@ -379,6 +436,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048, help="--mix: row length (token mixes)")
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--shards", type=int, default=5)
+    p = sub.add_parser(
+        "stats",
+        help="summarize a dataset: documents, tokens, lengths, sources, shards, packing fill",
+    )
+    p.add_argument("dataset", help="a dataset directory or manifest (local or URL)")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=10_000,
+        help="text datasets: documents to measure, from shards spread over the dataset "
+        "(default 10000; token datasets read every length)",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=2048, help="token datasets: row length for packing"
+    )
+    p.add_argument(
+        "--long",
+        type=int,
+        help="count documents longer than this (default: --seq-len tokens, 100000 characters)",
+    )
+    p.add_argument("--sources", type=int, default=10, help="source files to list (largest first)")
+    p.add_argument("--plot", help="write a PNG of the distributions here (the 'plot' extra)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p = sub.add_parser("verify", help="re-read every shard and check counts and checksums")
     p.add_argument("dataset")
     p = sub.add_parser("train-tokenizer", help="train a small byte-level BPE tokenizer offline")
@@ -421,6 +501,7 @@ _COMMANDS = {
     "index": _index,
     "merge": _merge,
     "inspect": _inspect,
+    "stats": _stats,
     "verify": _verify,
     "train-tokenizer": _train_tokenizer,
     "profile": _profile,

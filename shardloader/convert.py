@@ -43,6 +43,7 @@ from typing import Any
 
 from shardloader._version import __version__
 from shardloader.convert_config import ConvertConfig
+from shardloader.convert_hf import DatasetTask, make_dataset_plan
 from shardloader.convert_plan import Task, make_plan, plan_tasks
 from shardloader.convert_pool import pool_start_method, run_tasks
 from shardloader.convert_task import WORK_DIR, record_name, run_task, shard_fields
@@ -55,6 +56,7 @@ from shardloader.manifest import (
     parse_manifest,
     shards_with_ids,
 )
+from shardloader.sources.hf import hf_dataset_kind
 from shardloader.storage import OutputDir, lock_output, unlock_output, write_file, writing
 
 __all__ = [
@@ -161,11 +163,19 @@ def _clear(out: OutputDir) -> None:
                 out.remove(name)
 
 
-def convert(inputs: Sequence[str] | str, config: ConvertConfig) -> ConvertResult:
-    """Convert raw corpus files into shards and a manifest.
+def convert(inputs: Sequence[str] | str | Any, config: ConvertConfig) -> ConvertResult:
+    """Convert raw corpus files, or a Hugging Face dataset in memory, into shards and a manifest.
+
+    A `datasets.Dataset` or `datasets.IterableDataset` is read in bounded batches, never whole;
+    each row is a record as a JSONL line would be (``text_field``, ``id_field``, ``keep_fields``,
+    chat shapes, ``on_bad_record``), located as ``Dataset: row N``, and a row without an id gets
+    ``Dataset:N``. A `Dataset` is cut into tasks of row ranges that run on the process pool where
+    workers fork (each inherits the dataset; nothing is pickled); an `IterableDataset` has no
+    random access and is read once, in this process (`shardloader.convert_hf`).
 
     Args:
-        inputs: Files, directories or glob patterns (local paths or fsspec URLs).
+        inputs: Files, directories or glob patterns (local paths or fsspec URLs), or a
+            `datasets.Dataset` / `datasets.IterableDataset` (one split, not a ``DatasetDict``).
         config: The conversion settings.
 
     Returns:
@@ -179,8 +189,13 @@ def convert(inputs: Sequence[str] | str, config: ConvertConfig) -> ConvertResult
         StorageError: Writing the output failed (full disk, read-only, a file in the way).
     """
     start = time.monotonic()
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-    plan, tasks = make_plan(config, inputs)
+    dataset = inputs if hf_dataset_kind(inputs) else None
+    tasks: Sequence[Task] | Sequence[DatasetTask]
+    if dataset is not None:
+        plan, tasks = make_dataset_plan(config, dataset)
+    else:
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        plan, tasks = make_plan(config, inputs)
     out = OutputDir(config.output)
     with writing(out.url):
         out.makedirs()
@@ -210,6 +225,7 @@ def convert(inputs: Sequence[str] | str, config: ConvertConfig) -> ConvertResult
             num_proc,
             start_method=pool_start_method(),
             lock_fd=lock_fd,
+            dataset=dataset,
         )
         manifest = None
         if config.num_tasks == 1:

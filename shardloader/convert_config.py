@@ -23,6 +23,8 @@ from shardloader.sources import (
 
 KiB = 1 << 10
 MiB = 1 << 20
+# The compression of each format's shards when ``compression`` is not given.
+DEFAULT_COMPRESSION = {"arrow": "zstd", "tar": "none"}
 
 
 def check_chat_settings(config: ConvertConfig) -> None:
@@ -77,8 +79,11 @@ class ConvertConfig:
     format: str = option(
         "arrow", "shard format: Arrow IPC files or WebDataset tar", choices=FORMATS
     )
-    compression: str = option(
-        "zstd", "zstd (Arrow: per record batch; tar: .tar.zst) or none", choices=COMPRESSIONS
+    compression: str | None = option(
+        None,
+        "zstd or none (default: zstd for Arrow, per record batch; none for tar, plain .tar that "
+        "webdataset.WebDataset(urls) reads as it is; tar with zstd: .tar.zst)",
+        choices=COMPRESSIONS,
     )
     # 2 compresses text about twice as fast as 3 here for ~4% more bytes, and decompresses
     # faster (``python -m tools.bench.convert``).
@@ -151,7 +156,7 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"format {self.format!r} is not known; use one of {FORMATS}")
-        if self.compression not in COMPRESSIONS:
+        if self.compression is not None and self.compression not in COMPRESSIONS:
             raise ConfigError(f"compression {self.compression!r}; use one of {COMPRESSIONS}")
         if self.on_bad_record not in ON_BAD_RECORD:
             raise ConfigError(f"on_bad_record {self.on_bad_record!r}; use one of {ON_BAD_RECORD}")
@@ -189,6 +194,18 @@ class ConvertConfig:
         elif self.schema == "text":
             check_text_settings(self)
 
+    @property
+    def shard_compression(self) -> str:
+        """The compression the shards get: `compression`, or the format's default when unset.
+
+        Arrow shards compress each record batch with zstd; tar shards are plain ``.tar`` by
+        default, because ``webdataset.WebDataset(urls)`` opens a ``.tar.zst`` only through a
+        ``pipe:`` URL.
+        """
+        if self.compression is not None:
+            return self.compression
+        return DEFAULT_COMPRESSION.get(self.format, "zstd")
+
     def output_settings(self, tokenizer_fingerprint: str | None) -> dict[str, Any]:
         """The settings that shape the output (recorded in the manifest and the work plan).
 
@@ -196,7 +213,7 @@ class ConvertConfig:
         """
         settings = {
             "format": self.format,
-            "compression": self.compression,
+            "compression": self.shard_compression,
             "compression_level": self.compression_level,
             "shard_bytes": self.shard_bytes,
             "shard_samples": self.shard_samples,

@@ -23,7 +23,7 @@ from shardloader.convert_config import ConvertConfig, check_chat_settings, check
 from shardloader.errors import ConfigError, CorpusError
 from shardloader.sources import CHAT_SCHEMAS, detect_file_schema
 from shardloader.storage import InputFile
-from shardloader.tokenizer import TextTokenizer
+from shardloader.tokenizer import TextTokenizer, TokenizerInfo
 
 # The conversion logs under one name, as it did as one module ("shardloader.convert: ...").
 log = logging.getLogger("shardloader.convert")
@@ -101,6 +101,35 @@ def _list_inputs(inputs: Sequence[str], output: str) -> list[InputFile]:
     return files
 
 
+def plan_settings(
+    config: ConvertConfig, schema: str
+) -> tuple[dict[str, Any], TokenizerInfo | None]:
+    """The output settings of a conversion of records of shape ``schema``, and its tokenizer.
+
+    The tokenizer is loaded here, so a bad one fails before any work starts.
+
+    Raises:
+        ConfigError: Settings that do not go with the shape (`check_chat_settings`).
+    """
+    chat = schema in CHAT_SCHEMAS
+    if chat:
+        check_chat_settings(config)
+    else:
+        check_text_settings(config)
+    info = None
+    if config.tokenizer:
+        info = TextTokenizer(
+            config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token
+        ).info
+        if chat:  # the template's text is part of what the shards depend on
+            renderer = ChatRenderer(load_chat_tokenizer(config.tokenizer), config.tokenizer)
+            info = replace(info, chat_template=renderer.template_hash)
+    settings = {**config.output_settings(info.fingerprint if info else None), "schema": schema}
+    if chat and info is not None:  # the template writes BOS and EOS
+        settings.update(add_eos=None, add_bos=None, chat_template=info.chat_template)
+    return settings, info
+
+
 def make_plan(config: ConvertConfig, inputs: Sequence[str]) -> tuple[dict[str, Any], list[Task]]:
     """The work plan (JSON-ready, with its ``fingerprint``) and the tasks of converting ``inputs``.
 
@@ -114,22 +143,7 @@ def make_plan(config: ConvertConfig, inputs: Sequence[str]) -> tuple[dict[str, A
     schema = config.schema
     if schema == "auto":  # the corpus's first record decides, for every task
         schema = detect_file_schema(files[0], config.text_field, config.max_record_bytes)
-    chat = schema in CHAT_SCHEMAS
-    if chat:
-        check_chat_settings(config)
-    else:
-        check_text_settings(config)
-    info = None
-    if config.tokenizer:  # loaded here so a bad tokenizer fails before any work starts
-        info = TextTokenizer(
-            config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token
-        ).info
-        if chat:  # the template's text is part of what the shards depend on
-            renderer = ChatRenderer(load_chat_tokenizer(config.tokenizer), config.tokenizer)
-            info = replace(info, chat_template=renderer.template_hash)
-    settings = {**config.output_settings(info.fingerprint if info else None), "schema": schema}
-    if chat and info is not None:  # the template writes BOS and EOS
-        settings.update(add_eos=None, add_bos=None, chat_template=info.chat_template)
+    settings, info = plan_settings(config, schema)
     tasks = plan_tasks(files, config.task_bytes)
     plan: dict[str, Any] = {
         "version": 1,

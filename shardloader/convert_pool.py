@@ -16,10 +16,11 @@ import queue as queue_mod
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from shardloader.convert_config import ConvertConfig
+from shardloader.convert_hf import DatasetTask, run_dataset_task
 from shardloader.convert_plan import Task
 from shardloader.convert_task import run_task
 from shardloader.sources import kind_of
@@ -30,11 +31,13 @@ log = logging.getLogger("shardloader.convert")
 MiB = 1 << 20
 
 _progress_queue: Any = None
+_dataset: Any = None  # a forked worker's inherited `datasets` object (dataset conversions)
 
 
-def _init_worker(progress_queue: Any, lock_fd: int | None) -> None:
-    global _progress_queue
+def _init_worker(progress_queue: Any, lock_fd: int | None, dataset: Any = None) -> None:
+    global _progress_queue, _dataset
     _progress_queue = progress_queue
+    _dataset = dataset
     if lock_fd is not None:  # forked: drop our copy, so the lock dies with the parent
         os.close(lock_fd)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
@@ -44,8 +47,20 @@ def _worker_report(docs: int, nbytes: int) -> None:
     _progress_queue.put((docs, nbytes))
 
 
-def _pool_task(task: Task, config: ConvertConfig, fingerprint: str) -> dict[str, Any]:
-    return run_task(task, config, fingerprint, _worker_report)
+def _pool_task(task: Task | DatasetTask, config: ConvertConfig, fingerprint: str) -> dict[str, Any]:
+    return _run_one(task, config, fingerprint, _dataset, _worker_report)
+
+
+def _run_one(
+    task: Task | DatasetTask,
+    config: ConvertConfig,
+    fingerprint: str,
+    dataset: Any,
+    report: Callable[[int, int], None],
+) -> dict[str, Any]:
+    if isinstance(task, DatasetTask):
+        return run_dataset_task(task, config, fingerprint, dataset, report)
+    return run_task(task, config, fingerprint, report)
 
 
 class _Progress:
@@ -98,13 +113,14 @@ def pool_start_method() -> str:
 
 
 def run_tasks(
-    tasks: Sequence[Task],
+    tasks: Sequence[Task] | Sequence[DatasetTask],
     config: ConvertConfig,
     fingerprint: str,
     num_proc: int,
     *,
     start_method: str,
     lock_fd: int | None = None,
+    dataset: Any = None,
 ) -> list[dict[str, Any]]:
     """Run ``tasks`` on ``num_proc`` processes; returns their completion records in task order.
 
@@ -115,19 +131,25 @@ def run_tasks(
         num_proc: Worker processes; with one (or one task) the tasks run in this process.
         start_method: ``fork`` or ``spawn`` (`pool_start_method`, asked before any thread starts).
         lock_fd: The output lock's descriptor: forked workers close their copy of it.
+        dataset: The `datasets` object that `DatasetTask`s read; forked workers inherit it,
+            so without ``fork`` its tasks run in this process.
     """
     files = [f for t in tasks for f in t.files]
     # Progress counts text bytes read; the stored size is their total only for plain files.
     plain = all(kind_of(f.url)[1] == "none" and kind_of(f.url)[0] != "parquet" for f in files)
-    progress = _Progress(sum(f.num_bytes for f in files) if plain else None, config.progress)
+    total = sum(f.num_bytes for f in files) if plain and files else None
+    progress = _Progress(total, config.progress)
+    if dataset is not None and start_method != "fork" and num_proc > 1:
+        log.info("workers cannot inherit the dataset without fork: its tasks run in this process")
+        num_proc = 1
     try:
         if num_proc <= 1 or len(tasks) <= 1:
-            return [run_task(t, config, fingerprint, progress.update) for t in tasks]
+            return [_run_one(t, config, fingerprint, dataset, progress.update) for t in tasks]
         ctx = mp.get_context(start_method)
         q = ctx.Queue()
         inherited = lock_fd if start_method == "fork" else None
         pool = ctx.Pool(
-            min(num_proc, len(tasks)), initializer=_init_worker, initargs=(q, inherited)
+            min(num_proc, len(tasks)), initializer=_init_worker, initargs=(q, inherited, dataset)
         )
         try:
             pending = [pool.apply_async(_pool_task, (t, config, fingerprint)) for t in tasks]

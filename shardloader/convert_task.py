@@ -52,7 +52,7 @@ PROGRESS_EVERY_S = 0.25
 _RENDERERS: dict[tuple[str, tuple[tuple[str, int, int], ...]], ChatRenderer] = {}
 
 
-def _renderer(path: str) -> ChatRenderer:
+def chat_renderer(path: str) -> ChatRenderer:
     """The chat renderer of tokenizer directory ``path``, loaded once per process.
 
     Loading a transformers tokenizer takes a few tenths of a second, so a worker that runs many
@@ -88,7 +88,7 @@ def shard_fields(
     return {"id": "string", **payload, **parse_keep_fields(tuple(keep_fields))}
 
 
-class _Throttle:
+class Throttle:
     """Passes (documents, input bytes) on to ``report`` at most every ``PROGRESS_EVERY_S``."""
 
     def __init__(self, report: Callable[[int, int], None]) -> None:
@@ -97,6 +97,7 @@ class _Throttle:
         self._last = time.monotonic()
 
     def add(self, docs: int, nbytes: int) -> None:
+        """Count ``docs`` documents and ``nbytes`` input bytes; report if it is time."""
         self._docs += docs
         self._bytes += nbytes
         now = time.monotonic()
@@ -105,11 +106,12 @@ class _Throttle:
             self._last = now
 
     def flush(self) -> None:
+        """Report what is counted now."""
         self._report(self._docs, self._bytes)
         self._docs = self._bytes = 0
 
 
-class _FileDone(NamedTuple):
+class FileDone(NamedTuple):
     """What converting one input file did: its ``sources`` entry, documents, input bytes."""
 
     source: dict[str, Any]
@@ -118,7 +120,7 @@ class _FileDone(NamedTuple):
 
 
 def _write_texts(
-    docs: Iterable[Document], series: ShardSeries, progress: _Throttle
+    docs: Iterable[Document], series: ShardSeries, progress: Throttle
 ) -> tuple[int, int]:
     """The line-by-line path: write each document's text; returns (documents, text bytes)."""
     num_docs = num_bytes = 0
@@ -134,7 +136,7 @@ def _write_texts(
 def _write_tokens(
     docs: Iterable[Document],
     series: ShardSeries,
-    progress: _Throttle,
+    progress: Throttle,
     tokenizer: TextTokenizer,
     config: ConvertConfig,
 ) -> tuple[int, int]:
@@ -169,7 +171,7 @@ def _write_tokens(
 def _write_chats(
     docs: Iterable[Document],
     series: ShardSeries,
-    progress: _Throttle,
+    progress: Throttle,
     renderer: ChatRenderer,
     *,
     dtype: str,
@@ -224,10 +226,36 @@ def _write_chats(
     return num_docs, num_bytes
 
 
+def write_documents(
+    docs: Iterable[Document],
+    series: ShardSeries,
+    progress: Throttle,
+    *,
+    config: ConvertConfig,
+    tokenizer: TextTokenizer | None,
+    renderer: ChatRenderer | None,
+    bad: BadRecords,
+) -> tuple[int, int]:
+    """Write ``docs`` as chat token ids, token ids or text; returns (documents, text bytes)."""
+    if renderer is not None and tokenizer is not None:
+        return _write_chats(
+            docs,
+            series,
+            progress,
+            renderer,
+            dtype=tokenizer.info.dtype,
+            bad=bad,
+            max_prompt_tokens=config.max_prompt_tokens,
+        )
+    if tokenizer is not None:
+        return _write_tokens(docs, series, progress, tokenizer, config)
+    return _write_texts(docs, series, progress)
+
+
 def _convert_file(
     source: InputFile,
     series: ShardSeries,
-    progress: _Throttle,
+    progress: Throttle,
     *,
     config: ConvertConfig,
     tokenizer: TextTokenizer | None,
@@ -235,7 +263,7 @@ def _convert_file(
     spec: RecordSpec,
     bad: BadRecords,
     fast_jsonl: bool,
-) -> _FileDone:
+) -> FileDone:
     """Convert one input file by the first path that applies: whole-file JSONL, tokenize, lines."""
     stats = Counter[str]()
     skipped_before = bad.total
@@ -255,20 +283,9 @@ def _convert_file(
             if table is not None
             else read_documents(source, spec=spec, bad=bad, stats=stats, max_record_bytes=limit)
         )
-        if renderer is not None and tokenizer is not None:
-            num_docs, text_bytes = _write_chats(
-                docs,
-                series,
-                progress,
-                renderer,
-                dtype=tokenizer.info.dtype,
-                bad=bad,
-                max_prompt_tokens=config.max_prompt_tokens,
-            )
-        elif tokenizer is not None:
-            num_docs, text_bytes = _write_tokens(docs, series, progress, tokenizer, config)
-        else:
-            num_docs, text_bytes = _write_texts(docs, series, progress)
+        num_docs, text_bytes = write_documents(
+            docs, series, progress, config=config, tokenizer=tokenizer, renderer=renderer, bad=bad
+        )
     # Progress counted text bytes; settle this file at its raw (JSON) input bytes.
     progress.add(0, stats["bytes"] - text_bytes)
     entry = {
@@ -278,28 +295,28 @@ def _convert_file(
         "num_skipped": bad.total - skipped_before,
         "num_blank_lines": stats["blank_lines"],
     }
-    return _FileDone(entry, num_docs, stats["bytes"])
+    return FileDone(entry, num_docs, stats["bytes"])
 
 
-def _task_record(
-    task: Task,
+def task_record(
+    task_index: int,
     settings_fingerprint: str,
     shards: Sequence[ShardInfo],
     blocks: Sequence[list[list[int]] | None],
-    done: Sequence[_FileDone],
+    done: Sequence[FileDone],
     bad: BadRecords,
 ) -> dict[str, Any]:
     """The completion record of a task (and the log line of what it skipped)."""
     if bad.total:
         log.warning(
             "task %d: skipped %d bad records %s; first at %s",
-            task.index,
+            task_index,
             bad.total,
             dict(sorted(bad.counts.items())),
             bad.examples[0],
         )
     return {
-        "task": task.index,
+        "task": task_index,
         "settings": settings_fingerprint,
         "shards": [
             {**s._asdict(), **({"blocks": b} if b is not None else {})}
@@ -355,7 +372,7 @@ def run_task(
         schema = detect_file_schema(task.files[0], config.text_field, config.max_record_bytes)
     renderer = None
     if tokenizer is not None and schema in CHAT_SCHEMAS:
-        renderer = _renderer(config.tokenizer or "")
+        renderer = chat_renderer(config.tokenizer or "")
     series = ShardSeries(
         out,
         config,
@@ -371,7 +388,7 @@ def run_task(
         schema=schema,
     )
     bad = BadRecords(config.on_bad_record)
-    progress = _Throttle(report)
+    progress = Throttle(report)
     try:
         done = [
             _convert_file(
@@ -392,7 +409,7 @@ def run_task(
         series.abort()
         raise
     progress.flush()
-    record = _task_record(task, settings_fingerprint, shards, series.blocks, done, bad)
+    record = task_record(task.index, settings_fingerprint, shards, series.blocks, done, bad)
     write_file(out, record_name(task.index), json.dumps(record, indent=1).encode())
     out.close()
     return record

@@ -41,6 +41,7 @@ from shardloader.pack_rows import (
     Packer,
     PackStats,
     best_fit_decreasing,
+    count_rows,
 )
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "Packer",
     "PackingCollator",
     "best_fit_decreasing",
+    "count_rows",
     "collate_rows",
     "empty_batch",
 ]

@@ -516,3 +516,48 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
         if room > length:
             bisect.insort(free, (room - length) * n + b)
     return bins
+
+
+def count_rows(
+    lengths: np.ndarray, config: PackConfig, *, conversations: bool = False
+) -> tuple[int, int]:
+    """Rows and row tokens a `Packer` with ``config`` makes of documents of ``lengths`` tokens.
+
+    From the lengths alone (no token ids), one stream in the given order: ``concat`` joins them
+    and cuts rows of ``seq_len`` (the last partly filled unless ``drop_last``); ``bfd`` places each
+    buffer of ``buffer_size`` documents with `best_fit_decreasing`, the same placement as
+    `Packer`. Documents over ``seq_len`` follow ``long_docs`` (``auto``: split, or truncated when
+    ``conversations``); a truncated conversation that `Packer` drops because no kept token has a
+    loss cannot be told from lengths, so for conversations the count is an upper bound. ``pad``:
+    one row per piece.
+
+    Returns:
+        ``(num_rows, num_row_tokens)``.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    seq_len = config.seq_len
+    if config.mode == "concat":
+        total = int(lengths.sum())
+        rows = total // seq_len if config.drop_last else -(-total // seq_len)
+        return rows, min(total, rows * seq_len)
+    policy = config.long_docs
+    if policy == "auto":
+        policy = "truncate" if conversations else "split"
+    kept = lengths
+    if policy == "truncate":
+        kept = np.minimum(lengths, seq_len)
+    elif policy == "drop":
+        kept = np.where(lengths > seq_len, 0, lengths)
+    if config.mode == "pad":
+        return int((-(-kept // seq_len)).sum()), int(kept.sum())
+    num_rows = 0
+    for start in range(0, len(kept), config.buffer_size):
+        buffer = kept[start : start + config.buffer_size]
+        num_pieces = -(-buffer // seq_len)
+        piece_doc = np.repeat(np.arange(len(buffer)), num_pieces)
+        first_piece = np.cumsum(num_pieces) - num_pieces
+        piece_index = np.arange(len(piece_doc)) - np.repeat(first_piece, num_pieces)
+        piece_len = np.minimum(buffer[piece_doc] - piece_index * seq_len, seq_len)
+        if len(piece_len):
+            num_rows += int(best_fit_decreasing(piece_len, seq_len).max()) + 1
+    return num_rows, int(kept.sum())

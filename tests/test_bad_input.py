@@ -657,7 +657,7 @@ def test_overwrite_replaces_the_old_dataset_entirely(tmp_path):
     assert result.manifest is not None
     assert read_back(out) == pairs(new)
     shards = sorted(p.name for p in out.iterdir() if p.name.startswith("shard-"))
-    assert shards == [s.path for s in result.manifest.shards] == ["shard-00000-0000.tar.zst"]
+    assert shards == [s.path for s in result.manifest.shards] == ["shard-00000-0000.tar"]
     assert shardloader.verify(str(out)).ok
     proc = cli_convert(old_path, out, "--overwrite")
     assert proc.returncode == 0, proc.stderr

@@ -122,10 +122,27 @@ def test_webdataset_reads_tar_shards_as_is(corpus, tmp_path):
     assert len({s["__key__"] for s in samples}) == len(docs)
 
 
+def test_default_tar_shards_are_plain_and_webdataset_reads_them_as_they_are(tmp_path):
+    """Issue 18: ``--format tar`` with no other flag gives what ``wds.WebDataset(urls)`` opens."""
+    docs = make_docs(90)
+    out = convert_docs(tmp_path, docs, format="tar", shard_samples=40, num_proc=1)
+    manifest = shardloader.read_manifest(str(out))
+    assert manifest.compression == "none"
+    assert manifest.config["compression"] == "none"
+    assert [s.path for s in manifest.shards] == [f"shard-00000-{i:04d}.tar" for i in range(3)]
+    samples = list(wds.WebDataset(_wds_urls(out), shardshuffle=False))
+    theirs = {json.loads(s["json"])["id"]: s["txt"].decode("utf-8") for s in samples}
+    assert len(samples) == len(theirs) == 90
+    assert theirs == {d["id"]: d["text"] for d in docs}
+
+
 def test_webdataset_reads_zstd_tar_shards_through_a_pipe(corpus, tmp_path):
     root, docs = corpus
     out = tmp_path / "out"
-    convert([str(root)], ConvertConfig(output=str(out), format="tar", num_proc=1))
+    convert(
+        [str(root)], ConvertConfig(output=str(out), format="tar", compression="zstd", num_proc=1)
+    )
+    assert {p.suffix for p in out.glob("shard-*")} == {".zst"}
     unzstd = (
         f"{sys.executable} -c 'import sys, zstandard; "
         "zstandard.ZstdDecompressor().copy_stream(sys.stdin.buffer, sys.stdout.buffer)'"

@@ -479,3 +479,48 @@ def _batch_samples(
     names = list(columns)
     for row in zip(*columns.values(), strict=True):
         yield dict(zip(names, row, strict=True))
+
+
+def read_lengths(
+    source: Any, field: str, kind: str, where: str, *, limit: int | None = None
+) -> np.ndarray:
+    """The lengths of one column of an Arrow shard, reading that column only.
+
+    Token columns give token counts (from the list offsets), others their characters (UTF-8
+    code points, counted by Arrow without making Python strings). The IPC reader is told to
+    load only ``field``, so a memory-mapped shard reads no other column's pages.
+
+    Args:
+        source: A memory map or a seekable binary file.
+        field: The column.
+        kind: Its manifest kind (``tokens``, ``string``, ``json``).
+        where: The shard, for errors.
+        limit: Read record batches until at least this many rows (``None``: all).
+
+    Raises:
+        ShardError: Not a readable Arrow shard, or no such column.
+    """
+    import pyarrow.compute as pc
+
+    out: list[np.ndarray] = []
+    count = 0
+    try:
+        schema = pa.ipc.open_file(source).schema
+        if field not in schema.names:
+            raise ShardError(f"{where}: no column {field!r} (columns: {', '.join(schema.names)})")
+        options = pa.ipc.IpcReadOptions(included_fields=[schema.get_field_index(field)])
+        reader = pa.ipc.open_file(source, options=options)
+        for index in range(reader.num_record_batches):
+            if limit is not None and count >= limit:
+                break
+            column = reader.get_batch(index).column(0)
+            if kind == "tokens":
+                offsets = _numpy_view(column.offsets)
+                out.append(np.diff(offsets).astype(np.int64))
+            else:
+                chars = pc.fill_null(pc.utf8_length(column), 0)
+                out.append(chars.to_numpy(zero_copy_only=False).astype(np.int64))
+            count += len(column)
+    except (pa.ArrowException, OSError) as err:
+        raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
+    return np.concatenate(out) if out else np.zeros(0, np.int64)

@@ -38,8 +38,8 @@ class SeriesSettings(Protocol):
         """Shard format name."""
 
     @property
-    def compression(self) -> str:
-        """Compression name."""
+    def shard_compression(self) -> str:
+        """Compression name (resolved: ``zstd`` or ``none``)."""
 
     @property
     def compression_level(self) -> int:
@@ -88,7 +88,7 @@ class ShardSeries:
         self._out, self._config, self._task = out, config, task
         self._format = get_format(config.format)
         self._fields, self._token_dtype = fields, token_dtype
-        self._suffix = self._format.file_suffix(config.compression)
+        self._suffix = self._format.file_suffix(config.shard_compression)
         self._tmp_prefix = tmp_prefix
         self._sink: AtomicWriter | None = None
         self._writer: Any = None
@@ -159,7 +159,7 @@ class ShardSeries:
             shard_name=stem,
             fields=self._fields,
             token_dtype=self._token_dtype,
-            compression=self._config.compression,
+            compression=self._config.shard_compression,
             compression_level=self._config.compression_level,
             batch_bytes=self._config.batch_bytes,
         )

@@ -1,9 +1,10 @@
-"""WebDataset-compatible tar shards, optionally zstd-compressed (``.tar.zst``).
+"""WebDataset-compatible tar shards: plain ``.tar`` (the default), or zstd-compressed ``.tar.zst``.
 
 Each sample is a group of members sharing a key (``{shard}-{index:07d}``): ``.txt`` holds the
 UTF-8 text, or ``.npy`` the token ids (a numpy ``.npy`` file, never pickled); ``.json`` holds the
 id and the kept fields, and for chat data also ``messages`` (then there is no ``.txt``).
-``webdataset.WebDataset(urls)`` reads them as they are. Member headers carry fixed times and
+``webdataset.WebDataset(urls)`` reads plain ones as they are (a ``.tar.zst`` through a ``pipe:``
+URL that decompresses it). Member headers carry fixed times and
 owners, so the same input always gives the same bytes.
 
 Reading takes a tar as hostile input: every member must be a regular file named ``key.ext``

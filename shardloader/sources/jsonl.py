@@ -90,7 +90,7 @@ def read_jsonl(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[Do
         if doc is None:
             continue
         if not (doc.text.isascii() and doc.id.isascii()) or doc.fields:
-            problem = _lone_surrogate(doc, spec)
+            problem = lone_surrogate(doc, spec)
             if problem:
                 bad.report("bad_utf8", doc.where, problem)
                 continue
@@ -125,7 +125,7 @@ def _loads_like_arrow(raw: bytes, spec: RecordSpec) -> dict[str, Any] | None:
     return {k: v for k, v in rows[0].items() if v is not None}
 
 
-def _lone_surrogate(doc: Document, spec: RecordSpec) -> str:
+def lone_surrogate(doc: Document, spec: RecordSpec) -> str:
     r"""Describe the first lone surrogate in ``doc``'s text, id or kept fields ("" if none).
 
     Only JSON ``\uD8xx`` escapes produce them (UTF-8 decoding never does), and they cannot be

@@ -4,11 +4,12 @@ What is measured, on one generated JSONL corpus (``tools/make_corpus.py``, 256 M
 default, cached under ``.bench/``) with the same number of processes ``N`` for every system:
 
 - **text**: JSONL -> text shards. ``shardloader convert --format arrow`` and ``--format tar``
-  (zstd); WebDataset ``ShardWriter`` (a ``multiprocessing.Pool`` of N, one writer per process over
-  its share of the input files; plain tar, as WebDataset has no zstd writer); Mosaic ``MDSWriter``
-  (N writers over a split of the files, zstd, then ``merge_index``); LitData ``optimize`` (a
-  generator fn per input file, ``num_workers=N``, zstd, ``reorder_files=False``). Rate: MB/s of
-  input (uncompressed JSONL bytes) and documents/s.
+  (both ``--compression zstd``, which tar shards need asked for); WebDataset ``ShardWriter`` (a
+  ``multiprocessing.Pool`` of N, one writer per process over its share of the input files; plain
+  tar, as WebDataset has no zstd writer); Mosaic ``MDSWriter`` (N writers over a split of the
+  files, zstd, then ``merge_index``); LitData ``optimize`` (a generator fn per input file,
+  ``num_workers=N``, zstd, ``reorder_files=False``). Rate: MB/s of input (uncompressed JSONL
+  bytes) and documents/s.
 - **tokens**: JSONL -> token-id shards with a byte-level BPE tokenizer (vocab 8192, trained here on
   a sample of the corpus). ``shardloader convert --tokenizer``; Mosaic ``MDSWriter`` with an
   ``ndarray:uint16`` column; LitData ``optimize`` with ``TokensLoader`` (``compression_level=
