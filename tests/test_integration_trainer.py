@@ -3,15 +3,13 @@
 The torchrun test runs ``tests/hf_trainer_run.py`` on 2 CPU ranks (gloo): a tiny Llama on packed
 rows of 90 documents for about 2.5 epochs, saving a checkpoint every 6 steps; every rank logs
 the sample ids of each batch it trains. Then it resumes from two checkpoints (mid-epoch, and one
-taken while a rank that ran out of rows trained empty batches) and compares id by id.
+taken while a rank that ran out of rows trained empty batches), with a DataLoader worker this
+time, and compares id by id (harness: ``tests/integration_runs.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,58 +18,29 @@ import torch
 
 from shardloader import (
     ConfigError,
-    ConvertConfig,
     PackConfig,
     ResumeError,
     ShardDataset,
     ShardLoader,
     StreamConfig,
-    convert,
 )
 from shardloader.integrations.stream import LoopStream
-from tests.conftest import ROOT, make_docs, write_jsonl
+from tests.integration_runs import (
+    MAX_STEPS,
+    SAVE_STEPS,
+    check_full_run,
+    check_resumed,
+    make_small_tokens,
+    read_log,
+    run_ranks,
+)
 
-SCRIPT = ROOT / "tests" / "hf_trainer_run.py"
-NUM_DOCS = 90
-SHARDS = (40, 7, 43)
+SCRIPT = "hf_trainer_run.py"
 
 
 @pytest.fixture(scope="module")
 def small_tokens(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """90 tokenized documents in 3 uneven shards (about 4,400 tokens)."""
-    root = tmp_path_factory.mktemp("trainer-data")
-    docs = make_docs(NUM_DOCS, seed=5)
-    start = 0
-    for index, size in enumerate(SHARDS):
-        write_jsonl(root / "corpus" / f"part-{index}.jsonl", docs[start : start + size])
-        start += size
-    out = root / "data"
-    config = ConvertConfig(output=str(out), task_bytes=1, num_proc=1, tokenizer=str(tokenizer_dir))
-    convert([str(root / "corpus")], config)
-    return out
-
-
-def run_ranks(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(
-        [*cmd, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-
-
-def read_log(out: Path, tag: str, rank: int) -> list[dict[str, Any]]:
-    lines = (out / f"{tag}-rank{rank}.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def epoch_ids(log: list[dict[str, Any]], epoch: int) -> list[int]:
-    """The documents of one epoch in the order they were first trained."""
-    seen: dict[int, None] = {}
-    for record in log:
-        if record["epoch"] == epoch:
-            seen.update(dict.fromkeys(record["ids"]))
-    return list(seen)
+    return make_small_tokens(tmp_path_factory.mktemp("trainer-data"), tokenizer_dir)
 
 
 @pytest.mark.slow
@@ -80,37 +49,17 @@ def test_trainer_reads_each_share_once_moves_epochs_and_resumes_exactly(
     small_tokens: Path, tmp_path: Path
 ) -> None:
     data, out = str(small_tokens), tmp_path
-    run_ranks(data, str(out), "full", "--max-steps", "45", "--save-steps", "6", "--workers", "1")
+    flags = ("--max-steps", str(MAX_STEPS))
+    run_ranks(SCRIPT, data, str(out), "full", *flags, "--save-steps", str(SAVE_STEPS))
     full = [read_log(out, "full", rank) for rank in (0, 1)]
-    assert [[r["step"] for r in log] for log in full] == [list(range(1, 46))] * 2
-    epochs = {r["epoch"] for log in full for r in log}
-    assert epochs == {0, 1, 2}, "the run must cover two whole epochs"
-
-    for epoch in (0, 1):
-        # (a) each rank trained its own documents: equal counts, disjoint, together all of them
-        shares = [epoch_ids(log, epoch) for log in full]
-        assert len(shares[0]) == len(shares[1]) == NUM_DOCS // 2
-        assert set(shares[0]).isdisjoint(shares[1])
-        assert set(shares[0]) | set(shares[1]) == set(range(NUM_DOCS))
-    # (c) the epoch reached the dataset: the next epoch is shuffled anew
-    for log in full:
-        assert epoch_ids(log, 0) != epoch_ids(log, 1)
-        assert epoch_ids(log, 1)[:10] != epoch_ids(log, 2)[:10]
-    # Packed rows differ per rank: the rank that runs out first trains empty batches.
-    idle = [s for s in range(6, 46, 6) if any(not log[s - 1]["ids"] for log in full)]
-    assert idle, "no checkpoint was taken while a rank was idle"
-
-    # (b) resume mid-epoch, and at a checkpoint taken while one rank was idle
-    steps = sorted({12, idle[0]})
+    steps = check_full_run(full)
     checkpoints = [out / "run" / f"checkpoint-{step}" for step in steps]
     assert all((c / "shardloader_state.json").is_file() for c in checkpoints)
     resumes = [arg for c in checkpoints for arg in ("--resume", str(c))]
-    run_ranks(data, str(out), "resumed", "--max-steps", "45", *resumes)
+    run_ranks(SCRIPT, data, str(out), "resumed", *flags, "--workers", "1", *resumes)
     for step in steps:
         for rank in (0, 1):
-            resumed = read_log(out, f"resumed-checkpoint-{step}", rank)
-            assert resumed[0]["step"] == step + 1  # Trainer skipped nothing, re-read nothing
-            assert resumed == [r for r in full[rank] if r["step"] > step]
+            check_resumed(full[rank], read_log(out, f"resumed-checkpoint-{step}", rank), step)
 
 
 # --- in one process ---------------------------------------------------------------------------
