@@ -137,6 +137,12 @@ class ShardTrainer(Trainer):
             raise ConfigError("ShardTrainer needs train_dataset, a ShardDataset")
         args = self.args
         _check_max_steps(args)
+        packed = getattr(dataset, "pack", None) is not None
+        if packed and args.world_size > 1 and not args.average_tokens_across_devices:
+            raise ConfigError(
+                "a rank out of packed rows trains empty batches, whose loss is 0 / 0 unless "
+                "tokens are counted over all ranks; keep average_tokens_across_devices=True"
+            )
         if self.stream is not None:
             return self.stream
         options: dict[str, Any] = {
