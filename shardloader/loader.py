@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -119,6 +119,25 @@ _NUMPY_DTYPES = frozenset(
         torch.float64,
     }
 )  # (torch's uint16/32/64 convert to numpy only in recent releases: they keep torch's path)
+
+
+@dataclass(frozen=True)
+class LoaderMark:
+    """What a `ShardLoader`'s training loop had consumed at one moment of an epoch (`mark`).
+
+    A few tuples. Training loops that fetch ahead of the step they run (Lightning fetches one
+    batch ahead) take a mark before each fetch and save `ShardLoader.state_dict` ``at`` the mark
+    of the last batch they trained.
+
+    Attributes:
+        epoch: The epoch being read.
+        cursors: The latest cursor of each worker share that delivered a batch.
+        last_share: The share whose batch came last.
+    """
+
+    epoch: int
+    cursors: tuple[Cursor, ...]
+    last_share: int | None
 
 
 class _CursorCollate:
@@ -240,18 +259,37 @@ class ShardLoader(torch.utils.data.DataLoader):
                 total[name] = total.get(name, 0.0) + seconds
         return total
 
-    def state_dict(self, *, gather: bool = False) -> dict[str, Any]:
+    def mark(self) -> LoaderMark:
+        """What the loop has consumed so far, for `state_dict` ``at=`` later (cheap)."""
+        return LoaderMark(
+            epoch=self.shard_dataset.epoch,
+            cursors=tuple(self._cursors.values()),
+            last_share=self._last_worker,
+        )
+
+    def state_dict(self, *, gather: bool = False, at: LoaderMark | None = None) -> dict[str, Any]:
         """The position of the training loop: what it consumed, not what workers read ahead.
 
         Args:
             gather: Collect every rank's position (a collective over torch.distributed: call it
                 on all ranks). Needed only to resume on another world size or worker count;
                 without it the state resumes exactly on the same topology.
+            at: The position of an earlier `mark` of the epoch being read, for loops that
+                fetch batches ahead of the step they train.
 
         Returns:
             A JSON-friendly dict (`shardloader.state.LoaderState`).
+
+        Raises:
+            ConfigError: ``at`` is from another epoch, or the epoch has ended since.
         """
-        state = self._state()
+        if at is not None and (self._epoch_finished() or at.epoch != self.shard_dataset.epoch):
+            raise ConfigError(
+                f"the mark is from epoch {at.epoch}, but the loader is "
+                f"{'past the end of' if self._epoch_finished() else 'in'} epoch "
+                f"{self.shard_dataset.epoch}; take the state without a mark at an epoch's end"
+            )
+        state = self._state(at=at)
         if gather:
             import torch.distributed as dist
 
@@ -273,7 +311,7 @@ class ShardLoader(torch.utils.data.DataLoader):
     def _epoch_finished(self) -> bool:
         return self._epoch_done is not None and self.shard_dataset.epoch == self._epoch_done
 
-    def _state(self, *, hold_epoch: bool = False) -> LoaderState:
+    def _state(self, *, hold_epoch: bool = False, at: LoaderMark | None = None) -> LoaderState:
         dataset = self.shard_dataset
         if self._epoch_finished() and not hold_epoch:
             assert self._epoch_done is not None
@@ -288,6 +326,8 @@ class ShardLoader(torch.utils.data.DataLoader):
             )
         epoch = dataset.epoch
         anchor = dataset.anchor(epoch)  # from the manifest read when iteration started
+        if at is not None:
+            return state_from_cursors(anchor, at.cursors, last_share=at.last_share)
         return state_from_cursors(anchor, self._cursors.values(), last_share=self._last_worker)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -1,0 +1,55 @@
+"""`ShardDataModule` (Lightning DDP on 2 CPU ranks under torchrun): exact ids, epochs and resume.
+
+``tests/lightning_run.py`` trains a tiny Llama on packed rows with ``Trainer(accelerator="cpu",
+devices=2, strategy="ddp", use_distributed_sampler=False)`` and a ``ModelCheckpoint`` every 6
+steps; the checks are those of the transformers test (``tests/integration_runs.py``). Lightning
+fetches one batch ahead of the step it trains, so an exact resume here also checks that the
+saved position is that of the trained batches, not of the fetched ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration_runs import (
+    MAX_STEPS,
+    SAVE_STEPS,
+    check_full_run,
+    check_resumed,
+    make_small_tokens,
+    read_log,
+    run_ranks,
+)
+
+pytest.importorskip("lightning", reason="the lightning extra is not installed")
+
+SCRIPT = "lightning_run.py"
+
+
+@pytest.mark.slow
+@pytest.mark.torchrun
+def test_lightning_reads_each_share_once_moves_epochs_and_resumes_exactly(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    data = str(make_small_tokens(tmp_path_factory.mktemp("lightning-data"), tokenizer_dir))
+    out = tmp_path
+    flags = ("--max-steps", str(MAX_STEPS))
+    run_ranks(SCRIPT, data, str(out), "full", *flags, "--save-steps", str(SAVE_STEPS))
+    full = [read_log(out, "full", rank) for rank in (0, 1)]
+    steps = check_full_run(full)
+    checkpoints = [out / "ckpt" / f"step={step}.ckpt" for step in steps]
+    resumes = [arg for c in checkpoints for arg in ("--resume", str(c))]
+    run_ranks(SCRIPT, data, str(out), "resumed", *flags, "--workers", "1", *resumes)
+    for step in steps:
+        for rank in (0, 1):
+            check_resumed(full[rank], read_log(out, f"resumed-step={step}", rank), step)
+
+
+def test_the_data_module_keeps_a_loaded_position_for_its_loader(tmp_path: Path) -> None:
+    from shardloader import ConfigError
+    from shardloader.integrations.lightning import ShardDataModule
+
+    with pytest.raises(ConfigError, match="ShardDataModule needs a ShardDataset, got list"):
+        ShardDataModule([1], batch_size=2)  # type: ignore[arg-type]
