@@ -333,11 +333,22 @@ def unlock_output(out: OutputDir, rel: str, fd: int | None) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    """Whether process ``pid`` runs on this host (one we may not signal counts as alive).
+
+    A zombie (killed, not yet reaped: a pool worker of a run killed with ``kill -9`` whose
+    parent died too, in a container whose init does not reap) is dead.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read(4096)
+    except OSError:  # no /proc (macOS), or it just went away
+        return True
+    # "pid (comm) state ...": comm may hold spaces and parentheses, so split at the last ")".
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state != b"Z"

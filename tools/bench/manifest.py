@@ -34,12 +34,15 @@ def make_manifest(num_shards: int, blocks_per_shard: int = 0) -> Manifest:
         for i in range(num_shards)
     ]
     blocks = None
-    if blocks_per_shard:  # a block table as convert writes it: equal batches, the rest last
+    if blocks_per_shard:  # a block table as convert writes it (decoded bytes and digests too)
         blocks = []
         for s in shards:
             k = blocks_per_shard
             n, step = s.num_samples // k, (s.num_bytes - 4096) // k
-            entry = [[n, 1024 + i * step, step] for i in range(k)]
+            entry = [
+                [n, 1024 + i * step, step, 3 * step, hashlib.sha256(b"%d" % i).hexdigest()[:32]]
+                for i in range(k)
+            ]
             entry[-1][0] += s.num_samples - n * k
             blocks.append(entry)
     return Manifest(

@@ -10,8 +10,9 @@ held-out sample follows the storage order. This script measures that on a tiny L
 2. Train a byte-level BPE tokenizer, convert both (``--shard-samples`` per shard).
 3. Train the same model (same seed, steps, learning rate) once per variant, evaluating on the
    held-out set every ``--eval-every`` steps (`shardloader.train`, ``eval_loss``), one process.
-   Variants: the default stream settings, a wider ``shuffle_window``, and the ideal: the same
-   documents converted in a uniformly shuffled order (any loader then serves a good mix).
+   Variants: whole shards (the default before blocks), blocks in windows of 128 KiB, 512 KiB (the
+   memory of 4 shards) and the default 64 MiB, and the ideal: the same documents converted in a
+   uniformly shuffled order (any loader then serves a good mix).
 4. Print the eval loss per step for each variant, write ``.bench/shuffle_effect.json``, and with
    matplotlib installed (``pip install matplotlib``, or the peers venv) a plot
    (``--plot PATH``; ``--plot-only`` redraws from the JSON).
@@ -26,6 +27,7 @@ import argparse
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +35,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VARIANTS = (
-    "shards, window 4 (defaults; holds 4 shards):",
-    "blocks, window 16 (holds 16 blocks):shuffle_unit=block,shuffle_window=16",
-    "blocks, window 36 (holds 4 shards' worth):shuffle_unit=block,shuffle_window=36",
+    "whole shards, 4 a window (the default before blocks):shuffle_unit=shard",
+    "blocks, windows of 128 KiB (about 1 shard):shuffle_bytes=131072",
+    "blocks, windows of 512 KiB (about 4 shards, the old default's memory):shuffle_bytes=524288",
+    "blocks, defaults (64 MiB windows, the whole 1.2 MB here):",
     "uniform order (ideal):@uniform",
 )
 SYLLABLES = ("ka", "lo", "mi", "ren", "to", "va", "shi", "gor", "pel", "dun", "ar", "is", "ub")
@@ -132,6 +135,7 @@ def run_variant(
 
     label, overrides, uniform = parse_variant(variant)
     out = work / "runs" / label.replace(" ", "_").replace("/", "_")
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: metrics.jsonl is appended to
     config = TrainConfig(
         data=str(data["uniform" if uniform else "sorted"]),
         output_dir=str(out),
@@ -173,7 +177,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.6))
+    fig, ax = plt.subplots(figsize=(8, 5.2))
     for run in results["runs"]:
         steps, losses = zip(*run["eval"], strict=True)
         ax.plot(steps, losses, marker=".", label=run["label"])
@@ -185,7 +189,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel("eval loss (uniform held-out sample)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small")
+    ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

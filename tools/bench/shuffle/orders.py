@@ -462,7 +462,7 @@ SYSTEMS = (
         holds="4 x shard",
     ),
     System(
-        "shardloader shuffle_window=16",
+        'shardloader shuffle_unit="shard", shuffle_window=16',
         functools.partial(shardloader_order, shuffle_window=16),
         seed=0,
         holds="16 x shard",

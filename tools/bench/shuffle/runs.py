@@ -9,14 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from shardloader.dataset import StreamConfig
-from shardloader.plan import plan_epoch
+from shardloader.convert_config import ConvertConfig
+from shardloader.dataset import BLOCK_WINDOW, BLOCK_WINDOW_BYTES
+from shardloader.plan import PlanConfig, plan_epoch
 from tools.bench.shuffle.metrics import digest, quality
 from tools.bench.shuffle.orders import (
+    SAMPLE_BYTES,
     SYSTEMS,
     IdArray,
     RankOrder,
     Topology,
+    block_groups,
+    block_sizes,
     first_ids,
     webdataset_full_order,
     webdataset_order,
@@ -113,14 +117,20 @@ def _peak_traced(fn: Callable[[], object]) -> int:
 
 
 def _shardloader_streamed(sizes: IdArray, topology: Topology) -> int:
-    """What a reader holds: the plan, then one window of ids at a time."""
+    """What a reader holds with the defaults: the plan, then one window of ids at a time."""
+    per_block = -(-ConvertConfig.batch_bytes // SAMPLE_BYTES)
+    units = block_sizes(sizes, per_block)
     plan = plan_epoch(
-        sizes,
-        config=StreamConfig().plan_config(),
+        units,
+        config=PlanConfig(
+            shuffle_unit="block", shuffle_window=BLOCK_WINDOW, shuffle_bytes=BLOCK_WINDOW_BYTES
+        ),
         epoch=0,
         world_size=topology.world_size,
         rank=topology.rank,
         num_workers=topology.num_workers,
+        unit_bytes=units * SAMPLE_BYTES,
+        unit_groups=block_groups(sizes, per_block),
     )
     return sum(len(w.sample_ids) for worker in plan.workers for w in worker.iter_windows())
 
