@@ -23,9 +23,10 @@ the last two existed read with them unknown), and read as hostile input (`parse_
 every value a non-negative integer, offsets increasing and inside the file, the counts adding up to
 the shard's ``num_samples``, at most `MAX_BLOCKS_PER_SHARD` blocks per shard, digests of 32
 lowercase hex characters; an error names the shard. Every check is a numpy pass. Cost (``python -m
-tools.bench.manifest --shards 100000 --blocks 16``, 1.6 M blocks): the manifest is 47 MB instead of
-12 MB and reads in 0.69 s and 349 MB peak instead of 0.10 s and 56 MB (nested triples took 2.3 s and
-516 MB); most of it is JSON's integers.
+tools.bench.manifest --shards 100000 --blocks 16``, 1.6 M blocks with decoded sizes and digests):
+the manifest is 117 MB instead of 12 MB and reads in 1.8 s and 838 MB peak instead of 0.10 s and 56
+MB (without the digests and sizes: 47 MB, 0.69 s); past about a million blocks the table wants a
+binary sidecar.
 """
 
 from __future__ import annotations
