@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -33,19 +32,16 @@ from shardloader.convert_plan import fingerprint, plan_settings
 from shardloader.convert_task import (
     FileDone,
     Throttle,
-    chat_renderer,
+    open_task_output,
     record_name,
-    shard_fields,
     task_record,
     write_documents,
 )
 from shardloader.errors import CorpusError
-from shardloader.formats.series import ShardSeries
-from shardloader.sources import CHAT_SCHEMAS, RecordSpec, detect_schema, parse_keep_fields
+from shardloader.sources import detect_schema
 from shardloader.sources.hf import first_record, hf_dataset_kind, hf_dataset_name, read_hf_documents
 from shardloader.sources.records import BadRecords
-from shardloader.storage import InputFile, OutputDir, write_file, writing
-from shardloader.tokenizer import TextTokenizer
+from shardloader.storage import InputFile, write_file
 
 log = logging.getLogger("shardloader.convert")
 
@@ -122,32 +118,8 @@ def run_dataset_task(
         CorpusError: A bad record (with ``on_bad_record="raise"``).
         StorageError: Writing a shard or the record failed.
     """
-    out = OutputDir(config.output)
-    with writing(out.url):
-        out.clean_tmp(f"{task.index:05d}-")
-    tokenizer = (
-        TextTokenizer(config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token)
-        if config.tokenizer
-        else None
-    )
-    schema = config.schema  # convert() passes the plan's shape
-    renderer = None
-    if tokenizer is not None and schema in CHAT_SCHEMAS:
-        renderer = chat_renderer(config.tokenizer or "")
-    series = ShardSeries(
-        out,
-        config,
-        task.index,
-        shard_fields(bool(config.tokenizer), config.keep_fields, schema),
-        tokenizer.info.dtype if tokenizer else None,
-        tmp_prefix=f"{task.index:05d}-{os.getpid()}-",
-    )
-    spec = RecordSpec(
-        text_field=config.text_field,
-        id_field=config.id_field,
-        keep_fields=parse_keep_fields(config.keep_fields),
-        schema=schema,
-    )
+    # convert() passes the plan's shape
+    out, (tokenizer, renderer, series, spec) = open_task_output(config, task.index, config.schema)
     bad = BadRecords(config.on_bad_record)
     progress = Throttle(report)
     stats: Counter[str] = Counter()

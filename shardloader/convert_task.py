@@ -330,6 +330,51 @@ def task_record(
     }
 
 
+class TaskWriters(NamedTuple):
+    """What a task writes documents with (`open_task_output`)."""
+
+    tokenizer: TextTokenizer | None
+    renderer: Any
+    series: ShardSeries
+    spec: RecordSpec
+
+
+def open_task_output(
+    config: ConvertConfig, task_index: int, schema: str
+) -> tuple[OutputDir, TaskWriters]:
+    """The output of task ``task_index`` (its dead temporaries removed) and its writers.
+
+    Shared by file tasks (`run_task`) and in-memory dataset tasks
+    (`shardloader.convert_hf.run_dataset_task`), so both write the same shards.
+    """
+    out = OutputDir(config.output)
+    with writing(out.url):
+        out.clean_tmp(f"{task_index:05d}-")  # left by a run that died in this task
+    tokenizer = (
+        TextTokenizer(config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token)
+        if config.tokenizer
+        else None
+    )
+    renderer = None
+    if tokenizer is not None and schema in CHAT_SCHEMAS:
+        renderer = chat_renderer(config.tokenizer or "")
+    series = ShardSeries(
+        out,
+        config,
+        task_index,
+        shard_fields(bool(config.tokenizer), config.keep_fields, schema),
+        tokenizer.info.dtype if tokenizer else None,
+        tmp_prefix=f"{task_index:05d}-{os.getpid()}-",
+    )
+    spec = RecordSpec(
+        text_field=config.text_field,
+        id_field=config.id_field,
+        keep_fields=parse_keep_fields(config.keep_fields),
+        schema=schema,
+    )
+    return out, TaskWriters(tokenizer, renderer, series, spec)
+
+
 def run_task(
     task: Task,
     config: ConvertConfig,
@@ -359,34 +404,11 @@ def run_task(
     Raises:
         StorageError: Writing a shard or the record failed (the file, the reason, a remedy).
     """
-    out = OutputDir(config.output)
-    with writing(out.url):
-        out.clean_tmp(f"{task.index:05d}-")  # left by a run that died in this task
-    tokenizer = (
-        TextTokenizer(config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token)
-        if config.tokenizer
-        else None
-    )
     schema = config.schema
     if schema == "auto":  # convert() passes the plan's shape; alone, the task's first file says
         schema = detect_file_schema(task.files[0], config.text_field, config.max_record_bytes)
-    renderer = None
-    if tokenizer is not None and schema in CHAT_SCHEMAS:
-        renderer = chat_renderer(config.tokenizer or "")
-    series = ShardSeries(
-        out,
-        config,
-        task.index,
-        shard_fields(bool(config.tokenizer), config.keep_fields, schema),
-        tokenizer.info.dtype if tokenizer else None,
-        tmp_prefix=f"{task.index:05d}-{os.getpid()}-",
-    )
-    spec = RecordSpec(
-        text_field=config.text_field,
-        id_field=config.id_field,
-        keep_fields=parse_keep_fields(config.keep_fields),
-        schema=schema,
-    )
+    out, writers = open_task_output(config, task.index, schema)
+    tokenizer, renderer, series, spec = writers
     bad = BadRecords(config.on_bad_record)
     progress = Throttle(report)
     try:
