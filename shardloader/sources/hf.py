@@ -19,7 +19,7 @@ from typing import Any
 
 from shardloader.errors import ConfigError
 from shardloader.sources.chat import SCHEMA_FIELDS, make_chat_document
-from shardloader.sources.jsonl import lone_surrogate
+from shardloader.sources.jsonl import has_lone_surrogate
 from shardloader.sources.records import BadRecords, Document, RecordSpec, make_document
 
 BATCH_ROWS = 1000  # rows decoded into Python at once from a `datasets.Dataset`
@@ -125,14 +125,9 @@ def read_hf_documents(
                 continue
             stats["bytes"] += size
         doc = make(record, f"{name}:{index}", where, spec, bad)
-        if doc is None:
-            continue
         # Arrow-backed rows are valid UTF-8; rows an IterableDataset makes in Python may not be.
-        if not (doc.text.isascii() and doc.id.isascii()) or doc.fields:
-            problem = lone_surrogate(doc, spec)
-            if problem:
-                bad.report("bad_utf8", doc.where, problem)
-                continue
+        if doc is None or has_lone_surrogate(doc, spec, bad):
+            continue
         if spec.schema != "text":
             stats["bytes"] += len(doc.text.encode("utf-8", "surrogatepass"))
         yield doc

@@ -16,6 +16,7 @@ import pyarrow.json as pa_json
 from shardloader.sources.chat import SCHEMA_FIELDS, make_chat_document
 from shardloader.sources.jsonl_table import UTF8_BOM, arrow_schema
 from shardloader.sources.records import (
+    BadRecords,
     Document,
     FileContext,
     RecordSpec,
@@ -87,14 +88,8 @@ def read_jsonl(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[Do
             )
             continue
         doc = make(record, f"{name}:{line_no}", f"{url}:{line_no}", spec, bad)
-        if doc is None:
-            continue
-        if not (doc.text.isascii() and doc.id.isascii()) or doc.fields:
-            problem = lone_surrogate(doc, spec)
-            if problem:
-                bad.report("bad_utf8", doc.where, problem)
-                continue
-        yield doc
+        if doc is not None and not has_lone_surrogate(doc, spec, bad):
+            yield doc
     stats["bytes"] += num_bytes
 
 
@@ -123,6 +118,19 @@ def _loads_like_arrow(raw: bytes, spec: RecordSpec) -> dict[str, Any] | None:
     if len(rows) != 1:
         return None
     return {k: v for k, v in rows[0].items() if v is not None}
+
+
+def has_lone_surrogate(doc: Document, spec: RecordSpec, bad: BadRecords) -> bool:
+    """Whether ``doc`` holds a lone surrogate (`lone_surrogate`), reported as ``bad_utf8``.
+
+    Records parsed from JSON or made in Python may hold them; ASCII values cost nothing.
+    """
+    if doc.text.isascii() and doc.id.isascii() and not doc.fields:
+        return False
+    problem = lone_surrogate(doc, spec)
+    if problem:
+        bad.report("bad_utf8", doc.where, problem)
+    return bool(problem)
 
 
 def lone_surrogate(doc: Document, spec: RecordSpec) -> str:
