@@ -389,9 +389,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             budget = units.unit_bytes if units.config.shuffle_bytes else None
             self._spec = resume.RunSpec(
                 shard_sizes=units.sizes,
-                dataset=dataset_fingerprint(
-                    self.manifest, blocks=units.blocks is not None, unit_bytes=budget
-                ),
+                dataset=dataset_fingerprint(self.manifest, blocks=units.blocks, unit_bytes=budget),
                 config=units.config,
                 pack=self.pack_fingerprint,
                 unit_bytes=budget,

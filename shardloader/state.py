@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from shardloader.blocks import BlockTable
 from shardloader.errors import ResumeError
 from shardloader.manifest import Manifest
 from shardloader.plan import IdArray, PlanConfig, ResumePoint
@@ -35,14 +36,18 @@ STATE_VERSION = 1
 
 
 def dataset_fingerprint(
-    manifest: Manifest, *, blocks: bool = False, unit_bytes: np.ndarray | None = None
+    manifest: Manifest,
+    *,
+    blocks: BlockTable | None = None,
+    unit_bytes: np.ndarray | None = None,
 ) -> str:
     """A short hash of what the plan depends on: shard order, sample counts and checksums.
 
-    With ``blocks`` (a plan over blocks, ``shuffle_unit="block"``) also every block's sample
-    count, so a state is refused on a manifest whose block table differs (one written before
-    block tables existed reads as one block per shard); with ``unit_bytes`` (windows bounded in
-    bytes) also the units' decoded sizes.
+    With ``blocks`` (a plan over blocks, ``shuffle_unit="block"``: the manifest's
+    `shardloader.manifest.ShardTable.block_table`, made once by the caller) also every block's
+    sample count and shard, so a state is refused on a manifest whose block table differs (one
+    written before block tables existed reads as one block per shard); with ``unit_bytes``
+    (windows bounded in bytes) also the units' decoded sizes.
     """
     digest = hashlib.sha256()
     shards = manifest.shards
@@ -50,10 +55,9 @@ def dataset_fingerprint(
         shards.column("num_samples"), shards.column("checksum"), strict=True
     ):
         digest.update(f"{count}:{checksum}\n".encode())
-    if blocks:  # (and the order that spreads each shard's blocks over the epoch)
-        table = shards.block_table()
-        digest.update(b"blocks-spread:" + table.num_samples.tobytes())
-        digest.update(table.shard_index.tobytes())
+    if blocks is not None:  # (and the order that spreads each shard's blocks over the epoch)
+        digest.update(b"blocks-spread:" + blocks.num_samples.tobytes())
+        digest.update(blocks.shard_index.tobytes())
     if unit_bytes is not None:  # windows bounded in bytes are cut by the units' sizes
         digest.update(b"bytes:" + np.asarray(unit_bytes, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
