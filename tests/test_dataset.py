@@ -357,7 +357,7 @@ def test_state_from_another_dataset_or_config_is_refused(dataset_dir: Path, tar_
 
 
 def test_stateful_dataloader_from_torchdata_resumes_exactly(dataset_dir: Path) -> None:
-    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    from torchdata import stateful_dataloader as stateful  # the dev extra installs it
 
     def make() -> Any:
         return stateful.StatefulDataLoader(

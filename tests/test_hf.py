@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datasets  # the dev extra installs it: a missing one fails, it does not skip
 import numpy as np
 import pytest
 
@@ -9,8 +10,6 @@ import shardloader
 from shardloader import ConvertConfig, convert
 from shardloader.errors import ConfigError, CorpusError
 from tests.conftest import convert_docs, make_docs
-
-datasets = pytest.importorskip("datasets")
 
 
 def _shard_files(out) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning  # noqa: F401 - the dev extra installs it: a missing one fails, it does not skip
 import pytest
 
 from tests.integration_runs import (
@@ -22,8 +23,6 @@ from tests.integration_runs import (
     read_log,
     run_ranks,
 )
-
-pytest.importorskip("lightning", reason="the lightning extra is not installed")
 
 SCRIPT = "lightning_run.py"
 
