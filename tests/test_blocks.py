@@ -261,6 +261,15 @@ def test_a_plan_over_blocks_serves_the_ids_a_plan_over_shards_serves(
     assert served["shard"][1] == served["block"][1] == set(range(total))
 
 
+def window_bytes(window: Any, unit_bytes: np.ndarray, sizes: np.ndarray) -> int:
+    """Decoded bytes a window holds: each span its share of its unit's, rounded up."""
+    return sum(
+        -(-int(unit_bytes[s.shard_index]) * (s.stop - s.start) // int(sizes[s.shard_index]))
+        for s in window.spans
+        if sizes[s.shard_index]
+    )
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     blocks=st.lists(st.lists(st.integers(0, 40), min_size=1, max_size=6), min_size=1, max_size=12),
@@ -307,15 +316,7 @@ def test_blocks_spread_by_shard_in_byte_bounded_windows_keep_exact_splits(
         ids.append(plan.sample_ids())
         for worker in plan.workers:
             for win in worker.windows:
-                used = sum(
-                    -(
-                        -int(unit_bytes[s.shard_index])
-                        * (s.stop - s.start)
-                        // int(sizes[s.shard_index])
-                    )
-                    for s in win.spans
-                    if sizes[s.shard_index]
-                )
+                used = window_bytes(win, unit_bytes, sizes)
                 assert len(win.spans) <= window
                 assert used <= budget or len(win.spans) == 1
         whole = plan_epoch([sum(b) for b in blocks], config=shard_config, rank=rank, **kwargs)
@@ -381,15 +382,7 @@ def test_auto_reads_in_blocks_within_the_byte_budget(blocks_dir: Path, tmp_path:
     assert max(len(w.spans) for worker in plan.workers for w in worker.windows) >= 3
     for worker in plan.workers:
         for win in worker.windows:
-            held = sum(
-                -(
-                    -int(table.decoded[s.shard_index])
-                    * (s.stop - s.start)
-                    // int(sizes[s.shard_index])
-                )
-                for s in win.spans
-            )
-            assert held <= budget
+            assert window_bytes(win, table.decoded, sizes) <= budget
     docs = source_docs()
     samples = list(small)
     assert sorted(s["sample_id"] for s in samples) == list(range(NUM_SAMPLES))
