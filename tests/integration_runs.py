@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,25 @@ def check_resumed(full: list[dict[str, Any]], resumed: list[dict[str, Any]], ste
     """(b) the resumed run trains exactly what the uninterrupted one did after ``step``."""
     assert resumed[0]["step"] == step + 1  # nothing skipped by the framework, nothing re-read
     assert resumed == [r for r in full if r["step"] > step]
+
+
+def run_full_then_resume(
+    script: str, data: str, out: Path, checkpoint: Callable[[int], Path]
+) -> list[Path]:
+    """Train, checked by `check_full_run`; resume from the checkpoints it picks, checked too.
+
+    The full run trains ``MAX_STEPS`` with a checkpoint every ``SAVE_STEPS``; each resumed run
+    (``checkpoint(step)``, logged as ``resumed-<its stem>``, with a DataLoader worker) is checked
+    against it by `check_resumed`. Returns the checkpoints resumed from.
+    """
+    flags = ("--max-steps", str(MAX_STEPS))
+    run_ranks(script, data, str(out), "full", *flags, "--save-steps", str(SAVE_STEPS))
+    full = [read_log(out, "full", rank) for rank in (0, 1)]
+    steps = check_full_run(full)
+    checkpoints = [checkpoint(step) for step in steps]
+    resumes = [arg for c in checkpoints for arg in ("--resume", str(c))]
+    run_ranks(script, data, str(out), "resumed", *flags, "--workers", "1", *resumes)
+    for step, path in zip(steps, checkpoints, strict=True):
+        for rank in (0, 1):
+            check_resumed(full[rank], read_log(out, f"resumed-{path.stem}", rank), step)
+    return checkpoints

@@ -14,15 +14,7 @@ from pathlib import Path
 import lightning  # noqa: F401 - the dev extra installs it: a missing one fails, it does not skip
 import pytest
 
-from tests.integration_runs import (
-    MAX_STEPS,
-    SAVE_STEPS,
-    check_full_run,
-    check_resumed,
-    make_small_tokens,
-    read_log,
-    run_ranks,
-)
+from tests.integration_runs import make_small_tokens, run_full_then_resume
 
 SCRIPT = "lightning_run.py"
 
@@ -33,17 +25,9 @@ def test_lightning_reads_each_share_once_moves_epochs_and_resumes_exactly(
     tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path, tmp_path: Path
 ) -> None:
     data = str(make_small_tokens(tmp_path_factory.mktemp("lightning-data"), tokenizer_dir))
-    out = tmp_path
-    flags = ("--max-steps", str(MAX_STEPS))
-    run_ranks(SCRIPT, data, str(out), "full", *flags, "--save-steps", str(SAVE_STEPS))
-    full = [read_log(out, "full", rank) for rank in (0, 1)]
-    steps = check_full_run(full)
-    checkpoints = [out / "ckpt" / f"step={step}.ckpt" for step in steps]
-    resumes = [arg for c in checkpoints for arg in ("--resume", str(c))]
-    run_ranks(SCRIPT, data, str(out), "resumed", *flags, "--workers", "1", *resumes)
-    for step in steps:
-        for rank in (0, 1):
-            check_resumed(full[rank], read_log(out, f"resumed-step={step}", rank), step)
+    run_full_then_resume(
+        SCRIPT, data, tmp_path, lambda step: tmp_path / "ckpt" / f"step={step}.ckpt"
+    )
 
 
 def test_the_data_module_keeps_a_loaded_position_for_its_loader(tmp_path: Path) -> None:

@@ -25,15 +25,7 @@ from shardloader import (
     StreamConfig,
 )
 from shardloader.integrations.stream import LoopStream
-from tests.integration_runs import (
-    MAX_STEPS,
-    SAVE_STEPS,
-    check_full_run,
-    check_resumed,
-    make_small_tokens,
-    read_log,
-    run_ranks,
-)
+from tests.integration_runs import make_small_tokens, run_full_then_resume
 
 SCRIPT = "hf_trainer_run.py"
 
@@ -48,18 +40,10 @@ def small_tokens(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) 
 def test_trainer_reads_each_share_once_moves_epochs_and_resumes_exactly(
     small_tokens: Path, tmp_path: Path
 ) -> None:
-    data, out = str(small_tokens), tmp_path
-    flags = ("--max-steps", str(MAX_STEPS))
-    run_ranks(SCRIPT, data, str(out), "full", *flags, "--save-steps", str(SAVE_STEPS))
-    full = [read_log(out, "full", rank) for rank in (0, 1)]
-    steps = check_full_run(full)
-    checkpoints = [out / "run" / f"checkpoint-{step}" for step in steps]
+    checkpoints = run_full_then_resume(
+        SCRIPT, str(small_tokens), tmp_path, lambda step: tmp_path / "run" / f"checkpoint-{step}"
+    )
     assert all((c / "shardloader_state.json").is_file() for c in checkpoints)
-    resumes = [arg for c in checkpoints for arg in ("--resume", str(c))]
-    run_ranks(SCRIPT, data, str(out), "resumed", *flags, "--workers", "1", *resumes)
-    for step in steps:
-        for rank in (0, 1):
-            check_resumed(full[rank], read_log(out, f"resumed-checkpoint-{step}", rank), step)
 
 
 # --- in one process ---------------------------------------------------------------------------
