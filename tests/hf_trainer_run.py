@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from shardloader import PackConfig, ShardDataset, StreamConfig
 from shardloader.integrations.transformers import ShardTrainer
+from tests.integration_rank import rank_main
 
 SEQ_LEN = 64
 VOCAB = 600
@@ -42,24 +43,6 @@ class LoggingTrainer(ShardTrainer):
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         return super().training_step(model, inputs, num_items_in_batch)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("data")
-    parser.add_argument("out")
-    parser.add_argument("tag")
-    parser.add_argument("--max-steps", type=int, required=True)
-    parser.add_argument("--save-steps", type=int, default=0)
-    parser.add_argument("--resume", action="append", default=[])
-    parser.add_argument("--workers", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-
-    if not args.resume:
-        run(args, args.tag, None)
-    for checkpoint in args.resume:
-        run(args, f"{args.tag}-{Path(checkpoint).name}", checkpoint)
 
 
 def run(args: argparse.Namespace, tag: str, resume: str | None) -> None:
@@ -101,4 +84,4 @@ def run(args: argparse.Namespace, tag: str, resume: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    rank_main(run)

@@ -25,6 +25,7 @@ from shardloader import PackConfig, ShardDataset, StreamConfig
 from shardloader.integrations.lightning import ShardDataModule
 from shardloader.pack import IGNORE_INDEX
 from shardloader.train.model import forward_loss_sum
+from tests.integration_rank import rank_main
 
 SEQ_LEN = 64
 
@@ -102,23 +103,5 @@ def run(args: argparse.Namespace, tag: str, resume: str | None) -> None:
     trainer.fit(module, datamodule=data, ckpt_path=resume)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("data")
-    parser.add_argument("out")
-    parser.add_argument("tag")
-    parser.add_argument("--max-steps", type=int, required=True)
-    parser.add_argument("--save-steps", type=int, default=0)
-    parser.add_argument("--resume", action="append", default=[])
-    parser.add_argument("--workers", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        run(args, args.tag, None)
-    for checkpoint in args.resume:
-        run(args, f"{args.tag}-{Path(checkpoint).stem}", checkpoint)
-
-
 if __name__ == "__main__":
-    main()
+    rank_main(run)

@@ -1,0 +1,35 @@
+"""The command line both framework rank scripts share (``tests/hf_trainer_run.py``,
+``tests/lightning_run.py``): train once, or resume from each checkpoint in turn."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+Run = Callable[[argparse.Namespace, str, "str | None"], None]
+
+
+def rank_main(run: Run) -> None:
+    """``DATA OUT TAG --max-steps N [--save-steps N] [--resume CKPT ...] [--workers N]``.
+
+    Without ``--resume``, ``run(args, TAG, None)``; else ``run(args, TAG-<checkpoint stem>,
+    checkpoint)`` for each checkpoint, one after the other in this process.
+    """
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data")
+    parser.add_argument("out")
+    parser.add_argument("tag")
+    parser.add_argument("--max-steps", type=int, required=True)
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--resume", action="append", default=[])
+    parser.add_argument("--workers", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        run(args, args.tag, None)
+    for checkpoint in args.resume:
+        run(args, f"{args.tag}-{Path(checkpoint).stem}", checkpoint)
