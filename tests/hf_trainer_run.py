@@ -17,15 +17,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 from shardloader import PackConfig, ShardDataset, StreamConfig
 from shardloader.integrations.transformers import ShardTrainer
-from tests.integration_rank import rank_main
-
-SEQ_LEN = 64
-VOCAB = 600
+from tests.integration_rank import SEQ_LEN, rank_main, tiny_llama
 
 
 class LoggingTrainer(ShardTrainer):
@@ -46,18 +42,7 @@ class LoggingTrainer(ShardTrainer):
 
 
 def run(args: argparse.Namespace, tag: str, resume: str | None) -> None:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ_LEN,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama()
     dataset = ShardDataset(
         args.data, config=StreamConfig(seed=3, shuffle=True), pack=PackConfig(seq_len=SEQ_LEN)
     )

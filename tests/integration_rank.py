@@ -1,5 +1,6 @@
-"""The command line both framework rank scripts share (``tests/hf_trainer_run.py``,
-``tests/lightning_run.py``): train once, or resume from each checkpoint in turn."""
+"""What both framework rank scripts share (``tests/hf_trainer_run.py``,
+``tests/lightning_run.py``): the tiny model, and the command line (train once, or resume from
+each checkpoint in turn)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 600  # the test tokenizer's vocabulary
+SEQ_LEN = 64  # packed row length
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """A 2-layer Llama of hidden size 32, initialized from seed 0 (the same on every rank)."""
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ_LEN,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
 
 Run = Callable[[argparse.Namespace, str, "str | None"], None]
 

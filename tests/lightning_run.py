@@ -19,32 +19,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from shardloader import PackConfig, ShardDataset, StreamConfig
 from shardloader.integrations.lightning import ShardDataModule
 from shardloader.pack import IGNORE_INDEX
 from shardloader.train.model import forward_loss_sum
-from tests.integration_rank import rank_main
-
-SEQ_LEN = 64
+from tests.integration_rank import SEQ_LEN, rank_main, tiny_llama
 
 
 class TinyLM(L.LightningModule):
     def __init__(self, log_path: Path) -> None:
         super().__init__()
-        config = LlamaConfig(
-            vocab_size=600,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=SEQ_LEN,
-            tie_word_embeddings=True,
-        )
-        torch.manual_seed(0)
-        self.model = LlamaForCausalLM(config)
+        self.model = tiny_llama()
         self.log_path = log_path
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
