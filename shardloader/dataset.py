@@ -151,8 +151,11 @@ class StreamConfig(PlanConfig):
             remote: Whether the shards are remote (the same answer on every rank).
         """
         unit = self.shuffle_unit
-        table = manifest.shards.block_table() if manifest.shards.block_columns else None
-        unit_bytes: IdArray | None
+        has_table = manifest.shards.block_columns is not None
+        # The block table is made only where it is used (1.6 M blocks take a while to lay out).
+        wanted = unit == "block" or (unit == "auto" and not remote)
+        table = manifest.shards.block_table() if has_table and wanted else None
+        unit_bytes: IdArray | None = None
         window: int
         budget: int | None
         if unit == "auto":  # every block's size and digest known: Arrow shards from convert
@@ -165,8 +168,10 @@ class StreamConfig(PlanConfig):
             budget = BLOCK_WINDOW_BYTES if self.shuffle_bytes is None else self.shuffle_bytes
         else:
             sizes = np.array(manifest.shards.column("num_samples"), dtype=np.int64)
-            unit_bytes = None if table is None else shard_decoded_bytes(table, len(sizes))
             window, budget = self.shuffle_window or SHARD_WINDOW, self.shuffle_bytes
+            if budget and has_table:  # windows of shards bounded in bytes: the shards' sizes
+                table = table or manifest.shards.block_table()
+                unit_bytes = shard_decoded_bytes(table, len(sizes))
             table = None
         budget = budget or None  # 0: no bound
         if unit_bytes is not None and not unit_bytes.any():
