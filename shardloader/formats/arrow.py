@@ -340,12 +340,9 @@ class ArrowFormat:
                         'this shard: run "shardloader verify", then reconvert'
                     )
                 batch = reader.get_batch(block_index)
-            check_num_samples(batch.num_rows, spec.num_samples, f"{where} batch {block_index}")
-            table = pa.Table.from_batches([batch], schema=reader.schema)
-            _check_batch(table, fields, spec.vocab_size, where)
+            return _block_columns(batch, reader.schema, spec, f"{where} batch {block_index}")
         except (pa.ArrowException, OSError) as err:  # pyarrow's IOError status: OSError
             raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
-        return ArrowColumns(table, fields, where)
 
     def read_verified_block(
         self, path: str, spec: ReadSpec, block_index: int, where: tuple[int, int], digest: str
@@ -376,13 +373,23 @@ class ArrowFormat:
             # (so the read options apply: no thread pool for a small batch).
             reader = pa.ipc.open_stream(pa.py_buffer(head + data), options=_READ_OPTIONS)
             _check_schema(reader.schema, spec.fields, spec.token_dtype, spec.where)
-            batch = reader.read_next_batch()
-            check_num_samples(batch.num_rows, spec.num_samples, label)
-            table = pa.Table.from_batches([batch], schema=reader.schema)
-            _check_batch(table, spec.fields, spec.vocab_size, spec.where)
+            return _block_columns(reader.read_next_batch(), reader.schema, spec, label)
         except (pa.ArrowException, OSError, StopIteration) as err:
             raise ShardError(f"{label}: not a readable Arrow record batch ({err})") from err
-        return ArrowColumns(table, spec.fields, spec.where)
+
+
+def _block_columns(
+    batch: pa.RecordBatch, schema: pa.Schema, spec: ReadSpec, label: str
+) -> ArrowColumns:
+    """One decoded block, checked like a whole shard.
+
+    Its count (``spec.num_samples``, from the manifest's block table), offsets, UTF-8, nulls and
+    token ids.
+    """
+    check_num_samples(batch.num_rows, spec.num_samples, label)
+    table = pa.Table.from_batches([batch], schema=schema)
+    _check_batch(table, spec.fields, spec.vocab_size, spec.where)
+    return ArrowColumns(table, spec.fields, spec.where)
 
 
 class ArrowColumns:
