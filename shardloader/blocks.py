@@ -115,7 +115,7 @@ class BlockColumns(NamedTuple):
         """Per shard its blocks (`BLOCK_ENTRY` lists), or ``None`` (a whole shard)."""
         n = len(self.samples)
         decoded = self.decoded if self.decoded is not None else np.zeros(n, np.int64)
-        digest = self.digest if self.digest is not None else np.full(n, "", dtype="<U32")
+        digest = self.digest if self.digest is not None else np.full(n, "", dtype=f"<U{DIGEST_HEX}")
         rows = [
             [a, b, c, d, e]
             for a, b, c, d, e in zip(
