@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -98,6 +99,30 @@ def run_cli(
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_torchrun(script: Path, nproc: int, *args: str, timeout_s: float = 300) -> None:
+    """``torchrun --standalone --nproc_per_node=NPROC SCRIPT ARGS`` from the repository root.
+
+    One thread per rank; fails, with the tails of its output, on a non-zero exit.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+    ]
+    result = subprocess.run(
+        [*cmd, str(script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
 def start_cli(*args: str) -> subprocess.Popen[bytes]:

@@ -4,15 +4,12 @@ the per-framework rank scripts, and the checks of their per-rank logs of trained
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from shardloader import ConvertConfig, convert
-from tests.conftest import ROOT, make_docs, write_jsonl
+from tests.conftest import ROOT, make_docs, run_torchrun, write_jsonl
 
 NUM_DOCS = 90
 SHARDS = (40, 7, 43)
@@ -35,17 +32,7 @@ def make_small_tokens(root: Path, tokenizer: Path) -> Path:
 
 def run_ranks(script: str, *args: str) -> None:
     """``torchrun --nproc_per_node=2 tests/SCRIPT ARGS``; fails on a non-zero exit."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(
-        [*cmd, str(ROOT / "tests" / script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_torchrun(ROOT / "tests" / script, 2, *args)
 
 
 def read_log(out: Path, tag: str, rank: int) -> list[dict[str, Any]]:

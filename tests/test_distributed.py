@@ -8,9 +8,6 @@ twice, and the union is the epoch less at most ``world_size - 1`` ids (the ``dro
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +15,9 @@ import pytest
 import torch.multiprocessing
 
 from tests import dist_stream
+from tests.conftest import ROOT, run_torchrun
 from tests.streaming import NUM_SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "dist_stream.py"
 
 
@@ -62,21 +59,6 @@ def test_spawned_ranks_split_exactly_for_every_worker_count(
     assert all(share == shares[0] for share in shares)
 
 
-def run_torchrun(nproc: int, *args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(SCRIPT),
-        *args,
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.mark.slow
 @pytest.mark.torchrun
 @pytest.mark.parametrize("unit", ["shard", "block"])
@@ -87,7 +69,7 @@ def test_torchrun_ranks_split_exactly_and_resume_on_the_same_and_other_world_siz
     data, out = str(dataset_dir), str(tmp_path)
 
     def torchrun(nproc: int, *args: str) -> None:
-        run_torchrun(nproc, *args, "--unit", unit)
+        run_torchrun(SCRIPT, nproc, *args, "--unit", unit)
 
     torchrun(2, data, out, "full", "--workers", "2")
     full = load_ranks(tmp_path, "full", 2)
