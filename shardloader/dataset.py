@@ -28,7 +28,7 @@ import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch.utils.data
@@ -116,6 +116,11 @@ class StreamConfig(PlanConfig):
     )
     prefetch_windows: int = option(1, "windows ahead whose shards are fetched in the background")
     prefetch_threads: int = option(2, "concurrent background downloads per process")
+    decode_threads: int = option(
+        1,
+        "threads per process decoding a window's blocks ahead of the samples being made "
+        "(0: decode each block when first needed)",
+    )
     timeout_s: float = option(
         60.0, "longest wait for one network step of a fetch (the request, each 4 MiB block)"
     )
@@ -129,7 +134,7 @@ class StreamConfig(PlanConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("cache_bytes", "prefetch_windows", "prefetch_threads"):
+        for name in ("cache_bytes", "prefetch_windows", "prefetch_threads", "decode_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"StreamConfig.{name} is {value!r}; expected an integer >= 0")
@@ -445,21 +450,28 @@ class ShardDataset(torch.utils.data.IterableDataset):
             mark_padding=self.config.policy == "pad",
             blocks=self._block_table(),
             verify_blocks=self.config.verify_local,
+            decode_threads=self.config.decode_threads,
         )
         self._skip = 0
         self._reader = reader
-        samples = reader.iter_samples(worker_plan)
-        transform = self.transform
-        if transform is not None:
-            samples = (transform(s) for s in samples)
-        items: Iterator[Any] = samples
-        if self.pack is not None:
-            packer = Packer(self.pack, tokenizer=self.tokenizer)
-            items = packer.pack(enumerate(samples), skip=self._packer_skip(epoch, world))
+        items: Iterator[Any]
+        if self._packs_runs():  # token documents straight into rows, no dict per sample
+            packer = Packer(cast(PackConfig, self.pack))
+            runs = reader.iter_token_runs(worker_plan, "input_ids")
+            items = packer.pack_runs(runs, skip=self._packer_skip(epoch, world))
+        else:
+            samples = reader.iter_samples(worker_plan)
+            transform = self.transform
+            if transform is not None:
+                samples = (transform(s) for s in samples)
+            items = samples
+            if self.pack is not None:
+                packer = Packer(self.pack, tokenizer=self.tokenizer)
+                items = packer.pack(enumerate(samples), skip=self._packer_skip(epoch, world))
         stages = self._stages
         try:
             started = time.perf_counter()
-            for item in items:
+            for item in cast(Iterator[Any], items):
                 stages["produce"] += time.perf_counter() - started
                 if self.pack is None:
                     self._position += 1
@@ -475,6 +487,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
             # Stop background fetches (an abandoned or failed epoch must not keep retrying);
             # the cache is on disk, so the next epoch's fetcher finds what was fetched.
             self.close()
+
+    def _packs_runs(self) -> bool:
+        """Whether rows can be packed from runs of token documents (`Packer.pack_runs`).
+
+        So for ``concat`` packing of token shards without loss spans, with no transform and no
+        tokenizer: the rows are those the per-sample path makes.
+        """
+        fields = self.manifest.fields
+        return (
+            self.pack is not None
+            and self.pack.mode == "concat"
+            and self.transform is None
+            and self.tokenizer is None
+            and fields.get("input_ids") == "tokens"
+            and "loss_spans" not in fields
+        )
 
     def _block_table(self) -> BlockTable | None:
         """The plan's units when they are blocks (made once per process, and kept)."""

@@ -59,13 +59,16 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from shardloader.errors import ConfigError, ResumeError
 from shardloader.options import option
 from shardloader.pack_encode import Encoder, SampleEncoder, encode_token_samples
+
+if TYPE_CHECKING:
+    from shardloader.reader import TokenRun
 
 # The public module's logger, as before the row builder moved here.
 log = logging.getLogger("shardloader.pack")
@@ -222,7 +225,7 @@ class Packer:
             raise ResumeError(f"cursor skip must be >= 0, got {skip}")
         docs = self._read(samples)
         if self.config.mode == "concat":
-            return self._logged(self._concat(docs, skip))
+            return self._logged(self._concat(self._doc_runs(docs), skip))
         return self._logged(self._buffered(docs, skip))
 
     def _logged(self, rows: Iterator[PackedRow]) -> Iterator[PackedRow]:
@@ -255,25 +258,65 @@ class Packer:
         self.stats.num_row_tokens += sum(len(r.input_ids) for r in rows)
         return rows
 
-    def _concat(self, docs: Iterator[_Doc], skip: int) -> Iterator[PackedRow]:
-        seq_len = self.config.seq_len
-        chunk = max(CHUNK_TOKENS, 4 * seq_len)
+    def pack_runs(self, runs: Iterable[TokenRun], *, skip: int = 0) -> Iterator[PackedRow]:
+        """`pack` for ``concat`` mode from runs of token documents, not one sample at a time.
+
+        The rows (and cursors) are those `pack` makes of the same documents as samples at
+        positions 0, 1, 2, ... (`shardloader.reader.ShardReader.iter_token_runs` reads them).
+
+        Raises:
+            ConfigError: The mode is not ``concat``.
+            ResumeError: ``skip`` does not fit the first document.
+        """
+        if self.config.mode != "concat":
+            raise ConfigError(f"pack_runs packs mode 'concat', not {self.config.mode!r}")
+        if skip < 0:
+            raise ResumeError(f"cursor skip must be >= 0, got {skip}")
+        return self._logged(self._concat(self._runs(runs), skip))
+
+    def _runs(self, runs: Iterable[TokenRun]) -> Iterator[_Run]:
+        position = 0
+        for run in runs:
+            n = len(run.lengths)
+            if not n:
+                continue
+            self.stats.num_samples += n
+            positions = np.arange(position, position + n, dtype=np.int64)
+            position += n
+            offsets = np.zeros(n, np.int64)
+            yield _Run(positions, run.sample_ids, offsets, run.lengths, run.tokens, None)
+
+    def _doc_runs(self, docs: Iterator[_Doc]) -> Iterator[_Run]:
+        """Documents as runs of about `CHUNK_TOKENS` tokens (at least 4 rows)."""
+        chunk = max(CHUNK_TOKENS, 4 * self.config.seq_len)
         pending: list[_Doc] = []
         total = 0
-        last_position = -1
         for doc in docs:
-            if skip:
-                doc = _advance(doc, skip)
-                skip = 0
             pending.append(doc)
             total += len(doc.input_ids)
-            self.stats.num_input_tokens += len(doc.input_ids)
-            last_position = doc.position
             if total >= chunk:
+                yield _docs_run(pending)
+                pending, total = [], 0
+        if pending:
+            yield _docs_run(pending)
+
+    def _concat(self, runs: Iterator[_Run], skip: int) -> Iterator[PackedRow]:
+        seq_len = self.config.seq_len
+        chunk = max(CHUNK_TOKENS, 4 * seq_len)
+        pending: _Run | None = None
+        last_position = -1
+        for run in runs:
+            if skip:
+                run = _advance_run(run, skip)
+                skip = 0
+            self.stats.num_input_tokens += len(run.tokens)
+            last_position = int(run.positions[-1])
+            pending = run if pending is None else _join(pending, run)
+            if len(pending.tokens) >= chunk:
                 rows, pending = _cut_concat(pending, seq_len, last_position, final=False)
-                total = sum(len(d.input_ids) for d in pending)
                 yield from self._emit(rows)
-        if total:
+        if pending is not None and len(pending.tokens):
+            total = len(pending.tokens)
             if self.config.drop_last and total % seq_len:
                 self.stats.num_dropped_tokens += total % seq_len
             rows, _ = _cut_concat(
@@ -378,30 +421,77 @@ class Packer:
         return kept
 
 
-def _advance(doc: _Doc, num_tokens: int) -> _Doc:
-    """Drop the first ``num_tokens`` tokens of a document (a resume's skip, or a carry)."""
-    if num_tokens > len(doc.input_ids):
-        raise ResumeError(
-            f"position {doc.position}: cursor skips {num_tokens} tokens but the document has"
-            f" {len(doc.input_ids)}; resume with the data and tokenizer the cursor was made with"
-        )
-    mask = doc.loss_mask[num_tokens:] if doc.loss_mask is not None else None
-    return doc._replace(
-        input_ids=doc.input_ids[num_tokens:], loss_mask=mask, offset=doc.offset + num_tokens
-    )
-
-
 def _flat_masks(pieces: Sequence[tuple[np.ndarray | None, int]]) -> np.ndarray | None:
     if all(mask is None for mask, _ in pieces):
         return None
     return np.concatenate([m if m is not None else np.ones(n, bool) for m, n in pieces])
 
 
+class _Run(NamedTuple):
+    """Consecutive documents (or their rests) as flat arrays, for ``concat``."""
+
+    positions: np.ndarray  # each document's upstream position (int64)
+    sample_ids: np.ndarray  # (int64)
+    offsets: np.ndarray  # each document's first token's index in its document (int64)
+    lengths: np.ndarray  # tokens of each document in ``tokens`` (int64)
+    tokens: np.ndarray  # the documents one after the other
+    mask: np.ndarray | None  # aligned with ``tokens``; None: every token has a loss
+
+
+def _docs_run(docs: Sequence[_Doc]) -> _Run:
+    n = len(docs)
+    return _Run(
+        np.fromiter((d.position for d in docs), np.int64, n),
+        np.fromiter((d.sample_id for d in docs), np.int64, n),
+        np.fromiter((d.offset for d in docs), np.int64, n),
+        np.fromiter((len(d.input_ids) for d in docs), np.int64, n),
+        np.concatenate([d.input_ids for d in docs]) if n > 1 else docs[0].input_ids,
+        _flat_masks([(d.loss_mask, len(d.input_ids)) for d in docs]),
+    )
+
+
+def _advance_run(run: _Run, num_tokens: int) -> _Run:
+    """Drop the first ``num_tokens`` tokens of the run's first document (a resume's skip)."""
+    first = int(run.lengths[0])
+    if num_tokens > first:
+        raise ResumeError(
+            f"position {int(run.positions[0])}: cursor skips {num_tokens} tokens but the "
+            f"document has {first}; resume with the data and tokenizer the cursor was made with"
+        )
+    return _cut_front(run, 0, num_tokens)
+
+
+def _cut_front(run: _Run, k: int, num_tokens: int) -> _Run:
+    """The run from document ``k`` on, less ``num_tokens`` tokens of document ``k``."""
+    offsets, lengths = run.offsets[k:].copy(), run.lengths[k:].copy()
+    offsets[0] += num_tokens
+    lengths[0] -= num_tokens
+    start = int(run.lengths[:k].sum()) + num_tokens
+    mask = run.mask[start:] if run.mask is not None else None
+    return _Run(run.positions[k:], run.sample_ids[k:], offsets, lengths, run.tokens[start:], mask)
+
+
+def _join(a: _Run, b: _Run) -> _Run:
+    if not len(a.lengths):
+        return b
+    mask = None
+    if a.mask is not None or b.mask is not None:
+        mask = _flat_masks([(a.mask, len(a.tokens)), (b.mask, len(b.tokens))])
+    return _Run(
+        np.concatenate([a.positions, b.positions]),
+        np.concatenate([a.sample_ids, b.sample_ids]),
+        np.concatenate([a.offsets, b.offsets]),
+        np.concatenate([a.lengths, b.lengths]),
+        np.concatenate([a.tokens, b.tokens]),
+        mask,
+    )
+
+
 def _cut_concat(
-    pending: list[_Doc], seq_len: int, last_position: int, *, final: bool, drop_last: bool = False
-) -> tuple[list[PackedRow], list[_Doc]]:
-    """Cut the pending documents into full rows (and, if ``final``, a last partial one)."""
-    lengths = np.fromiter((len(d.input_ids) for d in pending), np.int64, len(pending))
+    run: _Run, seq_len: int, last_position: int, *, final: bool, drop_last: bool = False
+) -> tuple[list[PackedRow], _Run | None]:
+    """Cut a run into full rows (and, if ``final``, a last partial one); return the rest."""
+    lengths = run.lengths
     ends = np.cumsum(lengths)
     starts = ends - lengths
     total = int(ends[-1])
@@ -409,35 +499,30 @@ def _cut_concat(
     if final and total % seq_len and not drop_last:
         num_rows += 1
     cut = min(num_rows * seq_len, total)
-    rest: list[_Doc] = []
+    rest = None
     if not final and cut < total:
         k = int(np.searchsorted(ends, cut, side="right"))
-        rest = [_advance(pending[k], cut - int(starts[k])), *pending[k + 1 :]]
+        rest = _cut_front(run, k, cut - int(starts[k]))
     if num_rows == 0:
         return [], rest
-    flat = (
-        np.concatenate([d.input_ids for d in pending]) if len(pending) > 1 else pending[0].input_ids
-    )
-    flat_mask = _flat_masks([(d.loss_mask, len(d.input_ids)) for d in pending])
+    flat, flat_mask = run.tokens, run.mask
     row_starts = np.arange(num_rows, dtype=np.int64) * seq_len
     doc_starts = starts[(lengths > 0) & (starts < cut)]
     seg_starts = np.union1d(doc_starts, row_starts)
     seg_lens = np.diff(np.append(seg_starts, cut))
-    sample_ids = np.fromiter((d.sample_id for d in pending), np.int64, len(pending))
-    seg_samples = sample_ids[np.searchsorted(ends, seg_starts, side="right")]
+    seg_samples = run.sample_ids[np.searchsorted(ends, seg_starts, side="right")]
     row_segs = np.searchsorted(seg_starts, np.append(row_starts, cut)).tolist()
     row_ends = np.minimum(row_starts + seq_len, total)
-    next_doc = np.searchsorted(ends, row_ends, side="right").tolist()
+    next_doc = np.searchsorted(ends, row_ends, side="right")
+    inside = next_doc < len(lengths)
+    at = np.minimum(next_doc, len(lengths) - 1)
+    cursor_pos = np.where(inside, run.positions[at], last_position + 1).tolist()
+    cursor_skip = np.where(inside, run.offsets[at] + row_ends - starts[at], 0).tolist()
     rows = []
-    for r, (lo, hi, j) in enumerate(
-        zip(row_starts.tolist(), row_ends.tolist(), next_doc, strict=True)
-    ):
-        if j < len(pending):
-            cursor = (pending[j].position, pending[j].offset + hi - int(starts[j]))
-        else:
-            cursor = (last_position + 1, 0)
+    for r, (lo, hi) in enumerate(zip(row_starts.tolist(), row_ends.tolist(), strict=True)):
         a, b = row_segs[r], row_segs[r + 1]
         mask = flat_mask[lo:hi] if flat_mask is not None else None
+        cursor = (cursor_pos[r], cursor_skip[r])
         rows.append(PackedRow(flat[lo:hi], seg_lens[a:b], seg_samples[a:b], mask, cursor))
     return rows, rest
 

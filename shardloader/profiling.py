@@ -535,6 +535,13 @@ def data_advice(report: ProfileReport, *, cache_bytes: int) -> list[str]:
             "(prefetch_windows, prefetch_threads), put cache_dir on a local SSD, or use larger "
             "shards so that each request moves more bytes"
         )
+    if report.bottleneck == "decode":
+        advice.append(
+            f"decoding is the slowest stage ({format_rate(rates.get('decode', 0.0))} tokens/s): "
+            "raise decode_threads (threads per process that decompress and check blocks ahead "
+            "of the samples, with the GIL released) before adding workers; with num_workers=0 "
+            "they also overlap decoding with the training step"
+        )
     if report.remote:
         if report.dataset_bytes > cache_bytes:
             advice.append(

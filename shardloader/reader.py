@@ -2,16 +2,25 @@
 
 A worker's share comes as windows of unit pieces (`shardloader.plan.WorkerPlan`); a unit is a
 shard, or with ``shuffle_unit="block"`` a block (`shardloader.blocks.BlockTable`: an Arrow record
-batch). For each window the reader makes sure every unit the window touches is on local disk and
-decoded, asks the fetcher to start on the shards of the next windows, then yields the window's
-samples in plan order. Decoded units are kept only while the current window needs them, so a
-worker holds one window in memory: ``shuffle_window`` shards, or the blocks of at most
-``shuffle_bytes`` decoded bytes. A block is read alone from the memory-mapped shard: with a
-digest in the block table its bytes are copied, checked against the digest and decoded (so the
-shard is not hashed whole in each process), else ``RecordBatchFileReader.get_batch``. A remote
-shard is still fetched whole into the node cache (range reads of single blocks are not done
-yet). Rows are converted to
-Python objects a window at a time (one Arrow ``take`` per unit), not one at a time.
+batch). For each window the reader asks the fetcher for the shards the window touches and those
+of the next windows, then yields the window's samples in plan order, in slices.
+
+- Whole shards are decoded before the window's first sample.
+- Blocks are decoded in the order the samples first need them, on ``decode_threads`` threads
+  (decompressing and checking a block releases the GIL), while this thread makes samples. A
+  window's first slice is `FIRST_SLICE` samples and each next one 4 times larger, so the first
+  sample waits for a few blocks, not for the window.
+
+Decoded units are kept only while the current window needs them, so a worker holds one window
+decoded: ``shuffle_window`` shards, or the blocks of at most ``shuffle_bytes`` decoded bytes. A
+block is read alone from its shard: with a digest in the block table its bytes are copied,
+checked against the digest and decoded (so the shard is not hashed whole in each process), else
+``RecordBatchFileReader.get_batch``. A remote shard is still fetched whole into the node cache
+(range reads of single blocks are not done yet).
+
+Rows become Python objects a slice at a time (one ``take`` per unit). For packing,
+`ShardReader.iter_token_runs` gives the slices' token documents as flat arrays instead, with no
+object per sample.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, cast
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 
@@ -39,6 +49,22 @@ log = logging.getLogger(__name__)
 Sample = dict[str, Any]
 SLICE = 16384  # samples made into Python objects at a time (a window of blocks spans hundreds of
 # blocks: fewer, larger takes per block; 16,384 documents of a few KB are tens of MB)
+FIRST_SLICE = 32  # a window's first slice; each next one is 4 times larger, up to SLICE
+_NO_TOKENS = np.zeros(0, np.uint16)
+
+
+class TokenRun(NamedTuple):
+    """Consecutive token documents of a worker's share (`ShardReader.iter_token_runs`).
+
+    Attributes:
+        sample_ids: Each document's global sample id, in reading order (int64).
+        lengths: Each document's token count (int64).
+        tokens: The documents' tokens, one after the other (the shards' dtype).
+    """
+
+    sample_ids: np.ndarray
+    lengths: np.ndarray
+    tokens: np.ndarray
 
 
 class LocalFile(Protocol):
@@ -53,7 +79,15 @@ class LocalFile(Protocol):
 class Fetcher(Protocol):
     """Gets shards onto local disk (`shardloader.fetch.ShardFetcher`)."""
 
-    def open(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = ...) -> LocalFile:
+    def open(
+        self,
+        url: str,
+        *,
+        num_bytes: int,
+        checksum: str,
+        algorithm: str = ...,
+        hash_whole: bool = ...,
+    ) -> LocalFile:
         """Block until ``url`` is local and checked; return it pinned."""
 
     def open_decoded(
@@ -85,6 +119,10 @@ class ShardReader:
             ``shard_index`` is then a block index); ``None``: units are shards.
         verify_blocks: Check each block against its digest in the block table, where it has
             one (instead of hashing the whole shard in each process that opens it).
+        decode_threads: Threads decoding a window's blocks ahead of the samples being made, in
+            the order the samples need them (0: each block is decoded when first needed).
+            Decompressing and checking a block releases the GIL. Whole shards are decoded in
+            this thread.
     """
 
     def __init__(
@@ -97,6 +135,7 @@ class ShardReader:
         mark_padding: bool = False,
         blocks: BlockTable | None = None,
         verify_blocks: bool = True,
+        decode_threads: int = 1,
     ) -> None:
         self._manifest = manifest
         self._urls = list(shard_urls)
@@ -120,6 +159,10 @@ class ShardReader:
         self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._names = list(manifest.fields)
         self._open: dict[int, tuple[LocalFile, ShardColumns]] = {}
+        self._decode_threads = decode_threads if blocks is not None else 0
+        self._pool: ThreadPoolExecutor | None = None
+        # Units being decoded on the decode threads, their shard pinned.
+        self._ahead: dict[int, tuple[LocalFile, Future[ShardColumns]]] = {}
         # Seconds blocked on the fetcher, and spent decoding shards and building samples.
         self.stage_seconds = {"fetch_wait": 0.0, "decode": 0.0}
 
@@ -129,16 +172,59 @@ class ShardReader:
         Each sample is a dict: ``id`` (the source id), ``sample_id`` (the global position in
         manifest order), ``text`` or ``input_ids``, then the kept fields.
         """
+        names = ["id", "sample_id", *self._names[1:]]
+        if self._mark_padding:
+            names.append("is_padding")
+        for ids, owner, padded in self._iter_slices(plan):
+            yield from self._slice(ids, owner, padded, names)
+
+    def iter_token_runs(self, plan: WorkerPlan, field: str) -> Iterator[TokenRun]:
+        """The token documents of ``plan`` in its reading order, as runs of flat arrays.
+
+        The samples `iter_samples` would yield, without making a dict per sample: for packing
+        (`shardloader.pack_rows.Packer.pack_runs`), which needs only the tokens and ids.
+        """
+        if self._manifest.fields.get(field) != "tokens":
+            raise ValueError(f"field {field!r} is not a token field of this dataset")
+        for ids, owner, _ in self._iter_slices(plan):
+            started = time.perf_counter()
+            parts: list[np.ndarray] = [_NO_TOKENS] * len(ids)
+            for unit, positions in _groups(owner):
+                taken = self._open[unit][1].take_tokens(ids[positions] - self._first[unit], field)
+                for i, tokens in zip(positions.tolist(), taken, strict=True):
+                    parts[i] = tokens
+            lengths = np.fromiter(map(len, parts), np.int64, len(parts))
+            flat = np.concatenate(parts) if parts else _NO_TOKENS
+            self.stage_seconds["decode"] += time.perf_counter() - started
+            yield TokenRun(ids, lengths, flat)
+
+    def _iter_slices(self, plan: WorkerPlan) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Each window's ids in slices, with each id's unit, once the units are decoded.
+
+        Whole shards are opened (fetched, checked, decoded) before the window's ids are made,
+        so a count a shard does not hold fails before anything is sized by it. Blocks are
+        decoded as the slices reach them, in order of first use, and the first slices of a
+        window are small: the first sample waits for a few blocks, not for the whole window.
+        A block's count is checked when it is decoded, before any of its rows is used.
+        """
         try:
             windows = plan.windows
             made = plan.iter_windows()  # lazy: a window's ids are made at next()
+            lazy = self._blocks is not None
             for index, spec in enumerate(windows):
                 ahead = windows[index + 1 : index + 1 + self._prefetch_windows]
-                # Open (and so check) the window's shards before making its ids, which are sized
-                # by the manifest's counts: a count the shard does not hold fails here.
-                decoded = self._open_window(_window_shards([spec], self._first), ahead)
+                self._open_window(_window_shards([spec], self._first), ahead, decode=not lazy)
                 window = next(made)
-                yield from self._window(window.sample_ids, window.padded, decoded)
+                ids, padded = window.sample_ids, window.padded
+                owner = np.searchsorted(self._first, ids, side="right") - 1
+                if lazy:
+                    self._decode_ahead(list(dict.fromkeys(owner.tolist())))
+                for start, stop in _slice_bounds(len(ids)):
+                    part = owner[start:stop]
+                    for unit in dict.fromkeys(part.tolist()):
+                        if unit not in self._open:
+                            self._decoded(unit)
+                    yield ids[start:stop], part, padded[start:stop]
         finally:
             self.close()
 
@@ -154,7 +240,7 @@ class ShardReader:
         """
         decoded, owner = self._open_ids(ids, ahead, keep)
         names = ["id", "sample_id", *self._names[1:]]
-        return list(self._slice(ids, owner, np.zeros(len(ids), bool), decoded, names))
+        return list(self._slice(ids, owner, np.zeros(len(ids), bool), names))
 
     def token_lengths(
         self, ids: np.ndarray, field: str, *, ahead: Sequence[int] = (), keep: int = 4
@@ -191,48 +277,32 @@ class ShardReader:
             self._release(shard)
         return decoded, owner
 
-    def _open_window(self, shards: list[int], ahead: Sequence[Window]) -> dict[int, ShardColumns]:
-        for index in [i for i in self._open if i not in shards]:
+    def _open_window(
+        self, units: list[int], ahead: Sequence[Window], *, decode: bool = True
+    ) -> None:
+        """Release what the window does not use, start fetching, and decode its units."""
+        wanted = set(units)
+        for index in [i for i in self._open if i not in wanted]:
             self._release(index)
-        for shard in shards:  # fetched side by side, not one after the other
-            if shard not in self._open:
-                self._prefetch(shard)
-        for shard in _window_shards(ahead, self._first):
-            if shard not in self._open and shard not in shards:
-                self._prefetch(shard)
-        return {shard: self._decoded(shard) for shard in shards}
-
-    def _window(
-        self, ids: np.ndarray, padded: np.ndarray, decoded: dict[int, ShardColumns]
-    ) -> Iterator[Sample]:
-        owner = np.searchsorted(self._first, ids, side="right") - 1
-        names = ["id", "sample_id", *self._names[1:]]
-        if self._mark_padding:
-            names.append("is_padding")
-        for start in range(0, len(ids), SLICE):
-            yield from self._slice(
-                ids[start : start + SLICE],
-                owner[start : start + SLICE],
-                padded[start : start + SLICE],
-                decoded,
-                names,
-            )
+        for unit in units:  # fetched side by side, not one after the other
+            if unit not in self._open:
+                self._prefetch(unit)
+        for unit in _window_shards(ahead, self._first):
+            if unit not in self._open and unit not in wanted:
+                self._prefetch(unit)
+        if decode:
+            for unit in units:
+                self._decoded(unit)
 
     def _slice(
-        self,
-        ids: np.ndarray,
-        owner: np.ndarray,
-        padded: np.ndarray,
-        decoded: dict[int, ShardColumns],
-        names: list[str],
+        self, ids: np.ndarray, owner: np.ndarray, padded: np.ndarray, names: list[str]
     ) -> Iterator[Sample]:
-        """Samples of one slice of a window: one ``take`` per shard, then Python dicts."""
+        """Samples of one slice of a window: one ``take`` per unit, then Python dicts."""
         started = time.perf_counter()
         n = len(ids)
         columns: dict[str, list[Any]] = {name: [None] * n for name in self._names}
-        for shard in sorted(set(owner.tolist())):  # (np.unique: a lazy numpy import, 10 ms)
-            positions = np.flatnonzero(owner == shard)
-            taken = decoded[shard].take(ids[positions] - self._first[shard])
+        for unit, positions in _groups(owner):
+            taken = self._open[unit][1].take(ids[positions] - self._first[unit])
             if len(positions) == n:
                 columns = taken
                 break
@@ -249,38 +319,32 @@ class ShardReader:
         yield from samples
 
     def _decoded(self, unit: int) -> ShardColumns:
+        if unit in self._ahead:
+            local, future = self._ahead.pop(unit)
+            started = time.perf_counter()
+            try:
+                self._open[unit] = (local, future.result())
+            except Exception:  # noqa: BLE001 - decoded again below, where errors are handled
+                local.release()
+            finally:
+                self.stage_seconds["decode"] += time.perf_counter() - started
         if unit not in self._open:
             started = time.perf_counter()
             decoded_at: list[float] = []
-            shard, batch = int(self._unit_shard[unit]), int(self._unit_batch[unit])
-            digest = ""
-            if self._blocks is not None and self._verify_blocks and batch != WHOLE_SHARD:
-                digest = str(self._blocks.digest[unit])
+            decode, digest = self._decoder(unit)
 
-            def decode(path: str) -> ShardColumns:
+            def timed(path: str) -> ShardColumns:
                 decoded_at.append(time.perf_counter())
-                if batch == WHOLE_SHARD:
-                    spec = ReadSpec.for_shard(self._manifest, shard, self._urls[shard])
-                    return self._format.read_columns(path, spec)
-                spec = ReadSpec.for_manifest(
-                    self._manifest,
-                    where=self._urls[shard],
-                    num_samples=int(self._counts[unit]),
-                )
-                if digest and self._blocks is not None:
-                    span = (int(self._blocks.offset[unit]), int(self._blocks.length[unit]))
-                    return cast(VerifiedBlockFormat, self._format).read_verified_block(
-                        path, spec, batch, span, digest
-                    )
-                return cast(BlockFormat, self._format).read_block(path, spec, batch)
+                return decode(path)
 
+            shard = int(self._unit_shard[unit])
             # A cached copy that fails to decode is dropped and fetched again (once).
             local, decoded = self._fetcher.open_decoded(
                 self._urls[shard],
                 num_bytes=self._sizes[shard],
                 checksum=self._checksums[shard],
                 algorithm=self._manifest.checksum_algorithm,
-                decode=decode,
+                decode=timed,
                 hash_whole=not digest,  # the block's own digest checks what is decoded
             )
             fetched = decoded_at[-1]  # a damaged cached copy's refetch counts as fetch wait
@@ -288,6 +352,59 @@ class ShardReader:
             self._open[unit] = (local, decoded)
             self.stage_seconds["decode"] += time.perf_counter() - fetched
         return self._open[unit][1]
+
+    def _decoder(self, unit: int) -> tuple[Callable[[str], ShardColumns], str]:
+        """How to decode ``unit`` from its shard's local path, and the block's digest (or "")."""
+        shard, batch = int(self._unit_shard[unit]), int(self._unit_batch[unit])
+        digest = ""
+        if self._blocks is not None and self._verify_blocks and batch != WHOLE_SHARD:
+            digest = str(self._blocks.digest[unit])
+        blocks = self._blocks
+
+        def decode(path: str) -> ShardColumns:
+            if batch == WHOLE_SHARD:
+                spec = ReadSpec.for_shard(self._manifest, shard, self._urls[shard])
+                return self._format.read_columns(path, spec)
+            spec = ReadSpec.for_manifest(
+                self._manifest, where=self._urls[shard], num_samples=int(self._counts[unit])
+            )
+            if digest and blocks is not None:
+                span = (int(blocks.offset[unit]), int(blocks.length[unit]))
+                return cast(VerifiedBlockFormat, self._format).read_verified_block(
+                    path, spec, batch, span, digest
+                )
+            return cast(BlockFormat, self._format).read_block(path, spec, batch)
+
+        return decode, digest
+
+    def _decode_ahead(self, units: list[int]) -> None:
+        """Start decoding ``units`` (in this order) on the decode threads.
+
+        The shard is opened (fetched, checked) here; only the decoding runs on a thread. A unit
+        whose decoding fails there is decoded again in this thread when it is reached, where a
+        damaged cached copy is fetched anew and errors are raised.
+        """
+        if self._decode_threads == 0:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                self._decode_threads, thread_name_prefix="shardloader-decode"
+            )
+        for unit in units:
+            if unit in self._open or unit in self._ahead:
+                continue
+            decode, digest = self._decoder(unit)
+            shard = int(self._unit_shard[unit])
+            started = time.perf_counter()
+            local = self._fetcher.open(
+                self._urls[shard],
+                num_bytes=self._sizes[shard],
+                checksum=self._checksums[shard],
+                algorithm=self._manifest.checksum_algorithm,
+                hash_whole=not digest,
+            )
+            self.stage_seconds["fetch_wait"] += time.perf_counter() - started
+            self._ahead[unit] = (local, self._pool.submit(decode, local.path))
 
     def _prefetch(self, unit: int) -> None:
         shard = int(self._unit_shard[unit])
@@ -303,7 +420,13 @@ class ShardReader:
         local.release()
 
     def close(self) -> None:
-        """Release every shard still held."""
+        """Stop the decode threads and release every shard still held."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for local, _ in self._ahead.values():
+            local.release()
+        self._ahead.clear()
         for index in list(self._open):
             self._release(index)
 
@@ -319,6 +442,25 @@ def _window_shards(windows: Sequence[Window], first: np.ndarray) -> list[int]:
             for span in window.spans:
                 out[span.shard_index] = None
     return list(out)
+
+
+def _slice_bounds(n: int) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` of a window's slices: `FIRST_SLICE` samples, then 4 times more each."""
+    start, size = 0, FIRST_SLICE
+    while start < n:
+        yield start, min(n, start + size)
+        start, size = start + size, min(size * 4, SLICE)
+
+
+def _groups(owner: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """Each distinct unit of ``owner`` (ascending) with the positions that hold it (ascending)."""
+    if not len(owner):
+        return
+    order = np.argsort(owner, kind="stable")
+    ranked = owner[order]
+    cuts = [0, *(np.flatnonzero(ranked[1:] != ranked[:-1]) + 1).tolist(), len(owner)]
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        yield int(ranked[a]), order[a:b]
 
 
 def apply_transform(

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -603,3 +604,71 @@ def test_pinning_thread_turns_wired_arrays_into_tensors(monkeypatch: pytest.Monk
     batch = {"input_ids": torch.arange(6, dtype=torch.int64).view(2, 3), "n": 2}
     pinned = pin_memory(_to_wire(batch))
     _assert_same(pinned, batch)
+
+
+@pytest.fixture(scope="module")
+def token_blocks_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """The token dataset in record batches of about 2 KB (many blocks per shard)."""
+    from tests.streaming import make_dataset
+
+    root = tmp_path_factory.mktemp("stream-tok-blocks")
+    return make_dataset(root, tokenizer=str(tokenizer_dir), batch_bytes=2000)
+
+
+def _same(sample: dict[str, Any]) -> dict[str, Any]:
+    return sample  # a transform: the dataset then packs sample by sample
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize(("seq_len", "unit"), [(64, "block"), (1000, "block"), (64, "shard")])
+def test_packing_runs_of_token_documents_gives_the_rows_of_packing_samples(
+    token_blocks_dir: Path, seq_len: int, unit: str, drop_last: bool
+) -> None:
+    # ShardDataset packs token shards from runs of flat arrays (no dict per sample) unless a
+    # transform or tokenizer needs samples: both must give the same rows, cursors included.
+    pack = PackConfig(seq_len=seq_len, drop_last=drop_last)
+    config = StreamConfig(seed=3, shuffle_unit=unit)
+
+    def rows(transform: Any) -> list[tuple[Any, ...]]:
+        dataset = ShardDataset(
+            str(token_blocks_dir),
+            pack=pack,
+            config=config,
+            world_size=2,
+            rank=1,
+            transform=transform,
+        )
+        assert dataset._packs_runs() is (transform is None)
+        return [
+            (r.input_ids.tolist(), r.segment_lengths.tolist(), r.sample_ids.tolist(), r.cursor)
+            for r in dataset
+        ]
+
+    fast, slow = rows(None), rows(_same)
+    assert len(fast) > 10
+    assert fast == slow
+
+
+def _decode_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("shardloader-decode")]
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_decode_threads_change_who_decodes_not_what_is_read(blocks_dir: Path, threads: int) -> None:
+    def read(decode_threads: int) -> list[tuple[int, str]]:
+        config = StreamConfig(seed=5, shuffle_unit="block", decode_threads=decode_threads)
+        dataset = ShardDataset(str(blocks_dir), config=config, world_size=2, rank=0)
+        return [(s["sample_id"], s["text"]) for s in dataset]
+
+    default = read(1)
+    assert len(default) > 100
+    assert read(threads) == default
+    assert _decode_threads() == []  # the pool ends with the epoch
+
+    # Stopping mid-epoch stops the decode threads and unpins every shard.
+    config = StreamConfig(seed=5, shuffle_unit="block", decode_threads=threads or 1)
+    dataset = ShardDataset(str(blocks_dir), config=config)
+    samples = iter(dataset)
+    assert next(samples)["sample_id"] >= 0
+    samples.close()  # type: ignore[attr-defined]
+    assert _decode_threads() == []

@@ -131,6 +131,12 @@ def test_advice_on_fetch_small_shards_and_a_cache_that_fits() -> None:
     assert "shards are small (2.0 MB" in advice
 
 
+def test_advice_on_a_decode_bottleneck_names_decode_threads() -> None:
+    advice = "\n".join(suggest(synthetic(bottleneck="decode"), cpu_count=4, cache_bytes=1 << 40))
+    assert "decoding is the slowest stage (40.0M tokens/s): raise decode_threads" in advice
+    assert "decode_threads" not in "\n".join(suggest(synthetic(), cpu_count=4, cache_bytes=1 << 40))
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "shardloader", "profile", *args],

@@ -33,7 +33,15 @@ class _LocalFetcher:
         self.most_pinned = 0
         self.events: list[tuple[str, str]] = []
 
-    def open(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = "") -> _Pin:
+    def open(
+        self,
+        url: str,
+        *,
+        num_bytes: int,
+        checksum: str,
+        algorithm: str = "",
+        hash_whole: bool = True,
+    ) -> _Pin:
         self.pinned.append(url)
         self.opened.append(url)
         self.events.append(("open", url))

@@ -196,6 +196,9 @@ class ShardColumns(Protocol):
     def token_lengths(self, rows: np.ndarray, field: str) -> np.ndarray:
         """Token counts of ``rows`` of the token field ``field`` (int64), without making samples."""
 
+    def take_tokens(self, rows: np.ndarray, field: str) -> list[np.ndarray]:
+        """The token ids of ``rows`` of the token field ``field``, one array each."""
+
 
 def get_format(name: str) -> ShardFormat:
     """Return the format registered as ``name``.

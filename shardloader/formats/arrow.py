@@ -447,6 +447,12 @@ class ArrowColumns:
         _, offsets = self._column(field)
         return (offsets[rows + 1] - offsets[rows]).astype(np.int64)
 
+    def take_tokens(self, rows: np.ndarray, field: str) -> list[np.ndarray]:
+        """The token ids of ``rows`` of ``field``: views of the decoded values."""
+        values, offsets = self._column(field)
+        starts, ends = offsets[rows].tolist(), offsets[rows + 1].tolist()
+        return [values[a:b] for a, b in zip(starts, ends, strict=True)]
+
 
 def _numpy_view(values: pa.Array) -> np.ndarray:
     """A primitive Arrow array without nulls as a numpy array over the same memory.

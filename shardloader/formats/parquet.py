@@ -234,3 +234,11 @@ class ParquetColumns:
             ShardError: Always.
         """
         raise ShardError(f"{self._prefix}: field {field!r} holds no token ids (a text dataset)")
+
+    def take_tokens(self, rows: np.ndarray, field: str) -> list[np.ndarray]:
+        """Refused, like `token_lengths`.
+
+        Raises:
+            ShardError: Always.
+        """
+        return [self.token_lengths(rows, field)]

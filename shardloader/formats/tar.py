@@ -243,6 +243,11 @@ class TarColumns:
         column = self._columns[field]
         return np.fromiter((len(column[i]) for i in rows.tolist()), np.int64, len(rows))
 
+    def take_tokens(self, rows: np.ndarray, field: str) -> list[np.ndarray]:
+        """The token ids of ``rows`` of ``field``."""
+        column = self._columns[field]
+        return [column[i] for i in rows.tolist()]
+
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
