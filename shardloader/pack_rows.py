@@ -306,12 +306,13 @@ class Packer:
         pending: _Run | None = None
         last_position = -1
         for run in runs:
+            before = 0 if pending is None else len(pending.tokens)
+            pending = _join(pending, run)  # the documents' tokens copied once, here
             if skip:
-                run = _advance_run(run, skip)
+                pending = _advance_run(pending, skip)
                 skip = 0
-            self.stats.num_input_tokens += len(run.tokens)
+            self.stats.num_input_tokens += len(pending.tokens) - before
             last_position = int(run.positions[-1])
-            pending = run if pending is None else _join(pending, run)
             if len(pending.tokens) >= chunk:
                 rows, pending = _cut_concat(pending, seq_len, last_position, final=False)
                 yield from self._emit(rows)
@@ -434,7 +435,7 @@ class _Run(NamedTuple):
     sample_ids: np.ndarray  # (int64)
     offsets: np.ndarray  # each document's first token's index in its document (int64)
     lengths: np.ndarray  # tokens of each document in ``tokens`` (int64)
-    tokens: np.ndarray  # the documents one after the other
+    tokens: Any  # the documents one after the other (np.ndarray; a list of them before _join)
     mask: np.ndarray | None  # aligned with ``tokens``; None: every token has a loss
 
 
@@ -471,18 +472,20 @@ def _cut_front(run: _Run, k: int, num_tokens: int) -> _Run:
     return _Run(run.positions[k:], run.sample_ids[k:], offsets, lengths, run.tokens[start:], mask)
 
 
-def _join(a: _Run, b: _Run) -> _Run:
-    if not len(a.lengths):
-        return b
+def _join(a: _Run | None, b: _Run) -> _Run:
+    """``b`` after ``a``: their tokens made one array (``b``'s may come as pieces)."""
+    pieces = b.tokens if isinstance(b.tokens, list) else [b.tokens]
+    if a is None or not len(a.lengths):
+        return b._replace(tokens=pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
     mask = None
     if a.mask is not None or b.mask is not None:
-        mask = _flat_masks([(a.mask, len(a.tokens)), (b.mask, len(b.tokens))])
+        mask = _flat_masks([(a.mask, len(a.tokens)), (b.mask, int(b.lengths.sum()))])
     return _Run(
         np.concatenate([a.positions, b.positions]),
         np.concatenate([a.sample_ids, b.sample_ids]),
         np.concatenate([a.offsets, b.offsets]),
         np.concatenate([a.lengths, b.lengths]),
-        np.concatenate([a.tokens, b.tokens]),
+        np.concatenate([a.tokens, *pieces]),
         mask,
     )
 

@@ -59,12 +59,12 @@ class TokenRun(NamedTuple):
     Attributes:
         sample_ids: Each document's global sample id, in reading order (int64).
         lengths: Each document's token count (int64).
-        tokens: The documents' tokens, one after the other (the shards' dtype).
+        tokens: Each document's tokens (views of the decoded shards, their dtype).
     """
 
     sample_ids: np.ndarray
     lengths: np.ndarray
-    tokens: np.ndarray
+    tokens: list[np.ndarray]
 
 
 class LocalFile(Protocol):
@@ -194,9 +194,8 @@ class ShardReader:
                 for i, tokens in zip(positions.tolist(), taken, strict=True):
                     parts[i] = tokens
             lengths = np.fromiter(map(len, parts), np.int64, len(parts))
-            flat = np.concatenate(parts) if parts else _NO_TOKENS
             self.stage_seconds["decode"] += time.perf_counter() - started
-            yield TokenRun(ids, lengths, flat)
+            yield TokenRun(ids, lengths, parts)
 
     def _iter_slices(self, plan: WorkerPlan) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Each window's ids in slices, with each id's unit, once the units are decoded.

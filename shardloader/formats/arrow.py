@@ -14,6 +14,7 @@ vocabulary size (one ``min``/``max`` over the values).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -210,24 +211,42 @@ _SCHEMAS: dict[tuple[str, int, int, int, int], bytes] = {}  # see _schema_messag
 _MAX_SCHEMAS = 4096
 
 
-def _schema_message(f: Any, path: str) -> bytes:
+def _schema_message(fd: int, path: str) -> bytes:
     """The shard's schema as an IPC stream's first message, from its footer (kept per file).
 
     Keyed by path, device, inode, size and mtime, so a replaced file is read afresh; at most
     `_MAX_SCHEMAS` are kept. The footer is not covered by a block digest: the schema read from
     it is checked against the manifest's fields before any batch is used.
     """
-    st = os.fstat(f.fileno())
+    st = os.fstat(fd)
     key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     head = _SCHEMAS.get(key)
     if head is None:
-        f.seek(0)
-        schema = pa.ipc.open_file(f).schema
+        with os.fdopen(os.dup(fd), "rb") as f:
+            schema = pa.ipc.open_file(f).schema
         head = schema.serialize().to_pybytes()
         if len(_SCHEMAS) >= _MAX_SCHEMAS:
             _SCHEMAS.clear()
         _SCHEMAS[key] = head
     return head
+
+
+def _read_message(path: str, offset: int, length: int) -> tuple[bytearray, int]:
+    """The shard's schema message followed by ``length`` bytes read at ``offset``.
+
+    One buffer, read into in place (no copy of the block), and where its block starts.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = _schema_message(fd, path)
+        data = bytearray(len(head) + length)
+        data[: len(head)] = head
+        got = os.preadv(fd, [memoryview(data)[len(head) :]], offset)
+    finally:
+        os.close(fd)
+    if got != length:
+        del data[len(head) + got :]
+    return data, len(head)
 
 
 class _BatchTee:
@@ -358,11 +377,9 @@ class ArrowFormat:
         label = f"{spec.where} batch {block_index}"
         offset, length = where
         try:
-            with open(path, "rb") as f:
-                head = _schema_message(f, path)
-                f.seek(offset)
-                # A copy (one block): what is checked is what is decoded, whatever the file does.
-                data = f.read(length)
+            # A copy (one block): what is checked is what is decoded, whatever the file does.
+            message, start = _read_message(path, offset, length)
+            data = memoryview(message)[start:]
             if len(data) != length or block_digest(data) != digest:
                 raise ShardError(
                     f"{label}: bytes [{offset}, {offset + length}) do not match the manifest's "
@@ -371,7 +388,7 @@ class ArrowFormat:
                 )
             # The schema message and the checked batch message, read as a one-batch IPC stream
             # (so the read options apply: no thread pool for a small batch).
-            reader = pa.ipc.open_stream(pa.py_buffer(head + data), options=_READ_OPTIONS)
+            reader = pa.ipc.open_stream(pa.py_buffer(message), options=_READ_OPTIONS)
             _check_schema(reader.schema, spec.fields, spec.token_dtype, spec.where)
             return _block_columns(reader.read_next_batch(), reader.schema, spec, label)
         except (pa.ArrowException, OSError, StopIteration) as err:
@@ -467,10 +484,15 @@ def _numpy_view(values: pa.Array) -> np.ndarray:
     return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=offset)
 
 
+@functools.lru_cache(maxsize=64)
+def _expected_schema(fields: tuple[tuple[str, str], ...], token_dtype: str | None) -> pa.Schema:
+    return arrow_schema(dict(fields), token_dtype)
+
+
 def _check_schema(
     schema: pa.Schema, fields: Mapping[str, str], token_dtype: str | None, where: str
 ) -> None:
-    expected = arrow_schema(fields, token_dtype)
+    expected = _expected_schema(tuple(fields.items()), token_dtype)
     if not schema.equals(expected):
         raise ShardError(f"{where}: schema {schema} does not match the manifest's {expected}")
 
