@@ -119,10 +119,10 @@ class ShardReader:
             ``shard_index`` is then a block index); ``None``: units are shards.
         verify_blocks: Check each block against its digest in the block table, where it has
             one (instead of hashing the whole shard in each process that opens it).
-        decode_threads: Threads decoding a window's blocks ahead of the samples being made, in
-            the order the samples need them (0: each block is decoded when first needed).
-            Decompressing and checking a block releases the GIL. Whole shards are decoded in
-            this thread.
+        decode_threads: Threads decoding a window's units ahead of the samples being made:
+            blocks in the order the samples need them, whole shards each as soon as it is
+            fetched, while the next one downloads (0: each unit is decoded in this thread when
+            first needed). Decompressing and checking releases the GIL.
     """
 
     def __init__(
@@ -159,7 +159,7 @@ class ShardReader:
         self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._names = list(manifest.fields)
         self._open: dict[int, tuple[LocalFile, ShardColumns]] = {}
-        self._decode_threads = decode_threads if blocks is not None else 0
+        self._decode_threads = decode_threads
         self._pool: ThreadPoolExecutor | None = None
         # Units being decoded on the decode threads, their shard pinned.
         self._ahead: dict[int, tuple[LocalFile, Future[ShardColumns]]] = {}
@@ -212,7 +212,12 @@ class ShardReader:
             lazy = self._blocks is not None
             for index, spec in enumerate(windows):
                 ahead = windows[index + 1 : index + 1 + self._prefetch_windows]
-                self._open_window(_window_shards([spec], self._first), ahead, decode=not lazy)
+                units = _window_shards([spec], self._first)
+                self._open_window(units, ahead)
+                if not lazy:  # each shard decoded on a thread once fetched, while the next comes
+                    self._decode_ahead(units)
+                    for unit in units:
+                        self._decoded(unit)
                 window = next(made)
                 ids, padded = window.sample_ids, window.padded
                 owner = np.searchsorted(self._first, ids, side="right") - 1
@@ -276,10 +281,8 @@ class ShardReader:
             self._release(shard)
         return decoded, owner
 
-    def _open_window(
-        self, units: list[int], ahead: Sequence[Window], *, decode: bool = True
-    ) -> None:
-        """Release what the window does not use, start fetching, and decode its units."""
+    def _open_window(self, units: list[int], ahead: Sequence[Window]) -> None:
+        """Release what the window does not use; start fetching its shards and the next ones."""
         wanted = set(units)
         for index in [i for i in self._open if i not in wanted]:
             self._release(index)
@@ -289,9 +292,6 @@ class ShardReader:
         for unit in _window_shards(ahead, self._first):
             if unit not in self._open and unit not in wanted:
                 self._prefetch(unit)
-        if decode:
-            for unit in units:
-                self._decoded(unit)
 
     def _slice(
         self, ids: np.ndarray, owner: np.ndarray, padded: np.ndarray, names: list[str]
