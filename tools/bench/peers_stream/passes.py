@@ -128,6 +128,8 @@ def run_loader(spec: dict[str, Any]) -> dict[str, Any]:
     system = spec["system"]
     tokens = spec["task"] == "tokens"
     packed = spec["task"] == "packed"
+    if spec.get("per_sample"):
+        return run_items(spec)
     started = time.perf_counter()
     dataset = make_dataset(spec)
     loader_class: Any = DataLoader
@@ -166,6 +168,47 @@ def run_loader(spec: dict[str, Any]) -> dict[str, Any]:
         "num_samples": num_samples,
         "num_tokens": num_tokens,
         "num_batches": num_batches,
+        "end_rss_anon_mb": rss_anon,
+        "end_rss_file_mb": rss_file,
+    }
+
+
+def item_tokens(item: Any) -> int:
+    """Tokens of one item: a sample dict's ``input_ids``, a packed row, or LitData's ids."""
+    if isinstance(item, dict):
+        return len(item["input_ids"])
+    ids = getattr(item, "input_ids", item)  # shardloader's PackedRow, or a tensor of ids
+    return int(ids.numel()) if hasattr(ids, "numel") else len(ids)
+
+
+def run_items(spec: dict[str, Any]) -> dict[str, Any]:
+    """One shuffled pass item by item: ``DataLoader(dataset, batch_size=None)``, any system.
+
+    The way most users first iterate a dataset: no batching, no collate; a packed row, a
+    document or LitData's token block is one item.
+    """
+    from torch.utils.data import DataLoader
+
+    text = spec["task"] == "text"
+    started = time.perf_counter()
+    loader = DataLoader(make_dataset(spec), batch_size=None, num_workers=spec["num_workers"])
+    first_batch_s = 0.0
+    num_samples = num_tokens = 0
+    for item in loader:
+        if num_samples == 0:
+            first_batch_s = time.perf_counter() - started
+        num_samples += 1
+        if not text:
+            num_tokens += item_tokens(item)
+    job_s = time.perf_counter() - started
+    rss_anon, rss_file = rss_mb("RssAnon"), rss_mb("RssFile")
+    del loader
+    return {
+        "job_s": job_s,
+        "first_batch_s": first_batch_s,
+        "num_samples": num_samples,
+        "num_tokens": num_tokens,
+        "num_batches": num_samples,
         "end_rss_anon_mb": rss_anon,
         "end_rss_file_mb": rss_file,
     }

@@ -92,6 +92,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="iterate shardloader with torch's DataLoader instead of ShardLoader",
     )
+    parser.add_argument(
+        "--per-sample",
+        action="store_true",
+        help="iterate every system item by item through DataLoader(batch_size=None), as most "
+        "users do (packed: one row per item)",
+    )
     parser.add_argument("--python", default=default_python(), help="interpreter for the passes")
     parser.add_argument(
         "--out",
@@ -221,6 +227,7 @@ def run_passes(
                 server=servers.get(size),
                 timeout_s=run.args.timeout,
                 shardloader_loader=not run.args.plain_dataloader,
+                per_sample=run.args.per_sample,
             )
             m = measure(
                 ctx,
@@ -282,6 +289,7 @@ def settings_json(run: Run) -> dict[str, Any]:
         "large_repeats": run.args.large_repeats,
         "quick": run.args.quick,
         "shardloader_loader": "DataLoader" if run.args.plain_dataloader else "ShardLoader",
+        "per_sample": run.args.per_sample,
     }
 
 

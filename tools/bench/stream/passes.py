@@ -151,6 +151,7 @@ class Context:
     server: S3Server | None  # None without S3 passes
     timeout_s: float
     shardloader_loader: bool  # iterate shardloader with ShardLoader (else a plain DataLoader)
+    per_sample: bool = False  # every system through DataLoader(batch_size=None): item by item
 
 
 def _pass_spec(
@@ -179,6 +180,7 @@ def _pass_spec(
         "shuffle_buffer": SHUFFLE_BUFFER,
         "mosaic_predownload": MOSAIC_PREDOWNLOAD,
         "shardloader_loader": ctx.shardloader_loader,
+        "per_sample": ctx.per_sample,
     }
 
 
