@@ -615,23 +615,34 @@ def token_blocks_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pa
     return make_dataset(root, tokenizer=str(tokenizer_dir), batch_bytes=2000)
 
 
+@pytest.fixture(scope="module")
+def token_tar_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    from tests.streaming import make_dataset
+
+    root = tmp_path_factory.mktemp("stream-tok-tar")
+    return make_dataset(root, tokenizer=str(tokenizer_dir), fmt="tar")
+
+
 def _same(sample: dict[str, Any]) -> dict[str, Any]:
     return sample  # a transform: the dataset then packs sample by sample
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
-@pytest.mark.parametrize(("seq_len", "unit"), [(64, "block"), (1000, "block"), (64, "shard")])
+@pytest.mark.parametrize(
+    ("seq_len", "unit"), [(64, "block"), (1000, "block"), (64, "shard"), (64, "tar")]
+)
 def test_packing_runs_of_token_documents_gives_the_rows_of_packing_samples(
-    token_blocks_dir: Path, seq_len: int, unit: str, drop_last: bool
+    token_blocks_dir: Path, token_tar_dir: Path, seq_len: int, unit: str, drop_last: bool
 ) -> None:
     # ShardDataset packs token shards from runs of flat arrays (no dict per sample) unless a
     # transform or tokenizer needs samples: both must give the same rows, cursors included.
     pack = PackConfig(seq_len=seq_len, drop_last=drop_last)
-    config = StreamConfig(seed=3, shuffle_unit=unit)
+    root = token_tar_dir if unit == "tar" else token_blocks_dir
+    config = StreamConfig(seed=3, shuffle_unit="auto" if unit == "tar" else unit)
 
     def rows(transform: Any) -> list[tuple[Any, ...]]:
         dataset = ShardDataset(
-            str(token_blocks_dir),
+            str(root),
             pack=pack,
             config=config,
             world_size=2,
