@@ -105,6 +105,7 @@ from shardloader.plan_spans import (
     WorkerPlan,
     concat,
 )
+from shardloader.plan_spread import PlanUnits, prepare_units
 
 __all__ = [
     "POLICIES",
@@ -113,6 +114,7 @@ __all__ = [
     "IdArray",
     "MaskArray",
     "PlanConfig",
+    "PlanUnits",
     "ResumePoint",
     "Span",
     "Window",
@@ -120,6 +122,7 @@ __all__ = [
     "WorkerPlan",
     "plan_carry_in",
     "plan_epoch",
+    "prepare_units",
 ]
 
 
@@ -157,7 +160,7 @@ class EpochPlan:
 
 
 def plan_epoch(
-    shard_sizes: Sequence[int] | npt.NDArray[np.integer],
+    shard_sizes: Sequence[int] | npt.NDArray[np.integer] | PlanUnits,
     *,
     config: PlanConfig,
     epoch: int,
@@ -173,7 +176,9 @@ def plan_epoch(
     """Plan one rank's share of an epoch, or of the rest of an interrupted epoch.
 
     Args:
-        shard_sizes: Samples per shard, in manifest order (zeros allowed).
+        shard_sizes: Samples per shard, in manifest order (zeros allowed); or the units made
+            once by `prepare_units` (with their ``unit_bytes`` and ``unit_groups``, which are
+            then not passed here): planning over millions of blocks then costs O(shards).
         config: Seed, shuffle and division policy; the same on every rank.
         epoch: The epoch to plan (>= 0).
         world_size: Number of ranks.
@@ -207,8 +212,7 @@ def plan_epoch(
     check_config(config)
     if resume is not None and not isinstance(resume, ResumePoint):
         raise ConfigError(f"resume is a {type(resume).__name__}; expected a ResumePoint or None")
-    sizes, first = _check_sizes(shard_sizes)
-    groups = None if unit_groups is None else _check_groups(unit_groups, len(sizes))
+    units = _units(shard_sizes, unit_bytes, unit_groups)
     _check_world(epoch, world_size, num_workers)
     check_int("rank", rank, 0)
     if rank >= world_size:
@@ -222,18 +226,10 @@ def plan_epoch(
         while started is not None and started.previous is not None:
             started = started.previous
         chain_world = world_size if started is None else started.world_size
-        carry = carry_chain(sizes, first, config, epoch, chain_world, groups)
+        carry = carry_chain(units, config, epoch, chain_world)
     else:
-        carry = _check_carry(carry_in, int(first[-1]))
-    fresh = FreshEpoch(
-        sizes=sizes,
-        first=first,
-        config=config,
-        epoch=epoch,
-        carry=carry,
-        unit_bytes=None if unit_bytes is None else _check_unit_bytes(unit_bytes, len(sizes)),
-        groups=groups,
-    )
+        carry = _check_carry(carry_in, int(units.first[-1]))
+    fresh = FreshEpoch(units=units, config=config, epoch=epoch, carry=carry)
     planner = planner_for(resume, world_size, max(num_workers, 1), fresh, keep_ranks)
     workers = tuple(planner.worker_plan(rank, w) for w in range(planner.num_workers))
     leftover = planner.leftover_ids()
@@ -253,7 +249,7 @@ def plan_epoch(
 
 
 def plan_carry_in(
-    shard_sizes: Sequence[int] | npt.NDArray[np.integer],
+    shard_sizes: Sequence[int] | npt.NDArray[np.integer] | PlanUnits,
     *,
     config: PlanConfig,
     epoch: int,
@@ -290,20 +286,19 @@ def plan_carry_in(
         ResumeError: ``since.resume`` does not fit its epoch.
     """
     check_config(config)
-    sizes, first = _check_sizes(shard_sizes)
-    groups = None if unit_groups is None else _check_groups(unit_groups, len(sizes))
+    units = _units(shard_sizes, None, unit_groups)
     _check_world(epoch, world_size, num_workers)
     if since is None:
-        return carry_chain(sizes, first, config, epoch, world_size, groups)
+        return carry_chain(units, config, epoch, world_size)
     if since.epoch > epoch:
         raise ConfigError(
             f"plan_carry_in: since is epoch {since.epoch}, after epoch {epoch}; pass a start "
             "of an earlier epoch or none"
         )
-    carry = _check_carry(since.carry_in, int(first[-1]))
+    carry = _check_carry(since.carry_in, int(units.first[-1]))
     for e in range(since.epoch, epoch):
         carry = plan_epoch(
-            sizes,
+            units,
             config=config,
             epoch=e,
             world_size=world_size,
@@ -312,7 +307,6 @@ def plan_carry_in(
             resume=since.resume if e == since.epoch else None,
             carry_in=carry,
             keep_ranks=keep_ranks,
-            unit_groups=groups,
         ).leftover_ids
     return carry
 
@@ -323,47 +317,19 @@ def _check_world(epoch: int, world_size: int, num_workers: int) -> None:
     check_int("num_workers", num_workers, 0)
 
 
-def _check_sizes(shard_sizes: Sequence[int] | npt.NDArray[np.integer]) -> tuple[IdArray, IdArray]:
-    sizes = np.asarray(shard_sizes)
-    if sizes.ndim != 1 or not is_int_array(sizes):
+def _units(
+    shard_sizes: Sequence[int] | npt.NDArray[np.integer] | PlanUnits,
+    unit_bytes: Sequence[int] | npt.NDArray[np.integer] | None,
+    unit_groups: Sequence[int] | npt.NDArray[np.integer] | None,
+) -> PlanUnits:
+    if not isinstance(shard_sizes, PlanUnits):
+        return prepare_units(shard_sizes, unit_bytes=unit_bytes, unit_groups=unit_groups)
+    if unit_bytes is not None or unit_groups is not None:
         raise ConfigError(
-            f"shard_sizes has shape {sizes.shape} and dtype {sizes.dtype}; "
-            "expected a 1-D sequence of integer sample counts"
+            "shard_sizes is a PlanUnits, which holds its unit_bytes and unit_groups; pass them "
+            "to prepare_units, not to the plan"
         )
-    negative = np.flatnonzero(sizes < 0)
-    if len(negative):
-        i = int(negative[0])
-        raise ConfigError(f"shard_sizes[{i}] is {sizes[i]}; expected a sample count >= 0")
-    sizes = sizes.astype(np.int64)
-    first = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=first[1:])
-    return sizes, first
-
-
-def _check_groups(groups: Sequence[int] | npt.NDArray[np.integer], num_units: int) -> IdArray:
-    values = np.asarray(groups)
-    ok = values.shape == (num_units,) and is_int_array(values)
-    if ok and num_units:
-        steps = np.diff(values)
-        ok = values[0] == 0 and bool(((steps == 0) | (steps == 1)).all())
-    if not ok:
-        raise ConfigError(
-            f"unit_groups has shape {values.shape} and dtype {values.dtype}; expected the shard "
-            f"of each of the {num_units} units, from 0, non-decreasing by steps of 0 or 1"
-        )
-    return values.astype(np.int64)
-
-
-def _check_unit_bytes(
-    unit_bytes: Sequence[int] | npt.NDArray[np.integer], num_units: int
-) -> IdArray:
-    values = np.asarray(unit_bytes)
-    if values.shape != (num_units,) or not is_int_array(values) or (values < 0).any():
-        raise ConfigError(
-            f"unit_bytes has shape {values.shape} and dtype {values.dtype}; expected one "
-            f"integer >= 0 per shard ({num_units})"
-        )
-    return values.astype(np.int64)
+    return shard_sizes
 
 
 def _check_carry(carry_in: Sequence[int] | npt.NDArray[np.integer], num_samples: int) -> IdArray:

@@ -165,9 +165,10 @@ def group_windows(
     windows: list[Window] = []
     run: list[Span] = []
     used = 0
+    sizes = iter(budget.pieces_bytes(pieces) if budget is not None else [])
     for piece in [*pieces, None]:
         if isinstance(piece, Span):
-            size = 0 if budget is None else budget.span_bytes(piece)
+            size = next(sizes, 0)
             if run and budget is not None and used + size > budget.limit:
                 windows.append(_window(run, key, len(windows)))
                 run, used = [], 0
@@ -203,6 +204,20 @@ class WindowBudget:
     limit: int
     unit_bytes: IdArray
     unit_samples: IdArray
+
+    def pieces_bytes(self, pieces: list[Piece]) -> list[int]:
+        """`span_bytes` of every span of ``pieces``, in order (other pieces are skipped)."""
+        spans = [p for p in pieces if isinstance(p, Span)]
+        if not spans:
+            return []
+        index = np.fromiter((p.shard_index for p in spans), np.int64, len(spans))
+        start = np.fromiter((p.start for p in spans), np.int64, len(spans))
+        stop = np.fromiter((p.stop for p in spans), np.int64, len(spans))
+        total = self.unit_bytes[index]
+        samples = self.unit_samples[index]
+        known = (samples > 0) & (total > 0)
+        share = -(-total * (stop - start) // np.where(known, samples, 1))
+        return np.where(known, share, 0).tolist()
 
     def span_bytes(self, span: Span) -> int:
         """Decoded bytes of a span (its share of its unit's)."""

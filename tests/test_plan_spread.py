@@ -1,0 +1,167 @@
+"""The spread order computed per shard is the full sort of every block's key, queried cheaply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardloader.errors import ConfigError
+from shardloader.plan import PlanConfig, ResumePoint, plan_carry_in, plan_epoch, prepare_units
+from shardloader.plan_spread import PlanUnits, SpreadOrder
+
+BLOCKS = st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=12), min_size=1, max_size=25)
+
+
+def units_of(blocks: list[list[int]]) -> PlanUnits:
+    sizes = [n for b in blocks for n in b]
+    groups = np.repeat(np.arange(len(blocks)), [len(b) for b in blocks])
+    return prepare_units(sizes, unit_groups=groups)
+
+
+def full_order(order: SpreadOrder, units: PlanUnits) -> np.ndarray:
+    """Every block, sorted by (key, block index): what the per-shard queries must reproduce."""
+    assert units.groups is not None
+    assert units.group_starts is not None
+    shard = units.groups
+    index = np.arange(len(shard)) - units.group_starts[shard]
+    # block i of a shard sits in slot (i + turn) mod m, i.e. slot - head = i (mod m)
+    head = order._head[shard]
+    counts = units.group_counts[shard]  # type: ignore[index]
+    slot = (index - head) % counts
+    keys = order.keys(shard, slot)
+    return np.lexsort((np.arange(len(shard)), keys))
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks=BLOCKS, seed=st.integers(0, 2**32), data=st.data())
+def test_a_segment_is_the_full_sort_cut_at_its_positions(
+    blocks: list[list[int]], seed: int, data: st.DataObject
+) -> None:
+    units = units_of(blocks)
+    order = SpreadOrder(units, (3, seed, 0))
+    expect = full_order(order, units)
+    ends = np.cumsum(units.sizes[expect])
+    total = int(units.first[-1])
+    start = data.draw(st.integers(0, total))
+    stop = data.draw(st.integers(start, total))
+    got, pos = order.segment(start, stop)
+    # The segment is a run of the full order that starts at ``pos`` and covers [start, stop).
+    if len(got):
+        i = int(np.flatnonzero(expect == got[0])[0])
+        assert np.array_equal(got, expect[i : i + len(got)])
+        assert pos == (ends[i - 1] if i else 0)
+    assert pos <= start
+    assert pos + int(units.sizes[got].sum()) >= stop
+
+
+@settings(max_examples=100, deadline=None)
+@given(blocks=BLOCKS, seed=st.integers(0, 2**32))
+def test_slot_counts_match_the_keys_at_every_boundary(blocks: list[list[int]], seed: int) -> None:
+    """At and around every slot boundary j/m (where rounding matters), counts are exact."""
+    units = units_of(blocks)
+    order = SpreadOrder(units, (3, seed, 1))
+    counts = units.group_counts
+    assert counts is not None
+    times = {0.0, 1.0, 0.5, 1e-300}
+    for m in set(counts.tolist()):
+        for j in range(m + 1):
+            t = j / m
+            times |= {t, np.nextafter(t, 0.0), np.nextafter(t, 2.0)}
+    shards = np.repeat(np.arange(len(counts)), counts)
+    slots = np.arange(len(shards)) - np.repeat(np.cumsum(counts) - counts, counts)
+    keys = order.keys(shards, slots)
+    assert (np.diff(keys)[np.diff(shards) == 0] >= 0).all()  # keys rise with the slot
+    for t in times:
+        brute = np.bincount(shards[keys < t], minlength=len(counts))
+        assert np.array_equal(order.slots_before(float(t)), brute), t
+
+
+def test_the_order_is_the_same_for_the_same_seed_and_epoch_only() -> None:
+    units = units_of([[3] * 7, [2] * 5, [4] * 9])
+    a = SpreadOrder(units, (3, 1, 0)).segment(0, 58)[0]
+    assert np.array_equal(a, SpreadOrder(units, (3, 1, 0)).segment(0, 58)[0])
+    assert not np.array_equal(a, SpreadOrder(units, (3, 1, 1)).segment(0, 58)[0])
+    assert not np.array_equal(a, SpreadOrder(units, (3, 2, 0)).segment(0, 58)[0])
+    # Known values: the order must not change across machines or numpy versions.
+    assert a[:8].tolist() == [12, 6, 10, 13, 11, 0, 1, 14]
+
+
+def test_prepared_units_plan_as_the_raw_arrays_do() -> None:
+    rng = np.random.default_rng(3)
+    blocks = [rng.integers(0, 30, rng.integers(1, 12)).tolist() for _ in range(60)]
+    sizes = [n for b in blocks for n in b]
+    groups = np.repeat(np.arange(len(blocks)), [len(b) for b in blocks])
+    unit_bytes = rng.integers(0, 5000, len(sizes))
+    units = prepare_units(sizes, unit_bytes=unit_bytes, unit_groups=groups)
+    config = PlanConfig(seed=4, shuffle_unit="block", shuffle_window=9, shuffle_bytes=20_000)
+    for epoch in (0, 3):
+        kwargs = {"config": config, "epoch": epoch, "world_size": 7, "num_workers": 3}
+        for rank in (0, 6):
+            raw = plan_epoch(sizes, rank=rank, unit_bytes=unit_bytes, unit_groups=groups, **kwargs)
+            prepared = plan_epoch(units, rank=rank, **kwargs)
+            assert np.array_equal(raw.sample_ids(), prepared.sample_ids())
+            assert np.array_equal(raw.leftover_ids, prepared.leftover_ids)
+    with pytest.raises(ConfigError, match="pass them to prepare_units"):
+        plan_epoch(units, unit_groups=groups, rank=0, **kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    blocks=BLOCKS,
+    world_size=st.integers(1, 9),
+    num_workers=st.integers(0, 3),
+    seed=st.integers(0, 1000),
+    epochs=st.integers(1, 5),
+)
+def test_block_carry_chain_matches_the_plans(
+    blocks: list[list[int]], world_size: int, num_workers: int, seed: int, epochs: int
+) -> None:
+    """The replayed carry-in (per-shard tails) equals each epoch's real leftover, and over the
+    epochs every id is served as often as the carry-over guarantee says."""
+    units = units_of(blocks)
+    total = int(units.first[-1])
+    config = PlanConfig(seed=seed, shuffle_unit="block", shuffle_window=3)
+    carry = np.empty(0, dtype=np.int64)
+    served = np.zeros(total, dtype=np.int64)
+    for epoch in range(epochs):
+        assert np.array_equal(
+            plan_carry_in(units, config=config, epoch=epoch, world_size=world_size), carry
+        )
+        plans = [
+            plan_epoch(
+                units,
+                config=config,
+                epoch=epoch,
+                world_size=world_size,
+                rank=r,
+                num_workers=num_workers,
+            )
+            for r in range(world_size)
+        ]
+        counts = {p.samples_per_rank for p in plans}
+        assert len(counts) == 1
+        ids = np.concatenate([p.sample_ids() for p in plans])
+        served += np.bincount(ids, minlength=total)
+        carry = plans[0].leftover_ids
+    behind = epochs - served
+    assert (behind >= 0).all()
+    assert np.array_equal(np.bincount(carry, minlength=total), behind)
+
+
+def test_an_exact_resume_over_prepared_blocks_continues_each_worker() -> None:
+    rng = np.random.default_rng(8)
+    blocks = [rng.integers(1, 40, rng.integers(1, 20)).tolist() for _ in range(200)]
+    units = units_of(blocks)
+    config = PlanConfig(seed=2, shuffle_unit="block", shuffle_window=16)
+    world = {"world_size": 5, "num_workers": 2}
+    plans = [plan_epoch(units, config=config, epoch=4, rank=r, **world) for r in range(5)]
+    consumed = np.array([[w.num_samples // 3 for w in p.workers] for p in plans])
+    consumed[:] = consumed[0]
+    point = ResumePoint(epoch=4, config=config, consumed=consumed, **world)
+    for r, plan in enumerate(plans):
+        rest = plan_epoch(units, config=config, epoch=4, rank=r, resume=point, **world)
+        for before, after in zip(plan.workers, rest.workers, strict=True):
+            k = int(consumed[r, before.worker_id])
+            assert np.array_equal(before.sample_ids()[k:], after.sample_ids())
