@@ -33,6 +33,10 @@ from shardloader.plan import IdArray, PlanConfig, ResumePoint
 
 STATE_KIND = "shardloader.loader_state"
 STATE_VERSION = 1
+# The order of blocks in an epoch (shuffle_unit="block"), recorded in block-mode states: 1, the
+# first spread order (a generator draw per block; states without the key), 2, the spread order
+# hashed per shard (`shardloader.plan_spread`). Whole shards have kept one order throughout.
+BLOCK_ORDER = 2
 
 
 def dataset_fingerprint(
@@ -176,10 +180,12 @@ class LoaderState:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form, tagged with kind and version."""
+        """JSON-friendly form, tagged with kind and version (and the block order, over blocks)."""
+        order = {"block_order": BLOCK_ORDER} if self.config.shuffle_unit == "block" else {}
         return {
             "kind": STATE_KIND,
             "version": STATE_VERSION,
+            **order,
             "dataset": self.dataset,
             "config": config_to_dict(self.config),
             "epoch": self.epoch,
@@ -214,7 +220,7 @@ class LoaderState:
             )
         try:
             extra = data.get("extra")
-            return cls(
+            state = cls(
                 dataset=str(data["dataset"]),
                 config=PlanConfig(**data["config"]),
                 epoch=int(data["epoch"]),
@@ -233,6 +239,30 @@ class LoaderState:
             if isinstance(err, ResumeError):
                 raise
             raise ResumeError(f"loader state is malformed ({type(err).__name__}: {err})") from err
+        _check_block_order(state, data.get("block_order", 1))
+        return state
+
+
+def _check_block_order(state: LoaderState, order: object) -> None:
+    """Refuse a block-mode state saved inside an epoch whose block order this version lacks.
+
+    At an epoch boundary nothing of the epoch's order was used (the carry-in is explicit ids),
+    so such a state starts the epoch in the current order.
+    """
+    if state.config.shuffle_unit != "block" or order == BLOCK_ORDER or not state.started:
+        return
+    if isinstance(order, int) and order > BLOCK_ORDER:
+        raise ResumeError(
+            f"loader state was saved in block mode with block order {order}, newer than this "
+            f"shardloader's ({BLOCK_ORDER}); resume with the shardloader that saved it"
+        )
+    raise ResumeError(
+        f"loader state was saved in block mode inside epoch {state.epoch} with block order "
+        f"{order!r}, from an earlier shardloader; this version orders an epoch's blocks "
+        f"differently (block order {BLOCK_ORDER}), so the rest of that epoch cannot be "
+        "continued exactly; finish the epoch with the shardloader that saved the state, or "
+        "resume from a state saved at an epoch boundary (those resume in the new order)"
+    )
 
 
 def merge_states(states: Sequence[Mapping[str, Any] | LoaderState]) -> LoaderState:

@@ -19,7 +19,13 @@ from hypothesis import strategies as st
 
 from shardloader import ResumeError, ShardDataset, ShardLoader
 from shardloader.plan import PlanConfig, ResumePoint
-from shardloader.state import STATE_VERSION, LoaderState, merge_states, state_to_json
+from shardloader.state import (
+    BLOCK_ORDER,
+    STATE_VERSION,
+    LoaderState,
+    merge_states,
+    state_to_json,
+)
 from tests.streaming import ids_of
 
 V1 = Path(__file__).parent / "data" / "loader_state_v1.json"
@@ -166,3 +172,53 @@ def test_checks_name_what_differs() -> None:
     for bad in ({"kind": "x"}, {**state.to_dict(), "version": 2}, {**state.to_dict(), "epoch": []}):
         with pytest.raises(ResumeError):
             LoaderState.from_dict(bad)
+
+
+def _block_state(consumed: int, **kwargs: Any) -> LoaderState:
+    config = PlanConfig(shuffle_unit="block", shuffle_window=64, shuffle_bytes=1 << 20)
+    return LoaderState(
+        dataset="fp",
+        config=config,
+        epoch=3,
+        world_size=2,
+        num_workers=1,
+        consumed=np.full((2, 1), consumed),
+        carry_in=np.array([5]),
+        **kwargs,
+    )
+
+
+def test_block_states_record_the_block_order_and_shard_states_do_not() -> None:
+    data = _block_state(7).to_dict()
+    assert data["block_order"] == BLOCK_ORDER == 2
+    assert LoaderState.from_dict(data).to_dict() == data
+    shard = LoaderState(
+        dataset="fp", config=PlanConfig(), epoch=0, world_size=1, num_workers=0, consumed=[[0]]
+    )
+    assert "block_order" not in shard.to_dict()  # whole shards: the keys and order as before
+
+
+def test_an_earlier_block_state_inside_an_epoch_is_refused_saying_what_to_do() -> None:
+    """States of the first block order (no key) cannot continue an epoch in the new order."""
+    for old in ({}, {"block_order": 1}):
+        data = {k: v for k, v in _block_state(7).to_dict().items() if k != "block_order"}
+        with pytest.raises(ResumeError, match="inside epoch 3 with block order 1.*epoch boundary"):
+            LoaderState.from_dict({**data, **old})
+    previous = ResumePoint(
+        epoch=3, world_size=2, num_workers=1, config=_block_state(0).config, consumed=[[1], [1]]
+    )
+    data = {k: v for k, v in _block_state(0, previous=previous).to_dict().items()}
+    del data["block_order"]
+    with pytest.raises(ResumeError, match="block order"):
+        LoaderState.from_dict(data)  # resumed before, though nothing consumed since
+    newer = {**_block_state(7).to_dict(), "block_order": 3}
+    with pytest.raises(ResumeError, match="newer than this"):
+        LoaderState.from_dict(newer)
+
+
+def test_an_earlier_block_state_at_an_epoch_boundary_starts_it_in_the_new_order() -> None:
+    data = _block_state(0).to_dict()
+    del data["block_order"]
+    state = LoaderState.from_dict(data)
+    assert not state.started
+    assert state.carry_in.tolist() == [5]  # the carry-in stays explicit ids
