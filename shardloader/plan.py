@@ -12,9 +12,11 @@ Algorithm, for one epoch over ``W`` ranks with ``K`` workers each:
 
 1. Permute the shard order with a generator seeded by ``(seed, epoch)`` (none if ``shuffle`` is
    off). Over blocks with ``unit_groups``, the order spreads each shard's blocks evenly over the
-   epoch instead (`shardloader.plan_sequence.unit_keys`: the ``m`` blocks of a shard, in a random
-   order, fall one in each ``1/m`` of the epoch, at a random place in it), so that any stretch
-   of the sequence draws on as many shards as it can, in proportion to their sizes.
+   epoch instead (`shardloader.plan_spread`: the ``m`` blocks of a shard, from a random one on,
+   fall one in each ``1/m`` of the epoch, at a random place in it), so that any stretch of the
+   sequence draws on as many shards as it can, in proportion to their sizes. Each block's place
+   is a hash of (seed, epoch, shard, slot), so a range of the sequence is found and made from
+   per-shard sums without ordering every block.
 2. Lay out the epoch's sequence: the ids carried in from the previous epoch first, then every
    shard's samples in natural order, shards in the permuted order. Its length is ``L``.
 3. Make it divide. ``"drop"``: each rank gets ``n = L // W``; the last ``L % W`` ids of the
@@ -199,7 +201,7 @@ def plan_epoch(
             part of a unit counts its share). ``None`` or 0: unknown, not bounded.
         unit_groups: When the units are blocks: the shard of every block (non-decreasing, from
             0). The epoch's order then spreads each shard's blocks evenly over the epoch
-            (`shardloader.plan_sequence.unit_keys`) instead of permuting units uniformly. The
+            (`shardloader.plan_spread`) instead of permuting units uniformly. The
             same value for every rank and resume.
 
     Returns:

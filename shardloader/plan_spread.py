@@ -138,12 +138,8 @@ class SpreadOrder:
         base = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)
         shard = np.arange(num_shards, dtype=np.uint64)
         self._state = mix64(base ^ (shard * _GOLDEN))
-        turn = (mix64(self._state) % self._counts.astype(np.uint64)).astype(np.int64)
-        self._head = (self._counts - turn) % np.maximum(self._counts, 1)  # the block at slot 0
-        # Samples before each shard's slot-0 block, and in each whole shard: a shard's first
-        # n slots then hold first[start + e'] - before0 (+ shard_samples when they wrap round).
-        self._before0 = units.first[self._starts + self._head]
         self._shard_samples = units.group_samples
+        self._all_heads: IdArray | None = None  # made when most shards need theirs
         # Margin around a guessed time: a shard's share before T is off by at most one block,
         # so the sum over shards strays by about sqrt(shards) blocks.
         self._margin = 8.0 * math.sqrt(max(num_shards, 1)) / max(len(units.sizes), 1)
@@ -181,12 +177,35 @@ class SpreadOrder:
         return out
 
     def samples_before(self, slots: IdArray) -> int:
-        """Samples in the first ``slots[s]`` slots of every shard ``s``."""
-        end = self._head + slots
-        wraps = end > self._counts
-        end -= np.where(wraps, self._counts, 0)
-        inside = int(self._first[self._starts + end].sum()) - int(self._before0.sum())
-        return inside + int(self._shard_samples[wraps].sum())
+        """Samples in the first ``slots[s]`` slots of every shard ``s``.
+
+        Slot 0 holds the shard's block ``head`` (its turn), so the first ``n`` slots are the
+        blocks ``head .. head + n - 1``, wrapping round: two look-ups in ``first``. Shards with
+        all or none of their slots counted need neither (near the epoch's ends, most of them).
+        """
+        counts = self._counts
+        whole = int(self._shard_samples[slots >= counts].sum())
+        rows = np.flatnonzero((slots > 0) & (slots < counts))
+        head = self._heads(rows)
+        m, start = counts[rows], self._starts[rows]
+        end = head + slots[rows]
+        wraps = end > m
+        end -= np.where(wraps, m, 0)
+        inside = self._first[start + end] - self._first[start + head]
+        return whole + int(inside.sum()) + int(self._shard_samples[rows][wraps].sum())
+
+    def _heads(self, rows: IdArray) -> IdArray:
+        """The block in slot 0 of shards ``rows``: ``(-turn) mod m``, the turn a hash."""
+        if self._all_heads is None and 4 * len(rows) > len(self._counts):
+            self._all_heads = self._heads_of(np.arange(len(self._counts)))
+        if self._all_heads is not None:
+            return self._all_heads[rows]
+        return self._heads_of(rows)
+
+    def _heads_of(self, rows: IdArray) -> IdArray:
+        m = self._counts[rows]
+        turn = (mix64(self._state[rows]) % m.astype(np.uint64)).astype(np.int64)
+        return (m - turn) % m
 
     def bound(self, position: int, *, upper: bool) -> tuple[IdArray, int]:
         """Slots per shard before a time at or before (``upper``: at or after) ``position``.
@@ -219,7 +238,7 @@ class SpreadOrder:
         begin = np.cumsum(take) - take
         slot = lo[shard] + (np.arange(len(shard), dtype=np.int64) - np.repeat(begin, take))
         keys = self.keys(shard, slot)
-        unit = self._starts[shard] + (self._head[shard] + slot) % self._counts[shard]
+        unit = self._starts[shard] + (self._heads(shard) + slot) % self._counts[shard]
         order = np.lexsort((unit, keys))
         return unit[order].astype(np.int64), pos
 

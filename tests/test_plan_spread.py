@@ -27,7 +27,7 @@ def full_order(order: SpreadOrder, units: PlanUnits) -> np.ndarray:
     shard = units.groups
     index = np.arange(len(shard)) - units.group_starts[shard]
     # block i of a shard sits in slot (i + turn) mod m, i.e. slot - head = i (mod m)
-    head = order._head[shard]
+    head = order._heads(shard)
     counts = units.group_counts[shard]  # type: ignore[index]
     slot = (index - head) % counts
     keys = order.keys(shard, slot)
