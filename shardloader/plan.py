@@ -303,19 +303,18 @@ def plan_carry_in(
             f"plan_carry_in: since is epoch {since.epoch}, after epoch {epoch}; pass a start "
             "of an earlier epoch or none"
         )
+    if since.resume is not None and not isinstance(since.resume, ResumePoint):
+        raise ConfigError(
+            f"since.resume is a {type(since.resume).__name__}; expected a ResumePoint or None"
+        )
     carry = _check_carry(since.carry_in, int(units.first[-1]))
     for e in range(since.epoch, epoch):
-        carry = plan_epoch(
-            units,
-            config=config,
-            epoch=e,
-            world_size=world_size,
-            rank=0,
-            num_workers=num_workers,
-            resume=since.resume if e == since.epoch else None,
-            carry_in=carry,
-            keep_ranks=keep_ranks,
-        ).leftover_ids
+        # Only the epoch's leftover is wanted: the planner gives it without making any
+        # worker's windows (over blocks, the tail of the sequence alone).
+        fresh = FreshEpoch(units=units, config=config, epoch=e, carry=carry)
+        resume = since.resume if e == since.epoch else None
+        planner = planner_for(resume, world_size, max(num_workers, 1), fresh, keep_ranks)
+        carry = planner.leftover_ids()
     return carry
 
 

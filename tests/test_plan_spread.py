@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardloader.errors import ConfigError
-from shardloader.plan import PlanConfig, ResumePoint, plan_carry_in, plan_epoch, prepare_units
+from shardloader.plan import (
+    EpochStart,
+    PlanConfig,
+    ResumePoint,
+    plan_carry_in,
+    plan_epoch,
+    prepare_units,
+)
 from shardloader.plan_spread import PlanUnits, SpreadOrder
 
 BLOCKS = st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=12), min_size=1, max_size=25)
@@ -165,3 +172,60 @@ def test_an_exact_resume_over_prepared_blocks_continues_each_worker() -> None:
         for before, after in zip(plan.workers, rest.workers, strict=True):
             k = int(consumed[r, before.worker_id])
             assert np.array_equal(before.sample_ids()[k:], after.sample_ids())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    blocks=BLOCKS,
+    world_size=st.integers(1, 6),
+    new_world=st.integers(1, 6),
+    seed=st.integers(0, 1000),
+    in_blocks=st.booleans(),
+    new_workers=st.integers(1, 2),
+    data=st.data(),
+)
+def test_carry_in_since_a_resumed_epoch_is_the_leftover_of_the_plans(
+    blocks: list[list[int]],
+    world_size: int,
+    new_world: int,
+    seed: int,
+    in_blocks: bool,
+    new_workers: int,
+    data: st.DataObject,
+) -> None:
+    """plan_carry_in(since=...) gives what planning each epoch after the state in full gives."""
+    units = units_of(blocks)
+    if not in_blocks:
+        units = prepare_units([sum(b) for b in blocks])
+    unit = "block" if in_blocks else "shard"
+    config = PlanConfig(seed=seed, shuffle_unit=unit, shuffle_window=2)
+    carry = plan_carry_in(units, config=config, epoch=1, world_size=world_size)
+    world = {"world_size": world_size, "num_workers": 2}
+    plans = [plan_epoch(units, config=config, epoch=1, rank=r, **world) for r in range(world_size)]
+    consumed = np.array(
+        [[data.draw(st.integers(0, w.num_samples)) for w in p.workers] for p in plans]
+    )
+    point = ResumePoint(epoch=1, config=config, consumed=consumed, **world)
+    since = EpochStart(1, carry, point)
+    expect = carry
+    for epoch in (1, 2, 3):
+        resume = point if epoch == 1 else None
+        expect = plan_epoch(
+            units,
+            config=config,
+            epoch=epoch,
+            world_size=new_world,
+            rank=0,
+            num_workers=new_workers,
+            resume=resume,
+            carry_in=expect,
+        ).leftover_ids
+        got = plan_carry_in(
+            units,
+            config=config,
+            epoch=epoch + 1,
+            world_size=new_world,
+            since=since,
+            num_workers=new_workers,
+        )
+        assert np.array_equal(got, expect)

@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from shardloader.plan import PlanConfig, ResumePoint, plan_carry_in, plan_epoch, prepare_units
+from shardloader.plan import (
+    EpochStart,
+    PlanConfig,
+    ResumePoint,
+    plan_carry_in,
+    plan_epoch,
+    prepare_units,
+)
 
 DOC_BYTES = 2621  # the shuffle benchmark's mean document
 
@@ -183,6 +190,33 @@ def bench_blocks(args: argparse.Namespace) -> None:
         lambda: plan_epoch(
             units, rank=new_world // 2, world_size=new_world, num_workers=4, **kwargs
         ),
+        args.repeat,
+    )
+    # A state saved inside an earlier epoch, loaded to plan this one: the epochs between are
+    # replayed for their leftovers only (as ShardDataset does after a resume).
+    earlier = max(args.block_epoch - 2, 0)
+    start = EpochStart(
+        earlier,
+        plan_carry_in(units, config=config, epoch=earlier, world_size=args.world_size),
+        ResumePoint(epoch=earlier, config=config, consumed=consumed, **world),
+    )
+
+    def later() -> Any:
+        carry_in = plan_carry_in(
+            units,
+            config=config,
+            epoch=args.block_epoch,
+            world_size=args.world_size,
+            since=start,
+            num_workers=args.workers,
+        )
+        return plan_epoch(
+            units, config=config, epoch=args.block_epoch, rank=rank, carry_in=carry_in, **world
+        )
+
+    measure(
+        f"block plan_epoch {args.block_epoch} after a state saved inside epoch {earlier}",
+        later,
         args.repeat,
     )
     ids = measure("one worker's sample_ids() (blocks)", plan.workers[0].sample_ids, args.repeat)
