@@ -34,6 +34,7 @@ from shardloader.plan_spans import (
     group_windows,
     ids_to_spans,
     piece_ids,
+    piece_len,
 )
 from shardloader.plan_spread import PlanUnits, SpreadOrder
 
@@ -130,7 +131,7 @@ class _ResumedSequence:
         for r, w in tail.padding_workers():
             counts[r, w] -= tail.worker_plan(r, w).num_padded
         self._offsets = np.concatenate([[0], np.cumsum(counts.ravel())])
-        self._cache: dict[int, list[Piece]] = {}
+        self._cache: dict[int, tuple[list[Piece], list[int]]] = {}
         self.length = int(self._offsets[-1])
 
     def pieces(self, start: int, stop: int) -> list[Piece]:
@@ -139,12 +140,13 @@ class _ResumedSequence:
         while start < stop:
             lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
             if hi > start:
-                out += cut_pieces(self._worker_pieces(i), start - lo, min(stop, hi) - lo)
+                pieces, ends = self._worker_pieces(i)
+                out += cut_pieces(pieces, start - lo, min(stop, hi) - lo, ends)
                 start = min(stop, hi)
             i += 1
         return out
 
-    def _worker_pieces(self, index: int) -> list[Piece]:
+    def _worker_pieces(self, index: int) -> tuple[list[Piece], list[int]]:
         if index not in self._cache:
             plan = self._tail.worker_plan(*divmod(index, self._tail.num_workers))
             pieces: list[Piece] = []
@@ -155,7 +157,8 @@ class _ResumedSequence:
                     real = ~window.padded
                     if real.any():
                         pieces.append(Block(window.ids[real], window.padded[real]))
-            self._cache[index] = pieces
+            ends = np.cumsum([piece_len(p) for p in pieces]).tolist()
+            self._cache[index] = (pieces, ends)
         return self._cache[index]
 
 
@@ -248,10 +251,9 @@ class _SplitPlanner:
         if config.shuffle:
             key = (_WINDOW_ORDER, config.seed, self._fresh.epoch, self._depth, rank, worker_id)
         reserve = getattr(self._seq, "reserve", None)
-        if reserve is not None:  # one rank's workers share one range of the sequence
-            reserve(
-                self._worker_range(rank, 0)[0], self._worker_range(rank, self.num_workers - 1)[1]
-            )
+        if reserve is not None:  # a rank's workers (from this one on) share one range
+            last = self.num_workers - 1
+            reserve(self._worker_range(rank, worker_id)[0], self._worker_range(rank, last)[1])
         pieces = self._pieces(*self._worker_range(rank, worker_id))
         window = config.shuffle_window
         assert window is not None  # plan_epoch checks the config is resolved

@@ -12,6 +12,7 @@ keeps stable across versions and machines.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, TypeAlias
@@ -261,8 +262,19 @@ def drop_prefix(plan: WorkerPlan, consumed: int) -> WorkerPlan:
     return replace(plan, windows=rest)
 
 
-def cut_pieces(pieces: list[Piece], start: int, stop: int) -> list[Piece]:
-    """Positions ``[start, stop)`` of ``pieces`` laid end to end, as pieces."""
+def cut_pieces(
+    pieces: list[Piece], start: int, stop: int, ends: list[int] | None = None
+) -> list[Piece]:
+    """Positions ``[start, stop)`` of ``pieces`` laid end to end, as pieces.
+
+    ``ends``, the running sum of the pieces' lengths, finds the pieces by bisection (a
+    resumed sequence cuts the same long list many times).
+    """
+    if ends is not None:
+        i = bisect.bisect_right(ends, start)
+        j = min(bisect.bisect_left(ends, stop) + 1, len(pieces))
+        before = ends[i - 1] if i else 0
+        return cut_pieces(pieces[i:j], start - before, stop - before)
     out: list[Piece] = []
     pos = 0
     for piece in pieces:
