@@ -99,6 +99,9 @@ def prepare_units(
         unit_bytes: Decoded bytes per unit (see `shardloader.plan.plan_epoch`).
         unit_groups: When the units are blocks, each block's shard.
 
+    Integer arrays of dtype int64 are kept as read-only views, not copied: do not change them
+    afterwards.
+
     Raises:
         ConfigError: An argument is invalid.
     """
@@ -106,10 +109,8 @@ def prepare_units(
     nbytes = None if unit_bytes is None else _check_unit_bytes(unit_bytes, len(checked))
     groups = starts = counts = samples = None
     if unit_groups is not None:
-        groups = _check_groups(unit_groups, len(checked))
-        starts = np.concatenate([[0], np.flatnonzero(groups[1:] != groups[:-1]) + 1])
-        starts = starts[: len(groups)].astype(np.int64)  # (no blocks at all: no shards)
-        counts = np.diff(np.append(starts, len(groups))).astype(np.int64)
+        groups, starts = _check_groups(unit_groups, len(checked))
+        counts = np.diff(np.append(starts, len(groups)))
         samples = first[starts + counts] - first[starts]
     for array in (checked, first, nbytes, groups, starts, counts, samples):
         if array is not None:
@@ -254,24 +255,29 @@ def _check_sizes(shard_sizes: Sequence[int] | npt.NDArray[np.integer]) -> tuple[
     if len(negative):
         i = int(negative[0])
         raise ConfigError(f"shard_sizes[{i}] is {sizes[i]}; expected a sample count >= 0")
-    sizes = sizes.astype(np.int64)
+    sizes = _int64(sizes)
     first = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=first[1:])
     return sizes, first
 
 
-def _check_groups(groups: Sequence[int] | npt.NDArray[np.integer], num_units: int) -> IdArray:
+def _check_groups(
+    groups: Sequence[int] | npt.NDArray[np.integer], num_units: int
+) -> tuple[IdArray, IdArray]:
+    """The groups, and where each group starts (one pass of differences)."""
     values = np.asarray(groups)
     ok = values.shape == (num_units,) and is_int_array(values)
+    starts = np.zeros(min(num_units, 1), dtype=np.int64)
     if ok and num_units:
-        steps = np.diff(values)
-        ok = values[0] == 0 and bool(((steps == 0) | (steps == 1)).all())
+        steps = np.diff(values).astype(np.int64, copy=False)
+        ok = values[0] == 0 and bool((steps.view(np.uint64) <= 1).all())  # 0 or 1, not < 0
+        starts = np.concatenate([starts, np.flatnonzero(steps) + 1]).astype(np.int64)
     if not ok:
         raise ConfigError(
             f"unit_groups has shape {values.shape} and dtype {values.dtype}; expected the shard "
             f"of each of the {num_units} units, from 0, non-decreasing by steps of 0 or 1"
         )
-    return values.astype(np.int64)
+    return _int64(values), starts
 
 
 def _check_unit_bytes(
@@ -283,4 +289,13 @@ def _check_unit_bytes(
             f"unit_bytes has shape {values.shape} and dtype {values.dtype}; expected one "
             f"integer >= 0 per shard ({num_units})"
         )
+    return _int64(values)
+
+
+def _int64(values: np.ndarray) -> IdArray:
+    """``values`` as int64: a read-only view when they are already (no copy), else a copy."""
+    if values.dtype == np.int64:
+        view = values.view()
+        view.setflags(write=False)
+        return view
     return values.astype(np.int64)

@@ -229,3 +229,30 @@ def test_carry_in_since_a_resumed_epoch_is_the_leftover_of_the_plans(
             num_workers=new_workers,
         )
         assert np.array_equal(got, expect)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "groups", "match"),
+    [
+        ([1, 2, 3], [0, 0, 2], "unit_groups"),  # a step of 2
+        ([1, 2, 3], [0, 1, 0], "unit_groups"),  # decreasing
+        ([1, 2, 3], [1, 1, 2], "unit_groups"),  # not from 0
+        ([1, 2, 3], np.array([0, 1, 0], dtype=np.uint64), "unit_groups"),  # wraps as uint
+        ([1, 2, 3], [0, 1], "unit_groups"),  # one short
+        ([1, -2, 3], [0, 0, 1], r"shard_sizes\[1\] is -2"),
+    ],
+)
+def test_prepare_units_refuses_bad_units(sizes: list[int], groups: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        prepare_units(sizes, unit_groups=groups)  # type: ignore[arg-type]
+
+
+def test_prepared_units_do_not_copy_int64_arrays_nor_let_them_be_written() -> None:
+    sizes = np.array([3, 0, 5, 2], dtype=np.int64)
+    units = prepare_units(sizes, unit_groups=[0, 0, 1, 1])
+    assert np.shares_memory(units.sizes, sizes)
+    assert sizes.flags.writeable  # the caller's array keeps its flags
+    assert not units.sizes.flags.writeable
+    assert units.group_starts.tolist() == [0, 2]  # type: ignore[union-attr]
+    assert units.group_counts.tolist() == [2, 2]  # type: ignore[union-attr]
+    assert units.group_samples.tolist() == [3, 7]  # type: ignore[union-attr]
