@@ -55,12 +55,16 @@ class _Sequence(Protocol):
 
 
 class _EpochSequence:
-    """Carried-in ids, then the shards' samples in permuted shard order."""
+    """Carried-in ids, then the shards' samples in permuted shard order (``None``: in order)."""
 
-    def __init__(self, sizes: IdArray, first: IdArray, perm: IdArray, carry: IdArray) -> None:
+    def __init__(
+        self, sizes: IdArray, first: IdArray, perm: IdArray | None, carry: IdArray
+    ) -> None:
         self._perm = perm
-        self._sizes = sizes[perm]
-        self._ends = np.cumsum(self._sizes)
+        # In manifest order the sizes and their running sum are the units' own (no O(units)
+        # copy per plan: blocks without shuffle).
+        self._sizes = sizes if perm is None else sizes[perm]
+        self._ends = first[1:] if perm is None else np.cumsum(self._sizes)
         self._carry = ids_to_spans(carry, first)
         self._num_carried = len(carry)
         self.length = self._num_carried + int(first[-1])
@@ -431,5 +435,5 @@ def _epoch_sequence(units: PlanUnits, config: PlanConfig, epoch: int, carry: IdA
         keys = generator((_SHARD_ORDER, config.seed, epoch)).random_raw(len(units.sizes))
         perm = np.argsort(keys, kind="stable").astype(np.int64)
     else:
-        perm = np.arange(len(units.sizes), dtype=np.int64)
+        perm = None
     return _EpochSequence(units.sizes, units.first, perm, carry)

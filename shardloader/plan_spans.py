@@ -136,10 +136,13 @@ def permutation(n: int, key: tuple[int, ...]) -> IdArray:
     return np.argsort(generator(key).random_raw(n), kind="stable").astype(np.int64)
 
 
-def body_spans(perm: IdArray, sizes: IdArray, ends: IdArray, start: int, stop: int) -> list[Piece]:
+def body_spans(
+    perm: IdArray | None, sizes: IdArray, ends: IdArray, start: int, stop: int
+) -> list[Piece]:
     """Spans of positions ``[start, stop)`` of shards ``perm`` laid end to end.
 
-    ``sizes`` and ``ends`` are the sizes of the shards in ``perm`` and their running sum.
+    ``sizes`` and ``ends`` are the sizes of the shards in ``perm`` and their running sum;
+    ``perm`` ``None`` is every shard in order.
     """
     i0 = int(np.searchsorted(ends, start, side="right"))
     i1 = int(np.searchsorted(ends, stop, side="left")) + 1
@@ -147,7 +150,8 @@ def body_spans(perm: IdArray, sizes: IdArray, ends: IdArray, start: int, stop: i
     lo = np.maximum(begins, start) - begins
     hi = np.minimum(ends[i0:i1], stop) - begins
     keep = hi > lo  # empty shards
-    rows = zip(perm[i0:i1][keep].tolist(), lo[keep].tolist(), hi[keep].tolist(), strict=True)
+    index = np.arange(i0, i0 + len(keep), dtype=np.int64) if perm is None else perm[i0:i1]
+    rows = zip(index[keep].tolist(), lo[keep].tolist(), hi[keep].tolist(), strict=True)
     return [Span(s, a, b) for s, a, b in rows]
 
 
