@@ -41,7 +41,6 @@ from shardloader.plan_spread import PlanUnits, SpreadOrder
 # First entropy word of every generator: which decision it seeds, so streams never coincide.
 _SHARD_ORDER = 1
 _WINDOW_ORDER = 2
-_SPREAD_ORDER = 3  # the blocks' spread order (version 2: counter-based, per shard)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +428,7 @@ def _sequence_tail(
 
 def _epoch_sequence(units: PlanUnits, config: PlanConfig, epoch: int, carry: IdArray) -> _Sequence:
     if config.shuffle and units.groups is not None:
-        order = SpreadOrder(units, (_SPREAD_ORDER, config.seed, epoch))
+        order = SpreadOrder(units, (_SHARD_ORDER, config.seed, epoch))
         return _SpreadSequence(order, units.first, carry)
     if config.shuffle:
         keys = generator((_SHARD_ORDER, config.seed, epoch)).random_raw(len(units.sizes))

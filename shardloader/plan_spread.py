@@ -6,11 +6,13 @@ shard, so no epoch reads every shard from its start) and the sort key (its time 
 
     t(s, j) = (j + v(s, j)) / m,    v uniform in [0, 1)
 
-The epoch's sequence is every block sorted by ``(t, block index)``. Each ``v`` and ``c`` comes
-from a counter-based hash (splitmix64's finalizer of a per-shard state plus the slot; the state
-from a ``SeedSequence`` of ``(seed, epoch)`` and the shard), not from a sequential generator, so
-any block's key is computed alone. float64 arithmetic (an exact add of a 53-bit fraction, a
-correctly rounded division) gives the same keys on every machine, and keys rise with the slot.
+The epoch's sequence is every block sorted by ``(t, block index)``. Per shard one PCG64 output
+``r`` is drawn, seeded by ``(seed, epoch)`` as whole shards are (O(shards)): slot 0's ``v`` is
+``r``'s top 53 bits, so shards of one block each come in whole shards' order; the other slots'
+``v`` and the turn ``c`` are a counter-based hash (splitmix64's finalizer of a state made from
+``r``, plus the slot), so any block's key is computed alone, with no draw per block. float64
+arithmetic (an exact add of a 53-bit fraction, a correctly rounded division) gives the same keys
+on every machine, and keys rise with the slot.
 
 So nothing here is O(blocks):
 
@@ -41,7 +43,7 @@ import numpy.typing as npt
 
 from shardloader.errors import ConfigError
 from shardloader.plan_config import is_int_array
-from shardloader.plan_spans import IdArray
+from shardloader.plan_spans import IdArray, generator
 
 # splitmix64's constants: the golden-ratio increment and the finalizer's multipliers.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -136,9 +138,11 @@ class SpreadOrder:
         self._scale = self._counts.astype(np.float64)
         self.total = int(units.first[-1])
         num_shards = len(self._counts)
-        base = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)
-        shard = np.arange(num_shards, dtype=np.uint64)
-        self._state = mix64(base ^ (shard * _GOLDEN))
+        # One PCG64 output per shard (what whole shards are ordered by): slot 0's jitter, so
+        # shards of one block each come in the order of whole shards; the shard's other slots
+        # and its turn hash a state made from it.
+        self._raw = generator(key).random_raw(num_shards)
+        self._state = mix64(self._raw)
         self._shard_samples = units.group_samples
         self._all_heads: IdArray | None = None  # made when most shards need theirs
         # Margin around a guessed time: a shard's share before T is off by at most one block,
@@ -147,7 +151,9 @@ class SpreadOrder:
 
     def keys(self, shard: IdArray, slot: IdArray) -> npt.NDArray[np.float64]:
         """Times in the epoch of slots ``slot`` of shards ``shard``."""
-        word = mix64(self._state[shard] + (slot.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
+        word = mix64(self._state[shard] + slot.astype(np.uint64) * _GOLDEN)
+        first = slot == 0
+        word[first] = self._raw[shard[first]]
         jitter = (word >> np.uint64(11)).astype(np.float64) * _TO_UNIT
         return (slot + jitter) / self._scale[shard]
 
