@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from shardloader import ResumeError, ShardDataset, ShardLoader
 from shardloader.plan import PlanConfig, ResumePoint
 from shardloader.state import (
-    BLOCK_ORDER,
+    BLOCK_STATE_VERSION,
     STATE_VERSION,
     LoaderState,
     merge_states,
@@ -169,7 +169,7 @@ def test_checks_name_what_differs() -> None:
         state.check_topology(3, 1)
     with pytest.raises(ResumeError, match="expected"):
         LoaderState(dataset="d", config=config, epoch=0, world_size=2, num_workers=1, consumed=[1])
-    for bad in ({"kind": "x"}, {**state.to_dict(), "version": 2}, {**state.to_dict(), "epoch": []}):
+    for bad in ({"kind": "x"}, {**state.to_dict(), "version": 3}, {**state.to_dict(), "epoch": []}):
         with pytest.raises(ResumeError):
             LoaderState.from_dict(bad)
 
@@ -188,37 +188,35 @@ def _block_state(consumed: int, **kwargs: Any) -> LoaderState:
     )
 
 
-def test_block_states_record_the_block_order_and_shard_states_do_not() -> None:
+def test_block_states_are_version_2_and_shard_states_keep_version_1() -> None:
     data = _block_state(7).to_dict()
-    assert data["block_order"] == BLOCK_ORDER == 2
+    assert data["version"] == BLOCK_STATE_VERSION == 2  # earlier readers refuse it
     assert LoaderState.from_dict(data).to_dict() == data
     shard = LoaderState(
         dataset="fp", config=PlanConfig(), epoch=0, world_size=1, num_workers=0, consumed=[[0]]
     )
-    assert "block_order" not in shard.to_dict()  # whole shards: the keys and order as before
+    assert shard.to_dict()["version"] == 1  # whole shards: the bytes and order as before
+
+
+def _old(state: LoaderState) -> dict[str, Any]:
+    """The state as the shardloader before block order 2 saved it."""
+    return {**state.to_dict(), "version": 1}
 
 
 def test_an_earlier_block_state_inside_an_epoch_is_refused_saying_what_to_do() -> None:
-    """States of the first block order (no key) cannot continue an epoch in the new order."""
-    for old in ({}, {"block_order": 1}):
-        data = {k: v for k, v in _block_state(7).to_dict().items() if k != "block_order"}
-        with pytest.raises(ResumeError, match="inside epoch 3 with block order 1.*epoch boundary"):
-            LoaderState.from_dict({**data, **old})
+    """Version-1 block states cannot continue an epoch: the order of blocks changed."""
+    with pytest.raises(ResumeError, match=r"inside epoch 3 .*state version 1.*epoch boundary"):
+        LoaderState.from_dict(_old(_block_state(7)))
     previous = ResumePoint(
         epoch=3, world_size=2, num_workers=1, config=_block_state(0).config, consumed=[[1], [1]]
     )
-    data = {k: v for k, v in _block_state(0, previous=previous).to_dict().items()}
-    del data["block_order"]
-    with pytest.raises(ResumeError, match="block order"):
-        LoaderState.from_dict(data)  # resumed before, though nothing consumed since
-    newer = {**_block_state(7).to_dict(), "block_order": 3}
-    with pytest.raises(ResumeError, match="newer than this"):
-        LoaderState.from_dict(newer)
+    with pytest.raises(ResumeError, match="order of blocks"):
+        LoaderState.from_dict(_old(_block_state(0, previous=previous)))  # resumed, none since
+    with pytest.raises(ResumeError, match="version 3 is not supported"):
+        LoaderState.from_dict({**_block_state(7).to_dict(), "version": 3})
 
 
 def test_an_earlier_block_state_at_an_epoch_boundary_starts_it_in_the_new_order() -> None:
-    data = _block_state(0).to_dict()
-    del data["block_order"]
-    state = LoaderState.from_dict(data)
+    state = LoaderState.from_dict(_old(_block_state(0)))
     assert not state.started
     assert state.carry_in.tolist() == [5]  # the carry-in stays explicit ids
