@@ -375,7 +375,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             )
         world, epoch = self.world(), self.epoch
         whole = plan_epoch(
-            self.resume_spec().shard_sizes,
+            self.resume_spec().units,
             config=self.resume_spec().config,
             epoch=epoch,
             world_size=world.world_size,
@@ -414,7 +414,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             spec, self._resume, epoch=epoch, world_size=world_size, num_workers=num_workers
         )
         return plan_epoch(
-            spec.shard_sizes,
+            spec.units,
             config=spec.config,
             epoch=epoch,
             world_size=world_size,
@@ -423,8 +423,6 @@ class ShardDataset(torch.utils.data.IterableDataset):
             resume=start.resume,
             carry_in=start.carry_in,
             keep_ranks=spec.keep_ranks,
-            unit_bytes=spec.unit_bytes,
-            unit_groups=spec.unit_groups,
         )
 
     def carry_in(self, epoch: int, world_size: int, num_workers: int) -> IdArray:

@@ -43,7 +43,7 @@ from shardloader.manifest import (
     Manifest,
     ShardInfo,
     check_relative_path,
-    manifest_to_json,
+    manifest_files,
     shards_with_ids,
 )
 
@@ -139,7 +139,8 @@ def index_parquet(
     )
     out = storage.OutputDir(out_dir, opts)
     out.makedirs()
-    storage.write_file(out, MANIFEST_NAME, manifest_to_json(manifest))
+    for name, data in manifest_files(manifest):  # a block file (if any) before the manifest
+        storage.write_file(out, name, data)
     log.info(
         "%s: indexed %d files, %d samples",
         out.url_of(MANIFEST_NAME),

@@ -9,7 +9,9 @@ tokenizer fingerprint, the conversion settings, the source files and the counts 
 Arrow shards (and indexed Parquet files) also have an optional ``blocks`` column: their record
 batches (row groups) as four flat integer lists, ``count`` per shard then ``samples``, ``offset``
 and ``length`` per block (`shardloader.blocks`, which checks it); readers before it ignore the
-column, and a manifest without it reads as one block per shard.
+column, and a manifest without it reads as one block per shard. Past a million blocks the table
+goes to a binary file beside the manifest, which the ``blocks`` entry names with its size and
+sha256 (`shardloader.block_file`; `manifest_files` gives the files to write, in order).
 Nothing time-dependent is written, so the same conversion always produces the same bytes.
 
 A manifest is read as hostile input: every count must be a non-negative integer below
@@ -24,13 +26,21 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, overload
 
 import numpy as np
 
 from shardloader import storage
+from shardloader.block_file import (
+    BLOCK_FILE_MIN_BLOCKS,
+    BLOCK_FILE_NAME,
+    check_block_file_entry,
+    decode_block_file,
+    encode_block_file,
+    is_block_file_entry,
+)
 from shardloader.blocks import (
     BlockColumns,
     BlockTable,
@@ -259,8 +269,28 @@ def shards_with_ids(
     return ShardTable.from_rows(out, blocks=blocks)
 
 
-def manifest_to_json(manifest: Manifest) -> bytes:
-    """Serialize ``manifest`` to its canonical JSON bytes (deterministic key order)."""
+def manifest_files(
+    manifest: Manifest, *, block_file_min_blocks: int = BLOCK_FILE_MIN_BLOCKS
+) -> list[tuple[str, bytes]]:
+    """The files that store ``manifest``, in the order to write them: name and bytes.
+
+    With at least ``block_file_min_blocks`` blocks, the block table goes to a binary file
+    (`shardloader.block_file`) written before the manifest that names it; else the manifest
+    alone, as `manifest_to_json` makes it.
+    """
+    columns = manifest.shards.block_columns
+    if columns is None or len(columns.samples) < block_file_min_blocks:
+        return [(MANIFEST_NAME, manifest_to_json(manifest))]
+    data, entry = encode_block_file(columns, BLOCK_FILE_NAME)
+    return [(BLOCK_FILE_NAME, data), (MANIFEST_NAME, manifest_to_json(manifest, blocks=entry))]
+
+
+def manifest_to_json(manifest: Manifest, *, blocks: Mapping[str, Any] | None = None) -> bytes:
+    """Serialize ``manifest`` to its canonical JSON bytes (deterministic key order).
+
+    ``blocks``: the entry of a block file holding the block table (`manifest_files`), written
+    instead of the table's lists.
+    """
     shards = manifest.shards
     doc: dict[str, Any] = {
         "version": MANIFEST_VERSION,
@@ -292,14 +322,22 @@ def manifest_to_json(manifest: Manifest) -> bytes:
         for col in _SHARD_COLUMNS
     ]
     if shards.block_columns is not None:  # absent when no shard has blocks: older readers' bytes
-        blocks = shards.block_columns.to_json()
-        lines.append('  "blocks": ' + json.dumps(blocks, separators=(",", ":")))
+        table = shards.block_columns.to_json() if blocks is None else dict(blocks)
+        lines.append('  "blocks": ' + json.dumps(table, separators=(",", ":")))
     columns = ",\n".join(lines)
     return (head[:-2] + ',\n "shards": {\n' + columns + "\n }\n}\n").encode("utf-8")
 
 
-def parse_manifest(data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
+def parse_manifest(
+    data: bytes,
+    *,
+    where: str = MANIFEST_NAME,
+    read_file: Callable[[str], bytes] | None = None,
+) -> Manifest:
     """Parse and validate manifest JSON bytes; ``where`` names the file in error messages.
+
+    ``read_file`` reads a file beside the manifest by name: the block file, when the manifest's
+    block table is in one (`shardloader.block_file`); without it such a manifest is refused.
 
     Raises:
         ManifestError: The bytes are not a valid manifest of a version this library reads.
@@ -320,7 +358,7 @@ def parse_manifest(data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
         )
     try:
         _check_types(doc, where)
-        shards = _parse_shards(doc["shards"], where)
+        shards = _parse_shards(doc["shards"], where, read_file)
         manifest = Manifest(
             format=doc["format"],
             compression=doc["compression"],
@@ -388,7 +426,9 @@ def json_depth(value: Any) -> int:
     return depth
 
 
-def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> ShardTable:
+def _parse_shards(
+    columns: Mapping[str, list[Any]], where: str, read_file: Callable[[str], bytes] | None
+) -> ShardTable:
     for col in _SHARD_COLUMNS:
         if not isinstance(columns[col], list):
             raise ManifestError(f"{where}: shard column {col!r} is not a list")
@@ -408,8 +448,11 @@ def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> ShardTable:
     _check_relative_paths(columns["path"], where)
     block_cols = None
     if "blocks" in columns:
+        table: Any = columns["blocks"]
+        if is_block_file_entry(table):
+            table = _read_block_file(table, where, read_file)
         block_cols = parse_block_columns(
-            columns["blocks"], columns["path"], columns["num_samples"], columns["num_bytes"], where
+            table, columns["path"], columns["num_samples"], columns["num_bytes"], where
         )
     for path, num_samples, num_bytes in zip(
         columns["path"], columns["num_samples"], columns["num_bytes"], strict=True
@@ -421,6 +464,26 @@ def _parse_shards(columns: Mapping[str, list[Any]], where: str) -> ShardTable:
                 "reconvert or restore it"
             )
     return ShardTable(columns, block_cols=block_cols)
+
+
+def _read_block_file(
+    entry: Mapping[str, Any], where: str, read_file: Callable[[str], bytes] | None
+) -> dict[str, Any]:
+    name = entry.get("file")
+    if read_file is None:
+        raise ManifestError(
+            f"{where}: the block table is in the file {name!r:.80} beside the manifest; read the "
+            "manifest with read_manifest (or pass parse_manifest a read_file)"
+        )
+    check_block_file_entry(entry, where)
+    try:
+        data = read_file(entry["file"])
+    except FileNotFoundError as err:
+        raise ManifestError(
+            f"{where}: block file {entry['file']} is missing; copy it with the manifest, or "
+            "reconvert"
+        ) from err
+    return decode_block_file(data, entry, where)
 
 
 def _check_relative_paths(paths: list[str], where: str) -> None:
@@ -569,7 +632,12 @@ def read_manifest(dataset_url: str, **storage_options: Any) -> Manifest:
             f"{url}: no manifest found; convert a corpus there first, or finish the conversion "
             "(a manifest is written only when every task is done)"
         ) from err
-    return parse_manifest(data, where=url)
+    base = storage.dirname(url)
+    return parse_manifest(
+        data,
+        where=url,
+        read_file=lambda name: storage.read_bytes(storage.join(base, name), **storage_options),
+    )
 
 
 def iter_shard_urls(dataset_url: str, manifest: Manifest) -> Iterator[tuple[ShardInfo, str]]:

@@ -34,7 +34,9 @@ from shardloader.plan_spans import (
     group_windows,
     ids_to_spans,
     piece_ids,
+    piece_len,
 )
+from shardloader.plan_spread import PlanUnits, SpreadOrder
 
 # First entropy word of every generator: which decision it seeds, so streams never coincide.
 _SHARD_ORDER = 1
@@ -52,12 +54,16 @@ class _Sequence(Protocol):
 
 
 class _EpochSequence:
-    """Carried-in ids, then the shards' samples in permuted shard order."""
+    """Carried-in ids, then the shards' samples in permuted shard order (``None``: in order)."""
 
-    def __init__(self, sizes: IdArray, first: IdArray, perm: IdArray, carry: IdArray) -> None:
+    def __init__(
+        self, sizes: IdArray, first: IdArray, perm: IdArray | None, carry: IdArray
+    ) -> None:
         self._perm = perm
-        self._sizes = sizes[perm]
-        self._ends = np.cumsum(self._sizes)
+        # In manifest order the sizes and their running sum are the units' own (no O(units)
+        # copy per plan: blocks without shuffle).
+        self._sizes = sizes if perm is None else sizes[perm]
+        self._ends = first[1:] if perm is None else np.cumsum(self._sizes)
         self._carry = ids_to_spans(carry, first)
         self._num_carried = len(carry)
         self.length = self._num_carried + int(first[-1])
@@ -75,6 +81,50 @@ class _EpochSequence:
         return body_spans(self._perm, self._sizes, self._ends, start, stop)
 
 
+class _SpreadSequence:
+    """Carried-in ids, then the blocks in the spread order (`shardloader.plan_spread`).
+
+    The blocks of a range of positions are made when it is first asked for (`reserve` asks
+    for a rank's whole range at once, so its workers share one sort).
+    """
+
+    def __init__(self, order: SpreadOrder, first: IdArray, carry: IdArray) -> None:
+        self._order = order
+        self._first = first
+        self._carry = ids_to_spans(carry, first)
+        self._num_carried = len(carry)
+        self._segments: list[tuple[int, IdArray, IdArray, IdArray]] = []
+        self.length = self._num_carried + order.total
+
+    def reserve(self, start: int, stop: int) -> None:
+        """Make the blocks of positions ``[start, stop)`` now, for the calls that follow."""
+        c = self._num_carried
+        if max(start, c) < stop:
+            self._segment(max(start, c) - c, stop - c)
+
+    def pieces(self, start: int, stop: int) -> list[Piece]:
+        out: list[Piece] = []
+        c = self._num_carried
+        if start < min(stop, c):
+            out += cut_pieces(self._carry, start, min(stop, c))
+        if max(start, c) < stop:
+            a, b = max(start, c) - c, stop - c
+            pos, units, sizes, ends = self._segment(a, b)
+            out += body_spans(units, sizes, ends, a - pos, b - pos)
+        return out
+
+    def _segment(self, start: int, stop: int) -> tuple[int, IdArray, IdArray, IdArray]:
+        for segment in self._segments:
+            pos, _, _, ends = segment
+            if pos <= start and stop <= pos + (int(ends[-1]) if len(ends) else 0):
+                return segment
+        units, pos = self._order.segment(start, stop)
+        sizes = self._first[units + 1] - self._first[units]
+        segment = (pos, units, sizes, np.cumsum(sizes))
+        self._segments.append(segment)
+        return segment
+
+
 class _ResumedSequence:
     """The unconsumed real (non-padding) ids of a plan, worker after worker."""
 
@@ -84,7 +134,7 @@ class _ResumedSequence:
         for r, w in tail.padding_workers():
             counts[r, w] -= tail.worker_plan(r, w).num_padded
         self._offsets = np.concatenate([[0], np.cumsum(counts.ravel())])
-        self._cache: dict[int, list[Piece]] = {}
+        self._cache: dict[int, tuple[list[Piece], list[int]]] = {}
         self.length = int(self._offsets[-1])
 
     def pieces(self, start: int, stop: int) -> list[Piece]:
@@ -93,12 +143,13 @@ class _ResumedSequence:
         while start < stop:
             lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
             if hi > start:
-                out += cut_pieces(self._worker_pieces(i), start - lo, min(stop, hi) - lo)
+                pieces, ends = self._worker_pieces(i)
+                out += cut_pieces(pieces, start - lo, min(stop, hi) - lo, ends)
                 start = min(stop, hi)
             i += 1
         return out
 
-    def _worker_pieces(self, index: int) -> list[Piece]:
+    def _worker_pieces(self, index: int) -> tuple[list[Piece], list[int]]:
         if index not in self._cache:
             plan = self._tail.worker_plan(*divmod(index, self._tail.num_workers))
             pieces: list[Piece] = []
@@ -109,7 +160,8 @@ class _ResumedSequence:
                     real = ~window.padded
                     if real.any():
                         pieces.append(Block(window.ids[real], window.padded[real]))
-            self._cache[index] = pieces
+            ends = np.cumsum([piece_len(p) for p in pieces]).tolist()
+            self._cache[index] = (pieces, ends)
         return self._cache[index]
 
 
@@ -134,28 +186,28 @@ class _Planner(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class FreshEpoch:
-    """What an epoch is planned from before any resume: shard sizes, config, carry-in."""
+    """What an epoch is planned from before any resume: the units, config, carry-in."""
 
-    sizes: IdArray
-    first: IdArray
+    units: PlanUnits
     config: PlanConfig
     epoch: int
     carry: IdArray
-    unit_bytes: IdArray | None = None  # decoded bytes per unit, for config.shuffle_bytes
-    groups: IdArray | None = None  # the shard of every unit (block), to spread a shard's blocks
+
+    @property
+    def first(self) -> IdArray:
+        """Global id of every unit's first sample, plus the total."""
+        return self.units.first
 
     @property
     def budget(self) -> WindowBudget | None:
         """The windows' byte bound, when the config sets one and the units' sizes are known."""
-        if self.config.shuffle_bytes is None or self.unit_bytes is None:
+        if self.config.shuffle_bytes is None or self.units.unit_bytes is None:
             return None
-        return WindowBudget(self.config.shuffle_bytes, self.unit_bytes, self.sizes)
+        return WindowBudget(self.config.shuffle_bytes, self.units.unit_bytes, self.units.sizes)
 
     def planner(self, world_size: int, num_workers: int) -> _SplitPlanner:
         """The epoch's sequence divided among ``world_size x num_workers``."""
-        seq = _epoch_sequence(
-            self.sizes, self.first, self.config, self.epoch, self.carry, self.groups
-        )
+        seq = _epoch_sequence(self.units, self.config, self.epoch, self.carry)
         return _SplitPlanner(seq, self, world_size, num_workers, depth=0, inherited=empty_ids())
 
 
@@ -201,6 +253,10 @@ class _SplitPlanner:
         key = None
         if config.shuffle:
             key = (_WINDOW_ORDER, config.seed, self._fresh.epoch, self._depth, rank, worker_id)
+        reserve = getattr(self._seq, "reserve", None)
+        if reserve is not None:  # a rank's workers (from this one on) share one range
+            last = self.num_workers - 1
+            reserve(self._worker_range(rank, worker_id)[0], self._worker_range(rank, last)[1])
         pieces = self._pieces(*self._worker_range(rank, worker_id))
         window = config.shuffle_window
         assert window is not None  # plan_epoch checks the config is resolved
@@ -325,46 +381,35 @@ def planner_for(
 # Carry-in: the tails of earlier epochs, found without making their sequences.
 
 
-def carry_chain(
-    sizes: IdArray,
-    first: IdArray,
-    config: PlanConfig,
-    epoch: int,
-    world_size: int,
-    groups: IdArray | None = None,
-) -> IdArray:
+def carry_chain(units: PlanUnits, config: PlanConfig, epoch: int, world_size: int) -> IdArray:
     """Epoch ``epoch``'s carry-in, replaying epochs ``0 .. epoch-1`` on ``world_size`` ranks."""
     carry = empty_ids()
     if config.policy != "drop":
         return carry
-    total = int(first[-1])
+    total = int(units.first[-1])
     for e in range(epoch):
         if len(carry) == 0 and total % world_size == 0:
             break  # every later epoch divides evenly too
         count = (len(carry) + total) % world_size
-        carry = _sequence_tail(sizes, first, config, e, carry, count, groups)
+        carry = _sequence_tail(units, config, e, carry, count)
     return carry
 
 
 def _sequence_tail(
-    sizes: IdArray,
-    first: IdArray,
-    config: PlanConfig,
-    epoch: int,
-    carry: IdArray,
-    count: int,
-    groups: IdArray | None,
+    units: PlanUnits, config: PlanConfig, epoch: int, carry: IdArray, count: int
 ) -> IdArray:
     """The last ``count`` ids of an epoch's sequence.
 
-    Only the last shards of the permutation are needed: they are the ones with the largest
-    keys, found by a partial sort (an O(N) argpartition instead of a full sort).
+    Only the last units of the order are needed. Over shards, they are the ones with the
+    largest keys, found by a partial sort (an O(N) argpartition instead of a full sort); over
+    blocks, the spread order finds them from per-shard sums (`shardloader.plan_spread`).
     """
+    sizes, first = units.sizes, units.first
     num_shards = len(sizes)
     if count == 0:
         return empty_ids()
-    if config.shuffle and count <= first[-1]:
-        keys = unit_keys(len(sizes), (_SHARD_ORDER, config.seed, epoch), groups)
+    if config.shuffle and count <= first[-1] and units.groups is None:
+        keys = generator((_SHARD_ORDER, config.seed, epoch)).random_raw(num_shards)
         k = 64
         while k < num_shards:
             top = np.argpartition(keys, num_shards - k)[num_shards - k :]
@@ -377,49 +422,17 @@ def _sequence_tail(
                 end = int(ends[-1])
                 return piece_ids(body_spans(top, top_sizes, ends, end - count, end), first)
             k *= 4
-    seq = _epoch_sequence(sizes, first, config, epoch, carry, groups)
+    seq = _epoch_sequence(units, config, epoch, carry)
     return piece_ids(seq.pieces(seq.length - count, seq.length), first)
 
 
-def _epoch_sequence(
-    sizes: IdArray,
-    first: IdArray,
-    config: PlanConfig,
-    epoch: int,
-    carry: IdArray,
-    groups: IdArray | None = None,
-) -> _EpochSequence:
+def _epoch_sequence(units: PlanUnits, config: PlanConfig, epoch: int, carry: IdArray) -> _Sequence:
+    if config.shuffle and units.groups is not None:
+        order = SpreadOrder(units, (_SHARD_ORDER, config.seed, epoch))
+        return _SpreadSequence(order, units.first, carry)
     if config.shuffle:
-        keys = unit_keys(len(sizes), (_SHARD_ORDER, config.seed, epoch), groups)
+        keys = generator((_SHARD_ORDER, config.seed, epoch)).random_raw(len(units.sizes))
         perm = np.argsort(keys, kind="stable").astype(np.int64)
     else:
-        perm = np.arange(len(sizes), dtype=np.int64)
-    return _EpochSequence(sizes, first, perm, carry)
-
-
-def unit_keys(num_units: int, key: tuple[int, ...], groups: IdArray | None) -> np.ndarray:
-    """Sort keys of the units' order in an epoch: the units sorted by them is the sequence.
-
-    Without ``groups``: PCG64's raw 64-bit outputs (a uniform permutation; shard mode). With
-    ``groups`` (each unit's shard, units of a shard contiguous and in order): the ``m`` units of
-    a shard are rotated by a random turn ``c`` (unit ``i`` takes slot ``j = (i + c) mod m``), and
-    slot ``j`` gets ``(j + v) / m``, ``v`` uniform in [0, 1) and drawn per unit. So a shard's
-    blocks are spread evenly over the epoch, one per ``1/m`` of it, at jittered places, each
-    shard starting at a random block (no epoch reads every shard from its start):
-    every stretch of the sequence holds blocks of as many shards as it can, in proportion to
-    their sizes (what a uniform permutation does), with no two stretches aligned. float64
-    arithmetic (exact adds, correctly rounded divisions) gives the same keys on every machine.
-    """
-    gen = generator(key)
-    raw = gen.random_raw(num_units)
-    if groups is None:
-        return raw
-    counts = np.bincount(groups)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    # Each shard's blocks from a random one on, wrapping round (a rotation per shard: O(units),
-    # no second sort), so the epoch does not read every shard from its start to its end.
-    turn = gen.random_raw(len(counts)) % counts.astype(np.uint64)
-    index = np.arange(num_units, dtype=np.int64) - starts[groups]
-    slot = (index + turn.astype(np.int64)[groups]) % counts[groups]
-    jitter = (raw >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    return (slot + jitter) / counts[groups]
+        perm = None
+    return _EpochSequence(units.sizes, units.first, perm, carry)

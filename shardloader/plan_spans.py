@@ -12,6 +12,7 @@ keeps stable across versions and machines.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, TypeAlias
@@ -135,10 +136,13 @@ def permutation(n: int, key: tuple[int, ...]) -> IdArray:
     return np.argsort(generator(key).random_raw(n), kind="stable").astype(np.int64)
 
 
-def body_spans(perm: IdArray, sizes: IdArray, ends: IdArray, start: int, stop: int) -> list[Piece]:
+def body_spans(
+    perm: IdArray | None, sizes: IdArray, ends: IdArray, start: int, stop: int
+) -> list[Piece]:
     """Spans of positions ``[start, stop)`` of shards ``perm`` laid end to end.
 
-    ``sizes`` and ``ends`` are the sizes of the shards in ``perm`` and their running sum.
+    ``sizes`` and ``ends`` are the sizes of the shards in ``perm`` and their running sum;
+    ``perm`` ``None`` is every shard in order.
     """
     i0 = int(np.searchsorted(ends, start, side="right"))
     i1 = int(np.searchsorted(ends, stop, side="left")) + 1
@@ -146,7 +150,8 @@ def body_spans(perm: IdArray, sizes: IdArray, ends: IdArray, start: int, stop: i
     lo = np.maximum(begins, start) - begins
     hi = np.minimum(ends[i0:i1], stop) - begins
     keep = hi > lo  # empty shards
-    rows = zip(perm[i0:i1][keep].tolist(), lo[keep].tolist(), hi[keep].tolist(), strict=True)
+    index = np.arange(i0, i0 + len(keep), dtype=np.int64) if perm is None else perm[i0:i1]
+    rows = zip(index[keep].tolist(), lo[keep].tolist(), hi[keep].tolist(), strict=True)
     return [Span(s, a, b) for s, a, b in rows]
 
 
@@ -165,9 +170,10 @@ def group_windows(
     windows: list[Window] = []
     run: list[Span] = []
     used = 0
+    sizes = iter(budget.pieces_bytes(pieces) if budget is not None else [])
     for piece in [*pieces, None]:
         if isinstance(piece, Span):
-            size = 0 if budget is None else budget.span_bytes(piece)
+            size = next(sizes, 0)
             if run and budget is not None and used + size > budget.limit:
                 windows.append(_window(run, key, len(windows)))
                 run, used = [], 0
@@ -203,6 +209,20 @@ class WindowBudget:
     limit: int
     unit_bytes: IdArray
     unit_samples: IdArray
+
+    def pieces_bytes(self, pieces: list[Piece]) -> list[int]:
+        """`span_bytes` of every span of ``pieces``, in order (other pieces are skipped)."""
+        spans = [p for p in pieces if isinstance(p, Span)]
+        if not spans:
+            return []
+        index = np.fromiter((p.shard_index for p in spans), np.int64, len(spans))
+        start = np.fromiter((p.start for p in spans), np.int64, len(spans))
+        stop = np.fromiter((p.stop for p in spans), np.int64, len(spans))
+        total = self.unit_bytes[index]
+        samples = self.unit_samples[index]
+        known = (samples > 0) & (total > 0)
+        share = -(-total * (stop - start) // np.where(known, samples, 1))
+        return np.where(known, share, 0).tolist()
 
     def span_bytes(self, span: Span) -> int:
         """Decoded bytes of a span (its share of its unit's)."""
@@ -246,8 +266,19 @@ def drop_prefix(plan: WorkerPlan, consumed: int) -> WorkerPlan:
     return replace(plan, windows=rest)
 
 
-def cut_pieces(pieces: list[Piece], start: int, stop: int) -> list[Piece]:
-    """Positions ``[start, stop)`` of ``pieces`` laid end to end, as pieces."""
+def cut_pieces(
+    pieces: list[Piece], start: int, stop: int, ends: list[int] | None = None
+) -> list[Piece]:
+    """Positions ``[start, stop)`` of ``pieces`` laid end to end, as pieces.
+
+    ``ends``, the running sum of the pieces' lengths, finds the pieces by bisection (a
+    resumed sequence cuts the same long list many times).
+    """
+    if ends is not None:
+        i = bisect.bisect_right(ends, start)
+        j = min(bisect.bisect_left(ends, stop) + 1, len(pieces))
+        before = ends[i - 1] if i else 0
+        return cut_pieces(pieces[i:j], start - before, stop - before)
     out: list[Piece] = []
     pos = 0
     for piece in pieces:

@@ -41,12 +41,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from shardloader.errors import ResumeError
-from shardloader.plan import EpochStart, IdArray, PlanConfig, ResumePoint, plan_carry_in
+from shardloader.plan import (
+    EpochStart,
+    IdArray,
+    PlanConfig,
+    PlanUnits,
+    ResumePoint,
+    plan_carry_in,
+    prepare_units,
+)
 from shardloader.state import LoaderState
 from shardloader.world import WorldInfo
 
@@ -85,6 +94,21 @@ class RunSpec:
     pack: Mapping[str, Any] | None = None
     unit_bytes: IdArray | None = None
     unit_groups: IdArray | None = None
+
+    @cached_property
+    def units(self) -> PlanUnits:
+        """The units, checked and summed once per process for every plan made over them."""
+        return prepare_units(
+            self.shard_sizes, unit_bytes=self.unit_bytes, unit_groups=self.unit_groups
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without `units` (a DataLoader worker makes its own when it plans)."""
+        return {k: v for k, v in self.__dict__.items() if k != "units"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the fields (a frozen dataclass: set through ``__dict__``)."""
+        self.__dict__.update(state)
 
     @property
     def keep_ranks(self) -> bool:
@@ -130,14 +154,13 @@ def epoch_carry_in(
         loaded.check_topology(world_size, num_workers)
         since = EpochStart(loaded.epoch, loaded.carry_in, loaded.resume_point())
     return plan_carry_in(
-        spec.shard_sizes,
+        spec.units,
         config=spec.config,
         epoch=epoch,
         world_size=world_size,
         since=since,
         num_workers=num_workers,
         keep_ranks=spec.keep_ranks,
-        unit_groups=spec.unit_groups,
     )
 
 

@@ -33,6 +33,11 @@ from shardloader.plan import IdArray, PlanConfig, ResumePoint
 
 STATE_KIND = "shardloader.loader_state"
 STATE_VERSION = 1
+# Block-mode states (shuffle_unit="block") are version 2: the order of an epoch's blocks changed
+# (version 1's spread drew per block; version 2 hashes per shard, `shardloader.plan_spread`).
+# Earlier shardloaders refuse version 2, so they never continue such a state in their order;
+# states of whole shards keep version 1 and their bytes (their order never changed).
+BLOCK_STATE_VERSION = 2
 
 
 def dataset_fingerprint(
@@ -176,10 +181,11 @@ class LoaderState:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form, tagged with kind and version."""
+        """JSON-friendly form, tagged with kind and version (2 over blocks, else 1)."""
+        blocks = self.config.shuffle_unit == "block"
         return {
             "kind": STATE_KIND,
-            "version": STATE_VERSION,
+            "version": BLOCK_STATE_VERSION if blocks else STATE_VERSION,
             "dataset": self.dataset,
             "config": config_to_dict(self.config),
             "epoch": self.epoch,
@@ -207,14 +213,15 @@ class LoaderState:
                 "not a shardloader loader state (expected a dict made by state_dict(), "
                 f"with kind {STATE_KIND!r})"
             )
-        if data.get("version") != STATE_VERSION:
+        version = data.get("version")
+        if version not in (STATE_VERSION, BLOCK_STATE_VERSION):
             raise ResumeError(
-                f"loader state version {data.get('version')!r} is not supported; "
-                f"this shardloader reads version {STATE_VERSION}"
+                f"loader state version {version!r} is not supported; "
+                f"this shardloader reads versions {STATE_VERSION} and {BLOCK_STATE_VERSION}"
             )
         try:
             extra = data.get("extra")
-            return cls(
+            state = cls(
                 dataset=str(data["dataset"]),
                 config=PlanConfig(**data["config"]),
                 epoch=int(data["epoch"]),
@@ -233,6 +240,26 @@ class LoaderState:
             if isinstance(err, ResumeError):
                 raise
             raise ResumeError(f"loader state is malformed ({type(err).__name__}: {err})") from err
+        _check_block_order(state, version)
+        return state
+
+
+def _check_block_order(state: LoaderState, version: object) -> None:
+    """Refuse a block-mode state of version 1 saved inside an epoch: its order is gone.
+
+    At an epoch boundary nothing of the epoch's order was used (the carry-in is explicit ids),
+    so such a state starts the epoch in the current order.
+    """
+    if state.config.shuffle_unit != "block" or version == BLOCK_STATE_VERSION:
+        return
+    if state.started:
+        raise ResumeError(
+            f"loader state was saved in block mode inside epoch {state.epoch} by an earlier "
+            f"shardloader (state version {version}), whose order of blocks this version no "
+            "longer makes, so the rest of that epoch cannot be continued exactly; finish the "
+            "epoch with the shardloader that saved the state, or resume from a state saved at "
+            "an epoch boundary (those resume in the new order)"
+        )
 
 
 def merge_states(states: Sequence[Mapping[str, Any] | LoaderState]) -> LoaderState:

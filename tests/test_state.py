@@ -19,7 +19,13 @@ from hypothesis import strategies as st
 
 from shardloader import ResumeError, ShardDataset, ShardLoader
 from shardloader.plan import PlanConfig, ResumePoint
-from shardloader.state import STATE_VERSION, LoaderState, merge_states, state_to_json
+from shardloader.state import (
+    BLOCK_STATE_VERSION,
+    STATE_VERSION,
+    LoaderState,
+    merge_states,
+    state_to_json,
+)
 from tests.streaming import ids_of
 
 V1 = Path(__file__).parent / "data" / "loader_state_v1.json"
@@ -163,6 +169,54 @@ def test_checks_name_what_differs() -> None:
         state.check_topology(3, 1)
     with pytest.raises(ResumeError, match="expected"):
         LoaderState(dataset="d", config=config, epoch=0, world_size=2, num_workers=1, consumed=[1])
-    for bad in ({"kind": "x"}, {**state.to_dict(), "version": 2}, {**state.to_dict(), "epoch": []}):
+    for bad in ({"kind": "x"}, {**state.to_dict(), "version": 3}, {**state.to_dict(), "epoch": []}):
         with pytest.raises(ResumeError):
             LoaderState.from_dict(bad)
+
+
+def _block_state(consumed: int, **kwargs: Any) -> LoaderState:
+    config = PlanConfig(shuffle_unit="block", shuffle_window=64, shuffle_bytes=1 << 20)
+    return LoaderState(
+        dataset="fp",
+        config=config,
+        epoch=3,
+        world_size=2,
+        num_workers=1,
+        consumed=np.full((2, 1), consumed),
+        carry_in=np.array([5]),
+        **kwargs,
+    )
+
+
+def test_block_states_are_version_2_and_shard_states_keep_version_1() -> None:
+    data = _block_state(7).to_dict()
+    assert data["version"] == BLOCK_STATE_VERSION == 2  # earlier readers refuse it
+    assert LoaderState.from_dict(data).to_dict() == data
+    shard = LoaderState(
+        dataset="fp", config=PlanConfig(), epoch=0, world_size=1, num_workers=0, consumed=[[0]]
+    )
+    assert shard.to_dict()["version"] == 1  # whole shards: the bytes and order as before
+
+
+def _old(state: LoaderState) -> dict[str, Any]:
+    """The state as the shardloader before block order 2 saved it."""
+    return {**state.to_dict(), "version": 1}
+
+
+def test_an_earlier_block_state_inside_an_epoch_is_refused_saying_what_to_do() -> None:
+    """Version-1 block states cannot continue an epoch: the order of blocks changed."""
+    with pytest.raises(ResumeError, match=r"inside epoch 3 .*state version 1.*epoch boundary"):
+        LoaderState.from_dict(_old(_block_state(7)))
+    previous = ResumePoint(
+        epoch=3, world_size=2, num_workers=1, config=_block_state(0).config, consumed=[[1], [1]]
+    )
+    with pytest.raises(ResumeError, match="order of blocks"):
+        LoaderState.from_dict(_old(_block_state(0, previous=previous)))  # resumed, none since
+    with pytest.raises(ResumeError, match="version 3 is not supported"):
+        LoaderState.from_dict({**_block_state(7).to_dict(), "version": 3})
+
+
+def test_an_earlier_block_state_at_an_epoch_boundary_starts_it_in_the_new_order() -> None:
+    state = LoaderState.from_dict(_old(_block_state(0)))
+    assert not state.started
+    assert state.carry_in.tolist() == [5]  # the carry-in stays explicit ids

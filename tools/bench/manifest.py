@@ -1,6 +1,8 @@
 """How long reading a manifest takes, from 1,000 to 100,000 shards.
 
-Run: ``python -m tools.bench.manifest`` (prints size on disk, parse time and peak memory).
+Run: ``python -m tools.bench.manifest`` (prints size on disk, parse time and peak memory);
+``--blocks 16 --block-file`` writes the block table to a binary file beside the manifest
+(`shardloader.block_file`) and counts both files' sizes.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import time
 import tracemalloc
 
 from shardloader.manifest import (
-    MANIFEST_NAME,
     Manifest,
     ShardInfo,
-    manifest_to_json,
+    manifest_files,
     read_manifest,
     shards_with_ids,
 )
@@ -60,13 +61,22 @@ def main() -> None:
     parser.add_argument(
         "--blocks", type=int, default=0, help="record batches per shard in a block table (none)"
     )
+    parser.add_argument(
+        "--block-file", action="store_true", help="the block table in a binary file beside it"
+    )
     args = parser.parse_args()
     print(f"{'shards':>8} {'file MB':>8} {'read s (median)':>16} {'peak MB':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.shards:
-            path = os.path.join(tmp, MANIFEST_NAME)
-            with open(path, "wb") as f:
-                f.write(manifest_to_json(make_manifest(n, args.blocks)))
+            manifest = make_manifest(n, args.blocks)
+            size = 0.0
+            for name, data in manifest_files(
+                manifest, block_file_min_blocks=0 if args.block_file else 1 << 62
+            ):
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+                size += len(data) / 1e6
+            del manifest
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
@@ -78,7 +88,6 @@ def main() -> None:
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             times.sort()
-            size = os.path.getsize(path) / 1e6
             print(f"{n:>8} {size:>8.1f} {times[len(times) // 2]:>16.3f} {peak / 1e6:>8.1f}")
 
 
