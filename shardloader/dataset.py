@@ -116,10 +116,11 @@ class StreamConfig(PlanConfig):
     )
     prefetch_windows: int = option(1, "windows ahead whose shards are fetched in the background")
     prefetch_threads: int = option(2, "concurrent background downloads per process")
-    decode_threads: int = option(
-        1,
-        "threads per process decoding a window's blocks ahead of the samples being made "
-        "(0: decode each block when first needed)",
+    decode_threads: int | None = option(
+        None,
+        "threads per process decoding a window's units ahead of the samples being made "
+        "(default: 1 for whole shards, which then decode while the next one downloads or is "
+        "checked; 0 for blocks, where a thread competing for the GIL measured slower)",
     )
     timeout_s: float = option(
         60.0, "longest wait for one network step of a fetch (the request, each 4 MiB block)"
@@ -134,7 +135,14 @@ class StreamConfig(PlanConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("cache_bytes", "prefetch_windows", "prefetch_threads", "decode_threads"):
+        if self.decode_threads is not None and (
+            not isinstance(self.decode_threads, int) or self.decode_threads < 0
+        ):
+            raise ConfigError(
+                f"StreamConfig.decode_threads is {self.decode_threads!r}; expected an integer "
+                ">= 0 or None"
+            )
+        for name in ("cache_bytes", "prefetch_windows", "prefetch_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"StreamConfig.{name} is {value!r}; expected an integer >= 0")
