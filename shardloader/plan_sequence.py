@@ -12,6 +12,7 @@ replays the tails of earlier epochs for an epoch's carry-in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,16 +70,26 @@ class _EpochSequence:
         self.length = self._num_carried + int(first[-1])
 
     def pieces(self, start: int, stop: int) -> list[Piece]:
-        out: list[Piece] = []
-        c = self._num_carried
-        if start < min(stop, c):
-            out += cut_pieces(self._carry, start, min(stop, c))
-        if max(start, c) < stop:
-            out += self._body(max(start, c) - c, stop - c)
-        return out
+        return _carried_then(self._carry, self._num_carried, start, stop, self._body)
 
     def _body(self, start: int, stop: int) -> list[Piece]:
         return body_spans(self._perm, self._sizes, self._ends, start, stop)
+
+
+def _carried_then(
+    carry: list[Piece],
+    num_carried: int,
+    start: int,
+    stop: int,
+    body: Callable[[int, int], list[Piece]],
+) -> list[Piece]:
+    """Positions ``[start, stop)`` of a sequence: the carried-in pieces, then ``body``'s."""
+    out: list[Piece] = []
+    if start < min(stop, num_carried):
+        out += cut_pieces(carry, start, min(stop, num_carried))
+    if max(start, num_carried) < stop:
+        out += body(max(start, num_carried) - num_carried, stop - num_carried)
+    return out
 
 
 class _SpreadSequence:
@@ -103,15 +114,11 @@ class _SpreadSequence:
             self._segment(max(start, c) - c, stop - c)
 
     def pieces(self, start: int, stop: int) -> list[Piece]:
-        out: list[Piece] = []
-        c = self._num_carried
-        if start < min(stop, c):
-            out += cut_pieces(self._carry, start, min(stop, c))
-        if max(start, c) < stop:
-            a, b = max(start, c) - c, stop - c
-            pos, units, sizes, ends = self._segment(a, b)
-            out += body_spans(units, sizes, ends, a - pos, b - pos)
-        return out
+        return _carried_then(self._carry, self._num_carried, start, stop, self._body)
+
+    def _body(self, start: int, stop: int) -> list[Piece]:
+        pos, units, sizes, ends = self._segment(start, stop)
+        return body_spans(units, sizes, ends, start - pos, stop - pos)
 
     def _segment(self, start: int, stop: int) -> tuple[int, IdArray, IdArray, IdArray]:
         for segment in self._segments:
