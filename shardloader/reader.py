@@ -8,7 +8,7 @@ of the next windows, then yields the window's samples in plan order, in slices.
 - Whole shards are decoded before the window's first sample.
 - Blocks are decoded in the order the samples first need them, on ``decode_threads`` threads
   (decompressing and checking a block releases the GIL), while this thread makes samples. A
-  window's first slice is `FIRST_SLICE` samples and each next one 4 times larger, so the first
+  window's first slice is `FIRST_SLICE` samples and each next one twice as large, so the first
   sample waits for a few blocks, not for the window.
 
 Decoded units are kept only while the current window needs them, so a worker holds one window
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 Sample = dict[str, Any]
 SLICE = 16384  # samples made into Python objects at a time (a window of blocks spans hundreds of
 # blocks: fewer, larger takes per block; 16,384 documents of a few KB are tens of MB)
-FIRST_SLICE = 32  # a window's first slice; each next one is 4 times larger, up to SLICE
+FIRST_SLICE = 32  # a window's first slice; each next one is twice as large, up to SLICE
 _NO_TOKENS = np.zeros(0, np.uint16)
 
 
@@ -450,11 +450,15 @@ def _window_shards(windows: Sequence[Window], first: np.ndarray) -> list[int]:
 
 
 def _slice_bounds(n: int) -> Iterator[tuple[int, int]]:
-    """``[start, stop)`` of a window's slices: `FIRST_SLICE` samples, then 4 times more each."""
+    """``[start, stop)`` of a window's slices: `FIRST_SLICE` samples, then twice as many each.
+
+    A slice's blocks are decoded before its first sample, so a batch of ``b`` samples at a
+    window's start waits for the blocks of at most about ``2 * b`` samples.
+    """
     start, size = 0, FIRST_SLICE
     while start < n:
         yield start, min(n, start + size)
-        start, size = start + size, min(size * 4, SLICE)
+        start, size = start + size, min(size * 2, SLICE)
 
 
 def _groups(owner: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
