@@ -208,7 +208,7 @@ def convert(inputs: Sequence[str] | str | Any, config: ConvertConfig) -> Convert
         done = _check_output(out, plan, config)
         if done is not None:
             log.info("%s: this conversion is already complete", out.url)
-            return _result(out.url, done, [], len(tasks), len(tasks), time.monotonic() - start)
+            return _result(out.url, done, [], 0, len(tasks), len(tasks), time.monotonic() - start)
         write_file(out, PLAN_NAME, json.dumps(plan, indent=1).encode())
         mine = [t for t in tasks if t.index % config.num_tasks == config.task_index]
         finished = set(_finished_tasks(out, plan["fingerprint"]))
@@ -234,7 +234,13 @@ def convert(inputs: Sequence[str] | str | Any, config: ConvertConfig) -> Convert
         unlock_output(out, lock_name, lock_fd)
         out.close()
     return _result(
-        out.url, manifest, records, len(mine) - len(todo), len(tasks), time.monotonic() - start
+        out.url,
+        manifest,
+        records,
+        len(todo),
+        len(mine) - len(todo),
+        len(tasks),
+        time.monotonic() - start,
     )
 
 
@@ -328,6 +334,7 @@ def _result(
     url: str,
     manifest: Manifest | None,
     records: Sequence[Mapping[str, Any]],
+    tasks_run: int,
     tasks_skipped: int,
     tasks_total: int,
     wall_s: float,
@@ -345,7 +352,7 @@ def _result(
         num_output_bytes=sum(s["num_bytes"] for r in records for s in r["shards"]),
         num_tokens=sum(s["num_tokens"] for r in records for s in r["shards"]),
         skipped=dict(sorted(skipped.items())),
-        tasks_run=len(records),
+        tasks_run=tasks_run,
         tasks_skipped=tasks_skipped,
         tasks_total=tasks_total,
         wall_s=wall_s,

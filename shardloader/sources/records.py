@@ -47,6 +47,8 @@ class FileContext:
         bad: Raises on or counts each bad record.
         stats: Receives ``records``, ``bytes`` and (JSONL) ``blank_lines``.
         max_record_bytes: A record over this size is bad (``record_too_large``).
+        first_line: The line number of the first line read: 1, or later for a slice of a file
+            (`shardloader.sources.slices`), so ids and errors name the file's own lines.
     """
 
     url: str
@@ -55,6 +57,7 @@ class FileContext:
     bad: BadRecords
     stats: Counter[str]
     max_record_bytes: int
+    first_line: int = 1
 
 
 @dataclass(frozen=True, slots=True)
