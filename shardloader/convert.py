@@ -5,7 +5,9 @@ The algorithm:
 1. List the input files (sorted within each pattern) and group consecutive files into tasks of
    about ``task_bytes`` input bytes (`shardloader.convert_plan`). The grouping depends only on the
    inputs and the config, never on the number of processes, so the output is byte-identical for
-   any ``num_proc``.
+   any ``num_proc``. A JSONL file of more than ``slice_bytes`` of text is a task of its own, cut
+   into slices of whole lines that run as separate jobs (`shardloader.convert_slice`), so one huge
+   file uses every core.
 2. Each task reads its files in order and writes its own shards, ``shard-{task}-{part}``, closing a
    shard at ``shard_bytes`` of uncompressed payload or ``shard_samples`` samples. Shards are written
    under temporary names and renamed; the task then writes a completion record
@@ -14,6 +16,9 @@ The algorithm:
    with ``kill -9`` resumes and ends byte-identical to an uninterrupted run.
 3. When every task has a record, the manifest is assembled from the records in task order and
    published last (``_manifest.json``): a manifest exists only when the conversion finished.
+
+Jobs run on a local process pool or, with ``executor="ray"``, as Ray tasks
+(`shardloader.convert_executor`); both write the same shards and records.
 
 ``num_tasks``/``task_index`` give a machine its slice of the tasks (``task % num_tasks ==
 task_index``); every slice writes into the same output, and ``merge`` writes the manifest.
