@@ -58,6 +58,7 @@ class InlineExecutor:
     """
 
     live_progress = True
+    num_workers = 1
 
     def __init__(self, report: Report, dataset: Any = None) -> None:
         global _dataset
@@ -130,6 +131,7 @@ class PoolExecutor:
         self._queue = ctx.Queue()
         self._report = report
         inherited = lock_fd if start_method == "fork" else None
+        self.num_workers = num_proc
         self._pool = ctx.Pool(
             num_proc, initializer=_init_worker, initargs=(self._queue, inherited, dataset)
         )
@@ -212,6 +214,7 @@ class RayExecutor:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
             self._started = True
         self._remote = ray.remote(num_cpus=1, max_retries=0)(_ray_call)
+        self.num_workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Pending:
         """Start ``fn(*args)`` as a Ray task."""

@@ -67,7 +67,7 @@ def plan_tasks(
                 tasks.append(Task(len(tasks), tuple(group)))
                 group, size = [], 0
             split, ranges = splits[f.url]
-            tasks.append(Task(len(tasks), (f,), split, tuple(map(tuple, ranges))))  # type: ignore[arg-type]
+            tasks.append(Task(len(tasks), (f,), split, tuple((a, b) for a, b in ranges)))
             continue
         group.append(f)
         size += f.num_bytes

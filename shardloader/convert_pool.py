@@ -11,8 +11,12 @@ records into the task record.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +39,7 @@ from shardloader.convert_task import run_task
 from shardloader.errors import ConfigError
 from shardloader.sources import kind_of
 from shardloader.sources.slices import count_newlines, iter_stream_slices
-from shardloader.storage import InputFile, OutputDir
+from shardloader.storage import InputFile, OutputDir, writing
 
 # The conversion logs under one name, as it did as one module ("shardloader.convert: ...").
 log = logging.getLogger("shardloader.convert")
@@ -166,10 +170,12 @@ def run_tasks(
     if any(isinstance(t, Task) and t.split == "stream" for t in tasks):
         num_jobs = max(num_jobs, 2)
     executor = _make_executor(config, num_proc, num_jobs, start_method, progress, lock_fd, dataset)
+    scheduler = _Scheduler(executor, config, fingerprint, out, progress)
     try:
-        return _Scheduler(executor, config, fingerprint, out, progress, num_proc).run(tasks)
+        return scheduler.run(tasks)
     finally:
         executor.close()
+        scheduler.cleanup()
         progress.close()
         out.close()
 
@@ -184,23 +190,25 @@ class _Scheduler:
         fingerprint: str,
         out: OutputDir,
         progress: _Progress,
-        num_proc: int,
     ) -> None:
         self.executor, self.config, self.fingerprint = executor, config, fingerprint
         self.out, self.progress = out, progress
-        self.max_stream_jobs = max(1, num_proc) + 1
+        self.max_stream_jobs = executor.num_workers + 1
         self.pending: list[tuple[tuple[Any, ...], Pending]] = []
         self.records: list[dict[str, Any]] = []
         self.counts: dict[int, dict[int, int]] = {}
         self.slices: dict[int, dict[int, dict[str, Any]]] = {}  # task -> slice -> record
         self.num_slices: dict[int, int] = {}  # known once a stream is read to its end
         self.tasks: dict[int, Task] = {}
+        self.spill_dir: str | None = None
+        self.own_spill_dir: str | None = None
+        self.spills: list[str] = []
 
     def submit(self, key: tuple[Any, ...], fn: Callable[..., Any], *args: Any) -> None:
         self.pending.append((key, self.executor.submit(fn, *args)))
 
     def run(self, tasks: Sequence[Task] | Sequence[DatasetTask]) -> list[dict[str, Any]]:
-        streams: list[tuple[Task, Iterator[tuple[int, int, bytes]]]] = []
+        streams: list[tuple[Task, Iterator[tuple[int, int, list[bytes]]]]] = []
         plain: list[Task | DatasetTask] = []
         for task in tasks:
             if not isinstance(task, Task) or not task.split:
@@ -230,16 +238,17 @@ class _Scheduler:
             self._collect()
         return self.records
 
-    def _read_stream(self, task: Task) -> Iterator[tuple[int, int, bytes]]:
+    def _read_stream(self, task: Task) -> Iterator[tuple[int, int, list[bytes]]]:
         source = task.files[0]
+        count = 0
         with storage.open_read(source.url) as f:
             cut = iter_stream_slices(f, kind_of(source.url)[1], source.url, self.config.slice_bytes)
             for k, (first_line, data) in enumerate(cut):
                 yield k, first_line, data
-                self.num_slices[task.index] = k + 1
-        self.num_slices[task.index] = max(self.num_slices.get(task.index, 0), 1)
+                count = k + 1
+        self.num_slices[task.index] = count  # known only now: the task can be joined
 
-    def _feed(self, task: Task, reader: Iterator[tuple[int, int, bytes]]) -> bool:
+    def _feed(self, task: Task, reader: Iterator[tuple[int, int, list[bytes]]]) -> bool:
         """Hand out the stream's next slices while few are held; whether it has more."""
         while sum(1 for key, _ in self.pending if key[:2] == ("slice", task.index)) < (
             self.max_stream_jobs
@@ -251,9 +260,43 @@ class _Scheduler:
                 return False
             if k in self.slices[task.index]:
                 continue
-            job = SliceJob(task.index, k, task.files[0], 0, 0, first_line, data)
+            if isinstance(self.executor, PoolExecutor):
+                spill = self._spill(task.index, k, data)
+                job = SliceJob(task.index, k, task.files[0], 0, 0, first_line, spill=spill)
+            else:
+                job = SliceJob(task.index, k, task.files[0], 0, 0, first_line, b"".join(data))
+            del data
             self.submit(("slice", task.index, k), _slice_job, job, self.config, self.fingerprint)
         return True
+
+    def _spill(self, task_index: int, slice_index: int, pieces: list[bytes]) -> str:
+        """Write a stream slice into a file for a pool worker; returns its path.
+
+        The file goes into ``_work/tmp`` of a local output, under a ``p<pid>-`` name that the
+        next run removes if this one dies; for a remote output, into a temporary folder.
+        """
+        if self.spill_dir is None:
+            if self.out.local:
+                self.spill_dir = self.out.local_path(OutputDir.TMP_DIR)
+                os.makedirs(self.spill_dir, exist_ok=True)
+            else:
+                self.spill_dir = self.own_spill_dir = tempfile.mkdtemp(prefix="shardloader-")
+        path = os.path.join(
+            self.spill_dir, f"p{os.getpid()}-stream-{task_index:05d}-{slice_index:05d}"
+        )
+        self.spills.append(path)
+        with writing(path), open(path, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+        return path
+
+    def cleanup(self) -> None:
+        """Remove the spill files that no job read (a run that failed)."""
+        for path in self.spills:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if self.own_spill_dir is not None:
+            shutil.rmtree(self.own_spill_dir, ignore_errors=True)
 
     def _submit_counted(self, task_index: int) -> None:
         """Submit a sliced task's slices once the newlines before each are counted."""

@@ -12,6 +12,7 @@ generated ``file:line`` ids and error locations are the file's own.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class SliceJob:
         end: Stored offset where it ends (its last line runs on past it).
         first_line: The file's line number of the slice's first line.
         data: A ``stream`` slice's lines, decompressed by the reader (``None`` otherwise).
+        spill: Or the local file that holds them (the job removes it once read): on a local
+            pool a file costs fewer copies than a pipe.
     """
 
     task_index: int
@@ -63,6 +66,7 @@ class SliceJob:
     end: int
     first_line: int
     data: bytes | None = None
+    spill: str | None = None
 
     @property
     def index(self) -> int:
@@ -125,6 +129,10 @@ def run_slice(
         try:
             if job.data is not None:
                 data = job.data
+            elif job.spill is not None:
+                with open(job.spill, "rb") as f:
+                    data = f.read()
+                os.unlink(job.spill)
             else:
                 data = b"".join(
                     iter_slice_chunks(job.file, job.start, job.end, first=job.slice_index == 0)

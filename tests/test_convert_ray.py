@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shardloader import ConfigError, ConvertConfig, convert, merge
+from shardloader import ConfigError, ConvertConfig, CorpusError, convert, merge
 from tests.conftest import make_docs, published, run_cli, write_jsonl
 
 ray = pytest.importorskip("ray")
@@ -69,6 +69,15 @@ def test_resume_across_executors(ray_cluster, inputs, tmp_path):
     again = convert([str(root)], ConvertConfig(output=str(out), executor="ray", **SETTINGS))
     assert again.tasks_run == 1
     assert published(out) == published(reference)
+
+
+def test_a_bad_record_on_ray_raises_our_error(ray_cluster, tmp_path):
+    bad = tmp_path / "in" / "bad.jsonl"
+    write_jsonl(bad, make_docs(30))
+    with bad.open("a") as f:
+        f.write('{"text": 5}\n')
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:31: field 'text' is a number"):
+        convert([str(bad)], ConvertConfig(output=str(tmp_path / "out"), executor="ray"))
 
 
 def test_cli_joins_the_running_cluster_and_summarizes(ray_cluster, inputs, tmp_path):

@@ -155,6 +155,7 @@ def test_stream_resume_skips_finished_slices(tmp_path):
     result = convert([str(path)], config)
     assert result.num_docs < 400  # only slice 1 ran again
     assert published(out) == reference
+    assert list((out / "_work" / "tmp").iterdir()) == []  # the slices handed to workers
 
 
 @pytest.mark.slow
@@ -217,7 +218,9 @@ def test_slices_partition_the_lines(tmp_path_factory, lines, trailing, slice_byt
             assert data[:offset].count(b"\n") + 1 == first_line
         offset += len(part)
     with path.open("rb") as f:
-        streamed = list(iter_stream_slices(f, "none", str(path), slice_bytes))
+        streamed = [
+            (n, b"".join(p)) for n, p in iter_stream_slices(f, "none", str(path), slice_bytes)
+        ]
     assert [p for p in parts if p] == [p for _, p in streamed if p]
     offset, expected = 0, []
     for part in parts:

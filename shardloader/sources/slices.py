@@ -197,8 +197,11 @@ def count_newlines(source: InputFile, start: int, end: int) -> int:
 
 def iter_stream_slices(
     f: IO[bytes], codec: str, url: str, slice_bytes: int
-) -> Iterator[tuple[int, bytes]]:
-    """Cut a decompressed stream into slices of whole lines: (first line number, bytes).
+) -> Iterator[tuple[int, list[bytes]]]:
+    """Cut a decompressed stream into slices of whole lines: (first line number, pieces).
+
+    A slice's bytes are its pieces joined; they are handed out unjoined, so that a caller that
+    writes them somewhere copies them once.
 
     The cuts are those of ``bytes`` slices of the decompressed text: after the first newline at
     or after each multiple of ``slice_bytes``; slices that would own nothing are left out. Holds
@@ -218,13 +221,12 @@ def iter_stream_slices(
                 offset += len(view)
                 break
             pieces.append(view[: cut + 1])
-            data = b"".join(pieces)
-            pieces = []
-            yield first_line, data
+            yield first_line, pieces
             emitted += 1
-            first_line += data.count(b"\n")
+            first_line += sum(piece.count(b"\n") for piece in pieces)
+            pieces = []
             target = ((offset + cut) // slice_bytes + 1) * slice_bytes
             offset += cut + 1
             view = view[cut + 1 :]
     if pieces or not emitted:
-        yield first_line, b"".join(pieces)
+        yield first_line, pieces
