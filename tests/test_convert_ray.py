@@ -26,16 +26,17 @@ def ray_cluster() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """Small files (several tasks) and one file big enough to be cut into slices."""
+    """Small files (several tasks) and two files big enough to be cut into slices."""
     root = tmp_path_factory.mktemp("ray-in")
     docs = make_docs(900, seed=7)
     for i in range(4):
         write_jsonl(root / f"part-{i}.jsonl.gz", docs[i * 100 : (i + 1) * 100])
-    write_jsonl(root / "part-9-big.jsonl", docs[400:])
+    write_jsonl(root / "part-8-big.jsonl.gz", docs[400:650])  # slices read by one reader
+    write_jsonl(root / "part-9-big.jsonl", docs[650:])  # slices of byte ranges
     return root, len(docs)
 
 
-SETTINGS = dict(task_bytes=2_000, slice_bytes=60_000, shard_samples=70)
+SETTINGS = dict(task_bytes=2_000, slice_bytes=30_000, shard_samples=70)
 
 
 def test_ray_output_is_byte_identical_to_local(ray_cluster, inputs, tmp_path):
@@ -46,8 +47,10 @@ def test_ray_output_is_byte_identical_to_local(ray_cluster, inputs, tmp_path):
     result = convert([str(root)], ConvertConfig(output=str(on_ray), executor="ray", **SETTINGS))
     assert result.manifest is not None
     assert result.manifest.num_samples == result.num_docs == num_docs
-    assert result.tasks_run == result.tasks_total == 5
-    assert any(name.startswith("shard-00004-00002-") for name in published(on_ray))  # sliced
+    assert result.tasks_run == result.tasks_total == 6
+    names = published(on_ray)
+    assert any(name.startswith("shard-00004-00002-") for name in names)  # stream slices
+    assert any(name.startswith("shard-00005-00002-") for name in names)  # byte-range slices
     assert published(on_ray) == published(local)
 
 
@@ -97,7 +100,7 @@ def test_cli_joins_the_running_cluster_and_summarizes(ray_cluster, inputs, tmp_p
         "--progress",
     )
     assert f"converted {num_docs:,} documents" in proc.stdout
-    assert "tasks:      5 run" in proc.stdout
+    assert "tasks:      6 run" in proc.stdout
     assert "docs=" in proc.stderr  # the progress bar counted finished tasks
 
 
