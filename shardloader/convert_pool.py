@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from shardloader import storage
@@ -208,7 +209,7 @@ class _Scheduler:
         self.pending.append((key, self.executor.submit(fn, *args)))
 
     def run(self, tasks: Sequence[Task] | Sequence[DatasetTask]) -> list[dict[str, Any]]:
-        streams: list[tuple[Task, Iterator[tuple[int, int, list[bytes]]]]] = []
+        streams: list[tuple[Task, Iterator[tuple[int, int, list[bytes], int]]]] = []
         plain: list[Task | DatasetTask] = []
         for task in tasks:
             if not isinstance(task, Task) or not task.split:
@@ -238,33 +239,39 @@ class _Scheduler:
             self._collect()
         return self.records
 
-    def _read_stream(self, task: Task) -> Iterator[tuple[int, int, list[bytes]]]:
+    def _read_stream(self, task: Task) -> Iterator[tuple[int, int, list[bytes], int]]:
         source = task.files[0]
         count = 0
         with storage.open_read(source.url) as f:
-            cut = iter_stream_slices(f, kind_of(source.url)[1], source.url, self.config.slice_bytes)
-            for k, (first_line, data) in enumerate(cut):
-                yield k, first_line, data
+            cut = iter_stream_slices(
+                f,
+                kind_of(source.url)[1],
+                source.url,
+                self.config.slice_bytes,
+                self.config.max_record_bytes,
+            )
+            for k, (first_line, data, long_line) in enumerate(cut):
+                yield k, first_line, data, long_line
                 count = k + 1
         self.num_slices[task.index] = count  # known only now: the task can be joined
 
-    def _feed(self, task: Task, reader: Iterator[tuple[int, int, list[bytes]]]) -> bool:
+    def _feed(self, task: Task, reader: Iterator[tuple[int, int, list[bytes], int]]) -> bool:
         """Hand out the stream's next slices while few are held; whether it has more."""
         while sum(1 for key, _ in self.pending if key[:2] == ("slice", task.index)) < (
             self.max_stream_jobs
         ):
             try:
-                k, first_line, data = next(reader)
+                k, first_line, data, long_line = next(reader)
             except StopIteration:
                 self._join_if_done(task.index)
                 return False
             if k in self.slices[task.index]:
                 continue
+            job = SliceJob(task.index, k, task.files[0], 0, 0, first_line, long_line=long_line)
             if isinstance(self.executor, PoolExecutor):
-                spill = self._spill(task.index, k, data)
-                job = SliceJob(task.index, k, task.files[0], 0, 0, first_line, spill=spill)
+                job = replace(job, spill=self._spill(task.index, k, data))
             else:
-                job = SliceJob(task.index, k, task.files[0], 0, 0, first_line, b"".join(data))
+                job = replace(job, data=b"".join(data))
             del data
             self.submit(("slice", task.index, k), _slice_job, job, self.config, self.fingerprint)
         return True

@@ -11,6 +11,7 @@ generated ``file:line`` ids and error locations are the file's own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -57,6 +58,8 @@ class SliceJob:
         data: A ``stream`` slice's lines, decompressed by the reader (``None`` otherwise).
         spill: Or the local file that holds them (the job removes it once read): on a local
             pool a file costs fewer copies than a pipe.
+        long_line: The length of a ``stream`` slice's last line, left out of ``data`` as longer
+            than ``max_record_bytes`` (0: none); reported as ``record_too_large``.
     """
 
     task_index: int
@@ -67,6 +70,7 @@ class SliceJob:
     first_line: int
     data: bytes | None = None
     spill: str | None = None
+    long_line: int = 0
 
     @property
     def index(self) -> int:
@@ -102,6 +106,42 @@ def _pieces(data: bytes) -> Iterator[bytes]:
         yield bytes(view[start : start + CHUNK_BYTES])
 
 
+def _slice_chunks(job: SliceJob) -> Iterator[bytes]:
+    """The slice's lines, read in chunks (never held whole)."""
+    if job.data is not None:
+        yield from _pieces(job.data)
+    elif job.spill is not None:
+        with open(job.spill, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                yield chunk
+    else:
+        yield from iter_slice_chunks(job.file, job.start, job.end, first=job.slice_index == 0)
+
+
+def _load(job: SliceJob) -> bytes | None:
+    """The slice's lines whole, for the fast path; ``None`` past ``FAST_JSONL_MAX_BYTES``."""
+    if job.data is not None:
+        return job.data
+    held: list[bytes] = []
+    size = 0
+    for chunk in _slice_chunks(job):
+        size += len(chunk)
+        if size > FAST_JSONL_MAX_BYTES:  # a slice with a huge last line: read it line by line
+            return None
+        held.append(chunk)
+    return b"".join(held)
+
+
+def _until_damage(docs: Iterator[Document], bad: BadRecords) -> Iterator[Document]:
+    """``docs``, ended early by a damaged file where bad records are skipped."""
+    try:
+        yield from docs
+    except DamagedFileError as err:
+        if bad.on_bad_record != "skip":
+            raise
+        bad.report("damaged_file", err.where, err.what + "; the rest of the slice is skipped")
+
+
 def run_slice(
     job: SliceJob,
     config: ConvertConfig,
@@ -127,23 +167,14 @@ def run_slice(
     name = relpath(job.file.url, job.file.root)
     try:
         try:
-            if job.data is not None:
-                data = job.data
-            elif job.spill is not None:
-                with open(job.spill, "rb") as f:
-                    data = f.read()
-                os.unlink(job.spill)
-            else:
-                data = b"".join(
-                    iter_slice_chunks(job.file, job.start, job.end, first=job.slice_index == 0)
-                )
+            data = _load(job)
         except DamagedFileError as err:
             if bad.on_bad_record != "skip":
                 raise
             bad.report("damaged_file", err.where, err.what + "; the rest of the slice is skipped")
             data = b""
         table = None
-        if len(data) <= FAST_JSONL_MAX_BYTES and arrow_schema(spec) is not None:
+        if data is not None and arrow_schema(spec) is not None:
             table = jsonl_table_from_bytes(
                 data,
                 job.file,
@@ -166,10 +197,11 @@ def run_slice(
                 max_record_bytes=config.max_record_bytes,
                 first_line=job.first_line,
             )
+            chunks = _pieces(data) if data is not None else _slice_chunks(job)
             docs: Iterable[Document] = (
                 table.documents()
                 if table is not None
-                else read_jsonl_chunks(_pieces(data), file, spec)
+                else _until_damage(read_jsonl_chunks(chunks, file, spec), bad)
             )
             num_docs, text_bytes = write_documents(
                 docs,
@@ -180,12 +212,22 @@ def run_slice(
                 renderer=renderer,
                 bad=bad,
             )
-        del data
+        if job.long_line:  # the reader measured it instead of holding it
+            line_no = job.first_line + stats["records"] + stats["blank_lines"]
+            stats["records"] += 1
+            stats["bytes"] += job.long_line + 1
+            bad.report_too_large(
+                f"{job.file.url}:{line_no}", job.long_line, config.max_record_bytes
+            )
         progress.add(0, stats["bytes"] - text_bytes)
         shards = series.close()
     except BaseException:
         series.abort()
         raise
+    finally:
+        if job.spill is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(job.spill)
     progress.flush()
     entry = {
         "url": job.file.url,

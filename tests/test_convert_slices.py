@@ -121,6 +121,42 @@ def test_bad_line_in_a_later_slice_names_the_file_line(tmp_path, kind):
     assert manifest.num_samples == len(docs) - 1
 
 
+@pytest.mark.parametrize("kind", ["plain", "gzip"])
+def test_a_line_too_long_is_measured_not_held_and_named(tmp_path, kind):
+    docs, data = corpus_bytes(600)
+    lines = data.split(b"\n")
+    long_line = 400
+    lines[long_line - 1] = b'{"text": "' + b"x" * 200_000 + b'"}'
+    path = write_big(tmp_path / "in", kind, b"\n".join(lines))
+    base = dict(slice_bytes=30_000, max_record_bytes=50_000, num_proc=2)
+    with pytest.raises(CorpusError, match=rf"{path.name}:{long_line}: record is 200012 bytes"):
+        convert([str(path)], ConvertConfig(output=str(tmp_path / "raise"), **base))
+    skip = ConvertConfig(output=str(tmp_path / "skip"), on_bad_record="skip", **base)
+    manifest = convert([str(path)], skip).manifest
+    assert manifest is not None
+    assert manifest.skipped == {"record_too_large": 1}
+    assert manifest.skipped_examples[0].startswith(f"{path}:{long_line}: record_too_large")
+    samples = list(shardloader.iter_samples(str(tmp_path / "skip")))
+    kept = docs[: long_line - 1] + docs[long_line:]
+    assert [s["text"] for s in samples] == [d["text"] for d in kept]
+    assert manifest.sources[0]["num_records"] == len(docs)
+
+
+def test_the_stream_reader_holds_no_long_line():
+    import io
+
+    class Dribble(io.BytesIO):  # decompressed text arrives in pieces
+        def read(self, size: int | None = -1) -> bytes:
+            return super().read(7)
+
+    data = b"a\n" * 10 + b"b" * 1000 + b"\n" + b"c\n" * 5
+    cut = list(iter_stream_slices(Dribble(data), "none", "f", 8, 100))
+    assert sum(len(b"".join(p)) for _, p, _ in cut) == len(data) - 1001
+    # the slice of lines 10-11 holds line 10; line 11 is measured
+    assert [(n, b"".join(p), long) for n, p, long in cut if long] == [(10, b"a\n", 1000)]
+    assert b"".join(b"".join(p) for _, p, _ in cut) == b"a\n" * 10 + b"c\n" * 5
+
+
 def test_a_half_done_sliced_task_redoes_only_its_missing_slices(tmp_path):
     _, data = corpus_bytes(1200)
     path = write_big(tmp_path / "in", "plain", data)
@@ -219,7 +255,8 @@ def test_slices_partition_the_lines(tmp_path_factory, lines, trailing, slice_byt
         offset += len(part)
     with path.open("rb") as f:
         streamed = [
-            (n, b"".join(p)) for n, p in iter_stream_slices(f, "none", str(path), slice_bytes)
+            (n, b"".join(p))
+            for n, p, _ in iter_stream_slices(f, "none", str(path), slice_bytes, 10**9)
         ]
     assert [p for p in parts if p] == [p for _, p in streamed if p]
     offset, expected = 0, []

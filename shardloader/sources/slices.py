@@ -195,38 +195,80 @@ def count_newlines(source: InputFile, start: int, end: int) -> int:
         return sum(c.count(b"\n") for c in _range_chunks(f, codec, source.url, start, end))
 
 
+def _keep(pieces: list[bytes], num_bytes: int) -> list[bytes]:
+    """The first ``num_bytes`` of ``pieces``."""
+    kept: list[bytes] = []
+    for piece in pieces:
+        if num_bytes <= 0:
+            break
+        kept.append(piece[:num_bytes])
+        num_bytes -= len(kept[-1])
+    return kept
+
+
 def iter_stream_slices(
-    f: IO[bytes], codec: str, url: str, slice_bytes: int
-) -> Iterator[tuple[int, list[bytes]]]:
-    """Cut a decompressed stream into slices of whole lines: (first line number, pieces).
+    f: IO[bytes], codec: str, url: str, slice_bytes: int, max_line_bytes: int
+) -> Iterator[tuple[int, list[bytes], int]]:
+    """Cut a decompressed stream into slices of whole lines: (first line, pieces, long line).
 
     A slice's bytes are its pieces joined; they are handed out unjoined, so that a caller that
-    writes them somewhere copies them once.
+    writes them somewhere copies them once. The cuts are those of ``bytes`` slices of the
+    decompressed text: after the first newline at or after each multiple of ``slice_bytes``;
+    slices that would own nothing are left out; a file of no text gives one empty slice.
 
-    The cuts are those of ``bytes`` slices of the decompressed text: after the first newline at
-    or after each multiple of ``slice_bytes``; slices that would own nothing are left out. Holds
-    one slice plus one chunk; a file of no text gives one empty slice.
+    Memory stays within ``slice_bytes`` plus ``max_line_bytes`` plus a chunk: a slice's last
+    line (the one that runs past its cut) longer than ``max_line_bytes`` is measured, not held.
+    It is left out of the pieces and its length (newline excluded) comes as the third item
+    (0 when there is none), for the converter to report as a record that is too large.
     """
     pieces: list[bytes] = []
     first_line = 1
     target = slice_bytes  # the next cut: after the first newline at or after this position
     offset = 0  # decompressed position of ``view``'s start
+    held_start = 0  # decompressed position of the first byte in ``pieces``
+    line_start = 0  # decompressed position where the current line starts
+    long_line = 0  # length so far of a last line too long to hold (0: none)
     emitted = 0
+
+    def emit(end: int) -> tuple[int, list[bytes], int]:
+        nonlocal first_line, pieces, held_start, target, long_line, emitted
+        out = (first_line, pieces, long_line)
+        first_line += sum(piece.count(b"\n") for piece in pieces) + (1 if long_line else 0)
+        pieces, held_start, long_line = [], end + 1, 0
+        target = (end // slice_bytes + 1) * slice_bytes
+        emitted += 1
+        return out
+
     for chunk in iter_chunks(f, codec, url):
         view = chunk
         while view:
+            if long_line:  # measuring the slice's last line to its newline
+                newline = view.find(b"\n")
+                if newline < 0:
+                    long_line += len(view)
+                    offset += len(view)
+                    break
+                long_line += newline
+                yield emit(offset + newline)
+                offset += newline + 1
+                line_start = offset
+                view = view[newline + 1 :]
+                continue
             cut = view.find(b"\n", max(0, target - offset)) if offset + len(view) > target else -1
             if cut < 0:
                 pieces.append(view)
+                last = view.rfind(b"\n")
+                if last >= 0:
+                    line_start = offset + last + 1
                 offset += len(view)
+                if offset > target and offset - line_start > max_line_bytes:
+                    pieces = _keep(pieces, line_start - held_start)
+                    long_line = offset - line_start
                 break
             pieces.append(view[: cut + 1])
-            yield first_line, pieces
-            emitted += 1
-            first_line += sum(piece.count(b"\n") for piece in pieces)
-            pieces = []
-            target = ((offset + cut) // slice_bytes + 1) * slice_bytes
+            yield emit(offset + cut)
             offset += cut + 1
+            line_start = offset
             view = view[cut + 1 :]
-    if pieces or not emitted:
-        yield first_line, pieces
+    if pieces or long_line or not emitted:
+        yield first_line, pieces, long_line
