@@ -265,3 +265,14 @@ def test_slices_partition_the_lines(tmp_path_factory, lines, trailing, slice_byt
             expected.append(data[:offset].count(b"\n") + 1)
         offset += len(part)
     assert [n for n, p in streamed if p] == expected
+
+
+def test_slices_into_an_fsspec_output(tmp_path):
+    docs, data = corpus_bytes(600)
+    path = write_big(tmp_path / "in", "gzip", data)
+    url = f"memory://shardloader-slices-{os.getpid()}/out"
+    result = convert([str(path)], ConvertConfig(output=url, slice_bytes=30_000, num_proc=1))
+    assert result.manifest is not None
+    assert len({s.path.split("-")[2] for s in result.manifest.shards}) > 2
+    assert [s["text"] for s in shardloader.iter_samples(url)] == [d["text"] for d in docs]
+    assert shardloader.verify(url).ok
