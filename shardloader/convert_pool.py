@@ -39,7 +39,7 @@ from shardloader.convert_slice import SliceJob, finished_slices, join_slices, ru
 from shardloader.convert_task import run_task
 from shardloader.errors import ConfigError
 from shardloader.sources import kind_of
-from shardloader.sources.slices import count_newlines, iter_stream_slices
+from shardloader.sources.slices import StreamSlice, count_newlines, iter_stream_slices
 from shardloader.storage import InputFile, OutputDir, writing
 
 # The conversion logs under one name, as it did as one module ("shardloader.convert: ...").
@@ -209,7 +209,7 @@ class _Scheduler:
         self.pending.append((key, self.executor.submit(fn, *args)))
 
     def run(self, tasks: Sequence[Task] | Sequence[DatasetTask]) -> list[dict[str, Any]]:
-        streams: list[tuple[Task, Iterator[tuple[int, int, list[bytes], int]]]] = []
+        streams: list[tuple[Task, Iterator[tuple[int, StreamSlice]]]] = []
         plain: list[Task | DatasetTask] = []
         for task in tasks:
             if not isinstance(task, Task) or not task.split:
@@ -239,7 +239,7 @@ class _Scheduler:
             self._collect()
         return self.records
 
-    def _read_stream(self, task: Task) -> Iterator[tuple[int, int, list[bytes], int]]:
+    def _read_stream(self, task: Task) -> Iterator[tuple[int, StreamSlice]]:
         source = task.files[0]
         count = 0
         with storage.open_read(source.url) as f:
@@ -250,29 +250,38 @@ class _Scheduler:
                 self.config.slice_bytes,
                 self.config.max_record_bytes,
             )
-            for k, (first_line, data, long_line) in enumerate(cut):
-                yield k, first_line, data, long_line
+            for k, piece in enumerate(cut):
+                yield k, piece
                 count = k + 1
         self.num_slices[task.index] = count  # known only now: the task can be joined
 
-    def _feed(self, task: Task, reader: Iterator[tuple[int, int, list[bytes], int]]) -> bool:
+    def _feed(self, task: Task, reader: Iterator[tuple[int, StreamSlice]]) -> bool:
         """Hand out the stream's next slices while few are held; whether it has more."""
         while sum(1 for key, _ in self.pending if key[:2] == ("slice", task.index)) < (
             self.max_stream_jobs
         ):
             try:
-                k, first_line, data, long_line = next(reader)
+                k, piece = next(reader)
             except StopIteration:
                 self._join_if_done(task.index)
                 return False
             if k in self.slices[task.index]:
                 continue
-            job = SliceJob(task.index, k, task.files[0], 0, 0, first_line, long_line=long_line)
+            job = SliceJob(
+                task.index,
+                k,
+                task.files[0],
+                0,
+                0,
+                piece.first_line,
+                long_line=piece.long_line,
+                damage=piece.damage,
+            )
             if isinstance(self.executor, PoolExecutor):
-                job = replace(job, spill=self._spill(task.index, k, data))
+                job = replace(job, spill=self._spill(task.index, k, piece.pieces))
             else:
-                job = replace(job, data=b"".join(data))
-            del data
+                job = replace(job, data=b"".join(piece.pieces))
+            del piece
             self.submit(("slice", task.index, k), _slice_job, job, self.config, self.fingerprint)
         return True
 

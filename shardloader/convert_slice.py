@@ -60,6 +60,8 @@ class SliceJob:
             pool a file costs fewer copies than a pipe.
         long_line: The length of a ``stream`` slice's last line, left out of ``data`` as longer
             than ``max_record_bytes`` (0: none); reported as ``record_too_large``.
+        damage: Where and what, when the file is damaged after this ``stream`` slice's lines:
+            raised, or with ``on_bad_record="skip"`` counted as ``damaged_file``.
     """
 
     task_index: int
@@ -71,6 +73,7 @@ class SliceJob:
     data: bytes | None = None
     spill: str | None = None
     long_line: int = 0
+    damage: tuple[str, str] | None = None
 
     @property
     def index(self) -> int:
@@ -219,6 +222,11 @@ def run_slice(
             bad.report_too_large(
                 f"{job.file.url}:{line_no}", job.long_line, config.max_record_bytes
             )
+        if job.damage is not None:  # as `shardloader.sources.read_documents` treats it
+            where, what = job.damage
+            if bad.on_bad_record != "skip":
+                raise DamagedFileError(where, what)
+            bad.report("damaged_file", where, what + "; the rest of the file is skipped")
         progress.add(0, stats["bytes"] - text_bytes)
         shards = series.close()
     except BaseException:

@@ -151,10 +151,29 @@ def test_the_stream_reader_holds_no_long_line():
 
     data = b"a\n" * 10 + b"b" * 1000 + b"\n" + b"c\n" * 5
     cut = list(iter_stream_slices(Dribble(data), "none", "f", 8, 100))
-    assert sum(len(b"".join(p)) for _, p, _ in cut) == len(data) - 1001
+    assert sum(len(b"".join(c.pieces)) for c in cut) == len(data) - 1001
     # the slice of lines 10-11 holds line 10; line 11 is measured
-    assert [(n, b"".join(p), long) for n, p, long in cut if long] == [(10, b"a\n", 1000)]
-    assert b"".join(b"".join(p) for _, p, _ in cut) == b"a\n" * 10 + b"c\n" * 5
+    long = [(c.first_line, b"".join(c.pieces), c.long_line) for c in cut if c.long_line]
+    assert long == [(10, b"a\n", 1000)]
+    assert b"".join(b"".join(c.pieces) for c in cut) == b"a\n" * 10 + b"c\n" * 5
+
+
+def test_a_truncated_stream_keeps_the_lines_before_the_damage_under_skip(tmp_path):
+    docs, data = corpus_bytes(900)
+    whole = gzip.compress(data)
+    path = tmp_path / "in" / "big.jsonl.gz"
+    path.parent.mkdir()
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    base = dict(slice_bytes=30_000, num_proc=2)
+    with pytest.raises(CorpusError, match=r"big\.jsonl\.gz: truncated gzip file"):
+        convert([str(path)], ConvertConfig(output=str(tmp_path / "raise"), **base))
+    skip = ConvertConfig(output=str(tmp_path / "skip"), on_bad_record="skip", **base)
+    manifest = convert([str(path)], skip).manifest
+    assert manifest is not None
+    assert manifest.skipped == {"damaged_file": 1}
+    texts = [s["text"] for s in shardloader.iter_samples(str(tmp_path / "skip"))]
+    assert 300 < len(texts) < len(docs)
+    assert texts == [d["text"] for d in docs[: len(texts)]]
 
 
 def test_a_half_done_sliced_task_redoes_only_its_missing_slices(tmp_path):
@@ -255,8 +274,8 @@ def test_slices_partition_the_lines(tmp_path_factory, lines, trailing, slice_byt
         offset += len(part)
     with path.open("rb") as f:
         streamed = [
-            (n, b"".join(p))
-            for n, p, _ in iter_stream_slices(f, "none", str(path), slice_bytes, 10**9)
+            (c.first_line, b"".join(c.pieces))
+            for c in iter_stream_slices(f, "none", str(path), slice_bytes, 10**9)
         ]
     assert [p for p in parts if p] == [p for _, p in streamed if p]
     offset, expected = 0, []

@@ -35,6 +35,11 @@ class DamagedFileError(CorpusError):
         self.where = where
         self.what = what
 
+    def __reduce__(self) -> tuple[type[DamagedFileError], tuple[str, str]]:
+        # A pool worker's error reaches the parent pickled; the default rebuilds from the
+        # message alone, which this constructor refuses (and the pool then hangs).
+        return (DamagedFileError, (self.where, self.what))
+
 
 @dataclass(frozen=True, kw_only=True)
 class FileContext:

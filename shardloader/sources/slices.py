@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO
 
 from shardloader import storage
 from shardloader.sources.files import kind_of
+from shardloader.sources.records import DamagedFileError
 from shardloader.sources.streams import iter_chunks
 from shardloader.storage import InputFile
 
@@ -206,10 +208,27 @@ def _keep(pieces: list[bytes], num_bytes: int) -> list[bytes]:
     return kept
 
 
+@dataclass(frozen=True)
+class StreamSlice:
+    """One slice cut by `iter_stream_slices`.
+
+    Attributes:
+        first_line: The file's line number of its first line.
+        pieces: Its bytes, in pieces (whole lines joined).
+        long_line: The length of its last line, left out of ``pieces`` as too long (0: none).
+        damage: Where and what, if the file is damaged after these lines (the last slice).
+    """
+
+    first_line: int
+    pieces: list[bytes]
+    long_line: int = 0
+    damage: tuple[str, str] | None = None
+
+
 def iter_stream_slices(
     f: IO[bytes], codec: str, url: str, slice_bytes: int, max_line_bytes: int
-) -> Iterator[tuple[int, list[bytes], int]]:
-    """Cut a decompressed stream into slices of whole lines: (first line, pieces, long line).
+) -> Iterator[StreamSlice]:
+    """Cut a decompressed stream into slices of whole lines.
 
     A slice's bytes are its pieces joined; they are handed out unjoined, so that a caller that
     writes them somewhere copies them once. The cuts are those of ``bytes`` slices of the
@@ -218,8 +237,9 @@ def iter_stream_slices(
 
     Memory stays within ``slice_bytes`` plus ``max_line_bytes`` plus a chunk: a slice's last
     line (the one that runs past its cut) longer than ``max_line_bytes`` is measured, not held.
-    It is left out of the pieces and its length (newline excluded) comes as the third item
-    (0 when there is none), for the converter to report as a record that is too large.
+    It is left out of the pieces and its length (newline excluded) comes as ``long_line``, for
+    the converter to report as a record that is too large. A damaged file (truncated or corrupt
+    compression) ends in a slice of the whole lines before the damage, which carries it.
     """
     pieces: list[bytes] = []
     first_line = 1
@@ -230,45 +250,53 @@ def iter_stream_slices(
     long_line = 0  # length so far of a last line too long to hold (0: none)
     emitted = 0
 
-    def emit(end: int) -> tuple[int, list[bytes], int]:
+    def emit(end: int) -> StreamSlice:
         nonlocal first_line, pieces, held_start, target, long_line, emitted
-        out = (first_line, pieces, long_line)
+        out = StreamSlice(first_line, pieces, long_line)
         first_line += sum(piece.count(b"\n") for piece in pieces) + (1 if long_line else 0)
         pieces, held_start, long_line = [], end + 1, 0
         target = (end // slice_bytes + 1) * slice_bytes
         emitted += 1
         return out
 
-    for chunk in iter_chunks(f, codec, url):
-        view = chunk
-        while view:
-            if long_line:  # measuring the slice's last line to its newline
-                newline = view.find(b"\n")
-                if newline < 0:
-                    long_line += len(view)
+    try:
+        for chunk in iter_chunks(f, codec, url):
+            view = chunk
+            while view:
+                if long_line:  # measuring the slice's last line to its newline
+                    newline = view.find(b"\n")
+                    if newline < 0:
+                        long_line += len(view)
+                        offset += len(view)
+                        break
+                    long_line += newline
+                    yield emit(offset + newline)
+                    offset += newline + 1
+                    line_start = offset
+                    view = view[newline + 1 :]
+                    continue
+                cut = (
+                    view.find(b"\n", max(0, target - offset)) if offset + len(view) > target else -1
+                )
+                if cut < 0:
+                    pieces.append(view)
+                    last = view.rfind(b"\n")
+                    if last >= 0:
+                        line_start = offset + last + 1
                     offset += len(view)
+                    if offset > target and offset - line_start > max_line_bytes:
+                        pieces = _keep(pieces, line_start - held_start)
+                        long_line = offset - line_start
                     break
-                long_line += newline
-                yield emit(offset + newline)
-                offset += newline + 1
+                pieces.append(view[: cut + 1])
+                yield emit(offset + cut)
+                offset += cut + 1
                 line_start = offset
-                view = view[newline + 1 :]
-                continue
-            cut = view.find(b"\n", max(0, target - offset)) if offset + len(view) > target else -1
-            if cut < 0:
-                pieces.append(view)
-                last = view.rfind(b"\n")
-                if last >= 0:
-                    line_start = offset + last + 1
-                offset += len(view)
-                if offset > target and offset - line_start > max_line_bytes:
-                    pieces = _keep(pieces, line_start - held_start)
-                    long_line = offset - line_start
-                break
-            pieces.append(view[: cut + 1])
-            yield emit(offset + cut)
-            offset += cut + 1
-            line_start = offset
-            view = view[cut + 1 :]
+                view = view[cut + 1 :]
+    except DamagedFileError as err:  # keep the whole lines before it; the partial one is lost
+        if not long_line:
+            pieces = _keep(pieces, line_start - held_start)
+        yield StreamSlice(first_line, pieces, 0, (err.where, err.what))
+        return
     if pieces or long_line or not emitted:
-        yield first_line, pieces, long_line
+        yield StreamSlice(first_line, pieces, long_line)
