@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from shardloader.errors import ConfigError
+from shardloader.errors import ConfigError, ShardloaderError
 
 Report = Callable[[int, int], None]
 
@@ -96,7 +97,16 @@ def _worker_report(docs: int, nbytes: int) -> None:
 
 
 def _pool_call(fn: Callable[..., Any], args: Sequence[Any]) -> Any:
-    return fn(*args, _worker_report)
+    try:
+        return fn(*args, _worker_report)
+    except Exception as err:
+        # The pool sends the error to the parent pickled; one that does not come back out of
+        # pickle would hang the pool's result thread, so it travels as its message instead.
+        try:
+            pickle.loads(pickle.dumps(err))  # our own object, never stored data
+        except Exception:
+            raise ShardloaderError(f"{type(err).__name__}: {err}") from None
+        raise
 
 
 def dataset_job(task: Any, config: Any, fingerprint: str, report: Report) -> dict[str, Any]:

@@ -295,3 +295,26 @@ def test_slices_into_an_fsspec_output(tmp_path):
     assert len({s.path.split("-")[2] for s in result.manifest.shards}) > 2
     assert [s["text"] for s in shardloader.iter_samples(url)] == [d["text"] for d in docs]
     assert shardloader.verify(url).ok
+
+
+class _Unpicklable(Exception):
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}: {b}")
+
+
+def _fail(report):
+    raise _Unpicklable("where", "what")
+
+
+def test_an_error_that_does_not_pickle_still_reaches_the_parent():
+    """A pool hangs on a worker error it cannot unpickle; the executor sends its message."""
+    from shardloader.convert_executor import PoolExecutor
+    from shardloader.errors import ShardloaderError
+
+    executor = PoolExecutor(2, "fork", lambda docs, nbytes: None)
+    try:
+        pending = executor.submit(_fail)
+        with pytest.raises(ShardloaderError, match="_Unpicklable: where: what"):
+            pending.get(timeout=60)
+    finally:
+        executor.close()
