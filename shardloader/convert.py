@@ -5,7 +5,9 @@ The algorithm:
 1. List the input files (sorted within each pattern) and group consecutive files into tasks of
    about ``task_bytes`` input bytes (`shardloader.convert_plan`). The grouping depends only on the
    inputs and the config, never on the number of processes, so the output is byte-identical for
-   any ``num_proc``.
+   any ``num_proc``. A JSONL file of more than ``slice_bytes`` of text is a task of its own, cut
+   into slices of whole lines that run as separate jobs (`shardloader.convert_slice`), so one huge
+   file uses every core.
 2. Each task reads its files in order and writes its own shards, ``shard-{task}-{part}``, closing a
    shard at ``shard_bytes`` of uncompressed payload or ``shard_samples`` samples. Shards are written
    under temporary names and renamed; the task then writes a completion record
@@ -14,6 +16,9 @@ The algorithm:
    with ``kill -9`` resumes and ends byte-identical to an uninterrupted run.
 3. When every task has a record, the manifest is assembled from the records in task order and
    published last (``_manifest.json``): a manifest exists only when the conversion finished.
+
+Jobs run on a local process pool or, with ``executor="ray"``, as Ray tasks
+(`shardloader.convert_executor`); both write the same shards and records.
 
 ``num_tasks``/``task_index`` give a machine its slice of the tasks (``task % num_tasks ==
 task_index``); every slice writes into the same output, and ``merge`` writes the manifest.
@@ -208,7 +213,7 @@ def convert(inputs: Sequence[str] | str | Any, config: ConvertConfig) -> Convert
         done = _check_output(out, plan, config)
         if done is not None:
             log.info("%s: this conversion is already complete", out.url)
-            return _result(out.url, done, [], len(tasks), len(tasks), time.monotonic() - start)
+            return _result(out.url, done, [], 0, len(tasks), len(tasks), time.monotonic() - start)
         write_file(out, PLAN_NAME, json.dumps(plan, indent=1).encode())
         mine = [t for t in tasks if t.index % config.num_tasks == config.task_index]
         finished = set(_finished_tasks(out, plan["fingerprint"]))
@@ -234,7 +239,13 @@ def convert(inputs: Sequence[str] | str | Any, config: ConvertConfig) -> Convert
         unlock_output(out, lock_name, lock_fd)
         out.close()
     return _result(
-        out.url, manifest, records, len(mine) - len(todo), len(tasks), time.monotonic() - start
+        out.url,
+        manifest,
+        records,
+        len(todo),
+        len(mine) - len(todo),
+        len(tasks),
+        time.monotonic() - start,
     )
 
 
@@ -328,6 +339,7 @@ def _result(
     url: str,
     manifest: Manifest | None,
     records: Sequence[Mapping[str, Any]],
+    tasks_run: int,
     tasks_skipped: int,
     tasks_total: int,
     wall_s: float,
@@ -345,7 +357,7 @@ def _result(
         num_output_bytes=sum(s["num_bytes"] for r in records for s in r["shards"]),
         num_tokens=sum(s["num_tokens"] for r in records for s in r["shards"]),
         skipped=dict(sorted(skipped.items())),
-        tasks_run=len(records),
+        tasks_run=tasks_run,
         tasks_skipped=tasks_skipped,
         tasks_total=tasks_total,
         wall_s=wall_s,

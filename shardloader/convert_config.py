@@ -25,6 +25,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 # The compression of each format's shards when ``compression`` is not given.
 DEFAULT_COMPRESSION = {"arrow": "zstd", "tar": "none"}
+EXECUTORS = ("local", "ray")
 
 
 def check_chat_settings(config: ConvertConfig) -> None:
@@ -101,6 +102,13 @@ class ConvertConfig:
     task_bytes: int = option(
         64 * MiB, "group input files into tasks of about this many (stored) bytes", parse=parse_size
     )
+    slice_bytes: int = option(
+        256 * MiB,
+        "cut a JSONL file of more text than this into slices of whole lines that convert in "
+        "parallel (plain: byte ranges; multi-frame .zst: groups of frames; .gz or single-frame "
+        ".zst: one reader hands out slices of decompressed lines)",
+        parse=parse_size,
+    )
     text_field: str = option("text", "field (or Parquet column) holding the text")
     schema: str = option(
         "auto",
@@ -150,6 +158,17 @@ class ConvertConfig:
     num_proc: int | None = option(None, "worker processes (default: the CPUs this process may use)")
     num_tasks: int = option(1, "split the conversion into this many independent slices (machines)")
     task_index: int = option(0, "which slice this run converts (0-based)")
+    executor: str = option(
+        "local",
+        "where tasks run: local (a process pool of num_proc) or ray (a Ray cluster; "
+        "pip install shardloader[ray])",
+        choices=EXECUTORS,
+    )
+    ray_address: str | None = option(
+        None,
+        "with --executor ray: the cluster to join (auto: the running one; default: RAY_ADDRESS, "
+        "else a local instance)",
+    )
     overwrite: bool = option(False, "replace a different dataset already in the output")
     progress: bool | None = option(None, "show a progress bar (default: when stderr is a terminal)")
 
@@ -160,7 +179,17 @@ class ConvertConfig:
             raise ConfigError(f"compression {self.compression!r}; use one of {COMPRESSIONS}")
         if self.on_bad_record not in ON_BAD_RECORD:
             raise ConfigError(f"on_bad_record {self.on_bad_record!r}; use one of {ON_BAD_RECORD}")
-        for name in ("shard_bytes", "batch_bytes", "task_bytes", "max_record_bytes"):
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor {self.executor!r}; use one of {', '.join(EXECUTORS)}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ConfigError("ray_address applies to executor='ray' only; add --executor ray")
+        for name in (
+            "shard_bytes",
+            "batch_bytes",
+            "task_bytes",
+            "slice_bytes",
+            "max_record_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.shard_samples is not None and self.shard_samples <= 0:

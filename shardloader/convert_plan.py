@@ -1,8 +1,10 @@
 """Plan a conversion: list the input files and group them into tasks, under one fingerprint.
 
 Consecutive files (sorted within each pattern) make a task of about ``task_bytes`` input bytes.
-The grouping depends only on the inputs and the settings, never on the number of processes, so
-the output is byte-identical for any ``num_proc``. The plan (settings, tokenizer, sources, tasks)
+A JSONL file of more than ``slice_bytes`` of text is a task of its own, cut into slices of whole
+lines that convert in parallel (`shardloader.sources.slices`). The grouping and the cuts depend
+only on the inputs and the settings, never on the number of processes, so the output is
+byte-identical for any ``num_proc``. The plan (settings, tokenizer, sources, tasks)
 is fingerprinted; task records and the manifest carry the fingerprint, so a rerun tells its own
 finished work from another conversion's.
 """
@@ -13,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,6 +24,7 @@ from shardloader.chat_template import ChatRenderer, load_chat_tokenizer
 from shardloader.convert_config import ConvertConfig, check_chat_settings, check_text_settings
 from shardloader.errors import ConfigError, CorpusError
 from shardloader.sources import CHAT_SCHEMAS, detect_file_schema
+from shardloader.sources.slices import plan_slices
 from shardloader.storage import InputFile
 from shardloader.tokenizer import TextTokenizer, TokenizerInfo
 
@@ -31,18 +34,41 @@ log = logging.getLogger("shardloader.convert")
 
 @dataclass(frozen=True)
 class Task:
-    """A group of consecutive input files converted together into ``shard-{index}-*``."""
+    """A group of consecutive input files converted together into ``shard-{index}-*``.
+
+    A task of one big file may be cut into slices (``split``, one of
+    `shardloader.sources.slices.SPLITS`), each converted on its own into
+    ``shard-{index}-{slice}-*``; ``ranges`` are their stored byte ranges (none for ``stream``).
+    """
 
     index: int
     files: tuple[InputFile, ...]
+    split: str = ""
+    ranges: tuple[tuple[int, int], ...] = ()
 
 
-def plan_tasks(files: Sequence[InputFile], task_bytes: int) -> list[Task]:
-    """Group consecutive files into tasks of at least ``task_bytes`` bytes (the last: any size)."""
+def plan_tasks(
+    files: Sequence[InputFile],
+    task_bytes: int,
+    splits: Mapping[str, tuple[str, Sequence[tuple[int, int]]]] | None = None,
+) -> list[Task]:
+    """Group consecutive files into tasks of at least ``task_bytes`` bytes (the last: any size).
+
+    A file in ``splits`` (url -> split, ranges; see `shardloader.sources.slices.plan_slices`)
+    is a task of its own.
+    """
+    splits = splits or {}
     tasks: list[Task] = []
     group: list[InputFile] = []
     size = 0
     for f in files:
+        if f.url in splits:
+            if group:
+                tasks.append(Task(len(tasks), tuple(group)))
+                group, size = [], 0
+            split, ranges = splits[f.url]
+            tasks.append(Task(len(tasks), (f,), split, tuple((a, b) for a, b in ranges)))
+            continue
         group.append(f)
         size += f.num_bytes
         if size >= task_bytes:
@@ -144,14 +170,25 @@ def make_plan(config: ConvertConfig, inputs: Sequence[str]) -> tuple[dict[str, A
     if schema == "auto":  # the corpus's first record decides, for every task
         schema = detect_file_schema(files[0], config.text_field, config.max_record_bytes)
     settings, info = plan_settings(config, schema)
-    tasks = plan_tasks(files, config.task_bytes)
+    splits: dict[str, tuple[str, list[tuple[int, int]]]] = {}
+    for f in files:
+        split, ranges = plan_slices(f, config.slice_bytes)
+        if split:
+            splits[f.url] = (split, ranges)
+    if splits:  # recorded only where it shapes the output, so other plans keep their fingerprint
+        settings["slice_bytes"] = config.slice_bytes
+    tasks = plan_tasks(files, config.task_bytes, splits)
     plan: dict[str, Any] = {
         "version": 1,
         "settings": settings,
         "tokenizer": info.to_dict() if info else None,
         "token_dtype": info.dtype if info else None,
         "sources": [[f.url, f.num_bytes, f.root] for f in files],
-        "tasks": [[files.index(t.files[0]), len(t.files)] for t in tasks],
+        "tasks": [
+            [files.index(t.files[0]), len(t.files)]
+            + ([t.split, [list(r) for r in t.ranges]] if t.split else [])
+            for t in tasks
+        ],
     }
     plan["fingerprint"] = fingerprint(plan)
     return plan, tasks

@@ -340,16 +340,19 @@ class TaskWriters(NamedTuple):
 
 
 def open_task_output(
-    config: ConvertConfig, task_index: int, schema: str
+    config: ConvertConfig, task_index: int, schema: str, slice_index: int | None = None
 ) -> tuple[OutputDir, TaskWriters]:
     """The output of task ``task_index`` (its dead temporaries removed) and its writers.
 
-    Shared by file tasks (`run_task`) and in-memory dataset tasks
-    (`shardloader.convert_hf.run_dataset_task`), so both write the same shards.
+    Shared by file tasks (`run_task`), slices of a big file (`shardloader.convert_slice`, whose
+    shards are ``shard-{task}-{slice}-{part}``) and in-memory dataset tasks
+    (`shardloader.convert_hf.run_dataset_task`), so all write the same shards.
     """
+    name: int | str = task_index if slice_index is None else f"{task_index:05d}-{slice_index:05d}"
+    prefix = f"{name:05d}-" if isinstance(name, int) else f"{name}-"
     out = OutputDir(config.output)
     with writing(out.url):
-        out.clean_tmp(f"{task_index:05d}-")  # left by a run that died in this task
+        out.clean_tmp(prefix)  # left by a run that died in this task
     tokenizer = (
         TextTokenizer(config.tokenizer, eos_token=config.eos_token, bos_token=config.bos_token)
         if config.tokenizer
@@ -361,10 +364,10 @@ def open_task_output(
     series = ShardSeries(
         out,
         config,
-        task_index,
+        name,
         shard_fields(bool(config.tokenizer), config.keep_fields, schema),
         tokenizer.info.dtype if tokenizer else None,
-        tmp_prefix=f"{task_index:05d}-{os.getpid()}-",
+        tmp_prefix=f"{prefix}{os.getpid()}-",
     )
     spec = RecordSpec(
         text_field=config.text_field,

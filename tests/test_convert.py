@@ -445,3 +445,33 @@ def test_progress_reports_add_up_to_the_input(many_files, tmp_path, fast):
     )
     assert reported["docs"] == record["num_docs"] > 0
     assert reported["bytes"] == record["num_input_bytes"] == sum(f.num_bytes for f in plain)
+
+
+def test_slurm_array_example_simulated_with_a_loop(many_files, tmp_path):
+    """examples/slurm_array.sh without Slurm: a loop over the array, then merge."""
+    root, docs = many_files
+    reference = tmp_path / "reference"
+    convert([str(root)], ConvertConfig(output=str(reference), task_bytes=4000, num_proc=1))
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(
+        INPUT=str(root),
+        OUTPUT=str(out),
+        NUM_TASKS="3",
+        CONVERT_ARGS="--task-bytes 4000 --num-proc 1",
+        PYTHONPATH=str(repo),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    proc = subprocess.run(
+        ["bash", str(repo / "examples" / "slurm_array.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("this slice is done") == 3
+    assert f"{len(docs):,} samples" in proc.stdout
+    assert published(out) == published(reference)

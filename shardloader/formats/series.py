@@ -64,7 +64,8 @@ class ShardSeries:
     Args:
         out: The output directory.
         config: Format, compression and limits (a `ConvertConfig`).
-        task: The task index: shards are named ``shard-{task:05d}-{part:04d}``.
+        task: The task index: shards are named ``shard-{task:05d}-{part:04d}``; or, for a slice
+            of a task, the name's middle as a string (``"00003-00001"``).
         fields: The shards' fields (name -> kind), as the manifest records them.
         token_dtype: Dtype of token ids in tokenized shards (``None`` for text).
         tmp_prefix: Prefix of the temporary names; unique per process, so two writers never
@@ -79,13 +80,14 @@ class ShardSeries:
         self,
         out: OutputDir,
         config: SeriesSettings,
-        task: int,
+        task: int | str,
         fields: Mapping[str, str],
         token_dtype: str | None,
         *,
         tmp_prefix: str = "",
     ) -> None:
-        self._out, self._config, self._task = out, config, task
+        self._out, self._config = out, config
+        self._task = task if isinstance(task, str) else f"{task:05d}"
         self._format = get_format(config.format)
         self._fields, self._token_dtype = fields, token_dtype
         self._suffix = self._format.file_suffix(config.shard_compression)
@@ -143,7 +145,7 @@ class ShardSeries:
     def _error(self, err: OSError) -> StorageError:
         if isinstance(err, StorageError):
             return err
-        name = self._name or f"shard-{self._task:05d}-{len(self.shards):04d}{self._suffix}"
+        name = self._name or f"shard-{self._task}-{len(self.shards):04d}{self._suffix}"
         return write_error(self._out.url_of(name), err)
 
     def _close_if_full(self) -> None:
@@ -152,7 +154,7 @@ class ShardSeries:
             self._close_shard()
 
     def _open(self) -> None:
-        stem = f"shard-{self._task:05d}-{len(self.shards):04d}"
+        stem = f"shard-{self._task}-{len(self.shards):04d}"
         self._name = stem + self._suffix
         self._sink = self._out.open_atomic(self._name, tmp_prefix=self._tmp_prefix)
         spec = WriteSpec(

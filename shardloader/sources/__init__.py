@@ -12,6 +12,8 @@ Modules, each importing only those above it:
 - ``streams``: decompression (none, gzip, zstd) and line splitting, bounded in memory
 - ``files``: a file's kind and codec by name; refusing FIFOs, devices and sockets
 - ``jsonl_table``: the JSONL fast path, a whole clean file -> Arrow columns
+- ``slices``: one big JSONL file cut into slices of whole lines (byte ranges, zstd frames, a
+  stream), so its parts convert in parallel
 - ``jsonl``, ``parquet``, ``text``: the per-format readers that :func:`read_documents` picks
 """
 

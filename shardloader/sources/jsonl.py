@@ -7,7 +7,7 @@ record is; :mod:`shardloader.sources.jsonl_table` is the fast path for files pro
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import pyarrow as pa
@@ -32,13 +32,20 @@ def read_jsonl(f: IO[bytes], file: FileContext, spec: RecordSpec) -> Iterator[Do
     ``file.stats`` receives ``records``, ``blank_lines`` and ``bytes`` (uncompressed, one newline
     counted per line); ``file.name`` makes the ids of records without one (``name:line``).
     """
+    yield from read_jsonl_chunks(iter_chunks(f, file.codec, file.url), file, spec)
+
+
+def read_jsonl_chunks(
+    chunks: Iterable[bytes], file: FileContext, spec: RecordSpec
+) -> Iterator[Document]:
+    """`read_jsonl` over decompressed ``chunks``, their first line numbered ``file.first_line``."""
     url, name, bad, stats = file.url, file.name, file.bad, file.stats
-    codec, max_record_bytes = file.codec, file.max_record_bytes
+    max_record_bytes = file.max_record_bytes
     loads = json.loads
     make = make_document if spec.schema == "text" else make_chat_document
     num_bytes = 0
-    lines = iter_lines(iter_chunks(f, codec, url), max_record_bytes)
-    for line_no, raw in enumerate(lines, start=1):
+    lines = iter_lines(iter(chunks), max_record_bytes)
+    for line_no, raw in enumerate(lines, start=file.first_line):
         if isinstance(raw, int) or len(raw) > max_record_bytes:
             size = raw if isinstance(raw, int) else len(raw)
             num_bytes += size + 1

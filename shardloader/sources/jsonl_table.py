@@ -44,7 +44,8 @@ class DocumentTable:
         texts: Document texts (string array).
         fields: Kept fields, name -> array.
         sizes: UTF-8 byte length of each text.
-        where: ``path:line`` prefix for documents, by row (``f"{where}:{row + 1}"``).
+        where: ``path:line`` prefix for documents, by row (``f"{where}:{row + first_line}"``).
+        first_line: The line number of the first row (later than 1 in a slice of a file).
     """
 
     ids: pa.Array
@@ -52,6 +53,7 @@ class DocumentTable:
     fields: Mapping[str, pa.Array]
     sizes: np.ndarray
     where: str
+    first_line: int = 1
 
     def slice(self, start: int, length: int) -> DocumentTable:
         """Rows ``start`` to ``start + length`` (zero-copy)."""
@@ -61,6 +63,7 @@ class DocumentTable:
             fields={k: v.slice(start, length) for k, v in self.fields.items()},
             sizes=self.sizes[start : start + length],
             where=self.where,
+            first_line=self.first_line + start,
         )
 
     def documents(self) -> Iterator[Document]:
@@ -70,7 +73,7 @@ class DocumentTable:
         rows = zip(self.ids.to_pylist(), self.texts.to_pylist(), strict=True)
         for row, (doc_id, text) in enumerate(rows):
             fields = {k: col[row] for k, col in zip(names, columns, strict=True)} if names else None
-            yield Document(doc_id, text, fields, f"{self.where}:{row + 1}")
+            yield Document(doc_id, text, fields, f"{self.where}:{row + self.first_line}")
 
 
 def read_jsonl_table(
@@ -112,6 +115,28 @@ def read_jsonl_table(
         return None  # the line reader says what is wrong
     data = b"".join(chunks)
     del chunks
+    return jsonl_table_from_bytes(
+        data, source, spec=spec, stats=stats, max_record_bytes=max_record_bytes
+    )
+
+
+def jsonl_table_from_bytes(
+    data: bytes,
+    source: InputFile,
+    *,
+    spec: RecordSpec,
+    stats: Counter[str],
+    max_record_bytes: int = MAX_RECORD_BYTES,
+    first_line: int = 1,
+) -> DocumentTable | None:
+    """Parse whole JSONL lines ``data`` of ``source`` (its lines from ``first_line`` on).
+
+    The checks and the result are those of :func:`read_jsonl_table`; a slice of a big file
+    (`shardloader.sources.slices`) is parsed here with its own first line number.
+    """
+    schema = arrow_schema(spec)
+    if schema is None:
+        return None
     if not data or data.startswith(UTF8_BOM) or has_line_over(data, max_record_bytes):
         return None
     num_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
@@ -141,11 +166,14 @@ def read_jsonl_table(
     if ids is None or ids.null_count or pc.any(pc.equal(pc.binary_length(ids), 0)).as_py():
         given = ids.to_pylist() if ids is not None else [None] * len(texts)
         ids = pa.array(
-            [v if v else f"{name}:{row}" for row, v in enumerate(given, start=1)], pa.string()
+            [v if v else f"{name}:{row}" for row, v in enumerate(given, start=first_line)],
+            pa.string(),
         )
     stats["records"] += len(texts)
     stats["bytes"] += len(data)
-    return DocumentTable(ids=ids, texts=texts, fields=columns, sizes=sizes, where=source.url)
+    return DocumentTable(
+        ids=ids, texts=texts, fields=columns, sizes=sizes, where=source.url, first_line=first_line
+    )
 
 
 def arrow_schema(spec: RecordSpec) -> pa.Schema | None:

@@ -35,6 +35,11 @@ class DamagedFileError(CorpusError):
         self.where = where
         self.what = what
 
+    def __reduce__(self) -> tuple[type[DamagedFileError], tuple[str, str]]:
+        # A pool worker's error reaches the parent pickled; the default rebuilds from the
+        # message alone, which this constructor refuses (and the pool then hangs).
+        return (DamagedFileError, (self.where, self.what))
+
 
 @dataclass(frozen=True, kw_only=True)
 class FileContext:
@@ -47,6 +52,8 @@ class FileContext:
         bad: Raises on or counts each bad record.
         stats: Receives ``records``, ``bytes`` and (JSONL) ``blank_lines``.
         max_record_bytes: A record over this size is bad (``record_too_large``).
+        first_line: The line number of the first line read: 1, or later for a slice of a file
+            (`shardloader.sources.slices`), so ids and errors name the file's own lines.
     """
 
     url: str
@@ -55,6 +62,7 @@ class FileContext:
     bad: BadRecords
     stats: Counter[str]
     max_record_bytes: int
+    first_line: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,6 +131,12 @@ class OutputDir:
     def _full(self, rel: str) -> str:
         return posixpath.join(self._path, rel)
 
+    def local_path(self, rel: str) -> str:
+        """The local path of ``rel`` in a local output (for files that only this machine reads)."""
+        if not self.local:
+            raise ValueError(f"{self.url}: not a local directory")
+        return self._full(rel)
+
     def _fresh(self, rel: str) -> str:
         """Full path of ``rel``, with cached listings of it and its parents forgotten.
 
