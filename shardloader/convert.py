@@ -57,7 +57,7 @@ from shardloader.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardInfo,
-    manifest_to_json,
+    manifest_files,
     parse_manifest,
     shards_with_ids,
 )
@@ -116,7 +116,11 @@ class ConvertResult:
 def _check_output(out: OutputDir, plan: dict[str, Any], config: ConvertConfig) -> Manifest | None:
     """Make sure ``out`` is empty or holds this same conversion; return its manifest if done."""
     if out.exists(MANIFEST_NAME):
-        existing = parse_manifest(out.read_bytes(MANIFEST_NAME), where=out.url_of(MANIFEST_NAME))
+        existing = parse_manifest(
+            out.read_bytes(MANIFEST_NAME),
+            where=out.url_of(MANIFEST_NAME),
+            read_file=out.read_bytes,
+        )
         if existing.config.get("plan_fingerprint") == plan["fingerprint"]:
             return existing
         if not config.overwrite:
@@ -313,7 +317,8 @@ def _write_manifest(out: OutputDir, plan: Mapping[str, Any]) -> Manifest:
         skipped_examples=tuple(examples[:20]),
         created_by=f"shardloader {__version__}",
     )
-    write_file(out, MANIFEST_NAME, manifest_to_json(manifest))
+    for name, data in manifest_files(manifest):  # a large block table first, in its own file
+        write_file(out, name, data)
     return manifest
 
 

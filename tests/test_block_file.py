@@ -128,3 +128,32 @@ def test_parse_manifest_needs_a_reader_for_a_block_file(file_dir: Path) -> None:
         parse_manifest(data)
     manifest = parse_manifest(data, read_file=lambda name: (file_dir / name).read_bytes())
     assert manifest.shards.block_table().num_blocks == 173
+
+
+def test_convert_writes_a_large_block_table_to_a_block_file_and_resumes_over_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past BLOCK_FILE_MIN_BLOCKS (a million) convert writes the block file; here the bound is 0.
+    import functools
+    import importlib
+
+    from shardloader import ConvertConfig, convert
+    from tests.conftest import convert_docs, make_docs
+
+    monkeypatch.setattr(
+        importlib.import_module("shardloader.convert"),  # (the package exports convert())
+        "manifest_files",
+        functools.partial(manifest_files, block_file_min_blocks=0),
+    )
+    docs = make_docs(300)
+    out = convert_docs(tmp_path, docs, batch_bytes=2000, num_proc=1)
+    assert (out / BLOCK_FILE_NAME).is_file()
+    assert "offset" not in entry_of(out)  # the table is in the file, not the JSON
+    manifest = read_manifest(str(out))
+    assert manifest.shards.block_columns is not None
+    assert len(manifest.shards.block_columns.samples) > len(manifest.shards)
+    result = convert([str(tmp_path / "in.jsonl")], ConvertConfig(output=str(out), batch_bytes=2000))
+    assert result.tasks_skipped == result.tasks_total  # done already: read back through the file
+    assert read_manifest(str(out)) == manifest
+    texts = sorted(s["text"] for s in ShardDataset(str(out), config=StreamConfig(seed=1)))
+    assert texts == sorted(d["text"] for d in docs)
