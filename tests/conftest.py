@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -145,6 +146,19 @@ def wait_while_running(
         assert proc.poll() is None, ended
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def kill_convert_midway(args: Sequence[str], out: Path, records: str, at_least: int) -> None:
+    """Run ``shardloader <args> -o out``; kill -9 it once ``at_least`` ``_work/<records>`` exist."""
+    proc = start_cli(*args, "-o", str(out))
+    wait_while_running(
+        proc,
+        lambda: len(list((out / "_work").glob(records))) >= at_least,
+        "conversion ended before it could be killed",
+    )
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_manifest.json").exists()
 
 
 def convert_docs(tmp_path: Path, docs: Sequence[dict[str, Any]], **config: Any) -> Path:

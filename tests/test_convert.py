@@ -6,7 +6,6 @@ import hashlib
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,12 +17,11 @@ import shardloader
 from shardloader import ConfigError, ConvertConfig, ManifestError, TextTokenizer, convert, merge
 from tests.conftest import (
     convert_docs,
+    kill_convert_midway,
     make_docs,
     published,
     run_cli,
     sha,
-    start_cli,
-    wait_while_running,
     write_jsonl,
 )
 
@@ -253,15 +251,7 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path):
     run_cli(*args, "-o", str(reference))
 
     out = tmp_path / "out"
-    proc = start_cli(*args, "-o", str(out))
-    wait_while_running(
-        proc,
-        lambda: len(list((out / "_work").glob("task-*.json"))) >= 3,
-        "conversion ended before it could be killed",
-    )
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "_manifest.json").exists()
+    kill_convert_midway(args, out, "task-*.json", 3)
     done = len(list((out / "_work").glob("task-*.json")))
     assert 3 <= done < 60
 

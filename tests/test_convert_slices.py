@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from shardloader.sources.slices import (
     plan_slices,
 )
 from shardloader.storage import InputFile
-from tests.conftest import make_docs, published, run_cli, start_cli, wait_while_running
+from tests.conftest import kill_convert_midway, make_docs, published, run_cli
 
 KINDS = ("plain", "frames", "zstd", "gzip")
 NAMES = {
@@ -230,15 +229,7 @@ def test_kill_9_inside_a_sliced_file_then_rerun_is_byte_identical(tmp_path):
     reference = tmp_path / "reference"
     run_cli(*args, "-o", str(reference))
     out = tmp_path / "out"
-    proc = start_cli(*args, "-o", str(out))
-    wait_while_running(
-        proc,
-        lambda: len(list((out / "_work").glob("slice-*.json"))) >= 3,
-        "conversion ended before it could be killed",
-    )
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "_manifest.json").exists()
+    kill_convert_midway(args, out, "slice-*.json", 3)
     run_cli(*args, "-o", str(out))
     assert published(out) == published(reference)
     assert shardloader.verify(str(out)).ok
