@@ -250,7 +250,7 @@ class ShardReader:
         """
         decoded, owner = self._open_ids(ids, ahead, keep)
         names = ["id", "sample_id", *self._names[1:]]
-        return list(self._slice(ids, owner, np.zeros(len(ids), bool), names))
+        return self._slice(ids, owner, np.zeros(len(ids), bool), names)
 
     def token_lengths(
         self, ids: np.ndarray, field: str, *, ahead: Sequence[int] = (), keep: int = 4
@@ -301,7 +301,7 @@ class ShardReader:
 
     def _slice(
         self, ids: np.ndarray, owner: np.ndarray, padded: np.ndarray, names: list[str]
-    ) -> Iterator[Sample]:
+    ) -> list[Sample]:
         """Samples of one slice of a window: one ``take`` per unit, then Python dicts."""
         started = time.perf_counter()
         n = len(ids)
@@ -321,7 +321,7 @@ class ShardReader:
             rows.append(padded.tolist())
         samples = [dict(zip(names, row, strict=True)) for row in zip(*rows, strict=True)]
         self.stage_seconds["decode"] += time.perf_counter() - started
-        yield from samples
+        return samples
 
     def _decoded(self, unit: int) -> ShardColumns:
         if unit in self._ahead:
