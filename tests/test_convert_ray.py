@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import pytest
+import ray
 
 from shardloader import ConfigError, ConvertConfig, CorpusError, convert, merge
 from tests.conftest import make_docs, published, run_cli, write_jsonl
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # starting Ray takes ~7 s; the module runs in ~25 s
 
 
@@ -107,7 +108,6 @@ def test_cli_joins_the_running_cluster_and_summarizes(ray_cluster, inputs, tmp_p
 def test_ray_refuses_a_dataset_in_memory_and_a_stray_address(tmp_path):
     with pytest.raises(ConfigError, match="ray_address applies to executor='ray'"):
         ConvertConfig(output=str(tmp_path / "o"), ray_address="auto")
-    datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list([{"text": "a"}])
     with pytest.raises(ConfigError, match="a dataset in memory converts on the local executor"):
         convert(ds, ConvertConfig(output=str(tmp_path / "o"), executor="ray"))
