@@ -17,6 +17,7 @@ the output: a conversion begun on Ray resumes locally and the other way round.
 from __future__ import annotations
 
 import contextlib
+import copy
 import multiprocessing as mp
 import os
 import pickle
@@ -102,8 +103,10 @@ def _pool_call(fn: Callable[..., Any], args: Sequence[Any]) -> Any:
     except Exception as err:
         # The pool sends the error to the parent pickled; one that does not come back out of
         # pickle would hang the pool's result thread, so it travels as its message instead.
+        # copy.copy rebuilds it the way unpickling does (``__reduce_ex__``), without bytes.
         try:
-            pickle.loads(pickle.dumps(err))  # our own object, never stored data
+            pickle.dumps(err)
+            copy.copy(err)
         except Exception:
             raise ShardloaderError(f"{type(err).__name__}: {err}") from None
         raise
