@@ -227,7 +227,7 @@ class ShardReader:
                 window = next(made)
                 ids, padded = window.sample_ids, window.padded
                 owner = np.searchsorted(self._first, ids, side="right") - 1
-                if lazy:
+                if lazy and self._decode_threads:  # (the units in order of first use)
                     self._decode_ahead(list(dict.fromkeys(owner.tolist())))
                 for start, stop in _slice_bounds(len(ids)):
                     part = owner[start:stop]
