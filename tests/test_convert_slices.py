@@ -175,6 +175,13 @@ def test_a_truncated_stream_keeps_the_lines_before_the_damage_under_skip(tmp_pat
     assert texts == [d["text"] for d in docs[: len(texts)]]
 
 
+def _as_killed_before_slice_ended(out: Path, index: int) -> None:
+    """Leave task 0 as a kill -9 in slice ``index`` would: no manifest, task or slice record."""
+    (out / "_manifest.json").unlink()
+    (out / "_work" / "task-00000.json").unlink()
+    (out / "_work" / f"slice-00000-{index:05d}.json").unlink()
+
+
 def test_a_half_done_sliced_task_redoes_only_its_missing_slices(tmp_path):
     _, data = corpus_bytes(1200)
     path = write_big(tmp_path / "in", "plain", data)
@@ -182,10 +189,7 @@ def test_a_half_done_sliced_task_redoes_only_its_missing_slices(tmp_path):
     convert([str(path)], config)
     out = tmp_path / "out"
     reference = published(out)
-    # As after a kill -9 inside the task: no manifest, no task record, slice 3's record gone.
-    (out / "_manifest.json").unlink()
-    (out / "_work" / "task-00000.json").unlink()
-    (out / "_work" / "slice-00000-00003.json").unlink()
+    _as_killed_before_slice_ended(out, 3)
     for shard in out.glob("shard-00000-00003-*"):
         shard.unlink()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
@@ -203,9 +207,7 @@ def test_stream_resume_skips_finished_slices(tmp_path):
     convert([str(path)], config)
     out = tmp_path / "out"
     reference = published(out)
-    (out / "_manifest.json").unlink()
-    (out / "_work" / "task-00000.json").unlink()
-    (out / "_work" / "slice-00000-00001.json").unlink()
+    _as_killed_before_slice_ended(out, 1)
     result = convert([str(path)], config)
     assert result.num_docs < 400  # only slice 1 ran again
     assert published(out) == reference
