@@ -233,7 +233,7 @@ class ParquetColumns:
         Raises:
             ShardError: Always.
         """
-        raise ShardError(f"{self._prefix}: field {field!r} holds no token ids (a text dataset)")
+        raise self._no_tokens(field)
 
     def take_tokens(self, rows: np.ndarray, field: str) -> list[np.ndarray]:
         """Refused, like `token_lengths`.
@@ -241,4 +241,7 @@ class ParquetColumns:
         Raises:
             ShardError: Always.
         """
-        return [self.token_lengths(rows, field)]
+        raise self._no_tokens(field)
+
+    def _no_tokens(self, field: str) -> ShardError:
+        return ShardError(f"{self._prefix}: field {field!r} holds no token ids (a text dataset)")
