@@ -93,9 +93,10 @@ class ArrowShardWriter:
         self._dtype = np.dtype(token_dtype) if token_dtype else None
         codec = pa.Codec("zstd", compression_level) if compression == "zstd" else None
         self._tee = _BatchTee(sink)
-        self._writer = pa.ipc.new_file(
-            self._tee, self._schema, options=pa.ipc.IpcWriteOptions(compression=codec)
-        )
+        # One thread: convert runs a process per core, and a batch's few buffers gain nothing
+        # from Arrow's pool but its hand-offs.
+        options = pa.ipc.IpcWriteOptions(compression=codec, use_threads=False)
+        self._writer = pa.ipc.new_file(self._tee, self._schema, options=options)
         self._batch_bytes = batch_bytes
         self._ids: list[str] = []
         self._payloads: list[Any] = []
@@ -172,9 +173,11 @@ class ArrowShardWriter:
             return
         if len(self._pieces) == 1 and self._rows_only:
             arrays = self._pieces[0]
+        elif len(self._pieces) == 1:  # slices of whole-file columns: rebased, not copied
+            arrays = [_contiguous(array) for array in self._pieces[0]]
         else:  # concat_arrays normalizes slices and validity bitmaps, which serialize differently
             arrays = [pa.concat_arrays(list(column)) for column in zip(*self._pieces, strict=True)]
-        batch = pa.record_batch(arrays, schema=self._schema)
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
         start = self._position()
         self._tee.capture = []
         self._writer.write_batch(batch)
@@ -202,6 +205,28 @@ class ArrowShardWriter:
         """Write the last batch and the file footer; `blocks` then lists every batch."""
         self._flush()
         self._writer.close()
+
+
+def _contiguous(array: pa.Array) -> pa.Array:
+    """``array`` as ``pa.concat_arrays([array])`` gives it (offset 0), serialized the same.
+
+    A string slice without nulls is rebuilt over its own bytes, with offsets from 0: a 128 KiB
+    batch then costs no copy of its text (a sliced array itself serializes differently: the IPC
+    writer keeps bytes before the slice). Anything else is concatenated.
+    """
+    if array.type != pa.string() or array.null_count:
+        return pa.concat_arrays([array])
+    offsets = np.frombuffer(
+        array.buffers()[1], np.int32, count=len(array) + 1, offset=array.offset * 4
+    )
+    first, last = int(offsets[0]), int(offsets[-1])
+    rebased = (
+        pa.py_buffer(offsets - np.int32(first))
+        if first
+        else array.buffers()[1].slice(array.offset * 4, (len(array) + 1) * 4)
+    )
+    data = array.buffers()[2].slice(first, last - first)
+    return pa.StringArray.from_buffers(len(array), rebased, data, None, 0)
 
 
 # Decoding in this thread: record batches are small (128 KiB by default), and the thread pool
