@@ -20,7 +20,7 @@ from shardloader import storage
 from shardloader.errors import CorpusError
 from shardloader.sources.files import check_regular_file, kind_of
 from shardloader.sources.records import MAX_RECORD_BYTES, Document, RecordSpec
-from shardloader.sources.streams import iter_chunks
+from shardloader.sources.streams import count_newlines_in, iter_chunks
 from shardloader.storage import InputFile
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -144,7 +144,7 @@ def jsonl_table_from_bytes(
         return None
     if not data or data.startswith(UTF8_BOM) or has_line_over(data, max_record_bytes):
         return None
-    num_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    num_lines = count_newlines_in(data) + (0 if data.endswith(b"\n") else 1)
     try:
         table = pa_json.read_json(
             pa.BufferReader(data),
