@@ -22,10 +22,13 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from shardloader.errors import ConfigError, ShardloaderError
+
+POLL_S = 0.01  # how often a waiting parent looks at its jobs between progress messages
 
 Report = Callable[[int, int], None]
 
@@ -154,14 +157,24 @@ class PoolExecutor:
         return self._pool.apply_async(_pool_call, (fn, args))
 
     def wait(self, pending: Sequence[Pending], timeout_s: float) -> None:
-        """Pass on progress for up to ``timeout_s`` (less if a job ends)."""
-        with contextlib.suppress(queue_mod.Empty):
-            self._report(*self._queue.get(timeout=timeout_s))
+        """Pass on progress for up to ``timeout_s``, returning as soon as a job of ``pending`` ends.
+
+        Progress and results come by different pipes, so the queue is read in short slices
+        (``POLL_S``) between looks at the jobs: a job that ends without a progress message
+        after it (the last one, say) used to cost the whole timeout, 0.2 s of a 2 s conversion.
+        """
+        deadline = time.monotonic() + timeout_s
         while True:
-            try:
-                self._report(*self._queue.get_nowait())
-            except queue_mod.Empty:
-                break
+            left = deadline - time.monotonic()
+            with contextlib.suppress(queue_mod.Empty):
+                self._report(*self._queue.get(timeout=max(0.0, min(POLL_S, left))))
+            while True:
+                try:
+                    self._report(*self._queue.get_nowait())
+                except queue_mod.Empty:
+                    break
+            if left <= POLL_S or any(p.ready() for p in pending):
+                return
 
     def close(self) -> None:
         """Stop the workers (jobs still running are ended)."""

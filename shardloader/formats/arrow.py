@@ -15,6 +15,7 @@ vocabulary size (one ``min``/``max`` over the values).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -23,7 +24,7 @@ from typing import IO, Any
 import numpy as np
 import pyarrow as pa
 
-from shardloader.blocks import block_digest
+from shardloader.blocks import DIGEST_HEX, block_digest
 from shardloader.errors import ShardError
 from shardloader.formats import (
     ReadSpec,
@@ -93,9 +94,10 @@ class ArrowShardWriter:
         self._dtype = np.dtype(token_dtype) if token_dtype else None
         codec = pa.Codec("zstd", compression_level) if compression == "zstd" else None
         self._tee = _BatchTee(sink)
-        self._writer = pa.ipc.new_file(
-            self._tee, self._schema, options=pa.ipc.IpcWriteOptions(compression=codec)
-        )
+        # One thread: convert runs a process per core, and a batch's few buffers gain nothing
+        # from Arrow's pool but its hand-offs.
+        options = pa.ipc.IpcWriteOptions(compression=codec, use_threads=False)
+        self._writer = pa.ipc.new_file(self._tee, self._schema, options=options)
         self._batch_bytes = batch_bytes
         self._ids: list[str] = []
         self._payloads: list[Any] = []
@@ -172,21 +174,22 @@ class ArrowShardWriter:
             return
         if len(self._pieces) == 1 and self._rows_only:
             arrays = self._pieces[0]
+        elif len(self._pieces) == 1:  # slices of whole-file columns: rebased, not copied
+            arrays = [_contiguous(array) for array in self._pieces[0]]
         else:  # concat_arrays normalizes slices and validity bitmaps, which serialize differently
             arrays = [pa.concat_arrays(list(column)) for column in zip(*self._pieces, strict=True)]
-        batch = pa.record_batch(arrays, schema=self._schema)
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
         start = self._position()
-        self._tee.capture = []
+        # The file's magic and schema come with batch one: they are not part of its block.
+        skip = _FILE_MAGIC_BYTES + self._schema.serialize().size if start == 0 else 0
+        self._tee.begin(skip)
         self._writer.write_batch(batch)
-        written, self._tee.capture = b"".join(self._tee.capture), None
+        digest, hashed = self._tee.end()
         end = self._position()
-        if start == 0 and end is not None:  # the file's magic and schema come with batch one
-            start += _FILE_MAGIC_BYTES + self._schema.serialize().size
-        if start is None or end is None or self.blocks is None or len(written) < end - start:
+        if start is None or end is None or self.blocks is None or hashed != end - start - skip:
             self.blocks = None
         else:
-            digest = block_digest(memoryview(written)[len(written) - (end - start) :])
-            self.blocks.append([batch.num_rows, start, end - start, self._buffered, digest])
+            self.blocks.append([batch.num_rows, start + skip, hashed, self._buffered, digest])
         self._pieces, self._buffered, self._num_rows = [], 0, 0
         self._rows_only = True
 
@@ -202,6 +205,28 @@ class ArrowShardWriter:
         """Write the last batch and the file footer; `blocks` then lists every batch."""
         self._flush()
         self._writer.close()
+
+
+def _contiguous(array: pa.Array) -> pa.Array:
+    """``array`` as ``pa.concat_arrays([array])`` gives it (offset 0), serialized the same.
+
+    A string slice without nulls is rebuilt over its own bytes, with offsets from 0: a 128 KiB
+    batch then costs no copy of its text (a sliced array itself serializes differently: the IPC
+    writer keeps bytes before the slice). Anything else is concatenated.
+    """
+    if array.type != pa.string() or array.null_count:
+        return pa.concat_arrays([array])
+    offsets = np.frombuffer(
+        array.buffers()[1], np.int32, count=len(array) + 1, offset=array.offset * 4
+    )
+    first, last = int(offsets[0]), int(offsets[-1])
+    rebased = (
+        pa.py_buffer(offsets - np.int32(first))
+        if first
+        else array.buffers()[1].slice(array.offset * 4, (len(array) + 1) * 4)
+    )
+    data = array.buffers()[2].slice(first, last - first)
+    return pa.StringArray.from_buffers(len(array), rebased, data, None, 0)
 
 
 # Decoding in this thread: record batches are small (128 KiB by default), and the thread pool
@@ -238,19 +263,37 @@ def _read_message(head: bytes, path: str, offset: int, length: int) -> tuple[byt
 
 
 class _BatchTee:
-    """The sink an Arrow writer writes through, keeping what one record batch writes.
+    """The sink an Arrow writer writes through, hashing what one record batch writes.
 
-    While ``capture`` is a list, each write is also appended to it (one batch's compressed
-    message: bounded by the batch size), so the batch's digest costs no second read.
+    Between :meth:`begin` and :meth:`end`, each write past the first ``skip`` bytes also feeds
+    the block digest (`shardloader.blocks.block_digest` of the batch's message, computed as it
+    passes: no copy of the batch and no second read).
     """
 
     def __init__(self, sink: Any) -> None:
         self._sink = sink
-        self.capture: list[bytes] | None = None
+        self._hash: Any = None
+        self._skip = 0
+        self._hashed = 0
+
+    def begin(self, skip: int) -> None:
+        """Start the digest of one batch, after the next ``skip`` bytes (the file's header)."""
+        self._hash, self._skip, self._hashed = hashlib.sha256(), skip, 0
+
+    def end(self) -> tuple[str, int]:
+        """The digest of the bytes written since `begin` (less the skipped), and their count."""
+        digest = self._hash.hexdigest()[:DIGEST_HEX]
+        self._hash = None
+        return digest, self._hashed
 
     def write(self, data: Any) -> int:
-        if self.capture is not None:
-            self.capture.append(bytes(data))
+        if self._hash is not None:
+            view = memoryview(data).cast("B")
+            if self._skip:
+                cut = min(self._skip, len(view))
+                view, self._skip = view[cut:], self._skip - cut
+            self._hash.update(view)
+            self._hashed += len(view)
         return int(self._sink.write(data))
 
     def tell(self) -> int:

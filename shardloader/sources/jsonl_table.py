@@ -14,14 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from shardloader import storage
 from shardloader.errors import CorpusError
 from shardloader.sources.files import check_regular_file, kind_of
 from shardloader.sources.records import MAX_RECORD_BYTES, Document, RecordSpec
-from shardloader.sources.streams import iter_chunks
+from shardloader.sources.streams import count_newlines_in, iter_chunks
 from shardloader.storage import InputFile
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -106,14 +105,20 @@ def read_jsonl_table(
     size = 0
     try:
         with storage.open_read(source.url) as f:
-            for chunk in iter_chunks(f, codec, source.url):
-                size += len(chunk)
-                if size > FAST_JSONL_MAX_BYTES:  # a small file that inflates: stream it instead
-                    return None
-                chunks.append(chunk)
+            if codec == "none":  # in one read: no chunks to join (a copy of the whole file)
+                chunks.append(f.read(FAST_JSONL_MAX_BYTES + 1))
+                size = len(chunks[0])
+            else:
+                for chunk in iter_chunks(f, codec, source.url):
+                    size += len(chunk)
+                    if size > FAST_JSONL_MAX_BYTES:  # a small file that inflates: stream it
+                        return None
+                    chunks.append(chunk)
     except (CorpusError, OSError):
         return None  # the line reader says what is wrong
-    data = b"".join(chunks)
+    if size > FAST_JSONL_MAX_BYTES:  # grew since it was listed
+        return None
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     del chunks
     return jsonl_table_from_bytes(
         data, source, spec=spec, stats=stats, max_record_bytes=max_record_bytes
@@ -139,7 +144,7 @@ def jsonl_table_from_bytes(
         return None
     if not data or data.startswith(UTF8_BOM) or has_line_over(data, max_record_bytes):
         return None
-    num_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    num_lines = count_newlines_in(data) + (0 if data.endswith(b"\n") else 1)
     try:
         table = pa_json.read_json(
             pa.BufferReader(data),
@@ -148,7 +153,7 @@ def jsonl_table_from_bytes(
                 explicit_schema=schema, unexpected_field_behavior="ignore"
             ),
         )
-        columns = {name: pa.concat_arrays(table.column(name).chunks) for name in schema.names}
+        columns = {name: _one_array(table.column(name)) for name in schema.names}
         for array in columns.values():
             array.validate(full=True)  # the JSON reader does not check UTF-8
     except (pa.ArrowException, ValueError):
@@ -158,12 +163,12 @@ def jsonl_table_from_bytes(
     texts = columns.pop(spec.text_field)
     if texts.null_count:
         return None
-    sizes = pc.binary_length(texts).to_numpy(zero_copy_only=False).astype(np.int64)
+    sizes = byte_lengths(texts)
     if len(sizes) and sizes.min() == 0:
         return None
     name = storage.relpath(source.url, source.root)
     ids = columns.pop(spec.id_field) if spec.id_field else None
-    if ids is None or ids.null_count or pc.any(pc.equal(pc.binary_length(ids), 0)).as_py():
+    if ids is None or ids.null_count or not byte_lengths(ids).all():
         given = ids.to_pylist() if ids is not None else [None] * len(texts)
         ids = pa.array(
             [v if v else f"{name}:{row}" for row, v in enumerate(given, start=first_line)],
@@ -174,6 +179,23 @@ def jsonl_table_from_bytes(
     return DocumentTable(
         ids=ids, texts=texts, fields=columns, sizes=sizes, where=source.url, first_line=first_line
     )
+
+
+def _one_array(column: pa.ChunkedArray) -> pa.Array:
+    """``column`` as one array; a file of one JSON block is one chunk already (no copy)."""
+    return column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
+
+
+def byte_lengths(strings: pa.Array) -> np.ndarray:
+    """The UTF-8 byte length of each string of ``strings`` (int64), from its offsets.
+
+    Not ``pc.binary_length(...).to_numpy()``: that, and comparing with a Python scalar, imports
+    pandas where it is installed (0.26 s in every convert process).
+    """
+    offsets = np.frombuffer(
+        strings.buffers()[1], np.int32, count=len(strings) + 1, offset=strings.offset * 4
+    )
+    return np.diff(offsets).astype(np.int64)
 
 
 def arrow_schema(spec: RecordSpec) -> pa.Schema | None:

@@ -37,7 +37,7 @@ from typing import IO
 from shardloader import storage
 from shardloader.sources.files import kind_of
 from shardloader.sources.records import DamagedFileError
-from shardloader.sources.streams import iter_chunks
+from shardloader.sources.streams import count_newlines_in, iter_chunks
 from shardloader.storage import InputFile
 
 SPLITS = ("bytes", "frames", "stream")
@@ -194,7 +194,7 @@ def count_newlines(source: InputFile, start: int, end: int) -> int:
     """Newlines in the decompressed bytes of the stored range ``[start, end)`` of ``source``."""
     _, codec = kind_of(source.url)
     with storage.open_read(source.url) as f:
-        return sum(c.count(b"\n") for c in _range_chunks(f, codec, source.url, start, end))
+        return sum(count_newlines_in(c) for c in _range_chunks(f, codec, source.url, start, end))
 
 
 def _keep(pieces: list[bytes], num_bytes: int) -> list[bytes]:
@@ -253,7 +253,7 @@ def iter_stream_slices(
     def emit(end: int) -> StreamSlice:
         nonlocal first_line, pieces, held_start, target, long_line, emitted
         out = StreamSlice(first_line, pieces, long_line)
-        first_line += sum(piece.count(b"\n") for piece in pieces) + (1 if long_line else 0)
+        first_line += sum(count_newlines_in(piece) for piece in pieces) + (1 if long_line else 0)
         pieces, held_start, long_line = [], end + 1, 0
         target = (end // slice_bytes + 1) * slice_bytes
         emitted += 1

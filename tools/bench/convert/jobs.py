@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tools.bench.convert import BOUNDS, ENCODE_BATCH_DOCS, SHARD_BYTES
+from tools.bench.convert import BOUNDS, ENCODE_BATCH_DOCS, SHARD_BYTES, SHARDLOADER_SYSTEMS
 from tools.bench.convert.chat import contents
 from tools.bench.harness import EOS_TOKEN
 
@@ -165,8 +165,8 @@ def _run_shardloader(
     total = sum(os.path.getsize(path) for path in inputs)
     task_bytes = max(1 << 20, total // (4 * num_proc))
     argv = ["convert", *inputs, "--output", output, "--num-proc", str(num_proc)]
-    fmt = system.removeprefix("shardloader-")
-    argv += ["--format", fmt, "--shard-bytes", str(SHARD_BYTES)]
+    fmt, extra = SHARDLOADER_SYSTEMS[system]
+    argv += ["--format", fmt, "--shard-bytes", str(SHARD_BYTES), *extra]
     # Explicit: tar shards are plain by default since issue 18; the bench keeps measuring zstd
     # for both formats, so results stay comparable with earlier runs.
     argv += ["--compression", "zstd"]

@@ -7,7 +7,13 @@ import json
 import statistics
 from pathlib import Path
 
-from tools.bench.convert import PEERS, TARGET_TEXT_RATIO, TARGET_TOKEN_RATIO
+from tools.bench.convert import (
+    PEERS,
+    TARGET_SIZE_RATIO,
+    TARGET_TEXT_RATIO,
+    TARGET_TOKEN_RATIO,
+    ZSTD_PEERS,
+)
 from tools.bench.harness import (
     ROOT,
     Corpus,
@@ -77,6 +83,7 @@ class Summary:
     best_ratio_to_fastest_peer: float | None
     best_ratio_to_bound: float | None
     errors: list[str]
+    output_vs_zstd_peer: float | None = None  # text: output / the smallest zstd peer's output
 
 
 def _rates(numerator: float, times: list[float]) -> tuple[float, float, float]:
@@ -136,7 +143,21 @@ def summarize(
                 errors=[m.error for m in runs if m.error],
             )
         )
-    return summaries
+    return _with_size_ratios(summaries)
+
+
+def _with_size_ratios(summaries: list[Summary]) -> list[Summary]:
+    """Text rows of shardloader with their output over the smallest zstd peer output."""
+    peer_outputs = [
+        s.output_mb for s in summaries if s.task == "text" and s.system in ZSTD_PEERS and s.num_ok
+    ]
+    smallest = min((mb for mb in peer_outputs if mb), default=0.0)
+    return [
+        dataclasses.replace(s, output_vs_zstd_peer=s.output_mb / smallest)
+        if s.task == "text" and s.system.startswith("shardloader") and s.num_ok and smallest
+        else s
+        for s in summaries
+    ]
 
 
 def format_table(summaries: list[Summary]) -> str:
@@ -149,13 +170,14 @@ def format_table(summaries: list[Summary]) -> str:
         "Mtokens/s",
         "kdocs/s",
         "output MB",
+        "output vs zstd peer",
         "vs fastest peer",
         "vs bound",
     )
     rows: list[tuple[str, ...]] = []
     for s in summaries:
         if s.num_ok == 0:
-            rows.append((s.system, s.task, "FAILED", "", "", "", "", "", s.errors[0][:60]))
+            rows.append((s.system, s.task, "FAILED", "", "", "", "", "", "", s.errors[0][:60]))
             continue
         rows.append(
             (
@@ -166,6 +188,7 @@ def format_table(summaries: list[Summary]) -> str:
                 fmt_rate(s.tokens_per_s, 1e6, 2),
                 fmt_rate(s.docs_per_s, 1e3, 2),
                 f"{s.output_mb:.1f}" if s.output_mb else "-",
+                f"{s.output_vs_zstd_peer - 1:+.1%}" if s.output_vs_zstd_peer else "",
                 f"{s.ratio_to_fastest_peer:.2f}x" if s.ratio_to_fastest_peer else "",
                 f"{s.ratio_to_bound:.2f}" if s.ratio_to_bound else "",
             )
@@ -191,6 +214,13 @@ def format_verdicts(summaries: list[Summary]) -> list[str]:
                     versus="the fastest peer",
                     percent=False,
                 )
+            )
+        if s.task == "text" and s.output_vs_zstd_peer:
+            ok = s.output_vs_zstd_peer <= TARGET_SIZE_RATIO
+            lines.append(
+                f"{s.system} text output: {s.output_vs_zstd_peer - 1:+.1%} against the smallest "
+                f"zstd peer (target at most {TARGET_SIZE_RATIO - 1:+.0%}): "
+                f"{'met' if ok else 'NOT met'}"
             )
         if s.task != "text" and s.ratio_to_bound and s.best_ratio_to_bound:
             median, best = s.ratio_to_bound, s.best_ratio_to_bound
