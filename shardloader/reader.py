@@ -337,6 +337,10 @@ class ShardReader:
         first_use = dict.fromkeys(owner.tolist())
         later = _window_shards(ahead, self._first)
         units = [u for u in (*first_use, *later) if self._ranged[u] and u not in self._open]
+        self._range_fetcher().schedule(units)
+
+    def _range_fetcher(self) -> BlockFetcher:
+        """The ranged reads of this reader (made on first use, in the process that reads)."""
         if self._ranges is None:
             self._ranges = BlockFetcher(
                 self._fetcher,
@@ -345,7 +349,7 @@ class ShardReader:
                 max_requests=self._range_requests,
                 max_bytes=self._range_bytes,
             )
-        self._ranges.schedule(units)
+        return self._ranges
 
     def _open_window(self, units: list[int], ahead: Sequence[Window]) -> None:
         """Release what the window does not use; start fetching its shards and the next ones."""
@@ -427,15 +431,7 @@ class ShardReader:
 
     def _range_bytes_of(self, unit: int) -> bytes:
         """The checked bytes of ranged block ``unit`` (read now if it was not read ahead)."""
-        if self._ranges is None:  # random access (`read_ids`): nothing scheduled
-            self._ranges = BlockFetcher(
-                self._fetcher,
-                self._urls,
-                cast(BlockTable, self._blocks),
-                max_requests=self._range_requests,
-                max_bytes=self._range_bytes,
-            )
-        return self._ranges.take(unit)
+        return self._range_fetcher().take(unit)
 
     def _decode_range(self, unit: int, data: bytes) -> ShardColumns:
         """Decode ranged block ``unit`` from its checked bytes."""

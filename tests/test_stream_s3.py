@@ -219,3 +219,39 @@ def test_block_mode_from_s3_resumes_mid_epoch_with_the_same_remaining_ids(
             assert head + rest == full
             assert len(full) == NUM_SAMPLES
             assert 0 < len(rest) < NUM_SAMPLES  # not vacuous
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"decode_threads": 2, "policy": "pad"},  # reads waited for on the decode threads
+        {"range_requests": 1, "range_bytes": 1},  # one block at a time
+    ],
+)
+def test_ranged_reads_serve_what_local_disk_serves(
+    blocks_dir: Path, tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    config = StreamConfig(cache_dir=str(tmp_path / "cache"), shuffle_window=16, seed=9, **settings)
+    with serve_dataset(blocks_dir) as s3:
+        remote = [
+            [
+                (s["sample_id"], s["text"])
+                for s in ShardDataset(
+                    "s3://data/set",
+                    config=config,
+                    rank=rank,
+                    world_size=3,
+                    storage_options=s3.storage_options,
+                )
+            ]
+            for rank in range(3)
+        ]
+    local = [
+        [
+            (s["sample_id"], s["text"])
+            for s in ShardDataset(str(blocks_dir), config=config, rank=rank, world_size=3)
+        ]
+        for rank in range(3)
+    ]
+    assert remote == local
+    assert sum(map(len, remote)) >= NUM_SAMPLES - 2  # (the "drop" policy defers 1)
