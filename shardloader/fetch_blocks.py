@@ -15,6 +15,15 @@ bytes fetched and not yet taken (reads in flight included) stay within ``max_byt
 what a process holds undecoded (plus one block asked for out of turn). A block the reader needs
 before its read started is read at once, ahead of the list. A block whose bytes do not match
 its digest is read once more (a damaged transfer), then refused naming the shard and batch.
+
+Cost, measured on a 2-core machine against the loopback S3 server (rclone) with 41 MB of text in
+32 shards of 765 blocks (about 54 KB each compressed), one process, no DataLoader workers: an
+epoch in blocks fetched 41.16 MB (0.999x the shards) in 765 GETs, in 3.1 s, where whole shards
+took 0.7 s (first sample 0.18 s vs 0.11-0.34 s). The ranged reads cost CPU, not bytes: a GET
+takes about 1.7 ms of this process's CPU, nearly all in botocore (building, signing and parsing
+the request), so one process makes at most about 600 GETs a second and the reads compete with
+decoding for the GIL. Before, block mode over S3 fetched shards whole into the node cache: with
+a cache of 8 MiB it fetched 2.15x the dataset (69 downloads of 32 shards).
 """
 
 from __future__ import annotations
