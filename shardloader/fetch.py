@@ -150,7 +150,7 @@ class ShardFetcher:
         ``bytes_fetched`` (downloads and range reads), ``cache_hits`` and ``cache_misses`` (of
         :meth:`open`; a miss is a download, also by prefetch), ``retries``, ``evictions``,
         ``fetch_seconds`` (time spent downloading, summed over threads), ``prefetch_skipped``
-        (hints dropped) and ``range_reads`` (blocks read by :meth:`read_range`).
+        (hints dropped) and ``range_reads`` (ranged GETs of :meth:`read_range`).
         """
         with self._lock:
             return dict(self._stats)

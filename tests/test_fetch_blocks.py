@@ -96,7 +96,8 @@ def test_reads_start_in_the_order_given_within_the_byte_bound(store) -> None:
 
 def test_requests_in_flight_are_bounded_and_a_needed_block_jumps_the_line(store) -> None:
     gated, urls, table = store
-    with BlockFetcher(gated, urls, table, max_requests=2, max_bytes=1 << 20) as fetcher:
+    single = {"max_run_bytes": BLOCK}  # one GET per block
+    with BlockFetcher(gated, urls, table, max_requests=2, max_bytes=1 << 20, **single) as fetcher:
         fetcher.schedule(range(10))
         gated.wait_started(2)
         assert fetcher.held_bytes == 2 * BLOCK
@@ -110,7 +111,8 @@ def test_requests_in_flight_are_bounded_and_a_needed_block_jumps_the_line(store)
 
 def test_a_new_schedule_drops_blocks_no_longer_listed(store) -> None:
     gated, urls, table = store
-    with BlockFetcher(gated, urls, table, max_requests=1, max_bytes=1 << 20) as fetcher:
+    single = {"max_run_bytes": BLOCK}  # one GET per block
+    with BlockFetcher(gated, urls, table, max_requests=1, max_bytes=1 << 20, **single) as fetcher:
         fetcher.schedule([0, 1, 2])
         gated.wait_started(1)
         fetcher.schedule([4, 5])  # 0 runs on; 1 and 2 are not started
@@ -161,3 +163,38 @@ def test_close_cancels_what_is_queued(store) -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("shardloader-range")]
     with pytest.raises(RuntimeError, match="closed"):
         fetcher.take(0)
+
+
+def test_listed_neighbours_join_one_get(store) -> None:
+    gated, urls, table = store
+    with BlockFetcher(gated, urls, table, max_requests=1, max_run_bytes=4 * BLOCK) as fetcher:
+        fetcher.schedule([3, 1, 2, 17, 4, 5, 9])  # 1-4 around 3 (5 would pass 4 blocks)
+        gated.wait_started(1)
+        assert fetcher.held_bytes == 4 * BLOCK
+        gated.gate.set()
+        for unit in (3, 1, 2, 17, 4, 5, 9):
+            url = urls[int(table.shard_index[unit])]
+            offset = int(table.offset[unit])
+            assert fetcher.take(unit) == gated.objects[url][offset : offset + BLOCK]
+    # One GET for 1-4, then 17 (shard 1's 8th block: not adjacent to 9, shard 0's last) and 5.
+    assert gated.started == [
+        (urls[0], 1 * BLOCK),
+        (urls[1], 7 * BLOCK),
+        (urls[0], 5 * BLOCK),
+        (urls[0], 9 * BLOCK),
+    ]
+
+
+def test_a_damaged_block_in_a_run_is_read_alone_and_refused_alone(store) -> None:
+    gated, urls, table = store
+    damaged = bytearray(gated.objects[urls[0]])
+    damaged[2 * BLOCK + 1] ^= 0xFF
+    gated.objects[urls[0]] = bytes(damaged)
+    gated.gate.set()
+    with BlockFetcher(gated, urls, table) as fetcher:
+        fetcher.schedule([1, 2, 3])
+        assert fetcher.take(1) == gated.objects[urls[0]][BLOCK : 2 * BLOCK]
+        with pytest.raises(ShardError, match=r"^s3://b/a\.arrow batch 2: .* \(read twice\)"):
+            fetcher.take(2)
+        assert fetcher.take(3) == gated.objects[urls[0]][3 * BLOCK : 4 * BLOCK]
+    assert gated.started == [(urls[0], BLOCK), (urls[0], 2 * BLOCK)]  # the run, then 2 alone
