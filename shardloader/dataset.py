@@ -84,9 +84,10 @@ class StreamConfig(PlanConfig):
     must be the same on every rank and in a state being resumed; the fetch and cache settings
     may differ per run and per node. Each field's meaning is its `shardloader.options.option`
     help. ``shuffle_unit="auto"``, ``shuffle_window=None`` and ``shuffle_bytes=None`` are chosen
-    per dataset by `resolve`: blocks in windows of at most 64 MiB decoded when the shards are
-    local and the manifest records its blocks' decoded sizes and digests (Arrow datasets
-    converted by this version on), else whole shards, 4 per window, as before.
+    per dataset by `resolve`: blocks in windows of at most 64 MiB decoded when the manifest
+    records its blocks' decoded sizes and digests (Arrow datasets converted by this version on;
+    blocks of remote shards are then read alone by ranged reads), else whole shards, 4 per
+    window, as before.
     """
 
     _AUTO = True
@@ -100,7 +101,8 @@ class StreamConfig(PlanConfig):
         "auto",
         "what the plan permutes and groups into windows: block (the record batches of Arrow "
         "shards, Parquet row groups; many shards mix in every window), shard, or auto: block "
-        "for local shards whose manifest records their blocks' sizes and digests, else shard",
+        "where the manifest records the blocks' sizes and digests (remote blocks are then read "
+        "by ranged reads), else shard",
         choices=(*SHUFFLE_UNITS, "auto"),
     )
     shuffle_bytes: int | None = option(
@@ -116,6 +118,15 @@ class StreamConfig(PlanConfig):
     )
     prefetch_windows: int = option(1, "windows ahead whose shards are fetched in the background")
     prefetch_threads: int = option(2, "concurrent background downloads per process")
+    range_requests: int = option(
+        8, "ranged reads in flight per process, for blocks of remote shards in block mode"
+    )
+    range_bytes: int | None = option(
+        None,
+        "bound on the bytes of remote blocks read ahead and not yet decoded, per process "
+        "(default: the window's byte budget, shuffle_bytes, or 64MiB without one)",
+        parse=parse_size,
+    )
     decode_threads: int | None = option(
         None,
         "threads per process decoding a window's units ahead of the samples being made "
@@ -146,6 +157,10 @@ class StreamConfig(PlanConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"StreamConfig.{name} is {value!r}; expected an integer >= 0")
+        for name in ("range_requests", "range_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"StreamConfig.{name} is {value!r}; expected an integer >= 1")
         for name in ("timeout_s", "retry_deadline_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"StreamConfig.{name} must be > 0")
@@ -154,26 +169,32 @@ class StreamConfig(PlanConfig):
         """The plan config for ``manifest``, every "auto" setting chosen, and its units.
 
         "auto" reads in blocks when the manifest records every block's decoded size and digest
-        (Arrow shards converted by this version; Parquet row groups have no digest) and the
-        shards are local. Remote shards are fetched whole into the node cache, and a rank in
-        block mode touches most of them in every window, so remote datasets stay in whole
-        shards unless ``shuffle_unit="block"`` is asked for (with a cache that holds them).
+        (Arrow shards converted by this version; Parquet row groups have no digest). Blocks of
+        remote shards are then read alone, each by one ranged read of its bytes, checked
+        against its digest (`shardloader.fetch_blocks`): an epoch fetches the dataset's bytes
+        once, with no node cache. (``shuffle_unit="block"`` over remote blocks without a digest,
+        Parquet row groups, reads them from whole shards fetched into the node cache.)
+
+        States record the unit chosen, and `shardloader.dataset.ShardDataset.load_state_dict`
+        takes it back for "auto" (`adopt`): a state saved when "auto" kept remote datasets in
+        whole shards (before ranged reads) resumes in whole shards.
 
         Args:
             manifest: The dataset's manifest.
-            remote: Whether the shards are remote (the same answer on every rank).
+            remote: Whether the shards are remote (the same answer on every rank); kept for
+                callers, it no longer changes the choice.
         """
         unit = self.shuffle_unit
         has_table = manifest.shards.block_columns is not None
         # The block table is made only where it is used (1.6 M blocks take a while to lay out).
-        wanted = unit == "block" or (unit == "auto" and not remote)
+        wanted = unit in ("block", "auto")
         table = manifest.shards.block_table() if has_table and wanted else None
         unit_bytes: IdArray | None = None
         window: int
         budget: int | None
         if unit == "auto":  # every block's size and digest known: Arrow shards from convert
             known = table is not None and bool(table.decoded.all() and table.digest.all())
-            unit = "block" if known and not remote else "shard"
+            unit = "block" if known else "shard"
         if unit == "block":
             table = table or manifest.shards.block_table()
             sizes, unit_bytes = table.num_samples, table.decoded
@@ -457,6 +478,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             blocks=self._block_table(),
             verify_blocks=self.config.verify_local,
             decode_threads=self.config.decode_threads,
+            range_requests=self.config.range_requests,
+            range_bytes=self._range_bytes(),
         )
         self._skip = 0
         self._reader = reader
@@ -510,6 +533,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
             and "loss_spans" not in fields
         )
 
+    def _range_bytes(self) -> int:
+        """`StreamConfig.range_bytes`, or its default: the window's byte budget (or 64 MiB)."""
+        if self.config.range_bytes is not None:
+            return self.config.range_bytes
+        return self.resume_spec().config.shuffle_bytes or BLOCK_WINDOW_BYTES
+
     def _block_table(self) -> BlockTable | None:
         """The plan's units when they are blocks (made once per process, and kept)."""
         self.resume_spec()
@@ -522,6 +551,20 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self._fetcher is None:
             self._fetcher = self.config.make_fetcher(self._storage_options)
         return self._fetcher
+
+    def fetch_counters(self) -> dict[str, float]:
+        """This process's fetch counters: its finished epochs' plus the epoch being read.
+
+        `shardloader.fetch.ShardFetcher.stats`: ``bytes_fetched`` (from remote storage:
+        downloads and ranged reads), ``range_reads``, ``retries``, ``cache_hits``, ... Inside a
+        DataLoader worker they are that worker's (its ``collate_fn`` can read them through
+        ``torch.utils.data.get_worker_info().dataset``).
+        """
+        counters = dict(self.fetch_stats)
+        if self._fetcher is not None:
+            for name, value in self._fetcher.stats.items():
+                counters[name] = counters.get(name, 0) + value
+        return counters
 
     def close(self) -> None:
         """Stop background fetches of this process."""

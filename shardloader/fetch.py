@@ -5,13 +5,16 @@ Local paths (and ``file://`` URLs) are returned as they are, after a size check 
 node cache (:mod:`shardloader.cache`, which draws its layout and the cost of a hit), downloaded
 first (:mod:`shardloader.cache_download`) by exactly one process of the node if missing. Background
 prefetch runs those downloads on a few threads, so that the reader's later :meth:`open
-<ShardFetcher.open>` finds the shard cached or joins its download.
+<ShardFetcher.open>` finds the shard cached or joins its download. Single blocks of remote shards
+are read by :meth:`ShardFetcher.read_range` (ranged reads, not cached; see
+:mod:`shardloader.fetch_blocks`).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -20,7 +23,7 @@ from typing import Any, TypeVar
 from shardloader import storage
 from shardloader.cache import LocalShard, NodeCache, default_cache_dir, entry_key, hash_fd
 from shardloader.cache_download import Downloader
-from shardloader.errors import ConfigError, ShardError
+from shardloader.errors import ConfigError, ShardError, StorageError
 
 T = TypeVar("T")
 
@@ -32,6 +35,7 @@ STAT_NAMES = (
     "evictions",
     "fetch_seconds",
     "prefetch_skipped",
+    "range_reads",
 )
 
 
@@ -143,9 +147,10 @@ class ShardFetcher:
     def stats(self) -> dict[str, float]:
         """Counters of this process since it created (or inherited) the fetcher.
 
-        ``bytes_fetched``, ``cache_hits`` and ``cache_misses`` (of :meth:`open`; a miss is a
-        download, also by prefetch), ``retries``, ``evictions``, ``fetch_seconds`` (time spent
-        downloading) and ``prefetch_skipped`` (hints dropped).
+        ``bytes_fetched`` (downloads and range reads), ``cache_hits`` and ``cache_misses`` (of
+        :meth:`open`; a miss is a download, also by prefetch), ``retries``, ``evictions``,
+        ``fetch_seconds`` (time spent downloading, summed over threads), ``prefetch_skipped``
+        (hints dropped) and ``range_reads`` (ranged GETs of :meth:`read_range`).
         """
         with self._lock:
             return dict(self._stats)
@@ -272,6 +277,52 @@ class ShardFetcher:
                 f"even fetched again and matching the manifest's {algorithm}; the shard itself "
                 'is damaged: run "shardloader verify" and convert it again'
             ) from err
+
+    def read_range(self, url: str, offset: int, length: int) -> bytes:
+        """The ``length`` bytes at ``offset`` of remote ``url`` (one block), fetched uncached.
+
+        One ranged read, retried on transient failures until ``retry_deadline_s``; the caller
+        checks what comes back (a block's digest). Safe to call from several threads at once.
+
+        Raises:
+            ShardError: The object is missing.
+            StorageError: Transient failures went on past ``retry_deadline_s``, access was
+                denied, or the fetcher was closed.
+        """
+        self._check_process()
+        got = b""
+
+        def attempt() -> None:
+            nonlocal got
+            if self._stop.is_set():
+                raise StorageError(f"{url}: range read stopped (fetcher closed)")
+            got = storage.read_range(
+                url,
+                offset,
+                length,
+                timeout_s=self.timeout_s,
+                storage_options=self.storage_options,
+            )
+
+        start = time.perf_counter()
+        try:
+            storage.retry_until(
+                attempt,
+                url=url,
+                what=f"read of bytes [{offset}, {offset + length})",
+                deadline_s=self.retry_deadline_s,
+                stop=self._stop,
+                on_retry=lambda _: self._count("retries"),
+            )
+        except FileNotFoundError as err:
+            raise ShardError(f'{url}: shard is missing ({err}); run "shardloader verify"') from err
+        except PermissionError as err:
+            raise StorageError(f"{url}: access denied ({err}); check the credentials") from err
+        finally:
+            self._count("fetch_seconds", time.perf_counter() - start)
+        self._count("bytes_fetched", len(got))
+        self._count("range_reads")
+        return got
 
     def close(self) -> None:
         """Cancel queued prefetches and wait for running ones to stop (about one block)."""

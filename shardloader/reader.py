@@ -15,8 +15,10 @@ Decoded units are kept only while the current window needs them, so a worker hol
 decoded: ``shuffle_window`` shards, or the blocks of at most ``shuffle_bytes`` decoded bytes. A
 block is read alone from its shard: with a digest in the block table its bytes are copied,
 checked against the digest and decoded (so the shard is not hashed whole in each process), else
-``RecordBatchFileReader.get_batch``. A remote shard is still fetched whole into the node cache
-(range reads of single blocks are not done yet).
+``RecordBatchFileReader.get_batch``. A block of a remote shard with a digest is read alone by a
+ranged read (`shardloader.fetch_blocks.BlockFetcher`: several at once, in order of first use,
+bounded in bytes), checked and decoded from memory; the node cache is not used for it. Whole
+remote shards (and blocks without a digest) are fetched into the node cache.
 
 Rows become Python objects a slice at a time (one ``take`` per unit). For packing,
 `ShardReader.iter_token_runs` gives the slices' token documents as flat arrays instead, with no
@@ -33,9 +35,12 @@ from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 
+from shardloader import storage
 from shardloader.blocks import WHOLE_SHARD, BlockTable
+from shardloader.fetch_blocks import BlockFetcher
 from shardloader.formats import (
     BlockFormat,
+    RangeBlockFormat,
     ReadSpec,
     ShardColumns,
     VerifiedBlockFormat,
@@ -105,6 +110,21 @@ class Fetcher(Protocol):
     def prefetch(self, url: str, *, num_bytes: int, checksum: str, algorithm: str = ...) -> None:
         """Start fetching ``url`` in the background."""
 
+    def read_range(self, url: str, offset: int, length: int) -> bytes:
+        """The ``length`` bytes at ``offset`` of remote ``url``, uncached."""
+
+
+class _InMemory:
+    """What pins a block read into memory by a ranged read: nothing to release."""
+
+    path = ""
+
+    def release(self) -> None:
+        """Nothing is pinned."""
+
+
+_IN_MEMORY = _InMemory()
+
 
 class ShardReader:
     """Reads the samples of worker plans, in plan order.
@@ -127,6 +147,9 @@ class ShardReader:
             times, each time waiting for a sample-making thread to yield it: on 300 MB read in
             a tight loop, one decode thread made blocks 5-20% slower, while whole shards from
             the loopback S3 server came up to 2x faster (the reading thread waits on downloads).
+        range_requests: Ranged reads in flight at once, for blocks of remote shards.
+        range_bytes: Bound on the bytes of blocks of remote shards read ahead and not yet
+            decoded (`shardloader.fetch_blocks.BlockFetcher`).
     """
 
     def __init__(
@@ -140,6 +163,8 @@ class ShardReader:
         blocks: BlockTable | None = None,
         verify_blocks: bool = True,
         decode_threads: int | None = None,
+        range_requests: int = 8,
+        range_bytes: int = 64 << 20,
     ) -> None:
         self._manifest = manifest
         self._urls = list(shard_urls)
@@ -160,6 +185,18 @@ class ShardReader:
             self._unit_shard = blocks.shard_index
             self._unit_batch = blocks.batch_index
         self._counts = counts
+        # Units read alone by ranged reads: blocks of remote shards whose digest is known.
+        self._ranged = np.zeros(len(counts), dtype=bool)
+        if blocks is not None and hasattr(self._format, "decode_block"):
+            remote = np.array([not storage.is_local(url) for url in self._urls], dtype=bool)
+            self._ranged = (
+                remote[blocks.shard_index]
+                & (blocks.batch_index != WHOLE_SHARD)
+                & (blocks.digest != "")
+            )
+        self._range_requests = range_requests
+        self._range_bytes = range_bytes
+        self._ranges: BlockFetcher | None = None
         self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._names = list(manifest.fields)
         self._open: dict[int, tuple[LocalFile, ShardColumns]] = {}
@@ -227,6 +264,8 @@ class ShardReader:
                 window = next(made)
                 ids, padded = window.sample_ids, window.padded
                 owner = np.searchsorted(self._first, ids, side="right") - 1
+                if lazy:
+                    self._schedule_ranges(owner, ahead)
                 if lazy and self._decode_threads:  # (the units in order of first use)
                     self._decode_ahead(list(dict.fromkeys(owner.tolist())))
                 for start, stop in _slice_bounds(len(ids)):
@@ -287,6 +326,31 @@ class ShardReader:
             self._release(shard)
         return decoded, owner
 
+    def _schedule_ranges(self, owner: np.ndarray, ahead: Sequence[Window]) -> None:
+        """Read ahead the window's ranged blocks in order of first use, then the next windows'.
+
+        Blocks decoded already are left out: those the next window shares with this one stay
+        decoded (`_open_window` keeps them).
+        """
+        if not self._ranged.any():
+            return
+        first_use = dict.fromkeys(owner.tolist())
+        later = _window_shards(ahead, self._first)
+        units = [u for u in (*first_use, *later) if self._ranged[u] and u not in self._open]
+        self._range_fetcher().schedule(units)
+
+    def _range_fetcher(self) -> BlockFetcher:
+        """The ranged reads of this reader (made on first use, in the process that reads)."""
+        if self._ranges is None:
+            self._ranges = BlockFetcher(
+                self._fetcher,
+                self._urls,
+                cast(BlockTable, self._blocks),
+                max_requests=self._range_requests,
+                max_bytes=self._range_bytes,
+            )
+        return self._ranges
+
     def _open_window(self, units: list[int], ahead: Sequence[Window]) -> None:
         """Release what the window does not use; start fetching its shards and the next ones."""
         wanted = set(units)
@@ -333,6 +397,13 @@ class ShardReader:
                 local.release()
             finally:
                 self.stage_seconds["decode"] += time.perf_counter() - started
+        if unit not in self._open and self._ranged[unit]:
+            started = time.perf_counter()
+            data = self._range_bytes_of(unit)
+            fetched = time.perf_counter()
+            self.stage_seconds["fetch_wait"] += fetched - started
+            self._open[unit] = (_IN_MEMORY, self._decode_range(unit, data))
+            self.stage_seconds["decode"] += time.perf_counter() - fetched
         if unit not in self._open:
             started = time.perf_counter()
             decoded_at: list[float] = []
@@ -357,6 +428,18 @@ class ShardReader:
             self._open[unit] = (local, decoded)
             self.stage_seconds["decode"] += time.perf_counter() - fetched
         return self._open[unit][1]
+
+    def _range_bytes_of(self, unit: int) -> bytes:
+        """The checked bytes of ranged block ``unit`` (read now if it was not read ahead)."""
+        return self._range_fetcher().take(unit)
+
+    def _decode_range(self, unit: int, data: bytes) -> ShardColumns:
+        """Decode ranged block ``unit`` from its checked bytes."""
+        shard, batch = int(self._unit_shard[unit]), int(self._unit_batch[unit])
+        spec = ReadSpec.for_manifest(
+            self._manifest, where=self._urls[shard], num_samples=int(self._counts[unit])
+        )
+        return cast(RangeBlockFormat, self._format).decode_block(data, spec, batch)
 
     def _decoder(self, unit: int) -> tuple[Callable[[str], ShardColumns], str]:
         """How to decode ``unit`` from its shard's local path, and the block's digest (or "")."""
@@ -398,6 +481,12 @@ class ShardReader:
         for unit in units:
             if unit in self._open or unit in self._ahead:
                 continue
+            if self._ranged[unit]:  # the read is waited for on the decode thread
+                task = self._pool.submit(
+                    lambda u: self._decode_range(u, self._range_bytes_of(u)), unit
+                )
+                self._ahead[unit] = (_IN_MEMORY, task)
+                continue
             decode, digest = self._decoder(unit)
             shard = int(self._unit_shard[unit])
             started = time.perf_counter()
@@ -412,6 +501,8 @@ class ShardReader:
             self._ahead[unit] = (local, self._pool.submit(decode, local.path))
 
     def _prefetch(self, unit: int) -> None:
+        if self._ranged[unit]:  # read by `_schedule_ranges`, not fetched whole
+            return
         shard = int(self._unit_shard[unit])
         self._fetcher.prefetch(
             self._urls[shard],
@@ -425,8 +516,11 @@ class ShardReader:
         local.release()
 
     def close(self) -> None:
-        """Stop the decode threads and release every shard still held."""
+        """Stop the ranged reads and decode threads; release every shard still held."""
         pool, self._pool = self._pool, None
+        ranges, self._ranges = self._ranges, None
+        if ranges is not None:  # first: a decode thread may be waiting for a read
+            ranges.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         for local, _ in self._ahead.values():

@@ -698,6 +698,22 @@ def test_s3_frozen_server_with_everything_else_default_still_returns(own_server,
         f.open(**shard)
 
 
+@pytest.mark.s3
+def test_s3_range_read_counts_its_bytes_and_bounds_a_frozen_server(own_server, cache_dir):
+    data = blob(300 * KiB, 145)
+    shard = put_s3(own_server, "ranged.bin", data)
+    f = s3_fetcher(own_server, cache_dir, timeout_s=0.3, retry_deadline_s=0.5)
+    with f:
+        assert f.read_range(shard["url"], 1000, 70_000) == data[1000:71_000]
+        assert (f.stats["bytes_fetched"], f.stats["range_reads"]) == (70_000, 1)
+        assert not list(cache_dir.rglob("*.bin"))  # nothing cached
+        with pytest.raises(ShardError, match="shard is missing"):
+            f.read_range(shard["url"] + ".gone", 0, 10)
+        with own_server.paused(), pytest.raises(StorageError, match="no answer within timeout_s"):
+            f.read_range(shard["url"], 0, 10)
+        assert f.stats["retries"] >= 1
+
+
 def _open_one(cache_dir: str, options: dict[str, Any], shard: dict[str, Any]) -> None:
     with ShardFetcher(cache_dir=cache_dir, storage_options=options) as f:
         f.open(**shard).release()

@@ -48,7 +48,14 @@ def flip_bit(path: Path, offset: int, *, keep_mtime: bool = True) -> None:
 
 def s3_dataset(server: S3Server, cache: Path, **config: Any) -> ShardDataset:
     # shuffle=False and one shard per window: later shards are opened well after the damage.
-    config = {"shuffle": False, "shuffle_window": 1, "prefetch_windows": 0, **config}
+    # Whole shards: the node cache is under test ("auto" reads remote blocks by ranged reads).
+    config = {
+        "shuffle": False,
+        "shuffle_window": 1,
+        "prefetch_windows": 0,
+        "shuffle_unit": "shard",
+        **config,
+    }
     return ShardDataset(
         "s3://data/set",
         config=StreamConfig(cache_dir=str(cache), **config),

@@ -280,6 +280,29 @@ def test_iter_download_from_s3_in_bounded_blocks(bucket):
     assert storage.file_type(f"{bucket}/missing.bin") is None
 
 
+def test_read_range_sync_filesystems(tmp_path, memory_dir):
+    data = os.urandom(10_000)
+    (tmp_path / "f.bin").write_bytes(data)
+    fsspec.filesystem("memory").pipe_file(f"{memory_dir}/f.bin", data)
+    for url in (str(tmp_path / "f.bin"), f"{memory_dir}/f.bin"):
+        assert storage.read_range(url, 1234, 4000) == data[1234:5234]
+        assert storage.read_range(url, 9000, 4000) == data[9000:]  # short past the end
+        assert storage.read_range(url, 5, 0) == b""
+
+
+@pytest.mark.s3
+def test_read_range_from_s3_is_one_ranged_get_of_exactly_the_bytes(bucket):
+    data = os.urandom(300_000)
+    url = f"{bucket}/shard.bin"
+    fsspec.filesystem("s3").pipe_file(url, data)
+    for offset, length in ((0, 1), (123_457, 65_536), (299_000, 1000)):
+        got = storage.read_range(url, offset, length, timeout_s=30)
+        assert got == data[offset : offset + length]
+    assert storage.read_range(url, 299_000, 5000, timeout_s=30) == data[299_000:]  # short
+    with pytest.raises(FileNotFoundError):
+        storage.read_range(f"{bucket}/missing.bin", 0, 10, timeout_s=30)
+
+
 # ---- inputs --------------------------------------------------------------------------------------
 
 

@@ -182,6 +182,17 @@ class VerifiedBlockFormat(BlockFormat, Protocol):
         """
 
 
+class RangeBlockFormat(VerifiedBlockFormat, Protocol):
+    """A verified block format whose blocks decode from their bytes alone (ranged reads)."""
+
+    def decode_block(self, data: bytes, spec: ReadSpec, block_index: int) -> ShardColumns:
+        """Decode block ``block_index`` from its bytes ``data`` (checked by the caller).
+
+        Raises:
+            ShardError: The bytes do not decode, or fail `BlockFormat.read_block`'s checks.
+        """
+
+
 class ShardColumns(Protocol):
     """A decoded shard, for random access by row."""
 

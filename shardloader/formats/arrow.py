@@ -418,12 +418,34 @@ class ArrowFormat:
                     'block digest; the shard was modified or corrupted: run "shardloader '
                     'verify", then restore or convert it again'
                 )
-            # The schema message and the checked batch message, read as a one-batch IPC stream
-            # (so the read options apply: no thread pool for a small batch).
-            reader = pa.ipc.open_stream(pa.py_buffer(message), options=_READ_OPTIONS)
-            return _block_columns(reader.read_next_batch(), reader.schema, spec, label)
-        except (pa.ArrowException, OSError, StopIteration) as err:
+            return _decode_message(message, spec, label)
+        except OSError as err:
             raise ShardError(f"{label}: not a readable Arrow record batch ({err})") from err
+
+    def decode_block(self, data: bytes, spec: ReadSpec, block_index: int) -> ArrowColumns:
+        """Decode record batch ``block_index`` from its IPC message bytes ``data``.
+
+        For a block read from remote storage by a ranged read, whose bytes the caller has
+        already checked against the block's digest. Decoded with the schema of the manifest's
+        fields and checked like `read_block`'s.
+        """
+        head = _schema_message(tuple(spec.fields.items()), spec.token_dtype)
+        message = bytearray(len(head) + len(data))
+        message[: len(head)] = head
+        message[len(head) :] = data
+        return _decode_message(message, spec, f"{spec.where} batch {block_index}")
+
+
+def _decode_message(message: bytearray, spec: ReadSpec, label: str) -> ArrowColumns:
+    """The schema message and one checked batch message, read as a one-batch IPC stream.
+
+    So the read options apply: no thread pool for a small batch.
+    """
+    try:
+        reader = pa.ipc.open_stream(pa.py_buffer(message), options=_READ_OPTIONS)
+        return _block_columns(reader.read_next_batch(), reader.schema, spec, label)
+    except (pa.ArrowException, OSError, StopIteration) as err:
+        raise ShardError(f"{label}: not a readable Arrow record batch ({err})") from err
 
 
 def _block_columns(

@@ -16,14 +16,21 @@ Modules, lower first (each imports only those above it):
 
 - ``retry``: which errors are transient; :func:`with_retries`, :func:`retry_until`, backoff.
 - ``urls``: URL and path helpers, :func:`url_to_fs`, :func:`file_type`.
-- ``download``: :func:`read_bytes`, :func:`open_read`, and :func:`iter_download`, the bounded
-  shard download used by :mod:`shardloader.cache_download`.
+- ``download``: :func:`read_bytes`, :func:`open_read`, :func:`iter_download` (the bounded
+  shard download used by :mod:`shardloader.cache_download`) and :func:`read_range` (one block of
+  a shard, used by :mod:`shardloader.fetch_blocks`).
 - ``inputs``: :class:`InputFile` and :func:`list_files` (files, directories, globs).
 - ``output``: :class:`OutputDir` and :class:`AtomicWriter`, write errors with a remedy
   (:func:`write_error`, :func:`writing`, :func:`write_file`) and the one-run-per-output lock.
 """
 
-from shardloader.storage.download import DOWNLOAD_BLOCK_BYTES, iter_download, open_read, read_bytes
+from shardloader.storage.download import (
+    DOWNLOAD_BLOCK_BYTES,
+    iter_download,
+    open_read,
+    read_bytes,
+    read_range,
+)
 from shardloader.storage.inputs import InputFile, list_files
 from shardloader.storage.output import (
     AtomicWriter,
@@ -75,6 +82,7 @@ __all__ = [
     "normalize",
     "open_read",
     "read_bytes",
+    "read_range",
     "relpath",
     "retry_until",
     "unlock_output",

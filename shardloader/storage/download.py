@@ -10,6 +10,7 @@ On an async filesystem (s3fs, HTTP, gcsfs) each wait is a coroutine run on fsspe
 under ``asyncio.wait_for``, so a stalled request is cancelled (its connection closed), not merely
 abandoned in a thread. Setting botocore's ``read_timeout`` is not enough: s3fs and botocore retry
 timed-out and refused requests inside one call (a refused connection alone costs 3.7 s there).
+:func:`read_range` reads one block of a shard (one ranged GET) under the same deadlines.
 """
 
 from __future__ import annotations
@@ -154,6 +155,59 @@ def iter_download(
             return _iter_s3(fs, path, offset, timeout_s, block_bytes)
         return _iter_async_ranges(fs, path, offset, timeout_s, block_bytes)
     return _iter_sync(fs, path, offset, block_bytes)
+
+
+def _read_range_s3(fs: Any, path: str, offset: int, length: int, timeout_s: float) -> bytes:
+    """One ranged GET of ``[offset, offset + length)``, the request and the body each bounded."""
+    bucket, key, version = fs.split_path(path)
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if version:
+        kwargs["VersionId"] = version
+    kwargs["Range"] = f"bytes={offset}-{offset + length - 1}"
+    response = _run_bounded(fs.loop, fs._call_s3("get_object", **kwargs), timeout_s, "GET")
+    body = response["Body"]
+    # Read to the end of the body (one byte past the range at most: a server that ignores the
+    # range is not read whole), so that aiohttp puts the connection back in its pool: the next
+    # block's GET then skips the TCP handshake. Closing a body closes its connection.
+    try:
+        data = _run_bounded(fs.loop, _read_block(body, length + 1), timeout_s, "read")
+    except BaseException:
+        fs.loop.call_soon_threadsafe(body.close)
+        raise
+    if len(data) > length:
+        fs.loop.call_soon_threadsafe(body.close)
+    return data
+
+
+def read_range(
+    url: str,
+    offset: int,
+    length: int,
+    *,
+    timeout_s: float = 60.0,
+    storage_options: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The ``length`` bytes of ``url`` at ``offset``: one ranged read (a block of a shard).
+
+    One attempt, no retries (wrap it in :func:`retry_until`). On async filesystems the request
+    and the body must each arrive within ``timeout_s``, else the request is cancelled and
+    ``TimeoutError`` raised; s3fs gets one ``GET`` with ``Range: bytes=offset-(offset+length-1)``.
+    Fewer bytes come back only where the object is shorter (the caller checks what it got).
+
+    Raises:
+        FileNotFoundError: ``url`` does not exist.
+        TimeoutError: The request or the body took longer than ``timeout_s``.
+        OSError: Other failures of the backend (see :func:`is_transient`).
+    """
+    if length <= 0:
+        return b""
+    fs, path = url_to_fs(url, **dict(storage_options or {}))
+    if isinstance(fs, AsyncFileSystem) and fs.async_impl:
+        if hasattr(fs, "_call_s3"):
+            return _read_range_s3(fs, path, offset, length, timeout_s)
+        coro = fs._cat_file(path, start=offset, end=offset + length)
+        return bytes(_run_bounded(fs.loop, coro, timeout_s, "GET"))
+    return bytes(fs.cat_file(path, start=offset, end=offset + length))
 
 
 def _uncached_on_miss(fs: fsspec.AbstractFileSystem, path: str, fn: Callable[[], T]) -> T:
