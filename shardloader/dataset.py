@@ -36,6 +36,7 @@ import torch.utils.data
 from shardloader import resume, storage
 from shardloader.blocks import BlockTable, shard_decoded_bytes
 from shardloader.errors import ConfigError
+from shardloader.formats import get_format
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
 from shardloader.options import option, parse_size
 from shardloader.pack import PackConfig, Packer
@@ -169,11 +170,12 @@ class StreamConfig(PlanConfig):
         """The plan config for ``manifest``, every "auto" setting chosen, and its units.
 
         "auto" reads in blocks when the manifest records every block's decoded size and digest
-        (Arrow shards converted by this version; Parquet row groups have no digest). Blocks of
-        remote shards are then read alone, each by one ranged read of its bytes, checked
-        against its digest (`shardloader.fetch_blocks`): an epoch fetches the dataset's bytes
-        once, with no node cache. (``shuffle_unit="block"`` over remote blocks without a digest,
-        Parquet row groups, reads them from whole shards fetched into the node cache.)
+        (Arrow shards converted by this version; Parquet files indexed locally by this
+        version). Blocks of remote Arrow shards are then read alone, each by one ranged read of
+        its bytes, checked against its digest (`shardloader.fetch_blocks`): an epoch fetches
+        the dataset's bytes once, with no node cache. Remote Parquet stays in whole shards under
+        "auto": its row groups would come from whole files fetched into the node cache, as
+        ``shuffle_unit="block"`` over remote blocks without ranged reads does.
 
         States record the unit chosen, and `shardloader.dataset.ShardDataset.load_state_dict`
         takes it back for "auto" (`adopt`): a state saved when "auto" kept remote datasets in
@@ -181,8 +183,8 @@ class StreamConfig(PlanConfig):
 
         Args:
             manifest: The dataset's manifest.
-            remote: Whether the shards are remote (the same answer on every rank); kept for
-                callers, it no longer changes the choice.
+            remote: Whether the shards are remote (the same answer on every rank): then
+                "auto" picks blocks only where they can be read by ranged reads (Arrow).
         """
         unit = self.shuffle_unit
         has_table = manifest.shards.block_columns is not None
@@ -194,7 +196,8 @@ class StreamConfig(PlanConfig):
         budget: int | None
         if unit == "auto":  # every block's size and digest known: Arrow shards from convert
             known = table is not None and bool(table.decoded.all() and table.digest.all())
-            unit = "block" if known else "shard"
+            ranged = hasattr(get_format(manifest.format), "decode_block")
+            unit = "block" if known and (ranged or not remote) else "shard"
         if unit == "block":
             table = table or manifest.shards.block_table()
             sizes, unit_bytes = table.num_samples, table.decoded

@@ -18,7 +18,10 @@ says so. A file rewritten after indexing fails that check, or the footer's row c
 
 Row groups are recorded as the shard's blocks in the manifest's block table (`shardloader.blocks`:
 per row group its rows, and the byte span of its column chunks from the footer, for range reads);
-a file of one row group, or whose row groups cannot be blocks, has none and is read whole.
+a file of one row group, or whose row groups cannot be blocks, has none and is read whole. Local
+files also get a digest per row group (`shardloader.formats.parquet.row_group_digest`: its
+column chunks and the footer), so block mode checks the row groups it reads instead of hashing
+the file whole in every process.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from shardloader import storage
 from shardloader._version import __version__
 from shardloader.cache import hash_fd
 from shardloader.errors import ConfigError, CorpusError, ShardloaderError
-from shardloader.formats.parquet import field_kind, id_column_ok
+from shardloader.formats.parquet import field_kind, id_column_ok, row_group_digests
 from shardloader.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -119,6 +122,8 @@ def index_parquet(
         for f, c in zip(footers, checksums, strict=True)
     ]
     blocks = [_row_group_blocks(f) for f in footers]  # StreamConfig(shuffle_unit="block")
+    if all(storage.is_local(f.url) for f in footers):  # hashed here anyway: digests too
+        blocks = [_with_digests(f, b) for f, b in zip(footers, blocks, strict=True)]
     out_dir = storage.normalize(output) if output else root
     manifest = Manifest(
         format="parquet",
@@ -305,6 +310,19 @@ def _row_group_blocks(footer: _Footer) -> list[list[int]] | None:
             return None
         end = offset + length
     return [list(b) for b in footer.blocks] if len(footer.blocks) > 1 else None
+
+
+def _with_digests(footer: _Footer, blocks: list[list[Any]] | None) -> list[list[Any]] | None:
+    """``blocks`` of a local file, each with its `row_group_digest` (read: spans and footer)."""
+    if blocks is None:
+        return None
+    try:
+        digests = row_group_digests(
+            footer.url.removeprefix("file://"), footer.num_bytes, [(b[1], b[2]) for b in blocks]
+        )
+    except (OSError, ShardloaderError) as err:
+        raise CorpusError(f"{footer.url}: cannot read its row groups to hash them ({err})") from err
+    return [[*b, d] for b, d in zip(blocks, digests, strict=True)]
 
 
 def _source_entry(f: _Footer) -> dict[str, Any]:

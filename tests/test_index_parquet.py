@@ -7,6 +7,7 @@ converted Arrow dataset: the same seed must give the same samples in the same or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from shardloader import (
     index_parquet,
     read_manifest,
 )
+from shardloader import fetch as fetch_module
 from shardloader.manifest import MANIFEST_NAME
 from shardloader.testing import S3Server
 from tests import dist_stream
@@ -100,13 +102,16 @@ def test_index_reads_footers_into_counts_blocks_and_checksums(parquet_dir: Path)
         assert [b[0] for b in blocks] == [meta.row_group(g).num_rows for g in range(len(blocks))]
         assert sum(b[0] for b in blocks) == shard.num_samples
         data = path.read_bytes()
+        footer_length = int.from_bytes(data[-8:-4], "little")
+        footer = data[len(data) - 8 - footer_length :]
         for group, (_, offset, length, decoded, digest) in enumerate(blocks):
             # the spans tile the file between magic and footer; decoded is the row group's
-            # uncompressed size; no digest (the whole file's checksum is checked)
+            # uncompressed size; the digest covers the span's bytes, then the footer
             assert offset >= 4
-            assert offset + length <= len(data) - 8
+            assert offset + length <= len(data) - 8 - footer_length
             assert decoded == meta.row_group(group).total_byte_size > 0
-            assert digest == ""
+            want = hashlib.sha256(data[offset : offset + length] + footer).hexdigest()[:32]
+            assert digest == want
         assert [b[1] + b[2] for b in blocks[:-1]] == [b[1] for b in blocks[1:]]
     assert len(manifest.shards) == 7  # README.md beside them is not a shard
 
@@ -180,6 +185,67 @@ def test_ranks_split_exactly_and_resume(parquet_dir: Path, num_workers: int) -> 
 
 def rows_of(batch: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
     return [(s["sample_id"], s["id"], s["text"]) for s in batch]
+
+
+def write_grouped(root: Path) -> Path:
+    """3 Parquet files of 200 documents, each in several row groups (40, 30 and 70 rows)."""
+    docs = source_docs()[:600]
+    root.mkdir(parents=True)
+    for index, group in enumerate((40, 30, 70)):
+        rows = docs[200 * index : 200 * (index + 1)]
+        table = pa.table({"id": [d["id"] for d in rows], "text": [d["text"] for d in rows]})
+        pq.write_table(table, root / f"part-{index}.parquet", row_group_size=group)
+    return root
+
+
+def test_row_group_digests_make_blocks_the_default_and_no_file_is_hashed_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local files indexed with a digest per row group: "auto" reads row groups, checking each
+    one's bytes and the footer, and never hashes a file whole (the reader's whole-file check)."""
+    root = write_grouped(tmp_path / "g")
+    index_parquet(str(root))
+    want = [r for i in range(3) for r in pq.read_table(root / f"part-{i}.parquet").to_pylist()]
+    hashed: list[int] = []
+    real = fetch_module.hash_fd
+    monkeypatch.setattr(
+        fetch_module, "hash_fd", lambda fd, algorithm: hashed.append(fd) or real(fd, algorithm)
+    )
+    dataset = ShardDataset(str(root), config=StreamConfig(seed=2))
+    assert dataset.resume_spec().config.shuffle_unit == "block"
+    samples = list(dataset)
+    assert sorted(s["sample_id"] for s in samples) == list(range(600))
+    for sample in samples:
+        assert (sample["id"], sample["text"]) == (
+            want[sample["sample_id"]]["id"],
+            want[sample["sample_id"]]["text"],
+        )
+    assert hashed == []
+    shards = list(ShardDataset(str(root), config=StreamConfig(seed=2, shuffle_unit="shard")))
+    assert len(hashed) == 3  # whole shards: each file hashed once before use
+    assert sorted(s["sample_id"] for s in shards) == list(range(600))
+
+
+@pytest.mark.parametrize("where", ["row_group", "footer"])
+def test_a_changed_row_group_or_footer_is_refused_naming_the_row_group(
+    tmp_path: Path, where: str
+) -> None:
+    root = write_grouped(tmp_path / "g")
+    index_parquet(str(root))
+    victim = root / "part-1.parquet"
+    data = bytearray(victim.read_bytes())
+    meta = pq.read_metadata(victim)
+    if where == "row_group":  # a byte of row group 2's column chunks
+        column = meta.row_group(2).column(1)
+        data[column.data_page_offset + 20] ^= 0xFF
+        match = r"part-1\.parquet row group 2: bytes \[\d+, \d+\) and the footer do not match"
+    else:  # a byte of the footer's key-value metadata (it still parses): every row group fails
+        footer_length = int.from_bytes(data[-8:-4], "little")
+        data[len(data) - 8 - footer_length // 2] ^= 0x01
+        match = r"part-1\.parquet row group \d+: .* do not match the manifest's block digest"
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=match + r".*shardloader index"):
+        list(ShardDataset(str(root), config=StreamConfig(seed=0)))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

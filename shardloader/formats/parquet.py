@@ -11,11 +11,20 @@ Reading checks a file as hostile input before any row is made: the row count of 
 against the manifest (a file rewritten since indexing says to index again), the column types
 against the manifest, every offset and UTF-8 string (``validate(full=True)``; Parquet itself does
 not validate UTF-8), and no nulls in the id or text column. Only the needed columns are decoded.
+
+Row groups are blocks (`shardloader.blocks`). Where the index hashed the file (local files), each
+row group has a digest: `row_group_digest` of its column chunks' bytes followed by the file's
+footer, which says how to decode them. `ParquetFormat.read_verified_block` reads those two
+ranges, checks them, and decodes the row group from exactly those bytes (`_CheckedFile`), so a
+process reading a few row groups of a file does not hash it whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import hashlib
+import io
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -23,10 +32,74 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shardloader.blocks import DIGEST_HEX
 from shardloader.errors import ConfigError, ShardError, ShardloaderError
 from shardloader.formats import ReadSpec, WriteSpec, check_num_samples, counted
 
 REINDEX = 'the file changed after it was indexed: run "shardloader index" again'
+MAGIC = b"PAR1"
+MAX_FOOTER_BYTES = 256 << 20  # a longer footer is refused (what one is read into memory)
+_HASH_STEP = 4 << 20  # bytes hashed per read when indexing
+
+
+def read_footer(fd: int, size: int, where: str) -> bytes:
+    """The footer of the Parquet file open at ``fd`` of ``size`` bytes: metadata, length, magic.
+
+    Raises:
+        ShardError: The file is too short, lacks the magic, or names a footer that does not
+            fit in it (or is over ``MAX_FOOTER_BYTES``).
+    """
+    tail = os.pread(fd, 8, size - 8) if size >= 12 else b""
+    length = int.from_bytes(tail[:4], "little") if len(tail) == 8 else -1
+    if tail[4:] != MAGIC or not 0 < length <= min(size - 12, MAX_FOOTER_BYTES):
+        raise ShardError(f"{where}: no Parquet footer at the end of its {size} bytes; " + REINDEX)
+    footer = os.pread(fd, length + 8, size - 8 - length)
+    if len(footer) != length + 8:
+        raise ShardError(f"{where}: its footer ends early; " + REINDEX)
+    return footer
+
+
+def row_group_digest(chunks: bytes | memoryview, footer: bytes) -> str:
+    """A row group's block digest: sha256 of its column chunks' bytes then the file's footer.
+
+    The footer says how those bytes decode (codecs, encodings, offsets, the schema), so it is
+    checked with them; first 128 bits, hex, as `shardloader.blocks.block_digest`.
+    """
+    hasher = hashlib.sha256(chunks)
+    hasher.update(footer)
+    return hasher.hexdigest()[:DIGEST_HEX]
+
+
+def row_group_digests(path: str, size: int, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """`row_group_digest` of every ``(offset, length)`` span of local file ``path``.
+
+    Reads each span in steps of 4 MiB (memory bounded whatever the row groups' size).
+
+    Raises:
+        ShardError: As `read_footer`, or a span past the file's end.
+        OSError: The file cannot be read.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        footer = read_footer(fd, size, path)
+        out = []
+        for offset, length in spans:
+            hasher = hashlib.sha256()
+            done = 0
+            while done < length:
+                piece = os.pread(fd, min(_HASH_STEP, length - done), offset + done)
+                if not piece:
+                    raise ShardError(
+                        f"{path}: ends inside row group bytes [{offset}, "
+                        f"{offset + length}); " + REINDEX
+                    )
+                hasher.update(piece)
+                done += len(piece)
+            hasher.update(footer)
+            out.append(hasher.hexdigest()[:DIGEST_HEX])
+        return out
+    finally:
+        os.close(fd)
 
 
 def field_kind(kind: pa.DataType) -> str | None:
@@ -143,6 +216,92 @@ class ParquetFormat:
             raise
         except (pa.ArrowException, OSError, ValueError) as err:
             raise ShardError(f"{where}: not a readable Parquet file ({err})") from err
+
+    def read_verified_block(
+        self, path: str, spec: ReadSpec, block_index: int, where: tuple[int, int], digest: str
+    ) -> ParquetColumns:
+        """Read row group ``block_index``'s bytes and the footer, check both, decode them.
+
+        ``where`` is ``(offset, length)`` of the row group's column chunks; ``digest`` their
+        `row_group_digest`. The row group is decoded from the checked bytes alone (the footer
+        parsed from the checked copy, the chunks served from memory), whatever the file does
+        meanwhile; a read outside them fails.
+        """
+        label = f"{spec.where} row group {block_index}"
+        offset, length = where
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                footer = read_footer(fd, size, spec.where)
+                chunks = os.pread(fd, length, offset) if offset + length <= size else b""
+            finally:
+                os.close(fd)
+            if len(chunks) != length or row_group_digest(chunks, footer) != digest:
+                raise ShardError(
+                    f"{label}: bytes [{offset}, {offset + length}) and the footer do not match "
+                    "the manifest's block digest; " + REINDEX
+                )
+            meta = pq.read_metadata(pa.BufferReader(MAGIC + footer))
+            if not 0 <= block_index < meta.num_row_groups:
+                raise ShardError(
+                    f"{spec.where}: has {meta.num_row_groups} row groups, the manifest names "
+                    f"block {block_index}; " + REINDEX
+                )
+            first = sum(meta.row_group(i).num_rows for i in range(block_index))
+            _check_rows(meta.row_group(block_index).num_rows, spec)
+            source = _CheckedFile(
+                size, [(0, MAGIC), (offset, chunks), (size - len(footer), footer)]
+            )
+            pf = pq.ParquetFile(source, metadata=meta)
+            table = pf.read_row_group(block_index, columns=_columns_to_read(pf.schema_arrow, spec))
+            _check_rows(table.num_rows, spec)
+            return ParquetColumns(_checked(table, spec), spec, first_row=first)
+        except ShardloaderError:  # ours (also ValueError / OSError): as it is
+            raise
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise ShardError(f"{label}: not a readable Parquet row group ({err})") from err
+
+
+class _CheckedFile(io.RawIOBase):
+    """A read-only file of ``size`` bytes of which only ``pieces`` (checked bytes) can be read.
+
+    What pyarrow reads a verified row group from: a read outside the pieces raises ``OSError``
+    (so nothing unchecked is decoded).
+    """
+
+    def __init__(self, size: int, pieces: list[tuple[int, bytes]]) -> None:
+        super().__init__()
+        self._size = size
+        self._pieces = pieces
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._size - self._pos)
+        if n <= 0:
+            return 0
+        for start, data in self._pieces:
+            if start <= self._pos and self._pos + n <= start + len(data):
+                at = self._pos - start
+                view[:n] = data[at : at + n]
+                self._pos += n
+                return n
+        raise OSError(f"a read of bytes [{self._pos}, {self._pos + n}) outside the checked ones")
 
 
 def _check_rows(actual: int, spec: ReadSpec) -> None:
