@@ -36,7 +36,6 @@ import torch.utils.data
 from shardloader import resume, storage
 from shardloader.blocks import BlockTable, shard_decoded_bytes
 from shardloader.errors import ConfigError
-from shardloader.formats import get_format
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
 from shardloader.options import option, parse_size
 from shardloader.pack import PackConfig, Packer
@@ -170,12 +169,15 @@ class StreamConfig(PlanConfig):
         """The plan config for ``manifest``, every "auto" setting chosen, and its units.
 
         "auto" reads in blocks when the manifest records every block's decoded size and digest
-        (Arrow shards converted by this version; Parquet files indexed locally by this
-        version). Blocks of remote Arrow shards are then read alone, each by one ranged read of
-        its bytes, checked against its digest (`shardloader.fetch_blocks`): an epoch fetches
-        the dataset's bytes once, with no node cache. Remote Parquet stays in whole shards under
-        "auto": its row groups would come from whole files fetched into the node cache, as
-        ``shuffle_unit="block"`` over remote blocks without ranged reads does.
+        (Arrow shards converted by this version; Parquet files indexed locally by this version)
+        and the shards are local. Remote datasets stay in whole shards under "auto": with
+        ``shuffle_unit="block"`` a block of a remote Arrow shard is read alone, by one ranged
+        read of its bytes checked against its digest (`shardloader.fetch_blocks`; an epoch
+        fetches the dataset's bytes once, with no node cache), but each GET costs about 3 ms of
+        this process's CPU in botocore (and the loopback test server 10 ms more), so a dataset
+        many times its window read 4x slower than in whole shards (`tools.bench.s3_latency`).
+        (Remote blocks without ranged reads, Parquet row groups, come from whole shards fetched
+        into the node cache.)
 
         States record the unit chosen, and `shardloader.dataset.ShardDataset.load_state_dict`
         takes it back for "auto" (`adopt`): a state saved when "auto" kept remote datasets in
@@ -183,8 +185,8 @@ class StreamConfig(PlanConfig):
 
         Args:
             manifest: The dataset's manifest.
-            remote: Whether the shards are remote (the same answer on every rank): then
-                "auto" picks blocks only where they can be read by ranged reads (Arrow).
+            remote: Whether the shards are remote (the same answer on every rank): then "auto"
+                keeps whole shards.
         """
         unit = self.shuffle_unit
         has_table = manifest.shards.block_columns is not None
@@ -196,8 +198,7 @@ class StreamConfig(PlanConfig):
         budget: int | None
         if unit == "auto":  # every block's size and digest known: Arrow shards from convert
             known = table is not None and bool(table.decoded.all() and table.digest.all())
-            ranged = hasattr(get_format(manifest.format), "decode_block")
-            unit = "block" if known and (ranged or not remote) else "shard"
+            unit = "block" if known and not remote else "shard"
         if unit == "block":
             table = table or manifest.shards.block_table()
             sizes, unit_bytes = table.num_samples, table.decoded

@@ -48,7 +48,7 @@ def flip_bit(path: Path, offset: int, *, keep_mtime: bool = True) -> None:
 
 def s3_dataset(server: S3Server, cache: Path, **config: Any) -> ShardDataset:
     # shuffle=False and one shard per window: later shards are opened well after the damage.
-    # Whole shards: the node cache is under test ("auto" reads remote blocks by ranged reads).
+    # Whole shards: the node cache is under test (block mode reads remote blocks by ranged reads).
     config = {
         "shuffle": False,
         "shuffle_window": 1,

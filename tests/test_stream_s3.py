@@ -119,14 +119,14 @@ def ids_and_fetched(batch: list[dict[str, Any]]) -> tuple[list[int], tuple[int, 
 def test_block_mode_from_s3_reads_each_block_once_by_ranged_reads(
     blocks_dir: Path, tmp_path: Path
 ) -> None:
-    """ "auto" reads an S3 dataset in blocks, each by one ranged read: no whole-shard download.
+    """Block mode reads an S3 dataset's blocks, each by one ranged read: no whole-shard download.
 
     2 ranks x 2 workers (real processes) read every sample once, in the order of local disk,
     and fetch the dataset's blocks once: at most 1.1x the shards' bytes, nothing in the cache.
     """
     world_size = 2
     cache = tmp_path / "node-cache"
-    config = StreamConfig(cache_dir=str(cache), shuffle_window=8, seed=4)
+    config = StreamConfig(cache_dir=str(cache), shuffle_window=8, seed=4, shuffle_unit="block")
     manifest = read_manifest(str(blocks_dir))
     blocks = manifest.shards.block_table()
     per_rank, fetched = [], 0.0
@@ -139,7 +139,9 @@ def test_block_mode_from_s3_reads_each_block_once_by_ranged_reads(
                 world_size=world_size,
                 storage_options=s3.storage_options,
             )
-            assert dataset.resume_spec().config.shuffle_unit == "block"  # "auto" on S3
+            assert dataset.resume_spec().config.shuffle_unit == "block"
+            auto = ShardDataset("s3://data/set", storage_options=s3.storage_options)
+            assert auto.resume_spec().config.shuffle_unit == "shard"  # "auto" on S3
             loader = ShardLoader(dataset, batch_size=8, num_workers=2, collate_fn=ids_and_fetched)
             ids: list[int] = []
             last: dict[int, float] = {}
@@ -209,7 +211,7 @@ def test_block_mode_from_s3_resumes_mid_epoch_with_the_same_remaining_ids(
             )
             return ShardLoader(dataset, batch_size=8, num_workers=2, collate_fn=ids_of)
 
-        for unit in ("auto", "shard"):  # "shard": what "auto" chose for S3 before ranged reads
+        for unit in ("block", "shard"):  # "shard": what "auto" chooses on S3
             full = [i for b in make(shuffle_unit=unit) for i in b]
             loader = make(shuffle_unit=unit)
             head: list[int] = []
@@ -219,7 +221,7 @@ def test_block_mode_from_s3_resumes_mid_epoch_with_the_same_remaining_ids(
                     break
             state = json.loads(json.dumps(loader.state_dict()))
             saved_unit = state["config"].get("shuffle_unit", "shard")  # (old states: no key)
-            assert saved_unit == ("block" if unit == "auto" else "shard")
+            assert saved_unit == unit
             resumed = make()  # "auto": the state's unit is taken back
             resumed.load_state_dict(state)
             rest = [i for b in resumed for i in b]
@@ -238,7 +240,13 @@ def test_block_mode_from_s3_resumes_mid_epoch_with_the_same_remaining_ids(
 def test_ranged_reads_serve_what_local_disk_serves(
     blocks_dir: Path, tmp_path: Path, settings: dict[str, Any]
 ) -> None:
-    config = StreamConfig(cache_dir=str(tmp_path / "cache"), shuffle_window=16, seed=9, **settings)
+    config = StreamConfig(
+        cache_dir=str(tmp_path / "cache"),
+        shuffle_window=16,
+        seed=9,
+        shuffle_unit="block",
+        **settings,
+    )
     with serve_dataset(blocks_dir) as s3:
         remote = [
             [
@@ -266,7 +274,9 @@ def test_ranged_reads_serve_what_local_disk_serves(
 
 def test_block_mode_from_s3_resumes_elastically(blocks_dir: Path, tmp_path: Path) -> None:
     """2 ranks x 2 workers stop mid-epoch; 3 ranks x 1 worker serve the rest, once each."""
-    config = StreamConfig(cache_dir=str(tmp_path / "cache"), shuffle_window=8, seed=5)
+    config = StreamConfig(
+        cache_dir=str(tmp_path / "cache"), shuffle_window=8, seed=5, shuffle_unit="block"
+    )
     with serve_dataset(blocks_dir) as s3:
 
         def loader(rank: int, world_size: int, num_workers: int) -> ShardLoader:
