@@ -199,19 +199,7 @@ class ParquetFormat:
         """Read row group ``block_index`` (a block of the manifest), checked like a whole file."""
         where = spec.where
         try:
-            pf = pq.ParquetFile(path, memory_map=True)
-            if not 0 <= block_index < pf.num_row_groups:
-                raise ShardError(
-                    f"{where}: has {pf.num_row_groups} row groups, the manifest names block "
-                    f"{block_index}; " + REINDEX
-                )
-            meta = pf.metadata
-            first = sum(meta.row_group(i).num_rows for i in range(block_index))
-            _check_rows(meta.row_group(block_index).num_rows, spec)
-            columns = _columns_to_read(pf.schema_arrow, spec)
-            table = pf.read_row_group(block_index, columns=columns)
-            _check_rows(table.num_rows, spec)
-            return ParquetColumns(_checked(table, spec), spec, first_row=first)
+            return _read_row_group(pq.ParquetFile(path, memory_map=True), block_index, spec)
         except ShardloaderError:  # ours (also ValueError / OSError): as it is
             raise
         except (pa.ArrowException, OSError, ValueError) as err:
@@ -243,24 +231,29 @@ class ParquetFormat:
                     "the manifest's block digest; " + REINDEX
                 )
             meta = pq.read_metadata(pa.BufferReader(MAGIC + footer))
-            if not 0 <= block_index < meta.num_row_groups:
-                raise ShardError(
-                    f"{spec.where}: has {meta.num_row_groups} row groups, the manifest names "
-                    f"block {block_index}; " + REINDEX
-                )
-            first = sum(meta.row_group(i).num_rows for i in range(block_index))
-            _check_rows(meta.row_group(block_index).num_rows, spec)
             source = _CheckedFile(
                 size, [(0, MAGIC), (offset, chunks), (size - len(footer), footer)]
             )
-            pf = pq.ParquetFile(source, metadata=meta)
-            table = pf.read_row_group(block_index, columns=_columns_to_read(pf.schema_arrow, spec))
-            _check_rows(table.num_rows, spec)
-            return ParquetColumns(_checked(table, spec), spec, first_row=first)
+            return _read_row_group(pq.ParquetFile(source, metadata=meta), block_index, spec)
         except ShardloaderError:  # ours (also ValueError / OSError): as it is
             raise
         except (pa.ArrowException, OSError, ValueError) as err:
             raise ShardError(f"{label}: not a readable Parquet row group ({err})") from err
+
+
+def _read_row_group(pf: pq.ParquetFile, block_index: int, spec: ReadSpec) -> ParquetColumns:
+    """Row group ``block_index`` of ``pf``: its needed columns, checked against ``spec``."""
+    if not 0 <= block_index < pf.num_row_groups:
+        raise ShardError(
+            f"{spec.where}: has {pf.num_row_groups} row groups, the manifest names block "
+            f"{block_index}; " + REINDEX
+        )
+    meta = pf.metadata
+    first = sum(meta.row_group(i).num_rows for i in range(block_index))
+    _check_rows(meta.row_group(block_index).num_rows, spec)
+    table = pf.read_row_group(block_index, columns=_columns_to_read(pf.schema_arrow, spec))
+    _check_rows(table.num_rows, spec)
+    return ParquetColumns(_checked(table, spec), spec, first_row=first)
 
 
 class _CheckedFile(io.RawIOBase):
