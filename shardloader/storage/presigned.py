@@ -215,6 +215,13 @@ async def _get(
         if _body_start(response.status, response.headers.get("Content-Range")) != offset:
             response.close()  # a server that ignores ranges: not read whole
             return 0, b""
+        declared = response.content_length
+        if declared is not None and declared <= length:
+            async with asyncio.timeout(timeout_s):
+                return (
+                    response.status,
+                    await response.read(),
+                )  # bounded; one wake-up, not one a chunk
         parts: list[bytes] = []
         have = 0
         async with asyncio.timeout(timeout_s):
