@@ -12,13 +12,15 @@ with exponential backoff and jitter; writes go to a temporary name and are publi
 (``os.replace`` locally, a single PUT remotely), so a crash never leaves a half-written file under
 its final name.
 
-Modules, lower first (each imports only those above it):
+Modules, lower first (each imports only those above it; ``presigned`` imports none of them):
 
 - ``retry``: which errors are transient; :func:`with_retries`, :func:`retry_until`, backoff.
 - ``urls``: URL and path helpers, :func:`url_to_fs`, :func:`file_type`.
 - ``download``: :func:`read_bytes`, :func:`open_read`, :func:`iter_download` (the bounded
   shard download used by :mod:`shardloader.cache_download`) and :func:`read_range` (one block of
   a shard, used by :mod:`shardloader.fetch_blocks`).
+- ``presigned``: ranged reads of S3 objects by presigned URLs and plain HTTP GETs (the default
+  for :func:`read_range` on s3fs; imported by ``urls`` and ``download``, imports neither).
 - ``inputs``: :class:`InputFile` and :func:`list_files` (files, directories, globs).
 - ``output``: :class:`OutputDir` and :class:`AtomicWriter`, write errors with a remedy
   (:func:`write_error`, :func:`writing`, :func:`write_file`) and the one-run-per-output lock.

@@ -15,6 +15,7 @@ import fsspec
 from fsspec.core import url_to_fs as _fsspec_url_to_fs
 
 from shardloader.errors import StorageError
+from shardloader.storage.presigned import OPTION as PRESIGNED_OPTION
 from shardloader.storage.retry import with_retries
 
 
@@ -57,9 +58,13 @@ def relpath(url: str, start: str) -> str:
 def url_to_fs(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the fsspec filesystem and the path inside it for ``url``.
 
+    The key ``"presigned_ranges"`` of ``storage_options`` is shardloader's (see
+    :func:`shardloader.storage.read_range`) and is not passed to the filesystem.
+
     Raises:
         StorageError: The URL's scheme is unknown, or needs a package that is not installed.
     """
+    storage_options.pop(PRESIGNED_OPTION, None)  # shardloader's own, not the filesystem's
     try:
         return _fsspec_url_to_fs(url, **storage_options)
     except ValueError as err:
