@@ -173,9 +173,10 @@ class StreamConfig(PlanConfig):
         and the shards are local. Remote datasets stay in whole shards under "auto": with
         ``shuffle_unit="block"`` a block of a remote Arrow shard is read alone, by one ranged
         read of its bytes checked against its digest (`shardloader.fetch_blocks`; an epoch
-        fetches the dataset's bytes once, with no node cache), but each GET costs about 3 ms of
-        this process's CPU in botocore (and the loopback test server 10 ms more), so a dataset
-        many times its window read 4x slower than in whole shards (`tools.bench.s3_latency`).
+        fetches the dataset's bytes once, with no node cache), but a dataset many times its
+        window makes a GET of nearly every block, each about 1 ms of this process's CPU
+        (presigned; 3 ms through botocore) and, on the loopback test server, 10 ms of its: it
+        read about 4x slower than in whole shards (`tools.bench.s3_latency`).
         (Remote blocks without ranged reads, Parquet row groups, come from whole shards fetched
         into the node cache.)
 
