@@ -111,23 +111,47 @@ class Downloader:
                     if received > num_bytes:
                         return
 
-        start = time.perf_counter()
-        try:
-            storage.retry_until(
-                attempt,
-                url=url,
-                what="download",
-                deadline_s=self._retry_deadline_s,
-                stop=self._stop,
-                on_retry=lambda _: self._count("retries", 1),
-            )
-        except FileNotFoundError as err:
-            raise ShardError(f'{url}: shard is missing ({err}); run "shardloader verify"') from err
-        except PermissionError as err:
-            raise StorageError(f"{url}: access denied ({err}); check the credentials") from err
-        finally:
-            self._count("fetch_seconds", time.perf_counter() - start)
+        retry_shard_read(
+            attempt,
+            url=url,
+            what="download",
+            deadline_s=self._retry_deadline_s,
+            stop=self._stop,
+            count=self._count,
+        )
         return received, hasher.hexdigest()
+
+
+def retry_shard_read(
+    attempt: Callable[[], None],
+    *,
+    url: str,
+    what: str,
+    deadline_s: float,
+    stop: threading.Event,
+    count: Callable[[str, float], None],
+) -> None:
+    """Run ``attempt`` under the storage retry policy, as every read of a remote shard does.
+
+    Counts ``retries`` and ``fetch_seconds`` through ``count``; a missing object is a
+    `ShardError`, denied access a `StorageError`, each naming ``url``.
+    """
+    start = time.perf_counter()
+    try:
+        storage.retry_until(
+            attempt,
+            url=url,
+            what=what,
+            deadline_s=deadline_s,
+            stop=stop,
+            on_retry=lambda _: count("retries", 1),
+        )
+    except FileNotFoundError as err:
+        raise ShardError(f'{url}: shard is missing ({err}); run "shardloader verify"') from err
+    except PermissionError as err:
+        raise StorageError(f"{url}: access denied ({err}); check the credentials") from err
+    finally:
+        count("fetch_seconds", time.perf_counter() - start)
 
 
 def _mismatch(url: str, got: tuple[int, str], want: tuple[int, str], algorithm: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -22,7 +21,7 @@ from typing import Any, TypeVar
 
 from shardloader import storage
 from shardloader.cache import LocalShard, NodeCache, default_cache_dir, entry_key, hash_fd
-from shardloader.cache_download import Downloader
+from shardloader.cache_download import Downloader, retry_shard_read
 from shardloader.errors import ConfigError, ShardError, StorageError
 
 T = TypeVar("T")
@@ -304,22 +303,14 @@ class ShardFetcher:
                 storage_options=self.storage_options,
             )
 
-        start = time.perf_counter()
-        try:
-            storage.retry_until(
-                attempt,
-                url=url,
-                what=f"read of bytes [{offset}, {offset + length})",
-                deadline_s=self.retry_deadline_s,
-                stop=self._stop,
-                on_retry=lambda _: self._count("retries"),
-            )
-        except FileNotFoundError as err:
-            raise ShardError(f'{url}: shard is missing ({err}); run "shardloader verify"') from err
-        except PermissionError as err:
-            raise StorageError(f"{url}: access denied ({err}); check the credentials") from err
-        finally:
-            self._count("fetch_seconds", time.perf_counter() - start)
+        retry_shard_read(
+            attempt,
+            url=url,
+            what=f"read of bytes [{offset}, {offset + length})",
+            deadline_s=self.retry_deadline_s,
+            stop=self._stop,
+            count=self._count,
+        )
         self._count("bytes_fetched", len(got))
         self._count("range_reads")
         return got
