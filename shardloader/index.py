@@ -38,9 +38,8 @@ import pyarrow.parquet as pq
 
 from shardloader import storage
 from shardloader._version import __version__
-from shardloader.cache import hash_fd
 from shardloader.errors import ConfigError, CorpusError, ShardloaderError
-from shardloader.formats.parquet import field_kind, id_column_ok, row_group_digests
+from shardloader.formats.parquet import field_kind, hash_parquet_file, id_column_ok
 from shardloader.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -116,14 +115,18 @@ def index_parquet(
     if not footers:
         raise CorpusError(f"{source}: every Parquet file is empty; nothing to index")
     fields, use_id = _fields(footers, text_field, id_field, keep_fields)
-    algorithm, checksums = _identities(footers, opts)
+    blocks = [_row_group_blocks(f) for f in footers]  # StreamConfig(shuffle_unit="block")
+    if all(storage.is_local(f.url) for f in footers):
+        # Each file read once: its checksum and its row groups' digests.
+        hashed = [_hash_local(f, b) for f, b in zip(footers, blocks, strict=True)]
+        algorithm, checksums = "sha256", [c for c, _ in hashed]
+        blocks = [b for _, b in hashed]
+    else:
+        algorithm, checksums = _remote_identities(footers, opts)
     shards = [
         ShardInfo(path=f.rel, num_samples=f.num_rows, num_bytes=f.num_bytes, checksum=c)
         for f, c in zip(footers, checksums, strict=True)
     ]
-    blocks = [_row_group_blocks(f) for f in footers]  # StreamConfig(shuffle_unit="block")
-    if all(storage.is_local(f.url) for f in footers):  # hashed here anyway: digests too
-        blocks = [_with_digests(f, b) for f, b in zip(footers, blocks, strict=True)]
     out_dir = storage.normalize(output) if output else root
     manifest = Manifest(
         format="parquet",
@@ -263,17 +266,8 @@ def _fields(
     return fields, use_id
 
 
-def _identities(footers: list[_Footer], opts: dict[str, Any]) -> tuple[str, list[str]]:
-    """The checksum algorithm and each file's checksum (see the module docstring)."""
-    if all(storage.is_local(f.url) for f in footers):
-        out = []
-        for f in footers:
-            try:
-                with open(f.url.removeprefix("file://"), "rb") as handle:
-                    out.append(hash_fd(handle.fileno(), "sha256"))
-            except OSError as err:
-                raise CorpusError(f"{f.url}: cannot read it to hash ({err})") from err
-        return "sha256", out
+def _remote_identities(footers: list[_Footer], opts: dict[str, Any]) -> tuple[str, list[str]]:
+    """The checksum algorithm and each remote file's checksum (see the module docstring)."""
     etags = [f.etag or "" for f in footers]
     if all(_MD5.fullmatch(e) for e in etags):
         return "md5", etags
@@ -312,17 +306,20 @@ def _row_group_blocks(footer: _Footer) -> list[list[int]] | None:
     return [list(b) for b in footer.blocks] if len(footer.blocks) > 1 else None
 
 
-def _with_digests(footer: _Footer, blocks: list[list[Any]] | None) -> list[list[Any]] | None:
-    """``blocks`` of a local file, each with its `row_group_digest` (read: spans and footer)."""
-    if blocks is None:
-        return None
+def _hash_local(
+    footer: _Footer, blocks: list[list[Any]] | None
+) -> tuple[str, list[list[Any]] | None]:
+    """A local file's sha256, and its ``blocks`` each with its `row_group_digest`."""
+    spans = [(b[1], b[2]) for b in blocks or []]
     try:
-        digests = row_group_digests(
-            footer.url.removeprefix("file://"), footer.num_bytes, [(b[1], b[2]) for b in blocks]
+        checksum, digests = hash_parquet_file(
+            footer.url.removeprefix("file://"), footer.num_bytes, spans
         )
     except (OSError, ShardloaderError) as err:
-        raise CorpusError(f"{footer.url}: cannot read its row groups to hash them ({err})") from err
-    return [[*b, d] for b, d in zip(blocks, digests, strict=True)]
+        raise CorpusError(f"{footer.url}: cannot read it to hash ({err})") from err
+    if blocks is None:
+        return checksum, None
+    return checksum, [[*b, d] for b, d in zip(blocks, digests, strict=True)]
 
 
 def _source_entry(f: _Footer) -> dict[str, Any]:

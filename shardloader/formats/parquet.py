@@ -39,7 +39,7 @@ from shardloader.formats import ReadSpec, WriteSpec, check_num_samples, counted
 REINDEX = 'the file changed after it was indexed: run "shardloader index" again'
 MAGIC = b"PAR1"
 MAX_FOOTER_BYTES = 256 << 20  # a longer footer is refused (what one is read into memory)
-_HASH_STEP = 4 << 20  # bytes hashed per read when indexing
+_HASH_STEP = 1 << 20  # bytes read and hashed at a time when indexing (fits in L2 cache)
 
 
 def read_footer(fd: int, size: int, where: str) -> bytes:
@@ -65,41 +65,55 @@ def row_group_digest(chunks: bytes | memoryview, footer: bytes) -> str:
     The footer says how those bytes decode (codecs, encodings, offsets, the schema), so it is
     checked with them; first 128 bits, hex, as `shardloader.blocks.block_digest`.
     """
-    hasher = hashlib.sha256(chunks)
+    return _with_footer(hashlib.sha256(chunks), footer)
+
+
+def _with_footer(hasher: Any, footer: bytes) -> str:
     hasher.update(footer)
-    return hasher.hexdigest()[:DIGEST_HEX]
+    return str(hasher.hexdigest()[:DIGEST_HEX])
 
 
-def row_group_digests(path: str, size: int, spans: Sequence[tuple[int, int]]) -> list[str]:
-    """`row_group_digest` of every ``(offset, length)`` span of local file ``path``.
+def hash_parquet_file(
+    path: str, size: int, spans: Sequence[tuple[int, int]]
+) -> tuple[str, list[str]]:
+    """The sha256 of local file ``path`` and the `row_group_digest` of each of its ``spans``.
 
-    Reads each span in steps of 4 MiB (memory bounded whatever the row groups' size).
+    One sequential read in steps of 1 MiB (memory bounded whatever the row groups' size):
+    ``spans`` are ``(offset, length)``, increasing and not overlapping; each step feeds the file's
+    hash and the spans it covers.
 
     Raises:
-        ShardError: As `read_footer`, or a span past the file's end.
+        ShardError: As `read_footer`, or the file ends inside a span.
         OSError: The file cannot be read.
     """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        footer = read_footer(fd, size, path)
-        out = []
-        for offset, length in spans:
-            hasher = hashlib.sha256()
-            done = 0
-            while done < length:
-                piece = os.pread(fd, min(_HASH_STEP, length - done), offset + done)
-                if not piece:
-                    raise ShardError(
-                        f"{path}: ends inside row group bytes [{offset}, "
-                        f"{offset + length}); " + REINDEX
-                    )
-                hasher.update(piece)
-                done += len(piece)
-            hasher.update(footer)
-            out.append(hasher.hexdigest()[:DIGEST_HEX])
-        return out
-    finally:
-        os.close(fd)
+    whole = hashlib.sha256()
+    hashers = [hashlib.sha256() for _ in spans]
+    hashed = [0] * len(spans)
+    buffer = bytearray(_HASH_STEP)  # read into, as `shardloader.cache.hash_fd` does
+    with open(path, "rb") as f:
+        footer = read_footer(f.fileno(), size, path) if spans else b""
+        pos, first = 0, 0  # spans before ``first`` are complete
+        while n := os.preadv(f.fileno(), [buffer], pos):
+            view = memoryview(buffer)[:n]
+            whole.update(view)
+            end = pos + n
+            for k in range(first, len(spans)):
+                offset, length = spans[k]
+                if offset >= end:
+                    break
+                lo, hi = max(offset, pos), min(offset + length, end)
+                if hi > lo:
+                    hashers[k].update(view[lo - pos : hi - pos])
+                    hashed[k] += hi - lo
+                if offset + length <= end:
+                    first = k + 1
+            pos = end
+    for (offset, length), done in zip(spans, hashed, strict=True):
+        if done != length:
+            raise ShardError(
+                f"{path}: ends inside row group bytes [{offset}, {offset + length}); " + REINDEX
+            )
+    return whole.hexdigest(), [_with_footer(h, footer) for h in hashers]
 
 
 def field_kind(kind: pa.DataType) -> str | None:
