@@ -192,12 +192,12 @@ class StreamConfig(PlanConfig):
         unit = self.shuffle_unit
         has_table = manifest.shards.block_columns is not None
         # The block table is made only where it is used (1.6 M blocks take a while to lay out).
-        wanted = unit in ("block", "auto")
+        wanted = unit == "block" or (unit == "auto" and not remote)
         table = manifest.shards.block_table() if has_table and wanted else None
         unit_bytes: IdArray | None = None
         window: int
         budget: int | None
-        if unit == "auto":  # every block's size and digest known: Arrow shards from convert
+        if unit == "auto":  # blocks where every size and digest is known (convert, local index)
             known = table is not None and bool(table.decoded.all() and table.digest.all())
             unit = "block" if known and not remote else "shard"
         if unit == "block":
