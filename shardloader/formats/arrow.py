@@ -220,11 +220,7 @@ def _contiguous(array: pa.Array) -> pa.Array:
         array.buffers()[1], np.int32, count=len(array) + 1, offset=array.offset * 4
     )
     first, last = int(offsets[0]), int(offsets[-1])
-    rebased = (
-        pa.py_buffer(offsets - np.int32(first))
-        if first
-        else array.buffers()[1].slice(array.offset * 4, (len(array) + 1) * 4)
-    )
+    rebased = pa.py_buffer(offsets - np.int32(first))  # a copy of 4 bytes a row, not of the text
     data = array.buffers()[2].slice(first, last - first)
     return pa.StringArray.from_buffers(len(array), rebased, data, None, 0)
 
