@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from tools.bench.harness import ROOT
@@ -122,15 +120,6 @@ class LatencyProxy:
             writer.close()
 
 
-@contextlib.contextmanager
-def fresh_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="shardloader-lat-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delay-ms", default="0,20", help="comma-separated added delays")
@@ -188,11 +177,12 @@ def main() -> None:
                     )
                     for n in (8, 32)
                 ]
-                with fresh_dir() as cache:  # warm-up: imports, the first client, the manifest
+                # Warm-up: imports, the first client, the manifest.
+                with tempfile.TemporaryDirectory(prefix="shardloader-lat-") as cache:
                     warm = StreamConfig(seed=0, cache_dir=cache, shuffle_unit="shard")
                     next(iter(ShardDataset(url, config=warm, storage_options=opts)))
                 for name, settings in passes:
-                    with fresh_dir() as cache:
+                    with tempfile.TemporaryDirectory(prefix="shardloader-lat-") as cache:
                         config = StreamConfig(seed=0, cache_dir=cache, **settings)
                         dataset = ShardDataset(url, config=config, storage_options=opts)
                         start = time.perf_counter()
