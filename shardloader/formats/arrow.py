@@ -528,20 +528,23 @@ def _numpy_view(values: pa.Array) -> np.ndarray:
     """
     if values.null_count:
         return values.to_numpy(zero_copy_only=False)
+    return _buffer_view(values)
+
+
+def _buffer_view(values: pa.Array) -> np.ndarray:
+    """The values buffer of primitive array ``values`` as numpy (null slots hold anything)."""
     dtype = np.dtype(str(values.type))
     offset = values.offset * dtype.itemsize
     return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=offset)
 
 
 def _filled_lengths(lengths: pa.Array) -> np.ndarray:
-    """``lengths`` (int32) as int64, nulls as 0, from the buffers.
+    """``lengths`` (integers) as int64, nulls as 0, from the buffers.
 
     Not ``pc.fill_null(lengths, 0)`` and ``to_numpy``: a Python scalar and ``to_numpy`` import
     pandas where it is installed (0.26 s of a ``shardloader stats`` run).
     """
-    values = np.frombuffer(
-        lengths.buffers()[1], np.int32, count=len(lengths), offset=lengths.offset * 4
-    ).astype(np.int64)
+    values = _buffer_view(lengths).astype(np.int64)
     if lengths.null_count:
         bits = np.unpackbits(np.frombuffer(lengths.buffers()[0], np.uint8), bitorder="little")
         values[bits[lengths.offset : lengths.offset + len(lengths)] == 0] = 0
