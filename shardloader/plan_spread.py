@@ -4,15 +4,26 @@ Over blocks (``unit_groups``), an epoch puts the ``m`` blocks of a shard one in 
 the epoch: block ``i`` of the shard takes slot ``j = (i + c) mod m`` (``c``, a random turn per
 shard, so no epoch reads every shard from its start) and the sort key (its time in the epoch)
 
-    t(s, j) = (j + v(s, j)) / m,    v uniform in [0, 1)
+    t(s, j) = (j + v(s, j)) / m,    v in [0, 1)
 
-The epoch's sequence is every block sorted by ``(t, block index)``. Per shard one PCG64 output
-``r`` is drawn, seeded by ``(seed, epoch)`` as whole shards are (O(shards)): slot 0's ``v`` is
-``r``'s top 53 bits, so shards of one block each come in whole shards' order; the other slots'
-``v`` and the turn ``c`` are a counter-based hash (splitmix64's finalizer of a state made from
-``r``, plus the slot), so any block's key is computed alone, with no draw per block. float64
-arithmetic (an exact add of a 53-bit fraction, a correctly rounded division) gives the same keys
-on every machine, and keys rise with the slot.
+The epoch's sequence is every block sorted by ``(t, block index)``. ``v`` is stratified over
+runs of ``2**CELL_BITS`` (64) shards adjacent in manifest order (order 3): for slot ``j`` the
+shards of one run take the run's 64 cells ``[k/64, (k+1)/64)`` of ``[0, 1)`` in a keyed
+permutation of their offsets in the run (made anew for every run, slot and epoch), and a
+uniform place inside their cell. So any stretch of the epoch holds about the same share of
+every run of neighbouring shards, not a random one: the blocks that share a window are a
+stratified sample of the manifest, and a rank's order does not lean towards the corpus's start
+or end (Spearman's abs(rho) of a 1,000-shard corpus over 8 ranks was 0.014 on average and up to
+0.032 with independent ``v``, and is about 0.003 and at most 0.008 so; a sorted corpus is
+spread the same way). A shard of one block keeps its whole-shard draw ``r`` (below) as ``v``, so
+shards of one block each come in whole shards' order.
+
+Per shard one PCG64 output ``r`` is drawn, seeded by ``(seed, epoch)`` as whole shards are
+(O(shards)), plus one word for the epoch; the turn ``c``, the place inside a cell and the
+permutation's keys are counter-based hashes (splitmix64's finalizer) of states made from those
+and the slot, so any block's key is computed alone, with no draw per block. Integer arithmetic,
+an exact conversion of a 53-bit integer and a correctly rounded add and division give the same
+keys on every machine, and keys rise with the slot.
 
 So nothing here is O(blocks):
 
@@ -50,6 +61,12 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _TO_UNIT = 1.0 / (1 << 53)
+# v is stratified over runs of 2**CELL_BITS shards; the keyed permutation of a run's cells takes
+# _ROUNDS rounds of (multiply by an odd key, xor-shift, add a key), each a bijection mod 2**bits.
+CELL_BITS = 6
+_CELLS = np.uint64((1 << CELL_BITS) - 1)
+_ROUNDS = 4
+_SLOT_SALT = np.uint64(0x6A09E667F3BCC909)  # sqrt(2)'s fraction: keeps slot 0's word nonzero
 _NEAR = 1e-6  # T * m this close to an integer: check the slots either side of it too
 
 
@@ -60,6 +77,22 @@ def mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     x = x ^ (x >> np.uint64(27))
     x = x * _MIX2
     return x ^ (x >> np.uint64(31))
+
+
+def _cell(
+    shard: npt.NDArray[np.uint64], slot: npt.NDArray[np.uint64], epoch_word: np.uint64
+) -> npt.NDArray[np.uint64]:
+    """The cell of each shard's slot: its offset in its run, through the run's keyed permutation."""
+    run = shard >> np.uint64(CELL_BITS)
+    key = mix64((run * _GOLDEN) ^ mix64(slot * _GOLDEN + _SLOT_SALT) ^ epoch_word)
+    x = shard & _CELLS
+    half = np.uint64((CELL_BITS + 1) // 2)
+    for r in range(_ROUNDS):
+        k = key >> np.uint64(16 * r)
+        x = (x * (k | np.uint64(1))) & _CELLS
+        x ^= x >> half
+        x = (x + (k >> np.uint64(8))) & _CELLS
+    return x
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,11 +171,15 @@ class SpreadOrder:
         self._scale = self._counts.astype(np.float64)
         self.total = int(units.first[-1])
         num_shards = len(self._counts)
-        # One PCG64 output per shard (what whole shards are ordered by): slot 0's jitter, so
-        # shards of one block each come in the order of whole shards; the shard's other slots
-        # and its turn hash a state made from it.
-        self._raw = generator(key).random_raw(num_shards)
+        # One PCG64 output per shard (what whole shards are ordered by): the jitter of shards of
+        # one block, so they come in the order of whole shards; the shard's turn and the place
+        # of its blocks in their cells hash a state made from it. One more output keys the
+        # permutations of cells.
+        draws = generator(key).random_raw(num_shards + 1)
+        self._raw = draws[:num_shards]
         self._state = mix64(self._raw)
+        self._epoch_word = draws[num_shards]
+        self._single = self._counts == 1
         self._shard_samples = units.group_samples
         self._all_heads: IdArray | None = None  # made when most shards need theirs
         # Margin around a guessed time: a shard's share before T is off by at most one block,
@@ -151,10 +188,13 @@ class SpreadOrder:
 
     def keys(self, shard: IdArray, slot: IdArray) -> npt.NDArray[np.float64]:
         """Times in the epoch of slots ``slot`` of shards ``shard``."""
-        word = mix64(self._state[shard] + slot.astype(np.uint64) * _GOLDEN)
-        first = slot == 0
-        word[first] = self._raw[shard[first]]
-        jitter = (word >> np.uint64(11)).astype(np.float64) * _TO_UNIT
+        slot_word = slot.astype(np.uint64)
+        word = mix64(self._state[shard] + slot_word * _GOLDEN)
+        cell = _cell(shard.astype(np.uint64), slot_word, self._epoch_word)
+        bits = (cell << np.uint64(53 - CELL_BITS)) | (word >> np.uint64(11 + CELL_BITS))
+        single = self._single[shard]
+        bits[single] = self._raw[shard[single]] >> np.uint64(11)
+        jitter = bits.astype(np.float64) * _TO_UNIT
         return (slot + jitter) / self._scale[shard]
 
     def slots_before(self, time: float) -> IdArray:

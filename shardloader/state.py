@@ -33,11 +33,13 @@ from shardloader.plan import IdArray, PlanConfig, ResumePoint
 
 STATE_KIND = "shardloader.loader_state"
 STATE_VERSION = 1
-# Block-mode states (shuffle_unit="block") are version 2: the order of an epoch's blocks changed
-# (version 1's spread drew per block; version 2 hashes per shard, `shardloader.plan_spread`).
-# Earlier shardloaders refuse version 2, so they never continue such a state in their order;
-# states of whole shards keep version 1 and their bytes (their order never changed).
-BLOCK_STATE_VERSION = 2
+# Block-mode states (shuffle_unit="block") are version 3: the order of an epoch's blocks changed
+# twice (version 1's spread drew per block; version 2 hashed per shard; version 3 stratifies the
+# place of a block in its slot over runs of neighbouring shards, `shardloader.plan_spread`).
+# Earlier shardloaders refuse a newer version, so they never continue such a state in their
+# order; states of whole shards keep version 1 and their bytes (their order never changed).
+BLOCK_STATE_VERSION = 3
+_OLD_BLOCK_STATE_VERSIONS = (2,)
 
 
 def dataset_fingerprint(
@@ -214,10 +216,11 @@ class LoaderState:
                 f"with kind {STATE_KIND!r})"
             )
         version = data.get("version")
-        if version not in (STATE_VERSION, BLOCK_STATE_VERSION):
+        readable = (STATE_VERSION, *_OLD_BLOCK_STATE_VERSIONS, BLOCK_STATE_VERSION)
+        if version not in readable:
             raise ResumeError(
                 f"loader state version {version!r} is not supported; "
-                f"this shardloader reads versions {STATE_VERSION} and {BLOCK_STATE_VERSION}"
+                f"this shardloader reads versions {', '.join(map(str, readable))}"
             )
         try:
             extra = data.get("extra")
@@ -245,7 +248,7 @@ class LoaderState:
 
 
 def _check_block_order(state: LoaderState, version: object) -> None:
-    """Refuse a block-mode state of version 1 saved inside an epoch: its order is gone.
+    """Refuse a block-mode state of an older version saved inside an epoch: its order is gone.
 
     At an epoch boundary nothing of the epoch's order was used (the carry-in is explicit ids),
     so such a state starts the epoch in the current order.

@@ -16,7 +16,7 @@ from shardloader.plan import (
     plan_epoch,
     prepare_units,
 )
-from shardloader.plan_spread import PlanUnits, SpreadOrder
+from shardloader.plan_spread import CELL_BITS, PlanUnits, SpreadOrder
 
 BLOCKS = st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=12), min_size=1, max_size=25)
 
@@ -92,7 +92,26 @@ def test_the_order_is_the_same_for_the_same_seed_and_epoch_only() -> None:
     assert not np.array_equal(a, SpreadOrder(units, (3, 1, 1)).segment(0, 58)[0])
     assert not np.array_equal(a, SpreadOrder(units, (3, 2, 0)).segment(0, 58)[0])
     # Known values: the order must not change across machines or numpy versions.
-    assert a[:8].tolist() == [6, 15, 7, 16, 0, 17, 1, 18]
+    assert a[:8].tolist() == [6, 7, 15, 16, 0, 1, 17, 8]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_stretch_of_the_epoch_holds_an_equal_share_of_each_run_of_neighbouring_shards(
+    seed: int,
+) -> None:
+    """Stratified over runs of 64 shards: before any time ``T``, a run of 64 shards of ``m``
+    blocks has ``64 * m * T`` slots, give or take one (independent places were off by about
+    sqrt(64 * T * (1 - T)), up to 4 here), and every run's slot takes each cell once."""
+    runs, m = 5, 16
+    units = units_of([[1] * m] * (runs << CELL_BITS))
+    order = SpreadOrder(units, (3, seed, 0))
+    for t in np.linspace(0.0, 1.0, 97)[1:-1]:
+        per_run = order.slots_before(float(t)).reshape(runs, -1).sum(axis=1)
+        assert np.abs(per_run - (64 * m * t)).max() <= 1.0 + 1e-9, t
+    for slot in range(m):
+        keys = order.keys(np.arange(runs << CELL_BITS), np.full(runs << CELL_BITS, slot))
+        cells = np.floor((keys * m - slot) * 64).astype(np.int64).reshape(runs, -1)
+        assert all(len(set(row.tolist())) == 64 for row in cells), slot
 
 
 def test_prepared_units_plan_as_the_raw_arrays_do() -> None:
