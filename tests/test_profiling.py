@@ -17,6 +17,7 @@ from shardloader.profiling import (
     ProfileReport,
     StageResult,
     profile_dataset,
+    stream_advice,
     suggest,
 )
 from tests.conftest import ROOT, convert_docs, make_docs
@@ -41,6 +42,13 @@ def test_every_stage_of_tokenized_shards_is_measured(token_dir: Path) -> None:
     assert [run.num_workers for run in report.loaders] == [0, 2]
     assert all(run.batches > 0 and run.tokens_per_s > 0 for run in report.loaders)
     assert report.suggestions  # at least the worker count
+    # Local shards converted by this version: the defaults read blocks in 64 MiB windows.
+    assert (report.shuffle_unit, report.window_bytes, report.block_digests) == (
+        "block",
+        64 << 20,
+        True,
+    )
+    assert any("holds at most 64 MiB decoded (shuffle_bytes)" in s for s in report.suggestions)
 
 
 def test_text_shards_need_a_tokenizer_and_then_time_it(
@@ -77,6 +85,11 @@ def test_a_remote_dataset_is_downloaded_and_judged_against_the_cache(
     assert stage(report, "fetch").note == "download into a fresh cache"
     assert stage(report, "fetch").amount > 0
     assert any("holds the whole dataset" in line for line in report.suggestions)
+    # Remote: whole shards under "auto", and the advice names the way to blocks.
+    assert report.shuffle_unit == "shard"
+    assert report.window_units == 4
+    assert report.window_bytes > 0  # the 4 largest shards, decoded
+    assert any("shuffle_unit='block'" in line for line in report.suggestions)
 
 
 def synthetic(**changes: object) -> ProfileReport:
@@ -131,10 +144,30 @@ def test_advice_on_fetch_small_shards_and_a_cache_that_fits() -> None:
     assert "shards are small (2.0 MB" in advice
 
 
+def test_advice_on_the_unit_of_the_shuffle_follows_how_the_defaults_read() -> None:
+    def advice(**changes: object) -> str:
+        return "\n".join(stream_advice(synthetic(**changes)))
+
+    remote_blocks = advice(shuffle_unit="block", window_bytes=64 << 20, bottleneck="fetch")
+    assert "holds at most 64 MiB decoded" in remote_blocks
+    assert "raise range_requests" in remote_blocks
+    assert "range_requests" not in advice(shuffle_unit="block", remote=False, bottleneck="fetch")
+    whole = advice(shuffle_unit="shard", window_units=4, window_bytes=512 << 20, block_digests=True)
+    assert "mixes only 4 shards (512 MiB decoded)" in whole
+    assert "shuffle_unit='block'" in whole
+    old = advice(shuffle_unit="shard", window_units=4, block_digests=False)
+    assert "no block digests" in old
+    assert "shuffle_unit='block'" not in old
+
+
 def test_advice_on_a_decode_bottleneck_names_decode_threads() -> None:
     advice = "\n".join(suggest(synthetic(bottleneck="decode"), cpu_count=4, cache_bytes=1 << 40))
     assert "decoding is the slowest stage (40.0M tokens/s): raise decode_threads" in advice
     assert "decode_threads" not in "\n".join(suggest(synthetic(), cpu_count=4, cache_bytes=1 << 40))
+    local_blocks = synthetic(bottleneck="decode", remote=False, shuffle_unit="block")
+    advice = "\n".join(suggest(local_blocks, cpu_count=4, cache_bytes=1 << 40))
+    assert "add DataLoader workers (each decodes its own blocks)" in advice
+    assert "raise decode_threads" not in advice
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
