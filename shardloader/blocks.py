@@ -9,8 +9,9 @@ the message's bytes), so that a reader checks the block it decodes instead of ha
 shard. ``shardloader index`` records Parquet row groups the same way, with their uncompressed
 size and no digest (the whole file's checksum is used).
 A shard without an entry (``null``, or a manifest written before blocks existed) is one block,
-the whole shard. Tar shards are always one block: a ``.tar.zst`` is one zstd stream that cannot
-be entered in the middle, and an uncompressed tar has no index of its members.
+the whole shard. A plain tar shard's blocks are runs of whole samples (their members' byte
+range, data bytes and digest; `shardloader.formats.tar`); a ``.tar.zst`` is one zstd stream that
+cannot be entered in the middle, so it has no entry.
 
 Blocks are contiguous runs of global sample ids in shard order, so a plan made over block sizes
 (`BlockTable.num_samples`) instead of shard sizes keeps every sample id and every guarantee of

@@ -95,8 +95,9 @@ class ConvertConfig:
     shard_samples: int | None = option(None, "close a shard at this many samples")
     batch_bytes: int = option(
         128 * KiB,
-        "Arrow record batch size, uncompressed: a block, the unit streaming shuffles and "
-        "checks (smaller mixes more shards per window of shuffle_bytes)",
+        "Arrow record batch size, uncompressed (plain tar: a run of whole samples): a block, "
+        "the unit streaming shuffles and checks (smaller mixes more shards per window of "
+        "shuffle_bytes)",
         parse=parse_size,
     )
     task_bytes: int = option(

@@ -169,7 +169,8 @@ class StreamConfig(PlanConfig):
         """The plan config for ``manifest``, every "auto" setting chosen, and its units.
 
         "auto" reads in blocks when the manifest records every block's decoded size and digest
-        (Arrow shards converted by this version; Parquet files indexed locally by this version)
+        (Arrow and plain tar shards converted by this version; Parquet files indexed locally by
+        this version)
         and the shards are local. Remote datasets stay in whole shards under "auto": with
         ``shuffle_unit="block"`` a block of a remote Arrow shard is read alone, by one ranged
         read of its bytes checked against its digest (`shardloader.fetch_blocks`; an epoch

@@ -530,10 +530,12 @@ def _check_manifest(manifest: Manifest, totals: Mapping[str, Any], where: str) -
         )
     _check_fields(manifest, where)
     _check_root(manifest.root, where)
-    if manifest.format == "tar" and manifest.shards.block_columns is not None:
+    compressed_tar = manifest.format == "tar" and manifest.compression != "none"
+    if compressed_tar and manifest.shards.block_columns is not None:
         raise ManifestError(
-            f"{where}: tar shards have a blocks column; a tar shard is read whole (one block), "
-            "so the manifest is corrupt or tampered with: reconvert or restore it"
+            f"{where}: .tar.zst shards have a blocks column; a compressed tar is one stream, "
+            "read whole (one block), so the manifest is corrupt or tampered with: reconvert or "
+            "restore it"
         )
     expected = 0
     shards = manifest.shards

@@ -456,12 +456,13 @@ class ShardReader:
             spec = ReadSpec.for_manifest(
                 self._manifest, where=self._urls[shard], num_samples=int(self._counts[unit])
             )
-            if digest and blocks is not None:
-                span = (int(blocks.offset[unit]), int(blocks.length[unit]))
+            assert blocks is not None  # (a batch index comes from the block table)
+            span = (int(blocks.offset[unit]), int(blocks.length[unit]))
+            if digest:
                 return cast(VerifiedBlockFormat, self._format).read_verified_block(
                     path, spec, batch, span, digest
                 )
-            return cast(BlockFormat, self._format).read_block(path, spec, batch)
+            return cast(BlockFormat, self._format).read_block(path, spec, batch, span)
 
         return decode, digest
 

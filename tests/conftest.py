@@ -238,6 +238,23 @@ def tar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tar_blocks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The streaming dataset as plain tar shards cut into blocks of about 2 KB of members."""
+    from tests.streaming import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("stream-tar-blocks"), fmt="tar", batch_bytes=2000)
+
+
+@pytest.fixture(scope="module")
+def tar_zst_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.streaming import make_dataset
+
+    return make_dataset(
+        tmp_path_factory.mktemp("stream-tar-zst"), fmt="tar", batch_bytes=2000, compression="zstd"
+    )
+
+
+@pytest.fixture(scope="module")
 def token_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     from tests.streaming import make_dataset
 

@@ -18,11 +18,17 @@ NUM_SAMPLES = sum(SHARD_SIZES)
 
 
 def make_dataset(
-    root: Path, *, fmt: str = "arrow", tokenizer: str | None = None, batch_bytes: int | None = None
+    root: Path,
+    *,
+    fmt: str = "arrow",
+    tokenizer: str | None = None,
+    batch_bytes: int | None = None,
+    compression: str | None = None,
 ) -> Path:
     """Convert ``SHARD_SIZES`` documents per file into one shard per file under ``root``.
 
-    A small ``batch_bytes`` cuts the Arrow shards into many record batches (blocks).
+    A small ``batch_bytes`` cuts the shards into many blocks (Arrow record batches, runs of
+    samples of a plain tar).
     """
     docs = make_docs(NUM_SAMPLES, seed=7)
     corpus = root / "corpus"
@@ -31,7 +37,9 @@ def make_dataset(
         write_jsonl(corpus / f"part-{index}.jsonl", docs[start : start + size])
         start += size
     out = root / f"dataset-{fmt}{'-tok' if tokenizer else ''}{'-blocks' if batch_bytes else ''}"
-    extra = {} if batch_bytes is None else {"batch_bytes": batch_bytes}
+    extra: dict[str, Any] = {} if batch_bytes is None else {"batch_bytes": batch_bytes}
+    if compression is not None:
+        extra["compression"] = compression
     config = ConvertConfig(
         output=str(out),
         format=fmt,

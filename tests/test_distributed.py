@@ -61,11 +61,14 @@ def test_spawned_ranks_split_exactly_for_every_worker_count(
 
 @pytest.mark.slow
 @pytest.mark.torchrun
-@pytest.mark.parametrize("unit", ["shard", "block"])
+@pytest.mark.parametrize(
+    ("unit", "fixture"),
+    [("shard", "dataset_dir"), ("block", "blocks_dir"), ("block", "tar_blocks_dir")],
+)
 def test_torchrun_ranks_split_exactly_and_resume_on_the_same_and_other_world_size(
-    unit: str, tmp_path: Path, request: pytest.FixtureRequest
+    unit: str, fixture: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    dataset_dir = request.getfixturevalue("dataset_dir" if unit == "shard" else "blocks_dir")
+    dataset_dir = request.getfixturevalue(fixture)
     data, out = str(dataset_dir), str(tmp_path)
 
     def torchrun(nproc: int, *args: str) -> None:

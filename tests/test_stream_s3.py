@@ -116,14 +116,17 @@ def ids_and_fetched(batch: list[dict[str, Any]]) -> tuple[list[int], tuple[int, 
     return ids_of(batch), (info.id, fetched)
 
 
+@pytest.mark.parametrize("fixture", ["blocks_dir", "tar_blocks_dir"])
 def test_block_mode_from_s3_reads_each_block_once_by_ranged_reads(
-    blocks_dir: Path, tmp_path: Path
+    fixture: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Block mode reads an S3 dataset's blocks, each by one ranged read: no whole-shard download.
 
     2 ranks x 2 workers (real processes) read every sample once, in the order of local disk,
     and fetch the dataset's blocks once: at most 1.1x the shards' bytes, nothing in the cache.
+    Arrow record batches and plain tar's runs of samples alike.
     """
+    blocks_dir: Path = request.getfixturevalue(fixture)
     world_size = 2
     cache = tmp_path / "node-cache"
     config = StreamConfig(cache_dir=str(cache), shuffle_window=8, seed=4, shuffle_unit="block")

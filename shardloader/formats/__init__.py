@@ -60,7 +60,8 @@ class WriteSpec:
         token_dtype: ``"uint16"`` or ``"uint32"`` for tokenized shards, else ``None``.
         compression: ``"zstd"`` or ``"none"``.
         compression_level: The zstd level.
-        batch_bytes: Uncompressed size of an Arrow record batch (tar ignores it).
+        batch_bytes: Uncompressed size of an Arrow record batch, or of a plain tar's block
+            (runs of whole samples; a ``.tar.zst`` is one block).
     """
 
     shard_name: str
@@ -157,8 +158,13 @@ class ShardFormat(Protocol):
 class BlockFormat(Protocol):
     """A format whose shards are read block by block (Arrow: record batches)."""
 
-    def read_block(self, path: str, spec: ReadSpec, block_index: int) -> ShardColumns:
+    def read_block(
+        self, path: str, spec: ReadSpec, block_index: int, span: tuple[int, int] | None = None
+    ) -> ShardColumns:
         """Decode block ``block_index`` of local shard ``path``; ``spec.num_samples`` is its count.
+
+        ``span`` is the block's ``(offset, length)`` from the block table: formats whose files
+        index their blocks (Arrow's footer, Parquet's) find them without it; tar needs it.
 
         Raises:
             ShardError: No such block, or it does not hold the count (or fails the checks).

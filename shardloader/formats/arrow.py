@@ -368,8 +368,12 @@ class ArrowFormat:
             raise ShardError(f"{where}: not a readable Arrow shard ({err})") from err
         return ArrowColumns(table, fields, where)
 
-    def read_block(self, path: str, spec: ReadSpec, block_index: int) -> ArrowColumns:
+    def read_block(
+        self, path: str, spec: ReadSpec, block_index: int, span: tuple[int, int] | None = None
+    ) -> ArrowColumns:
         """Memory-map an Arrow shard and decode record batch ``block_index`` only.
+
+        The batch is found by the file's footer (``span`` is not needed).
 
         ``spec.num_samples`` is the block's count (the manifest's block table); the batch is
         checked like a whole shard (schema, count, offsets, UTF-8, nulls, token ids).

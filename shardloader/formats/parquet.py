@@ -209,8 +209,13 @@ class ParquetFormat:
         except (pa.ArrowException, OSError, ValueError) as err:
             raise ShardError(f"{where}: not a readable Parquet file ({err})") from err
 
-    def read_block(self, path: str, spec: ReadSpec, block_index: int) -> ParquetColumns:
-        """Read row group ``block_index`` (a block of the manifest), checked like a whole file."""
+    def read_block(
+        self, path: str, spec: ReadSpec, block_index: int, span: tuple[int, int] | None = None
+    ) -> ParquetColumns:
+        """Read row group ``block_index`` (a block of the manifest), checked like a whole file.
+
+        The row group is found by the file's footer (``span`` is not needed).
+        """
         where = spec.where
         try:
             return _read_row_group(pq.ParquetFile(path, memory_map=True), block_index, spec)

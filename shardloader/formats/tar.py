@@ -7,6 +7,13 @@ id and the kept fields, and for chat data also ``messages`` (then there is no ``
 URL that decompresses it). Member headers carry fixed times and
 owners, so the same input always gives the same bytes.
 
+A plain tar is also cut into blocks (`shardloader.blocks`): runs of whole samples of about
+``batch_bytes`` of member data each, recorded by the writer (``TarShardWriter.blocks``: count,
+byte range of the members, data bytes, digest). A block is read alone from its byte range: its
+members parse as a tar of their own (the end-of-archive marker is added), checked against the
+block's digest first. A ``.tar.zst`` is one zstd stream that cannot be entered in the middle: one
+block, the whole shard.
+
 Reading takes a tar as hostile input: every member must be a regular file named ``key.ext``
 (no directories, so two keys never merge), with ``ext`` one the schema expects, each at most once
 per key and each key's members together; ``.json`` must hold an object of the manifest's field
@@ -16,8 +23,11 @@ allocation, never pickled) with ids below the vocabulary size.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
@@ -26,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import zstandard
 
+from shardloader.blocks import DIGEST_HEX
 from shardloader.errors import ShardError
 from shardloader.formats import (
     ReadSpec,
@@ -77,6 +88,7 @@ class TarShardWriter:
     """Streams samples as tar members, through a zstd frame when compressed.
 
     Headers are USTAR with fixed owner, mode and time, so the same samples give the same bytes.
+    A plain tar's samples are grouped into blocks of about ``batch_bytes`` of member data.
     """
 
     def __init__(
@@ -87,6 +99,7 @@ class TarShardWriter:
         compression: str,
         compression_level: int,
         json_payload: str | None = None,
+        batch_bytes: int = 128 << 10,
     ) -> None:
         self._sink = sink
         self._json_payload = json_payload
@@ -98,14 +111,31 @@ class TarShardWriter:
         self._prefix = shard_name
         self._index = 0
         self._buffer = bytearray()
+        self._batch_bytes = max(1, batch_bytes)
+        # [num_samples, offset, length, data bytes, digest] of each block (`shardloader.blocks`):
+        # None for a .tar.zst (one stream) or a sink that cannot tell its position.
+        self.blocks: list[list[Any]] | None = None
+        self._offset = 0  # bytes of the tar so far, written or buffered
+        if self._zstd is None:
+            self._offset = _tell(sink)
+            self.blocks = [] if self._offset >= 0 else None
+        self._block_start = self._offset
+        self._block_samples = 0
+        self._block_data = 0
+        self._block_hash = hashlib.sha256()
 
     def _add(self, name: str, data: bytes) -> None:
         buf = self._buffer
+        start = len(buf)
         buf += ustar_header(name.encode("utf-8"), len(data))
         buf += data
         pad = -len(data) % _BLOCK
         if pad:
             buf += bytes(pad)
+        if self.blocks is not None:
+            self._block_hash.update(memoryview(buf)[start:])
+        self._offset += len(buf) - start
+        self._block_data += len(data)
         if len(buf) >= _FLUSH_BYTES:
             self._flush()
 
@@ -113,6 +143,22 @@ class TarShardWriter:
         if self._buffer:
             (self._zstd or self._sink).write(bytes(self._buffer))
             self._buffer = bytearray()
+
+    def _end_sample(self) -> None:
+        """Count the sample just added in its block; end the block at ``batch_bytes``."""
+        self._block_samples += 1
+        if self._block_data >= self._batch_bytes:
+            self._end_block()
+
+    def _end_block(self) -> None:
+        if self.blocks is not None and self._block_samples:
+            length = self._offset - self._block_start
+            digest = self._block_hash.hexdigest()[:DIGEST_HEX]
+            entry = [self._block_samples, self._block_start, length, self._block_data, digest]
+            self.blocks.append(entry)
+        self._block_start = self._offset
+        self._block_samples = self._block_data = 0
+        self._block_hash = hashlib.sha256()
 
     def write(
         self, doc_id: str, payload: bytes | np.ndarray, fields: Mapping[str, Any] | None
@@ -131,14 +177,15 @@ class TarShardWriter:
             rest = json.dumps(fields or {}, ensure_ascii=False)[1:]
             tail = b"}" if not fields else b", " + rest.encode("utf-8")
             self._add(key + ".json", f"{head}, {name}: ".encode() + payload + tail)
-            return
-        self._add(key + ".json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-        if isinstance(payload, bytes):
-            self._add(key + ".txt", payload)
         else:
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(payload), allow_pickle=False)
-            self._add(key + ".npy", buf.getvalue())
+            self._add(key + ".json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+            if isinstance(payload, bytes):
+                self._add(key + ".txt", payload)
+            else:
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.ascontiguousarray(payload), allow_pickle=False)
+                self._add(key + ".npy", buf.getvalue())
+        self._end_sample()
 
     def write_columns(
         self, ids: pa.Array, texts: pa.Array, fields: Mapping[str, pa.Array], sizes: np.ndarray
@@ -151,12 +198,21 @@ class TarShardWriter:
             self.write(doc_id, text.encode("utf-8"), values)
 
     def close(self) -> None:
-        """Write the end-of-archive blocks and end the zstd frame."""
+        """End the last block, write the end-of-archive blocks and end the zstd frame."""
+        self._end_block()
         self._buffer += _END_OF_ARCHIVE
         self._flush()
         if self._zstd is not None:
             self._zstd.flush(zstandard.FLUSH_FRAME)
             self._zstd.close()
+
+
+def _tell(sink: Any) -> int:
+    """The sink's position, or -1 where it cannot tell (then no block table is kept)."""
+    try:
+        return int(sink.tell())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return -1
 
 
 class TarFormat:
@@ -176,6 +232,7 @@ class TarFormat:
             compression=spec.compression,
             compression_level=spec.compression_level,
             json_payload=_json_payload(spec.fields),
+            batch_bytes=spec.batch_bytes,
         )
 
     def iter_samples(self, source: IO[bytes], spec: ReadSpec) -> Iterator[dict[str, Any]]:
@@ -219,6 +276,59 @@ class TarFormat:
         with open(path, "rb") as source:
             samples = list(self.iter_samples(source, spec))
         return TarColumns(samples, list(spec.fields))
+
+    def read_block(
+        self, path: str, spec: ReadSpec, block_index: int, span: tuple[int, int] | None = None
+    ) -> TarColumns:
+        """Decode block ``block_index`` of a plain tar from its byte range ``span``.
+
+        A tar has no index of its members: the range comes from the manifest's block table.
+        ``spec.num_samples`` is the block's count.
+        """
+        if span is None:
+            raise ShardError(f"{spec.where} block {block_index}: no byte range to read it from")
+        return self.decode_block(_read_range(path, span, spec, block_index), spec, block_index)
+
+    def read_verified_block(
+        self, path: str, spec: ReadSpec, block_index: int, where: tuple[int, int], digest: str
+    ) -> TarColumns:
+        """Read a block's members, check them against the block's digest, decode them."""
+        data = _read_range(path, where, spec, block_index)
+        if hashlib.sha256(data).hexdigest()[:DIGEST_HEX] != digest:
+            offset, length = where
+            raise ShardError(
+                f"{spec.where} block {block_index}: bytes [{offset}, {offset + length}) do not "
+                "match the manifest's block digest; the shard was modified or corrupted: run "
+                '"shardloader verify", then restore or convert it again'
+            )
+        return self.decode_block(data, spec, block_index)
+
+    def decode_block(self, data: bytes, spec: ReadSpec, block_index: int) -> TarColumns:
+        """Decode a block from its members' bytes (checked by the caller), as a tar of its own."""
+        if spec.compression == "zstd":
+            raise ShardError(f"{spec.where}: a .tar.zst has no blocks; read it whole")
+        label = f"{spec.where} block {block_index}"
+        source = io.BytesIO(bytes(data) + _END_OF_ARCHIVE)
+        checked = dataclasses.replace(spec, where=label)
+        samples = list(self.iter_samples(source, checked))
+        return TarColumns(samples, list(spec.fields))
+
+
+def _read_range(path: str, where: tuple[int, int], spec: ReadSpec, block_index: int) -> bytes:
+    """Bytes ``[offset, offset + length)`` of a local shard, all of them or an error."""
+    offset, length = where
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise ShardError(
+            f"{spec.where} block {block_index}: bytes [{offset}, {offset + length}) run past "
+            f"the end of the shard ({offset + len(data)} bytes); the shard was truncated or "
+            "replaced: convert it again"
+        )
+    return data
 
 
 class TarColumns:
