@@ -249,6 +249,40 @@ def test_directories_do_not_merge_two_samples(tar_out):
     assert_refused(tar_out, shard, "without directories")
 
 
+def _corrupt_second_header_name(data: bytes) -> bytes:
+    out = bytearray(data)
+    second = 1024  # a.json's header, its 512 bytes of data, then a.txt's header
+    out[second] ^= 0x01  # the name changes, the stored checksum does not
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (_corrupt_second_header_name(tar_bytes(text_sample("a"))), "not a readable tar shard"),
+        (tar_bytes(text_sample("a"))[: 1536 + 100], "not a readable tar shard"),
+    ],
+)
+def test_tar_headers_that_do_not_check_out_are_refused(tar_out, data, match):
+    """A header whose checksum does not match, or a member cut short, fails the whole shard."""
+    shard = replace_shard(tar_out, data, num_samples=1)
+    assert_refused(tar_out, shard, match)
+
+
+def test_extended_tar_headers_are_refused(tar_out):
+    """Convert writes plain USTAR headers; a pax header (a long name here) is not a regular file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in text_sample("k" * 120):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    shard = replace_shard(tar_out, buf.getvalue(), num_samples=1)
+    with pytest.raises(ShardError, match=r"not a regular file \(tar type b'x'\)") as info:
+        stream(tar_out)
+    assert str(info.value).startswith(shard)
+
+
 @pytest.fixture(scope="module")
 def token_tar(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     return make_dataset(
