@@ -15,6 +15,8 @@ import webdataset as wds
 
 import shardloader
 from shardloader import ConvertConfig, convert
+from shardloader.errors import ShardError
+from shardloader.formats import MAX_JSON_DEPTH, load_json
 from tests.conftest import convert_docs, make_docs, sha
 
 
@@ -190,3 +192,17 @@ def test_ustar_header_matches_tarfile(name, size):
     info = tarfile.TarInfo(name.decode())
     info.size, info.mode, info.mtime = size, 0o444, 0
     assert ustar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def test_json_depth_is_bounded_whatever_the_brackets_in_strings() -> None:
+    """Brackets bound the depth cheaply; inside strings they only make the real walk run."""
+    shallow = json.dumps({"id": "a", "text": "[" * 200 + "{" * 200})
+    assert load_json(shallow, "s")["text"].startswith("[[")
+    assert load_json(shallow.encode("utf-16"), "s")["id"] == "a"
+    deep = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    with pytest.raises(ShardError, match="nested deeper than 64"):
+        load_json(deep, "s")
+    with pytest.raises(ShardError, match="nested deeper than 64"):
+        load_json(deep.encode("utf-32"), "s")
+    at_limit = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert load_json(at_limit, "s") == json.loads(at_limit)

@@ -308,6 +308,18 @@ def load_json(data: str | bytes, where: str, *, want_object: bool = False) -> An
         raise ShardError(f"{where}: undecodable JSON ({type(err).__name__}: {err})") from err
     if want_object and not isinstance(value, dict):
         raise ShardError(f"{where}: JSON holds a {type(value).__name__}, expected an object")
-    if json_depth(value) > MAX_JSON_DEPTH:
+    if _openers(data) > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
         raise ShardError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+def _openers(data: str | bytes) -> int:
+    """Opening brackets in JSON text, an upper bound of its nesting depth.
+
+    Each level needs one literal ``[`` or ``{`` (escapes live inside strings; in UTF-16 or -32
+    bytes each still holds the byte). Counted in C: the walk over the parsed value runs only
+    when this bound is not enough.
+    """
+    if isinstance(data, str):
+        return data.count("[") + data.count("{")
+    return data.count(b"[") + data.count(b"{")
