@@ -13,6 +13,7 @@ naming the shard, never a raw ``IndexError`` or ``RecursionError`` from deep ins
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -20,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from shardloader.blocks import block_digest
 from shardloader.errors import ConfigError, ShardError
 from shardloader.manifest import json_depth
 
@@ -323,3 +325,37 @@ def _openers(data: str | bytes) -> int:
     if isinstance(data, str):
         return data.count("[") + data.count("{")
     return data.count(b"[") + data.count(b"{")
+
+
+def read_span(
+    path: str, offset: int, length: int, *, head: bytes = b"", tail: bytes = b""
+) -> tuple[bytearray, int]:
+    """``head``, the ``length`` bytes at ``offset`` of local file ``path``, then ``tail``.
+
+    Read in place into one buffer (no copy of the span); returns it and how many bytes of the
+    span were there (fewer than ``length`` past the end of the file; the rest stays zero).
+    """
+    data = bytearray(len(head) + length + len(tail))
+    data[: len(head)] = head
+    data[len(head) + length :] = tail
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = os.preadv(fd, [memoryview(data)[len(head) : len(head) + length]], offset)
+    finally:
+        os.close(fd)
+    return data, got
+
+
+def check_block(data: bytes | memoryview, digest: str, label: str, span: tuple[int, int]) -> None:
+    """Refuse a block whose bytes (all ``span[1]`` of them) do not match its digest.
+
+    Raises:
+        ShardError: Naming ``label`` (the shard and block) and the byte range.
+    """
+    offset, length = span
+    if len(data) != length or block_digest(data) != digest:
+        raise ShardError(
+            f"{label}: bytes [{offset}, {offset + length}) do not match the manifest's "
+            'block digest; the shard was modified or corrupted: run "shardloader '
+            'verify", then restore or convert it again'
+        )

@@ -17,23 +17,24 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
 
-from shardloader.blocks import DIGEST_HEX, block_digest
+from shardloader.blocks import DIGEST_HEX
 from shardloader.errors import ShardError
 from shardloader.formats import (
     ReadSpec,
     WriteSpec,
+    check_block,
     check_num_samples,
     check_token_ids,
     counted,
     extra_fields,
     load_json,
+    read_span,
 )
 
 BATCH_ROWS = 65536
@@ -241,23 +242,6 @@ def _schema_message(fields: tuple[tuple[str, str], ...], token_dtype: str | None
     return bytes(_expected_schema(fields, token_dtype).serialize())
 
 
-def _read_message(head: bytes, path: str, offset: int, length: int) -> tuple[bytearray, int]:
-    """``head`` followed by the ``length`` bytes at ``offset`` of ``path``, in one buffer.
-
-    Read into in place (no copy of the block); also returns where the block starts.
-    """
-    data = bytearray(len(head) + length)
-    data[: len(head)] = head
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = os.preadv(fd, [memoryview(data)[len(head) :]], offset)
-    finally:
-        os.close(fd)
-    if got != length:
-        del data[len(head) + got :]
-    return data, len(head)
-
-
 class _BatchTee:
     """The sink an Arrow writer writes through, hashing what one record batch writes.
 
@@ -410,14 +394,8 @@ class ArrowFormat:
         try:
             # A copy (one block): what is checked is what is decoded, whatever the file does.
             head = _schema_message(tuple(spec.fields.items()), spec.token_dtype)
-            message, start = _read_message(head, path, offset, length)
-            data = memoryview(message)[start:]
-            if len(data) != length or block_digest(data) != digest:
-                raise ShardError(
-                    f"{label}: bytes [{offset}, {offset + length}) do not match the manifest's "
-                    'block digest; the shard was modified or corrupted: run "shardloader '
-                    'verify", then restore or convert it again'
-                )
+            message, got = read_span(path, offset, length, head=head)
+            check_block(memoryview(message)[len(head) : len(head) + got], digest, label, where)
             return _decode_message(message, spec, label)
         except OSError as err:
             raise ShardError(f"{label}: not a readable Arrow record batch ({err})") from err

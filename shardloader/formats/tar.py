@@ -28,7 +28,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any
@@ -42,10 +41,12 @@ from shardloader.errors import ShardError
 from shardloader.formats import (
     ReadSpec,
     WriteSpec,
+    check_block,
     check_token_ids,
     counted,
     extra_fields,
     load_json,
+    read_span,
 )
 
 _BLOCK = 512
@@ -280,44 +281,40 @@ class TarFormat:
         """
         if span is None:
             raise ShardError(f"{spec.where} block {block_index}: no byte range to read it from")
-        return self.decode_block(_read_range(path, span, spec, block_index), spec, block_index)
+        return self._decode_marked(_read_block(path, span, spec, block_index), spec, block_index)
 
     def read_verified_block(
         self, path: str, spec: ReadSpec, block_index: int, where: tuple[int, int], digest: str
     ) -> TarColumns:
         """Read a block's members, check them against the block's digest, decode them."""
-        data = _read_range(path, where, spec, block_index)
-        if hashlib.sha256(data).hexdigest()[:DIGEST_HEX] != digest:
-            offset, length = where
-            raise ShardError(
-                f"{spec.where} block {block_index}: bytes [{offset}, {offset + length}) do not "
-                "match the manifest's block digest; the shard was modified or corrupted: run "
-                '"shardloader verify", then restore or convert it again'
-            )
-        return self.decode_block(data, spec, block_index)
+        data = _read_block(path, where, spec, block_index)
+        members = memoryview(data)[: where[1]]
+        check_block(members, digest, f"{spec.where} block {block_index}", where)
+        return self._decode_marked(data, spec, block_index)
 
     def decode_block(self, data: bytes, spec: ReadSpec, block_index: int) -> TarColumns:
         """Decode a block from its members' bytes (checked by the caller), as a tar of its own."""
+        return self._decode_marked(bytes(data) + _END_OF_ARCHIVE, spec, block_index)
+
+    def _decode_marked(
+        self, data: bytes | bytearray, spec: ReadSpec, block_index: int
+    ) -> TarColumns:
+        """Decode a block's members followed by the end-of-archive marker."""
         if spec.compression == "zstd":
             raise ShardError(f"{spec.where}: a .tar.zst has no blocks; read it whole")
-        label = f"{spec.where} block {block_index}"
-        checked = dataclasses.replace(spec, where=label)
-        samples = list(self.iter_samples(io.BytesIO(bytes(data) + _END_OF_ARCHIVE), checked))
+        checked = dataclasses.replace(spec, where=f"{spec.where} block {block_index}")
+        samples = list(self.iter_samples(io.BytesIO(data), checked))
         return TarColumns(samples, list(spec.fields))
 
 
-def _read_range(path: str, where: tuple[int, int], spec: ReadSpec, block_index: int) -> bytes:
-    """Bytes ``[offset, offset + length)`` of a local shard, all of them or an error."""
-    offset, length = where
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-    if len(data) != length:
+def _read_block(path: str, span: tuple[int, int], spec: ReadSpec, block_index: int) -> bytearray:
+    """A block's bytes of a local shard, then the end-of-archive marker; all of them or an error."""
+    offset, length = span
+    data, got = read_span(path, offset, length, tail=_END_OF_ARCHIVE)
+    if got != length:
         raise ShardError(
             f"{spec.where} block {block_index}: bytes [{offset}, {offset + length}) run past "
-            f"the end of the shard ({offset + len(data)} bytes); the shard was truncated or "
+            f"the end of the shard ({offset + got} bytes); the shard was truncated or "
             "replaced: convert it again"
         )
     return data
