@@ -77,6 +77,15 @@ class BlockTable(NamedTuple):
         """Number of blocks (units of a plan over blocks)."""
         return len(self.num_samples)
 
+    @property
+    def all_known(self) -> bool:
+        """Whether every block's decoded size and digest are recorded.
+
+        Then each block can be read alone and checked, and a window bounded by bytes: "auto"
+        reads such local data in blocks.
+        """
+        return bool(self.decoded.all() and self.digest.all())
+
 
 class BlockColumns(NamedTuple):
     """A manifest's block table, flat: how the ``blocks`` column is stored and kept.

@@ -199,7 +199,7 @@ class StreamConfig(PlanConfig):
         window: int
         budget: int | None
         if unit == "auto":  # blocks where every size and digest is known (convert, local index)
-            known = table is not None and bool(table.decoded.all() and table.digest.all())
+            known = table is not None and table.all_known
             unit = "block" if known and not remote else "shard"
         if unit == "block":
             table = table or manifest.shards.block_table()

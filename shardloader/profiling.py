@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from shardloader import storage
+from shardloader.blocks import shard_decoded_bytes
 from shardloader.errors import ConfigError
 from shardloader.formats import ReadSpec, get_format
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
@@ -296,15 +297,16 @@ def _default_reading(manifest: Manifest, remote: bool) -> tuple[str, int, int, b
     from shardloader.dataset import StreamConfig  # (imports torch: only when profiling)
 
     plan = StreamConfig().resolve(manifest, remote=remote)
-    config = plan.config
-    table = manifest.shards.block_table() if manifest.shards.block_columns is not None else None
-    digests = table is not None and bool(table.digest.all() and table.decoded.all())
+    config, table = plan.config, plan.blocks
+    if table is None and manifest.shards.block_columns is not None:  # (whole shards)
+        table = manifest.shards.block_table()
+    digests = table is not None and table.all_known
     window = int(config.shuffle_window or 0)  # (resolve always sets it)
     if config.shuffle_unit == "block":
         return "block", int(config.shuffle_bytes or 0), window, digests
     held = 0
     if table is not None and window and table.decoded.all():  # the largest shards, decoded
-        per_shard = np.bincount(table.shard_index, weights=table.decoded).astype(np.int64)
+        per_shard = shard_decoded_bytes(table, len(manifest.shards.column("num_samples")))
         held = int(np.sort(per_shard)[-window:].sum())
     return "shard", held, window, digests
 
