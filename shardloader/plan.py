@@ -29,6 +29,11 @@ Algorithm, for one epoch over ``W`` ranks with ``K`` workers each:
    and, with ``shuffle_bytes`` and ``unit_bytes``, of at most that many decoded bytes (a window
    ends before the piece that would pass it; a piece of part of a unit counts its share); a
    window's ids are permuted together, seeded by ``(seed, epoch, rank, worker, window index)``.
+   Over blocks (when some shard has more than one), the permutation spreads each block's
+   samples evenly over the window (`shardloader.plan_spans.spread_permutation`: a block of
+   ``c`` puts one sample in each ``1/c`` of it, at a random place), so any stretch of the window
+   draws on as many of its blocks as it can; with one block per shard, windows are permuted
+   uniformly, as whole shards are.
 
 So over shards a rank opens only the shards of its block (the two at its ends shared with its
 neighbours, plus the shards of carried-in or padding ids), and a worker holds at most

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -212,6 +213,17 @@ class FreshEpoch:
             return None
         return WindowBudget(self.config.shuffle_bytes, self.units.unit_bytes, self.units.sizes)
 
+    @cached_property
+    def spreads_windows(self) -> bool:
+        """Whether windows spread their blocks' samples (`shardloader.plan_spans.Window.spread`).
+
+        Over blocks, when some shard has more than one: with one block per shard the plan is
+        the one of whole shards, windows included (an indexed Parquet file of one row group
+        reads in its converted copy's order).
+        """
+        counts = self.units.group_counts
+        return counts is not None and len(counts) > 0 and int(counts.max()) > 1
+
     def planner(self, world_size: int, num_workers: int) -> _SplitPlanner:
         """The epoch's sequence divided among ``world_size x num_workers``."""
         seq = _epoch_sequence(self.units, self.config, self.epoch, self.carry)
@@ -267,7 +279,8 @@ class _SplitPlanner:
         pieces = self._pieces(*self._worker_range(rank, worker_id))
         window = config.shuffle_window
         assert window is not None  # plan_epoch checks the config is resolved
-        windows = group_windows(pieces, window, key, budget=self._fresh.budget)
+        spread = self._fresh.spreads_windows
+        windows = group_windows(pieces, window, key, budget=self._fresh.budget, spread=spread)
         return WorkerPlan(rank, worker_id, self._fresh.epoch, windows, self._fresh.first)
 
     def _pieces(self, start: int, stop: int) -> list[Piece]:

@@ -54,12 +54,15 @@ class Window:
             partly read before a resume.
         padded: With ``ids``, which of them are padding repeats.
         shuffle_key: Entropy of the window's permutation; ``None`` keeps the order.
+        spread: With ``shuffle_key``, spread each span's samples evenly over the window
+            (`spread_permutation`) instead of permuting the window uniformly.
     """
 
     spans: tuple[Span, ...] = ()
     ids: IdArray | None = None
     padded: MaskArray | None = None
     shuffle_key: tuple[int, ...] | None = None
+    spread: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -136,6 +139,35 @@ def permutation(n: int, key: tuple[int, ...]) -> IdArray:
     return np.argsort(generator(key).random_raw(n), kind="stable").astype(np.int64)
 
 
+def spread_permutation(lengths: IdArray, key: tuple[int, ...]) -> IdArray:
+    """A permutation of the positions of runs of ``lengths`` laid end to end, each run spread.
+
+    The ``c`` items of a run take the ``c`` equal parts of the order, ``[j/c, (j+1)/c)``, one
+    each: item ``j`` in a uniformly random order of the run, at a uniform place inside its part.
+    So any stretch of ``L`` items of a window of ``N`` holds ``L * c / N`` items of each run,
+    give or take about two (runs of equal size), where a uniform permutation holds a binomial
+    count: with runs that are
+    blocks, a stretch draws on as many blocks as it can (a worker's last, small window of 111
+    blocks gave 99 distinct blocks per 250 samples uniformly permuted, and gives all 111 so).
+    The keys ``(j + u) / c`` use PCG64's raw output, an exact 53-bit conversion and a correctly
+    rounded add and division, so they are the same on every machine. Cost: two sorts of the
+    window (2.5 ms for 25,602 ids, a uniform permutation 1.3 ms).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = int(lengths.sum())
+    raw = generator(key).random_raw(2 * n)
+    run_bits = max(1, len(lengths).bit_length())
+    run = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    # One sort by (run, the top 63 - run_bits bits of a draw): a random order inside each run.
+    drawn = (raw[:n] >> np.uint64(run_bits + 1)).astype(np.int64)
+    ranked = np.argsort((run << np.int64(63 - run_bits)) | drawn, kind="stable")
+    place = np.empty(n, np.int64)
+    place[ranked] = np.arange(n, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    jitter = (raw[n:] >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    keys = (place + jitter) / np.repeat(lengths.astype(np.float64), lengths)
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
 def body_spans(
     perm: IdArray | None, sizes: IdArray, ends: IdArray, start: int, stop: int
 ) -> list[Piece]:
@@ -161,11 +193,13 @@ def group_windows(
     key: tuple[int, ...] | None,
     *,
     budget: WindowBudget | None = None,
+    spread: bool = False,
 ) -> tuple[Window, ...]:
     """Consecutive spans, ``shuffle_window`` at a time; explicit ids form windows of their own.
 
     With ``budget``, a window also ends before the span that would take its bytes past
-    ``budget.limit`` (a window always holds at least one span).
+    ``budget.limit`` (a window always holds at least one span). ``spread``: the windows'
+    spans are spread over them (`Window.spread`).
     """
     windows: list[Window] = []
     run: list[Span] = []
@@ -175,14 +209,14 @@ def group_windows(
         if isinstance(piece, Span):
             size = next(sizes, 0)
             if run and budget is not None and used + size > budget.limit:
-                windows.append(_window(run, key, len(windows)))
+                windows.append(_window(run, key, len(windows), spread))
                 run, used = [], 0
             run.append(piece)
             used += size
             if len(run) < shuffle_window:
                 continue
         if run:
-            windows.append(_window(run, key, len(windows)))
+            windows.append(_window(run, key, len(windows), spread))
             run, used = [], 0
         if isinstance(piece, Block):
             piece.ids.setflags(write=False)
@@ -191,8 +225,10 @@ def group_windows(
     return tuple(windows)
 
 
-def _window(run: list[Span], key: tuple[int, ...] | None, index: int) -> Window:
-    return Window(spans=tuple(run), shuffle_key=None if key is None else (*key, index))
+def _window(run: list[Span], key: tuple[int, ...] | None, index: int, spread: bool) -> Window:
+    if key is None:
+        return Window(spans=tuple(run))
+    return Window(spans=tuple(run), shuffle_key=(*key, index), spread=spread)
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,7 +278,10 @@ def window_samples(window: Window, first: IdArray) -> WindowSamples:
     ids = piece_ids(list(spans), first)
     lengths = [s.stop - s.start for s in spans]
     padded = np.repeat(np.array([s.padding for s in spans], dtype=np.bool_), lengths)
-    if window.shuffle_key is not None:
+    if window.shuffle_key is not None and window.spread:
+        order = spread_permutation(np.array(lengths, dtype=np.int64), window.shuffle_key)
+        ids, padded = ids[order], padded[order]
+    elif window.shuffle_key is not None:
         order = permutation(len(ids), window.shuffle_key)
         ids, padded = ids[order], padded[order]
     return WindowSamples(list(dict.fromkeys(s.shard_index for s in spans)), ids, padded)

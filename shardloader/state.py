@@ -33,13 +33,15 @@ from shardloader.plan import IdArray, PlanConfig, ResumePoint
 
 STATE_KIND = "shardloader.loader_state"
 STATE_VERSION = 1
-# Block-mode states (shuffle_unit="block") are version 3: the order of an epoch's blocks changed
-# twice (version 1's spread drew per block; version 2 hashed per shard; version 3 stratifies the
-# place of a block in its slot over runs of neighbouring shards, `shardloader.plan_spread`).
+# Block-mode states (shuffle_unit="block") are version 4: the order of an epoch's blocks changed
+# three times (version 1's spread drew per block; version 2 hashed per shard; version 3
+# stratifies the place of a block in its slot over runs of neighbouring shards,
+# `shardloader.plan_spread`; version 4 spreads each block's samples over its window,
+# `shardloader.plan_spans.spread_permutation`, instead of permuting the window uniformly).
 # Earlier shardloaders refuse a newer version, so they never continue such a state in their
 # order; states of whole shards keep version 1 and their bytes (their order never changed).
-BLOCK_STATE_VERSION = 3
-_OLD_BLOCK_STATE_VERSIONS = (2,)
+BLOCK_STATE_VERSION = 4
+_OLD_BLOCK_STATE_VERSIONS = (2, 3)
 
 
 def dataset_fingerprint(

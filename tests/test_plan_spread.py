@@ -16,6 +16,7 @@ from shardloader.plan import (
     plan_epoch,
     prepare_units,
 )
+from shardloader.plan_spans import permutation, spread_permutation
 from shardloader.plan_spread import CELL_BITS, PlanUnits, SpreadOrder
 
 BLOCKS = st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=12), min_size=1, max_size=25)
@@ -297,3 +298,67 @@ def test_shards_of_one_block_each_come_in_the_order_of_whole_shards(
     )
     assert np.array_equal(shards.sample_ids(), blocks.sample_ids())
     assert np.array_equal(shards.leftover_ids, blocks.leftover_ids)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 60), min_size=1, max_size=40),
+    key=st.integers(0, 2**32),
+)
+def test_a_spread_window_holds_every_run_in_proportion_in_every_prefix(
+    lengths: list[int], key: int
+) -> None:
+    """Each run's items take the equal parts of the window: in the first ``P`` positions of
+    ``N`` a run of ``c`` has ``P * c / N`` items, give or take ``1 + R * c / N`` (``R`` runs)."""
+    order = spread_permutation(np.array(lengths), (9, key))
+    n, runs = sum(lengths), len(lengths)
+    assert sorted(order.tolist()) == list(range(n))
+    run = np.repeat(np.arange(runs), lengths)[order]
+    counts = np.cumsum(np.eye(runs, dtype=np.int64)[run], axis=0)  # [P, run]: items so far
+    expected = np.outer(np.arange(1, n + 1), lengths) / n
+    slack = 1 + runs * np.array(lengths) / n + 1e-9
+    assert (np.abs(counts - expected) <= slack).all()
+
+
+def test_a_spread_window_draws_on_every_block_where_a_uniform_one_repeats_some() -> None:
+    """111 blocks of 51 (a worker's last window in the shuffle benchmark): any 222 consecutive
+    samples hold every block, and 111 of them about 5/6 of the blocks (uniformly permuted: 63%)."""
+    lengths = np.full(111, 51)
+    run = np.repeat(np.arange(111), lengths)
+    spread = run[spread_permutation(lengths, (1, 2, 3))]
+    uniform = run[permutation(len(run), (1, 2, 3))]
+
+    def distinct(order: np.ndarray, size: int) -> list[int]:
+        return [len(set(order[i : i + size].tolist())) for i in range(0, len(run) - size, 7)]
+
+    assert min(distinct(spread, 222)) == 111
+    assert min(distinct(uniform, 222)) < 100
+    assert np.mean(distinct(spread, 111)) > 0.8 * 111 > 0.7 * 111 > np.mean(distinct(uniform, 111))
+
+
+def test_the_spread_permutation_is_pinned() -> None:
+    """The same runs and key give this order on any machine and numpy version."""
+    order = spread_permutation(np.array([3, 1, 4]), (5, 6))
+    assert np.array_equal(order, spread_permutation(np.array([3, 1, 4]), (5, 6)))
+    assert not np.array_equal(order, spread_permutation(np.array([3, 1, 4]), (5, 7)))
+    assert order.tolist() == PINNED_SPREAD
+
+
+PINNED_SPREAD = [6, 1, 7, 0, 5, 2, 4, 3]
+
+
+def test_block_windows_are_spread_unless_every_shard_is_one_block() -> None:
+    sizes = np.array([40, 40, 40, 40], dtype=np.int64)
+    config = PlanConfig(seed=3, shuffle_window=64, shuffle_unit="block")
+    world = {"epoch": 0, "world_size": 1, "rank": 0, "num_workers": 1}
+    many = plan_epoch(
+        prepare_units(np.full(16, 10), unit_groups=np.repeat(np.arange(4), 4)),
+        config=config,
+        **world,
+    )
+    assert all(w.spread for w in many.workers[0].windows)
+    ids = many.workers[0].sample_ids()
+    blocks = ids // 10  # 16 blocks of 10: every 32 consecutive ids hold all of them
+    assert min(len(set(blocks[i : i + 32].tolist())) for i in range(len(ids) - 32)) == 16
+    one = plan_epoch(prepare_units(sizes, unit_groups=np.arange(4)), config=config, **world)
+    assert not any(w.spread for w in one.workers[0].windows)

@@ -169,7 +169,7 @@ def test_checks_name_what_differs() -> None:
         state.check_topology(3, 1)
     with pytest.raises(ResumeError, match="expected"):
         LoaderState(dataset="d", config=config, epoch=0, world_size=2, num_workers=1, consumed=[1])
-    for bad in ({"kind": "x"}, {**state.to_dict(), "version": 4}, {**state.to_dict(), "epoch": []}):
+    for bad in ({"kind": "x"}, {**state.to_dict(), "version": 5}, {**state.to_dict(), "epoch": []}):
         with pytest.raises(ResumeError):
             LoaderState.from_dict(bad)
 
@@ -188,9 +188,9 @@ def _block_state(consumed: int, **kwargs: Any) -> LoaderState:
     )
 
 
-def test_block_states_are_version_3_and_shard_states_keep_version_1() -> None:
+def test_block_states_are_version_4_and_shard_states_keep_version_1() -> None:
     data = _block_state(7).to_dict()
-    assert data["version"] == BLOCK_STATE_VERSION == 3  # earlier readers refuse it
+    assert data["version"] == BLOCK_STATE_VERSION == 4  # earlier readers refuse it
     assert LoaderState.from_dict(data).to_dict() == data
     shard = LoaderState(
         dataset="fp", config=PlanConfig(), epoch=0, world_size=1, num_workers=0, consumed=[[0]]
@@ -199,11 +199,11 @@ def test_block_states_are_version_3_and_shard_states_keep_version_1() -> None:
 
 
 def _old(state: LoaderState, version: int) -> dict[str, Any]:
-    """The state as a shardloader before block order 2 (version 1) or 3 (version 2) saved it."""
+    """The state as a shardloader before block order 2, 3 or 4 (versions 1, 2, 3) saved it."""
     return {**state.to_dict(), "version": version}
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_earlier_block_state_inside_an_epoch_is_refused_saying_what_to_do(version: int) -> None:
     """Older block states cannot continue an epoch: the order of blocks changed."""
     with pytest.raises(
@@ -215,11 +215,11 @@ def test_an_earlier_block_state_inside_an_epoch_is_refused_saying_what_to_do(ver
     )
     with pytest.raises(ResumeError, match="order of blocks"):
         LoaderState.from_dict(_old(_block_state(0, previous=previous), version))  # resumed
-    with pytest.raises(ResumeError, match="version 4 is not supported"):
-        LoaderState.from_dict({**_block_state(7).to_dict(), "version": 4})
+    with pytest.raises(ResumeError, match="version 5 is not supported"):
+        LoaderState.from_dict({**_block_state(7).to_dict(), "version": 5})
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_earlier_block_state_at_an_epoch_boundary_starts_it_in_the_new_order(
     version: int,
 ) -> None:
