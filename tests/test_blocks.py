@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from shardloader import ShardDataset, StreamConfig, read_manifest
 from shardloader.errors import ManifestError, ShardError
+from shardloader.formats import BlockRead, ReadSpec, get_format
 from shardloader.manifest import MANIFEST_NAME
 from shardloader.plan import PlanConfig, plan_epoch
 from tests.streaming import NUM_SAMPLES, SHARD_SIZES, source_docs
@@ -402,3 +405,97 @@ def test_a_bad_digest_column_is_refused(blocks_dir: Path, tmp_path: Path) -> Non
         out = edited_manifest(blocks_dir, tmp_path / f"bad{id(change)}", change)
         with pytest.raises(ManifestError, match="blocks"):
             read_manifest(str(out))
+
+
+def _block_reads(dataset: Path) -> list[BlockRead]:
+    """Every block of ``dataset``, as reads for `read_verified_blocks`, shards interleaved."""
+    manifest = read_manifest(str(dataset))
+    table = manifest.shards.block_table()
+    paths = [str(dataset / shard.path) for shard in manifest.shards]
+    reads = [
+        BlockRead(
+            paths[int(shard)],
+            ReadSpec.for_manifest(manifest, where=paths[int(shard)], num_samples=int(count)),
+            int(batch),
+            (int(offset), int(length)),
+            str(digest),
+        )
+        for shard, batch, count, offset, length, digest in zip(
+            table.shard_index,
+            table.batch_index,
+            table.num_samples,
+            table.offset,
+            table.length,
+            table.digest,
+            strict=True,
+        )
+    ]
+    return reads[::2] + reads[1::2]  # not in file order: a group spans shards
+
+
+def test_blocks_decoded_in_a_group_are_the_blocks_read_alone(blocks_dir: Path) -> None:
+    arrow = get_format("arrow")
+    reads = _block_reads(blocks_dir)
+    assert len({r.path for r in reads}) > 1
+    assert len(reads) > 8
+    grouped = arrow.read_verified_blocks(reads)
+    for read, columns in zip(reads, grouped, strict=True):
+        alone = arrow.read_verified_block(
+            read.path, read.spec, read.block_index, read.span, read.digest
+        )
+        rows = np.arange(alone.num_rows)
+        assert columns.num_rows == read.spec.num_samples == alone.num_rows
+        assert columns.take(rows) == alone.take(rows)
+    assert arrow.read_verified_blocks([]) == []
+
+
+def test_a_group_with_a_damaged_or_miscounted_block_is_refused(
+    blocks_dir: Path, tmp_path: Path
+) -> None:
+    """The group fails as a whole (the reader then reads its blocks alone, naming the bad one)."""
+    reads = _block_reads(blocks_dir)[:6]
+    arrow = get_format("arrow")
+    miscounted = [*reads[:3], reads[3]._replace(spec=replace(reads[3].spec, num_samples=1))]
+    label = rf"{reads[3].spec.where} batch {reads[3].block_index}"
+    with pytest.raises(
+        ShardError, match=rf"{label}: shard holds \d+ samples but the manifest says 1"
+    ):
+        arrow.read_verified_blocks(miscounted)
+    copy = tmp_path / "set"
+    shutil.copytree(blocks_dir, copy)
+    victim = reads[4]
+    path = copy / Path(victim.path).name
+    data = bytearray(path.read_bytes())
+    data[victim.span[0] + victim.span[1] // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    moved = [r._replace(path=str(copy / Path(r.path).name)) for r in reads]
+    with pytest.raises(
+        ShardError, match=rf"{victim.spec.where} batch {victim.block_index}: .*digest"
+    ):
+        arrow.read_verified_blocks(moved)
+    # Read through a dataset, the damaged block is named (decoded in groups on decode threads).
+    with pytest.raises(ShardError, match=rf"{path} batch {victim.block_index}: .*block digest"):
+        list(ShardDataset(str(copy), config=StreamConfig(shuffle_unit="block")))
+
+
+def test_blocks_are_decoded_in_groups_by_default_in_the_same_order(
+    blocks_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arrow = type(get_format("arrow"))
+    groups: list[int] = []
+    original = arrow.read_verified_blocks
+
+    def spy(self: Any, reads: Any) -> Any:
+        groups.append(len(reads))
+        return original(self, reads)
+
+    monkeypatch.setattr(arrow, "read_verified_blocks", spy)
+    config = StreamConfig(shuffle_unit="block", seed=5)
+    grouped = [s["sample_id"] for s in ShardDataset(str(blocks_dir), config=config)]
+    assert sum(groups) == len(read_manifest(str(blocks_dir)).shards.block_table().num_samples)
+    assert max(groups) > 1
+    alone = replace(config, decode_threads=0)  # each block decoded in this thread, alone
+    groups.clear()
+    assert [s["sample_id"] for s in ShardDataset(str(blocks_dir), config=alone)] == grouped
+    assert groups == []
+    assert sorted(grouped) == list(range(NUM_SAMPLES))

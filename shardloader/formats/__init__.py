@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -187,6 +187,27 @@ class VerifiedBlockFormat(BlockFormat, Protocol):
         Raises:
             ShardError: The bytes do not match the digest (naming the shard and block), or as
                 `BlockFormat.read_block`.
+        """
+
+
+class BlockRead(NamedTuple):
+    """One block of a local shard to read in a group (`GroupBlockFormat.read_verified_blocks`)."""
+
+    path: str  # the local shard
+    spec: ReadSpec  # its manifest's spec; ``num_samples`` is the block's count
+    block_index: int
+    span: tuple[int, int]  # (offset, length) of the block's bytes in the shard
+    digest: str  # `shardloader.blocks.block_digest` of those bytes
+
+
+class GroupBlockFormat(VerifiedBlockFormat, Protocol):
+    """A verified block format that decodes many blocks (of any shards) in one call."""
+
+    def read_verified_blocks(self, reads: Sequence[BlockRead]) -> list[ShardColumns]:
+        """`VerifiedBlockFormat.read_verified_block` of every read, decoded together.
+
+        Raises:
+            ShardError: Some block fails (which one is not said: read it alone for that).
         """
 
 

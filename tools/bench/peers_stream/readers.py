@@ -30,6 +30,8 @@ def _shardloader_dataset(spec: dict[str, Any]) -> Any:
         cache_dir=spec["cache_dir"],
         cache_bytes=spec["cache_bytes"],
         verify_local=spec.get("verify_local", True),
+        shuffle_unit=spec.get("shuffle_unit", "auto"),
+        decode_threads=spec.get("decode_threads"),
     )
     pack = PackConfig(seq_len=spec["block_size"]) if spec["task"] == "packed" else None
     return ShardDataset(
