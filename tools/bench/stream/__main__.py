@@ -98,6 +98,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="iterate every system item by item through DataLoader(batch_size=None), as most "
         "users do (packed: one row per item)",
     )
+    parser.add_argument(
+        "--shuffle-unit",
+        default="auto",
+        choices=("auto", "block", "shard"),
+        help="shardloader's StreamConfig.shuffle_unit (auto: blocks locally, whole shards on S3)",
+    )
     parser.add_argument("--python", default=default_python(), help="interpreter for the passes")
     parser.add_argument(
         "--out",
@@ -228,6 +234,7 @@ def run_passes(
                 timeout_s=run.args.timeout,
                 shardloader_loader=not run.args.plain_dataloader,
                 per_sample=run.args.per_sample,
+                shuffle_unit=run.args.shuffle_unit,
             )
             m = measure(
                 ctx,
@@ -289,6 +296,7 @@ def settings_json(run: Run) -> dict[str, Any]:
         "large_repeats": run.args.large_repeats,
         "quick": run.args.quick,
         "shardloader_loader": "DataLoader" if run.args.plain_dataloader else "ShardLoader",
+        "shuffle_unit": run.args.shuffle_unit,
         "per_sample": run.args.per_sample,
     }
 

@@ -152,6 +152,7 @@ class Context:
     timeout_s: float
     shardloader_loader: bool  # iterate shardloader with ShardLoader (else a plain DataLoader)
     per_sample: bool = False  # every system through DataLoader(batch_size=None): item by item
+    shuffle_unit: str = "auto"  # shardloader's StreamConfig.shuffle_unit
 
 
 def _pass_spec(
@@ -181,6 +182,7 @@ def _pass_spec(
         "mosaic_predownload": MOSAIC_PREDOWNLOAD,
         "shardloader_loader": ctx.shardloader_loader,
         "per_sample": ctx.per_sample,
+        "shuffle_unit": ctx.shuffle_unit,
     }
 
 
