@@ -131,8 +131,8 @@ class StreamConfig(PlanConfig):
         None,
         "threads per process decoding a window's units ahead of the samples being made "
         "(default: 1 for whole shards, which then decode while the next one downloads or is "
-        "checked; 2 for local Arrow blocks checked by their digests, decoded 64 at a time with "
-        "the GIL released once per group; 0 for other blocks, and on a machine of one core)",
+        "checked; 2 for local Arrow blocks, decoded 64 at a time with the GIL released once "
+        "per group; 0 for other blocks, and on a machine of one core)",
     )
     timeout_s: float = option(
         60.0, "longest wait for one network step of a fetch (the request, each 4 MiB block)"

@@ -9,7 +9,7 @@ of the next windows, then yields the window's samples in plan order, in slices.
 - Blocks are decoded in the order the samples first need them, on ``decode_threads`` threads,
   while this thread makes samples. A window's first slice is `FIRST_SLICE` samples and each
   next one twice as large, so the first sample waits for a few blocks, not for the window.
-  Local Arrow blocks checked by their digests are decoded in groups (`GROUP_BLOCKS`; the first
+  Local Arrow blocks are decoded in groups (`GROUP_BLOCKS`; the first
   group is the first slice's): one buffer, one decode and one validation per group, so a
   decode thread takes the GIL back a few times per group, not about ten times per block, and
   two threads decode side by side (`GroupBlockFormat`). A spread window's first 2% of samples
@@ -166,7 +166,7 @@ class ShardReader:
             fetched, while the next one downloads (0: each unit is decoded in this thread when
             first needed). ``None``: 1 for whole shards (from the loopback S3 server up to 2x
             faster: the reading thread waits on downloads); `GROUP_THREADS` for blocks decoded
-            in groups (local Arrow blocks with digests, on a machine of more than one core); 0
+            in groups (local Arrow blocks, on a machine of more than one core); 0
             for other blocks: a block decoded alone takes the GIL back about ten times, each
             time waiting for a sample-making thread to yield it, and one decode thread made
             them 5-20% slower than this thread.
@@ -528,7 +528,7 @@ class ShardReader:
                 hash_whole=not digest,
             )
             self.stage_seconds["fetch_wait"] += time.perf_counter() - started
-            if grouped is not None and digest:
+            if grouped is not None:  # (no digest: verify_local off, or hashed whole above)
                 group.append((unit, local, self._block_read(unit, local.path, digest)))
                 if len(group) >= size:
                     self._submit_group(group, grouped)
@@ -539,10 +539,8 @@ class ShardReader:
             self._submit_group(group, grouped)
 
     def _grouped(self) -> GroupBlockFormat | None:
-        """The format, when it decodes checked blocks in groups (`_submit_group`)."""
-        if self._blocks is None or not self._verify_blocks:
-            return None
-        if not hasattr(self._format, "read_verified_blocks"):
+        """The format, when it decodes blocks in groups (`_submit_group`)."""
+        if self._blocks is None or not hasattr(self._format, "read_verified_blocks"):
             return None
         return cast(GroupBlockFormat, self._format)
 

@@ -498,4 +498,7 @@ def test_blocks_are_decoded_in_groups_by_default_in_the_same_order(
     groups.clear()
     assert [s["sample_id"] for s in ShardDataset(str(blocks_dir), config=alone)] == grouped
     assert groups == []
+    unchecked = replace(config, verify_local=False)  # grouped too, the digests not checked
+    assert [s["sample_id"] for s in ShardDataset(str(blocks_dir), config=unchecked)] == grouped
+    assert sum(groups) == len(read_manifest(str(blocks_dir)).shards.block_table().num_samples)
     assert sorted(grouped) == list(range(NUM_SAMPLES))

@@ -197,7 +197,7 @@ class BlockRead(NamedTuple):
     spec: ReadSpec  # its manifest's spec; ``num_samples`` is the block's count
     block_index: int
     span: tuple[int, int]  # (offset, length) of the block's bytes in the shard
-    digest: str  # `shardloader.blocks.block_digest` of those bytes
+    digest: str  # `shardloader.blocks.block_digest` of those bytes; "": not checked
 
 
 class GroupBlockFormat(VerifiedBlockFormat, Protocol):
