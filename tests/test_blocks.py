@@ -502,3 +502,16 @@ def test_blocks_are_decoded_in_groups_by_default_in_the_same_order(
     assert [s["sample_id"] for s in ShardDataset(str(blocks_dir), config=unchecked)] == grouped
     assert sum(groups) == len(read_manifest(str(blocks_dir)).shards.block_table().num_samples)
     assert sorted(grouped) == list(range(NUM_SAMPLES))
+
+
+def test_a_decoded_text_block_lets_its_arrow_table_go_once_its_columns_are_lists(
+    blocks_dir: Path,
+) -> None:
+    """So the window's text is not held twice (Arrow buffers and Python strings)."""
+    read = _block_reads(blocks_dir)[0]
+    columns = get_format("arrow").read_verified_blocks([read])[0]
+    rows = np.arange(columns.num_rows)
+    first = columns.take(rows[::-1])
+    assert columns._table is None  # type: ignore[attr-defined]
+    assert columns.take(rows[::-1]) == first
+    assert first["text"][-1] == columns.take(rows[:1])["text"][0]

@@ -509,7 +509,7 @@ class ArrowColumns:
     """
 
     def __init__(self, table: pa.Table, fields: Mapping[str, str], where: str) -> None:
-        self._table = table
+        self._table: pa.Table | None = table
         self._fields = dict(fields)
         self._where = where
         self._ready: dict[str, Any] = {}
@@ -518,6 +518,7 @@ class ArrowColumns:
     def _column(self, name: str) -> Any:
         if name not in self._ready:
             kind = self._fields[name]
+            assert self._table is not None  # (dropped only once every column is ready)
             column = self._table.column(name)
             if kind == "tokens":
                 array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
@@ -543,7 +544,15 @@ class ArrowColumns:
                 out[name] = [values[a:b] for a, b in zip(starts, ends, strict=True)]
             else:
                 out[name] = [column[i] for i in index]
+        self._drop_table()
         return out
+
+    def _drop_table(self) -> None:
+        """Let the Arrow table go once every column is ready: text columns are then Python
+        lists and token columns numpy views that keep their own buffers, so the decoded text
+        is not held twice."""
+        if self._table is not None and len(self._ready) == len(self._fields):
+            self._table = None
 
     def token_lengths(self, rows: np.ndarray, field: str) -> np.ndarray:
         """Token counts of ``rows`` of ``field``, from the offsets alone."""
