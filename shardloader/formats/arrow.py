@@ -548,9 +548,11 @@ class ArrowColumns:
         return out
 
     def _drop_table(self) -> None:
-        """Let the Arrow table go once every column is ready: text columns are then Python
-        lists and token columns numpy views that keep their own buffers, so the decoded text
-        is not held twice."""
+        """Let the Arrow table go once every column is ready.
+
+        Text columns are then Python lists and token columns numpy views that keep their own
+        buffers, so the decoded text is not held twice.
+        """
         if self._table is not None and len(self._ready) == len(self._fields):
             self._table = None
 
