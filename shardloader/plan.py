@@ -83,10 +83,11 @@ generator outputs per earlier epoch); one worker's 125,000 ids are made in 10 ms
 exact resume of one rank takes 37 ms and 7.9 MB, an elastic one onto 750 ranks x 4 workers
 56 ms and 12.6 MB (the partly read windows of the workers it takes over are made).
 Over blocks (``--blocks``: the same shards in 19.6 M blocks of 51 samples, windows of 64 MiB,
-the units prepared once by `prepare_units`, 1.6 s and 0.5 GB): one rank of epoch 0 takes 34 ms
-and 15 MB, of epoch 5 with its carry-in chain 51 ms (the chain alone 14 ms; epoch 50's 0.15 s);
-epoch 5 after a state saved inside epoch 3, 43 ms; an exact resume inside epoch 5 69 ms and 16
-MB, an elastic one onto 750 ranks x 4 workers 0.14 s and 19 MB. The O(shards) part is a few
+the units prepared once by `prepare_units`, 1.1 s and 0.5 GB; block order 4): one rank of epoch
+0 takes 30 ms and 18 MB, of epoch 5 with its carry-in chain 48 ms (the chain alone 18 ms);
+epoch 5 after a state saved inside epoch 3, 38 ms; an exact resume inside epoch 5 74 ms and 19
+MB, an elastic one onto 750 ranks x 4 workers 0.13 s and 22 MB; one worker's 124,907 ids 14 ms
+(a spread window's order is two sorts; uniform windows took 9 ms). The O(shards) part is a few
 numpy passes over 100,000 shards per boundary; the rest is the rank's own ~20,000 blocks as
 spans and windows, in Python. (Before block order 2 one rank took 10 s and 1.6 GB.)
 """
