@@ -9,8 +9,8 @@ of the next windows, then yields the window's samples in plan order, in slices.
 - Blocks are decoded in the order the samples first need them, on ``decode_threads`` threads,
   while this thread makes samples. A window's first slice is `FIRST_SLICE` samples and each
   next one twice as large, so the first sample waits for a few blocks, not for the window.
-  Local Arrow blocks are decoded in groups (`GROUP_BLOCKS`; the first
-  group is the first slice's): one buffer, one decode and one validation per group, so a
+  Local Arrow blocks are decoded in groups (`GROUP_BLOCKS`; the first group is the first
+  slice's): one buffer, one decode and one validation per group, so a
   decode thread takes the GIL back a few times per group, not about ten times per block, and
   two threads decode side by side (`GroupBlockFormat`). A spread window's first 2% of samples
   touch nearly all its blocks, so decoding cannot hide behind making samples; it can use two
@@ -166,10 +166,10 @@ class ShardReader:
             fetched, while the next one downloads (0: each unit is decoded in this thread when
             first needed). ``None``: 1 for whole shards (from the loopback S3 server up to 2x
             faster: the reading thread waits on downloads); `GROUP_THREADS` for blocks decoded
-            in groups (local Arrow blocks, on a machine of more than one core); 0
-            for other blocks: a block decoded alone takes the GIL back about ten times, each
-            time waiting for a sample-making thread to yield it, and one decode thread made
-            them 5-20% slower than this thread.
+            in groups (local Arrow blocks, on a machine of more than one core); 0 for other
+            blocks: a block decoded alone takes the GIL back about ten times, each time
+            waiting for a sample-making thread to yield it, and one decode thread made them
+            5-20% slower than this thread.
         range_requests: Ranged reads in flight at once, for blocks of remote shards.
         range_bytes: Bound on the bytes of blocks of remote shards read ahead and not yet
             decoded (`shardloader.fetch_blocks.BlockFetcher`).
@@ -461,34 +461,34 @@ class ShardReader:
 
     def _decode_range(self, unit: int, data: bytes) -> ShardColumns:
         """Decode ranged block ``unit`` from its checked bytes."""
-        shard, batch = int(self._unit_shard[unit]), int(self._unit_batch[unit])
-        spec = ReadSpec.for_manifest(
-            self._manifest, where=self._urls[shard], num_samples=int(self._counts[unit])
-        )
-        return cast(RangeBlockFormat, self._format).decode_block(data, spec, batch)
+        read = self._block_read(unit, "", "")
+        return cast(RangeBlockFormat, self._format).decode_block(data, read.spec, read.block_index)
+
+    def _digest(self, unit: int) -> str:
+        """The digest ``unit`` is checked against when read alone ("": none, or not checked)."""
+        if self._blocks is None or not self._verify_blocks:
+            return ""
+        if self._unit_batch[unit] == WHOLE_SHARD:
+            return ""
+        return str(self._blocks.digest[unit])
 
     def _decoder(self, unit: int) -> tuple[Callable[[str], ShardColumns], str]:
         """How to decode ``unit`` from its shard's local path, and the block's digest (or "")."""
-        shard, batch = int(self._unit_shard[unit]), int(self._unit_batch[unit])
-        digest = ""
-        if self._blocks is not None and self._verify_blocks and batch != WHOLE_SHARD:
-            digest = str(self._blocks.digest[unit])
-        blocks = self._blocks
+        shard = int(self._unit_shard[unit])
+        digest = self._digest(unit)
 
         def decode(path: str) -> ShardColumns:
-            if batch == WHOLE_SHARD:
+            if self._unit_batch[unit] == WHOLE_SHARD:
                 spec = ReadSpec.for_shard(self._manifest, shard, self._urls[shard])
                 return self._format.read_columns(path, spec)
-            spec = ReadSpec.for_manifest(
-                self._manifest, where=self._urls[shard], num_samples=int(self._counts[unit])
-            )
-            assert blocks is not None  # (a batch index comes from the block table)
-            span = (int(blocks.offset[unit]), int(blocks.length[unit]))
+            read = self._block_read(unit, path, digest)
             if digest:
                 return cast(VerifiedBlockFormat, self._format).read_verified_block(
-                    path, spec, batch, span, digest
+                    path, read.spec, read.block_index, read.span, digest
                 )
-            return cast(BlockFormat, self._format).read_block(path, spec, batch, span)
+            return cast(BlockFormat, self._format).read_block(
+                path, read.spec, read.block_index, read.span
+            )
 
         return decode, digest
 
@@ -517,7 +517,7 @@ class ShardReader:
                 )
                 self._ahead[unit] = (_IN_MEMORY, task)
                 continue
-            decode, digest = self._decoder(unit)
+            digest = self._digest(unit)
             shard = int(self._unit_shard[unit])
             started = time.perf_counter()
             local = self._fetcher.open(
@@ -534,6 +534,7 @@ class ShardReader:
                     self._submit_group(group, grouped)
                     group, size = [], GROUP_BLOCKS
                 continue
+            decode, _ = self._decoder(unit)
             self._ahead[unit] = (local, self._pool.submit(decode, local.path))
         if group and grouped is not None:
             self._submit_group(group, grouped)
@@ -545,7 +546,8 @@ class ShardReader:
         return cast(GroupBlockFormat, self._format)
 
     def _block_read(self, unit: int, path: str, digest: str) -> BlockRead:
-        blocks = cast(BlockTable, self._blocks)
+        """Block ``unit`` as its format reads it: its count, batch index and byte span."""
+        blocks = cast(BlockTable, self._blocks)  # (a batch index comes from the block table)
         shard = int(self._unit_shard[unit])
         spec = ReadSpec.for_manifest(
             self._manifest, where=self._urls[shard], num_samples=int(self._counts[unit])

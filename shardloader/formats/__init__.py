@@ -359,12 +359,16 @@ def read_span(
     data = bytearray(len(head) + length + len(tail))
     data[: len(head)] = head
     data[len(head) + length :] = tail
+    return data, read_into(path, offset, memoryview(data)[len(head) : len(head) + length])
+
+
+def read_into(path: str, offset: int, buffer: memoryview) -> int:
+    """Fill ``buffer`` with the bytes at ``offset`` of local file ``path``; how many were there."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        got = os.preadv(fd, [memoryview(data)[len(head) : len(head) + length]], offset)
+        return os.preadv(fd, [buffer], offset)
     finally:
         os.close(fd)
-    return data, got
 
 
 def check_block(data: bytes | memoryview, digest: str, label: str, span: tuple[int, int]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
@@ -36,6 +35,7 @@ from shardloader.formats import (
     counted,
     extra_fields,
     load_json,
+    read_into,
     read_span,
 )
 
@@ -426,12 +426,11 @@ class ArrowFormat:
         message[: len(head)] = head
         view = memoryview(message)
         position = len(head)
-        for read in reads:
+        labels = [f"{read.spec.where} batch {read.block_index}" for read in reads]
+        for read, label in zip(reads, labels, strict=True):
             offset, length = read.span
             part = view[position : position + length]
-            with open(read.path, "rb", buffering=0) as file:
-                got = os.preadv(file.fileno(), [part], offset)
-            label = f"{read.spec.where} batch {read.block_index}"
+            got = read_into(read.path, offset, part)
             if read.digest:
                 check_block(part[:got], read.digest, label, read.span)
             elif got != length:
@@ -448,8 +447,7 @@ class ArrowFormat:
         except (pa.ArrowException, OSError) as err:
             raise ShardError(f"a group of blocks: not readable record batches ({err})") from err
         out = []
-        for read, batch in zip(reads, batches, strict=True):
-            label = f"{read.spec.where} batch {read.block_index}"
+        for read, label, batch in zip(reads, labels, batches, strict=True):
             check_num_samples(batch.num_rows, read.spec.num_samples, label)
             block = pa.Table.from_batches([batch], schema=table.schema)
             out.append(ArrowColumns(block, read.spec.fields, read.spec.where))
