@@ -287,8 +287,9 @@ class Packer:
             yield _Run(positions, run.sample_ids, offsets, run.lengths, run.tokens, None)
 
     def _doc_runs(self, docs: Iterator[_Doc]) -> Iterator[_Run]:
-        """Documents as runs of about `CHUNK_TOKENS` tokens (at least 4 rows)."""
-        chunk = max(CHUNK_TOKENS, 4 * self.config.seq_len)
+        """Documents as runs of about `CHUNK_TOKENS` tokens (at least 4 rows; `_chunks`)."""
+        chunks = _chunks(self.config.seq_len)
+        chunk = next(chunks)
         pending: list[_Doc] = []
         total = 0
         for doc in docs:
@@ -297,12 +298,14 @@ class Packer:
             if total >= chunk:
                 yield _docs_run(pending)
                 pending, total = [], 0
+                chunk = next(chunks)
         if pending:
             yield _docs_run(pending)
 
     def _concat(self, runs: Iterator[_Run], skip: int) -> Iterator[PackedRow]:
         seq_len = self.config.seq_len
-        chunk = max(CHUNK_TOKENS, 4 * seq_len)
+        chunks = _chunks(seq_len)
+        chunk = next(chunks)
         pending: _Run | None = None
         last_position = -1
         for run in runs:
@@ -316,6 +319,7 @@ class Packer:
             if len(pending.tokens) >= chunk:
                 rows, pending = _cut_concat(pending, seq_len, last_position, final=False)
                 yield from self._emit(rows)
+                chunk = next(chunks)
         if pending is not None and len(pending.tokens):
             total = len(pending.tokens)
             if self.config.drop_last and total % seq_len:
@@ -422,6 +426,19 @@ class Packer:
         return kept
 
 
+def _chunks(seq_len: int) -> Iterator[int]:
+    """Tokens to gather before cutting rows, cut after cut.
+
+    One row's worth first (the first batch waits for few documents), then twice as many each
+    time, up to `CHUNK_TOKENS` (at least 4 rows). Rows do not depend on where the cuts fall:
+    a cut keeps what is left of the tokens.
+    """
+    chunk, limit = seq_len, max(CHUNK_TOKENS, 4 * seq_len)
+    while True:
+        yield chunk
+        chunk = min(2 * chunk, limit)
+
+
 def _flat_masks(pieces: Sequence[tuple[np.ndarray | None, int]]) -> np.ndarray | None:
     if all(mask is None for mask, _ in pieces):
         return None
@@ -501,6 +518,10 @@ def _cut_concat(
     num_rows = total // seq_len
     if final and total % seq_len and not drop_last:
         num_rows += 1
+    if not final and total and total % seq_len == 0:
+        # A row ending at the last token waits for the next run: its cursor is the sample of
+        # the next token, which may come after documents without tokens.
+        num_rows -= 1
     cut = min(num_rows * seq_len, total)
     rest = None
     if not final and cut < total:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from shardloader.errors import ConfigError, CorpusError, ResumeError
 from shardloader.pack import (
+    ENCODE_GROUP,
     PackConfig,
     PackedRow,
     Packer,
@@ -656,3 +657,23 @@ def test_empty_batch_has_the_layout_of_a_real_batch_and_trains_nothing(settings)
         assert not empty["attention_mask"].any()
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         empty_batch(config, 0)
+
+
+def test_the_first_row_waits_for_one_rows_worth_of_documents_not_a_chunk() -> None:
+    # Rows are cut after seq_len tokens at first, then after twice as many each time (up to
+    # CHUNK_TOKENS): the first batch of a stream does not wait for 64k tokens of documents.
+    samples = make_samples([10] * 20_000)
+    consumed = []
+
+    def counted() -> Iterator[tuple[int, dict[str, Any]]]:
+        for position, sample in samples:
+            consumed.append(position)
+            yield position, sample
+
+    rows = Packer(PackConfig(seq_len=64), encoder=encode_masked).pack(counted())
+    first = next(rows)
+    assert len(first.input_ids) == 64
+    assert len(consumed) <= 2 * ENCODE_GROUP  # (documents are encoded in groups); was 6,554
+    assert [r.input_ids.tolist() for r in [first, *rows]] == [
+        r.input_ids.tolist() for r in run(PackConfig(seq_len=64), samples)
+    ]
