@@ -132,7 +132,7 @@ class StreamConfig(PlanConfig):
         "threads per process decoding a window's units ahead of the samples being made "
         "(default: 1 for whole shards, which then decode while the next one downloads or is "
         "checked; 2 for local Arrow blocks, decoded 64 at a time with the GIL released once "
-        "per group; 0 for other blocks, and on a machine of one core)",
+        "per group; 0 for other blocks, and where DataLoader workers are as many as the cores)",
     )
     timeout_s: float = option(
         60.0, "longest wait for one network step of a fetch (the request, each 4 MiB block)"
@@ -485,6 +485,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             blocks=self._block_table(),
             verify_blocks=self.config.verify_local,
             decode_threads=self.config.decode_threads,
+            processes=world.num_workers,
             range_requests=self.config.range_requests,
             range_bytes=self._range_bytes(),
         )

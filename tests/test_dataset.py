@@ -25,6 +25,7 @@ from shardloader import (
     merge_states,
     read_manifest,
 )
+from shardloader.world import WorldInfo
 from tests.conftest import ROOT
 from tests.streaming import NUM_SAMPLES, SHARD_SIZES, ids_of, source_docs
 
@@ -683,3 +684,20 @@ def test_decode_threads_change_who_decodes_not_what_is_read(blocks_dir: Path, th
     assert next(samples)["sample_id"] >= 0
     samples.close()  # type: ignore[attr-defined]
     assert _decode_threads() == []
+
+
+@pytest.mark.parametrize(("cpus", "workers", "want"), [(4, 0, 2), (4, 2, 2), (2, 2, 0), (1, 0, 0)])
+def test_workers_on_every_core_decode_blocks_without_threads(
+    blocks_dir: Path, monkeypatch: pytest.MonkeyPatch, cpus: int, workers: int, want: int
+) -> None:
+    # Decode threads only compete with DataLoader workers that already fill the cores.
+    import shardloader.reader as reader
+
+    monkeypatch.setattr(reader.os, "cpu_count", lambda: cpus)
+    dataset = ShardDataset(str(blocks_dir), config=StreamConfig(shuffle_unit="block"))
+    monkeypatch.setattr(dataset, "world", lambda: WorldInfo(worker_id=0, num_workers=workers))
+    samples = iter(dataset)
+    next(samples)
+    assert dataset._reader is not None
+    assert dataset._reader._decode_threads == want
+    samples.close()  # type: ignore[attr-defined]
