@@ -8,10 +8,14 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from shardloader import PackConfig, ShardDataset, ShardLoader, StreamConfig
-from shardloader.loader import _CursorCollate
+from shardloader.errors import ConfigError
+from shardloader.loader import _CursorCollate, _WireRows
+from shardloader.pack import PackedRow, collate_rows
 from shardloader.resume import Cursor
 from tests.streaming import NUM_SAMPLES, ids_of, serve_dataset
 
@@ -68,7 +72,7 @@ def test_cursor_travels_as_a_plain_tuple(dataset_dir: Path) -> None:
     dataset = ShardDataset(str(dataset_dir))
     collate = _CursorCollate(ids_of, dataset)
     samples = list(zip(range(3), dataset, strict=False))
-    _, wire, (worker, stages) = collate([s for _, s in samples])
+    [(_, wire)], (worker, stages) = collate([s for _, s in samples])
     assert type(wire) is tuple
     cursor = Cursor._make(wire)
     assert (cursor.epoch, cursor.share, cursor.num_workers, worker) == (0, 0, 0, -1)
@@ -101,3 +105,102 @@ def test_packing_loader_has_no_length_and_torch_never_warns(
         warnings.simplefilter("error")
         batches = list(loader)
     assert len(batches) != NUM_SAMPLES  # not vacuous: rows and documents differ
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_batch_groups_keep_the_order_and_exact_resume(dataset_dir: Path, drop_last: bool) -> None:
+    # Workers send 8 batches per transfer by default; the batches, their order and every
+    # saved position must be those of one batch per transfer. Batches of 7 end each worker's
+    # share on a short batch, inside a group.
+    def make(transfer: int) -> ShardLoader:
+        return ShardLoader(
+            ShardDataset(str(dataset_dir), config=StreamConfig(seed=3)),
+            batch_size=7,
+            num_workers=3,
+            collate_fn=ids_of,
+            drop_last=drop_last,
+            transfer_batches=transfer,
+        )
+
+    single = list(make(1))
+    grouped = list(make(8))
+    assert grouped == single
+    seen = [i for b in grouped for i in b]
+    assert len(seen) == len(set(seen))
+    if drop_last:
+        assert all(len(b) == 7 for b in grouped)
+        assert len(seen) < NUM_SAMPLES
+    else:
+        assert sorted(seen) == list(range(NUM_SAMPLES))
+    for stop in (1, 2, 4, 13, 40, len(single) - 1):
+        loader = make(8)
+        head = []
+        for batch in loader:
+            head.append(batch)
+            if len(head) == stop:
+                break
+        state = loader.state_dict()
+        assert state == _state_after(make(1), stop)
+        resumed = make(8)
+        resumed.load_state_dict(state)
+        assert head + list(resumed) == single, stop
+
+
+def _state_after(loader: ShardLoader, stop: int) -> dict:
+    for n, _ in enumerate(loader, 1):
+        if n == stop:
+            return loader.state_dict()
+    raise AssertionError("the epoch is shorter than the stop")
+
+
+def test_packed_rows_cross_as_rows_and_collate_in_the_main_process(token_dir: Path) -> None:
+    # With workers, a packed batch travels as its rows and is collated on arrival: the
+    # same tensors, keys and dtypes as collating in the worker (one worker: the same rows).
+    def batches(num_workers: int, transfer: int) -> list[dict]:
+        dataset = ShardDataset(str(token_dir), pack=PackConfig(seq_len=64))
+        loader = ShardLoader(
+            dataset, batch_size=3, num_workers=num_workers, transfer_batches=transfer
+        )
+        return list(loader)
+
+    here = batches(0, 1)
+    assert len(here) > 20
+    for there in (batches(1, 1), batches(1, 8)):
+        assert len(there) == len(here)
+        for a, b in zip(here, there, strict=True):
+            _assert_same_batch(a, b)
+
+
+def test_wired_rows_collate_like_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loss masks, padding, ids that are not one per piece, and a wider upstream dtype.
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, count in enumerate((5, 8, 3, 8)):
+        ids = rng.integers(0, 60000, count).astype(np.uint16 if k % 2 else np.int32)
+        mask = rng.random(count) < 0.5 if k in (1, 2) else None
+        segments = np.array([count - 1, 1] if count > 1 else [count], np.int64)
+        rows.append(PackedRow(ids, segments, np.arange(k, k + 3, dtype=np.int64), mask, (k, 1)))
+    for config in (PackConfig(seq_len=8), PackConfig(seq_len=8, mode="pad")):
+        want = collate_rows(rows, config)
+        got = pickle.loads(pickle.dumps(_WireRows(rows, config))).unwire()
+        _assert_same_batch(want, got)
+    # With pin_memory=True the DataLoader's pinning thread meets the wired rows first.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())
+    _assert_same_batch(collate_rows(rows, config), pin_memory(_WireRows(rows, config)))
+
+
+def _assert_same_batch(want: dict, got: dict) -> None:
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == got[key].dtype, key
+            assert torch.equal(value, got[key]), key
+        else:
+            assert value == got[key], key
+
+
+def test_transfer_batches_must_be_positive(dataset_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="transfer_batches"):
+        ShardLoader(ShardDataset(str(dataset_dir)), batch_size=2, transfer_batches=0)
