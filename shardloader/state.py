@@ -119,6 +119,11 @@ class LoaderState:
             )
         object.__setattr__(self, "consumed", consumed)
         object.__setattr__(self, "carry_in", np.asarray(self.carry_in, dtype=np.int64))
+        if self.epoch == 0 and len(self.carry_in):
+            raise ResumeError(
+                f"loader state: epoch 0 has a carry-in of {len(self.carry_in)} ids, but no "
+                "epoch comes before it to leave them over"
+            )
 
     @property
     def started(self) -> bool:

@@ -5,11 +5,12 @@ states (saved mid-epoch, after a resume, at an epoch's end, by a loader without 
 example runs in this process), hypothesis replaces, deletes or adds values anywhere in the dict,
 and feeds the result to `LoaderState.from_dict`, to `ShardLoader.load_state_dict` and, when both
 accept it, to iteration of a real dataset. Nothing may escape but a `ShardloaderError`; what is
-accepted must serve ids that exist, each at most once.
+accepted must serve ids that exist, each at most once (plus its multiplicity in the carry-in).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,10 @@ def test_mutated_states_raise_only_our_errors(
         served = [i for batch in loader for i in batch]
     except ShardloaderError:
         return
-    assert len(served) == len(set(served))
+    # An id appears at most once in an epoch, plus its multiplicity in the carry-in (the
+    # previous epoch's leftover catches up there: `shardloader.plan`).
+    extra = collections.Counter(served) - collections.Counter(int(i) for i in state["carry_in"])
+    assert max(extra.values(), default=0) <= 1
     assert all(0 <= i < NUM_SAMPLES for i in served)
 
 
