@@ -574,25 +574,27 @@ class _MixCollate:
     def __call__(
         self, item: tuple[Any, dict[str, Any]]
     ) -> tuple[Any, dict[str, Any], tuple[int, dict[str, float]]]:
-        from shardloader.loader import _to_wire
+        from shardloader.loader import _to_wire, _WireRows
 
         started = time.perf_counter()
         payload, counters = item
+        info = torch.utils.data.get_worker_info()
         if self.pack is not None and self.collate is None:
             rows = [row for row, _ in payload]
-            batch = collate_rows(rows, self.pack)
-            batch["sample_sources"] = torch.tensor(
-                [s for _, srcs in payload for s in srcs], dtype=torch.int64
-            )
+            sources = np.array([s for _, srcs in payload for s in srcs], dtype=np.int64)
+            if info is not None:  # rows cross as rows and are collated on arrival
+                batch: Any = _WireRows(rows, self.pack, {"sample_sources": sources})
+            else:
+                batch = collate_rows(rows, self.pack)
+                batch["sample_sources"] = torch.from_numpy(sources)
         elif self.collate is not None and self.pack is not None:
             batch = self.collate([row for row, _ in payload])
         else:
             batch = (self.collate or default_collate)(payload)
-        info = torch.utils.data.get_worker_info()
         dataset = info.dataset if info is not None else self.dataset
         assert isinstance(dataset, MixDataset)
         dataset.count_stage("collate", time.perf_counter() - started)
-        if info is not None:
+        if info is not None and not isinstance(batch, _WireRows):
             batch = _to_wire(batch)
         worker = info.id if info is not None else -1
         return batch, counters, (worker, dataset.stage_seconds())
