@@ -18,6 +18,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -519,3 +520,32 @@ def test_open_read_sees_an_object_written_after_a_cached_listing(s3_server, buck
     )  # another writer
     with storage.open_read(f"{bucket}/new.bin") as f:
         assert f.read() == b"new"
+
+
+def _collect_inherited_filesystems(seconds: Any) -> None:
+    import gc
+    import time
+
+    started = time.perf_counter()
+    fsspec.filesystem("s3")  # a new process: fsspec drops the instances the parent made
+    gc.collect()
+    seconds.value = time.perf_counter() - started
+
+
+@pytest.mark.s3
+def test_a_forked_child_does_not_wait_to_close_the_parents_s3_sessions(bucket):
+    # DataLoader workers are forked after the main process read the manifest over S3. An s3fs
+    # filesystem closes its session on the event loop of the process that made it; in the
+    # child that loop's thread is gone, and each close waited 1 s (a worker stalled 2 s
+    # mid-epoch). The child leaves the parent's sessions alone.
+    import multiprocessing
+
+    fsspec.filesystem("s3").pipe_file(f"{bucket}/x.bin", b"x")
+    assert storage.read_bytes(f"{bucket}/x.bin") == b"x"  # the session exists in this process
+    context = multiprocessing.get_context("fork")
+    seconds = context.Value("d", -1.0)
+    child = context.Process(target=_collect_inherited_filesystems, args=(seconds,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert 0 <= seconds.value < 0.5

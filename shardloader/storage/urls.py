@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import weakref
 from typing import Any
 
 import fsspec
@@ -17,6 +18,32 @@ from fsspec.core import url_to_fs as _fsspec_url_to_fs
 from shardloader.errors import StorageError
 from shardloader.storage.presigned import OPTION as PRESIGNED_OPTION
 from shardloader.storage.retry import with_retries
+
+
+def _forget_inherited_sessions() -> None:
+    """In a forked child: detach the session finalizers of filesystems the parent made.
+
+    An s3fs (or gcsfs) filesystem closes its HTTP session when it is garbage collected, by
+    running a coroutine on the fsspec event loop of the process that made it. In a forked child
+    (a DataLoader worker) that loop's thread does not exist: each close waited 1 s for it (s3fs
+    asks for 0.1 s, fsspec polls in whole seconds), and a worker that collected the parent's
+    filesystems mid-epoch stalled 2 s (tokens from S3 with 2 workers: 1.3 s an epoch or 3.5 s,
+    by when the collector ran). The child does not own those connections: the parent closes
+    them. The filesystems are kept for the child's life, so that aiohttp does not warn about
+    sessions left unclosed when they are collected. (``weakref.finalize`` keeps its live
+    finalizers in a private registry.)
+    """
+    for finalizer in list(weakref.finalize._registry):  # type: ignore[attr-defined]
+        info = finalizer.peek()
+        if info is not None and getattr(info[1], "__name__", "") == "close_session":
+            _INHERITED.append(info)
+            finalizer.detach()
+
+
+_INHERITED: list[Any] = []  # in a forked child: the parent's filesystems (see above)
+
+
+os.register_at_fork(after_in_child=_forget_inherited_sessions)
 
 
 def is_url(path: str) -> bool:
