@@ -18,7 +18,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import fsspec
 import pytest
@@ -522,14 +521,29 @@ def test_open_read_sees_an_object_written_after_a_cached_listing(s3_server, buck
         assert f.read() == b"new"
 
 
-def _collect_inherited_filesystems(seconds: Any) -> None:
-    import gc
-    import time
+_FORK_SCRIPT = """
+import gc, multiprocessing, sys, time
+import fsspec
+from shardloader import storage
 
+url = sys.argv[1]
+assert storage.read_bytes(url) == b"x"  # this process now holds an S3 session
+
+
+def collect(seconds):
     started = time.perf_counter()
     fsspec.filesystem("s3")  # a new process: fsspec drops the instances the parent made
     gc.collect()
     seconds.value = time.perf_counter() - started
+
+
+context = multiprocessing.get_context("fork")
+seconds = context.Value("d", -1.0)
+child = context.Process(target=collect, args=(seconds,))
+child.start()
+child.join(30)
+print(child.exitcode, seconds.value)
+"""
 
 
 @pytest.mark.s3
@@ -537,15 +551,17 @@ def test_a_forked_child_does_not_wait_to_close_the_parents_s3_sessions(bucket):
     # DataLoader workers are forked after the main process read the manifest over S3. An s3fs
     # filesystem closes its session on the event loop of the process that made it; in the
     # child that loop's thread is gone, and each close waited 1 s (a worker stalled 2 s
-    # mid-epoch). The child leaves the parent's sessions alone.
-    import multiprocessing
-
+    # mid-epoch). The child leaves the parent's sessions alone. (A fresh process: this one
+    # holds the sessions of every test before.)
     fsspec.filesystem("s3").pipe_file(f"{bucket}/x.bin", b"x")
-    assert storage.read_bytes(f"{bucket}/x.bin") == b"x"  # the session exists in this process
-    context = multiprocessing.get_context("fork")
-    seconds = context.Value("d", -1.0)
-    child = context.Process(target=_collect_inherited_filesystems, args=(seconds,))
-    child.start()
-    child.join(30)
-    assert child.exitcode == 0
-    assert 0 <= seconds.value < 0.5
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT, f"{bucket}/x.bin"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    exitcode, seconds = result.stdout.split()
+    assert exitcode == "0"
+    assert 0 <= float(seconds) < 0.5
