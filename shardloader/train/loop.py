@@ -592,15 +592,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_options(parser, TrainConfig)
     args = parser.parse_args(argv)
     rank = 0
+    done = False
     try:
         rank = launch_env().rank
         _configure_logging(rank)
         train(config_from_args(TrainConfig, args))
+        done = True
     except ShardloaderError as err:
         print(f"error: [rank {rank}] {err}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():
+            if done:
+                # A gloo thread lets go of a finished collective's Python tensors a moment
+                # after the caller's wait returns; if the interpreter is shutting down by then,
+                # the rank dies with SIGABRT ("terminate called without an active exception")
+                # after training went well (pytorch/pytorch#179291). A barrier outlasts that
+                # moment. (Not after an error: the other ranks may never reach it.)
+                dist.barrier()
             dist.destroy_process_group()
     return 0
 
