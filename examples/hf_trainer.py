@@ -18,7 +18,7 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from shardloader import PackConfig, ShardDataset, StreamConfig
+from shardloader import PackConfig, ShardDataset, StreamConfig, end_process_group
 from shardloader.integrations.transformers import ShardTrainer
 
 
@@ -69,6 +69,7 @@ def main() -> None:
     )
     trainer = ShardTrainer(model=model, args=training, train_dataset=dataset)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
+    end_process_group()  # a barrier, then the group goes (README: SIGABRT at exit)
 
 
 if __name__ == "__main__":

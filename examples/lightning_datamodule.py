@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from shardloader import PackConfig, ShardDataset, StreamConfig
+from shardloader import PackConfig, ShardDataset, StreamConfig, end_process_group
 from shardloader.integrations.lightning import ShardDataModule
 from shardloader.pack import IGNORE_INDEX
 from shardloader.pack_attention import model_inputs
@@ -105,6 +105,7 @@ def main() -> None:
     )
     model = TinyLlama(vocab_size, args.seq_len)
     trainer.fit(model, datamodule=data, ckpt_path="last" if args.resume else None)
+    end_process_group()  # a barrier, then the group goes (README: SIGABRT at exit)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from shardloader.tokenizer import (
     train_bpe_tokenizer,
 )
 from shardloader.verify import VerifyReport, iter_samples, verify
-from shardloader.world import WorldInfo
+from shardloader.world import WorldInfo, end_process_group
 
 if TYPE_CHECKING:
     from shardloader.dataset import ShardDataset, StreamConfig
@@ -113,6 +113,7 @@ __all__ = [
     "collate_rows",
     "convert",
     "document_attention_mask",
+    "end_process_group",
     "iter_samples",
     "merge",
     "merge_states",

@@ -172,3 +172,23 @@ def _from_env() -> tuple[int, int] | None:
         raise ConfigError(
             f"RANK={rank!r} and WORLD_SIZE={world_size!r} in the environment are not integers"
         ) from err
+
+
+def end_process_group(*, succeeded: bool = True) -> None:
+    """Leave the ``torch.distributed`` process group at the end of a run; nothing if none is up.
+
+    Call it last, on every rank (Hugging Face's Trainer and Lightning leave the group to the
+    script). After a successful run every rank first waits at a barrier: a gloo thread lets go
+    of a finished collective's Python tensors a moment after the caller's wait returns, and if
+    the interpreter is shutting down by then the rank dies with SIGABRT ("terminate called
+    without an active exception") after training went well (pytorch/pytorch#179291). The
+    barrier outlasts that moment. After an error (``succeeded=False``) there is no barrier: the
+    other ranks may never reach it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()

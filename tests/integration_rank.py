@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shardloader.world import end_process_group
+
 VOCAB = 600  # the test tokenizer's vocabulary
 SEQ_LEN = 64  # packed row length
 
@@ -51,18 +53,12 @@ def rank_main(run: Run) -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    succeeded = False
     try:
         if not args.resume:
             run(args, args.tag, None)
         for checkpoint in args.resume:
             run(args, f"{args.tag}-{Path(checkpoint).stem}", checkpoint)
+        succeeded = True
     finally:
-        # A gloo thread lets go of a finished collective's Python tensors a moment after the
-        # caller's wait returns; if the interpreter is shutting down by then, taking the GIL
-        # ends that thread and the rank dies with SIGABRT ("terminate called without an
-        # active exception", after training went well: 1 run in 4 of the Trainer test). A
-        # barrier outlasts that moment; then the group goes (the frameworks leave it to the
-        # script). See pytorch/pytorch#179291.
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        end_process_group(succeeded=succeeded)  # the frameworks leave it to the script

@@ -94,3 +94,36 @@ def test_torchrun_ranks_split_exactly_and_resume_on_the_same_and_other_world_siz
     served = [i for rank in head for b in rank for i in b] + [i for r in grown for i in r]
     assert len(served) == len(set(served))
     assert NUM_SAMPLES - len(served) <= (2 - 1) + (3 - 1)
+
+
+def _end_group_rank(rank: int, init_file: str, out: str) -> None:
+    """Both ranks reduce once; then rank 0 ends its group as after a failure, alone."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from shardloader import end_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    ended = Path(out, "rank0-ended")
+    if rank == 0:
+        end_process_group(succeeded=False)  # no barrier: rank 1 has not ended yet
+        ended.write_text(str(dist.is_initialized()))
+        end_process_group()  # no group any more: nothing to do
+        return
+    deadline = time.monotonic() + 30
+    while not ended.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    Path(out, "rank1-saw").write_text(str(ended.exists()))
+    end_process_group(succeeded=False)
+
+
+def test_end_process_group_waits_for_no_rank_after_a_failure(tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(
+        _end_group_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    assert (tmp_path / "rank0-ended").read_text() == "False"  # the group is gone
+    assert (tmp_path / "rank1-saw").read_text() == "True"  # rank 0 ended before rank 1 did

@@ -67,7 +67,7 @@ from shardloader.train.model import (
     no_sync,
     parallelize,
 )
-from shardloader.world import launch_env
+from shardloader.world import end_process_group, launch_env
 
 log = logging.getLogger("shardloader.train")  # also when run as __main__
 
@@ -602,15 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: [rank {rank}] {err}", file=sys.stderr)
         return 1
     finally:
-        if dist.is_initialized():
-            if done:
-                # A gloo thread lets go of a finished collective's Python tensors a moment
-                # after the caller's wait returns; if the interpreter is shutting down by then,
-                # the rank dies with SIGABRT ("terminate called without an active exception")
-                # after training went well (pytorch/pytorch#179291). A barrier outlasts that
-                # moment. (Not after an error: the other ranks may never reach it.)
-                dist.barrier()
-            dist.destroy_process_group()
+        end_process_group(succeeded=done)
     return 0
 
 
