@@ -101,6 +101,10 @@ class ShardFetcher:
         )
         self._start_process()
 
+    # An iterator still held when the interpreter exits is closed after module globals are
+    # gone (`os` is None by then): the class keeps what `close` needs.
+    _getpid = staticmethod(os.getpid)
+
     def _start_process(self) -> None:
         """(Re)set per-process state: after ``fork`` the parent's threads and locks are gone."""
         self._pid = os.getpid()
@@ -317,7 +321,7 @@ class ShardFetcher:
 
     def close(self) -> None:
         """Cancel queued prefetches and wait for running ones to stop (about one block)."""
-        if self._pid != os.getpid():
+        if self._pid != self._getpid():
             self._start_process()
         self._closed = True
         self._stop.set()

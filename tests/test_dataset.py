@@ -701,3 +701,24 @@ def test_workers_on_every_core_decode_blocks_without_threads(
     assert dataset._reader is not None
     assert dataset._reader._decode_threads == want
     samples.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_iterator_held_until_the_interpreter_exits_closes_quietly(
+    dataset_dir: Path, num_workers: int
+) -> None:
+    # A script that keeps `it` in a global: it is closed while module globals are torn down.
+    code = f"""
+from shardloader import ShardDataset, ShardLoader
+loader = ShardLoader(ShardDataset({str(dataset_dir)!r}), batch_size=6,
+                     num_workers={num_workers}, collate_fn=len)
+it = iter(loader)
+print(next(it))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "6"
+    assert "Exception ignored" not in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
