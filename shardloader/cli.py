@@ -404,7 +404,8 @@ def _print_loader_run(kind: str, run: LoaderResult) -> None:
     """One end-to-end loader run; a `MixLoader`'s with its stages' busy shares."""
     print(
         f"{kind} num_workers={run.num_workers}: {run.tokens_per_s / 1e6:.2f}M trained "
-        f"tokens/s, first batch after {run.first_batch_s:.2f} s ({run.batches} batches)"
+        f"tokens/s, first batch after {run.first_batch_s:.2f} s ({run.batches} batches, "
+        f"{run.batches_per_s:,.0f}/s)"
     )
     if kind == "MixLoader" and run.stage_busy:
         busy = ", ".join(f"{name} {share:.0%}" for name, share in run.stage_busy.items())

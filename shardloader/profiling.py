@@ -128,6 +128,7 @@ class LoaderResult:
         tokens_per_s: Trained tokens per second after the first batch.
         first_batch_s: Seconds to the first batch.
         batches: Batches read.
+        batches_per_s: Batches per second after the first batch.
         stage_busy: Per stage of the loader's ``stage_seconds`` (``fetch_wait``, ``decode``,
             ``pack``, ``collate``), its share of the reading processes' time: seconds over wall
             time times ``max(num_workers, 1)``.
@@ -138,6 +139,7 @@ class LoaderResult:
     first_batch_s: float
     batches: int
     stage_busy: dict[str, float] = field(default_factory=dict)
+    batches_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -515,9 +517,10 @@ def time_loader(
     wall = time.perf_counter() - start
     elapsed = wall - first
     rate = tokens / elapsed if elapsed > 0 else 0.0
+    per_s = (batches - 1) / elapsed if elapsed > 0 and batches > 1 else 0.0
     capacity = max(wall, 1e-9) * max(num_workers, 1)
     busy = {name: s / capacity for name, s in loader.stage_seconds().items()}
-    return LoaderResult(num_workers, rate, first, batches, busy)
+    return LoaderResult(num_workers, rate, first, batches, busy, per_s)
 
 
 def suggest(report: ProfileReport, *, cpu_count: int, cache_bytes: int) -> list[str]:
@@ -525,7 +528,54 @@ def suggest(report: ProfileReport, *, cpu_count: int, cache_bytes: int) -> list[
     rates = {s.name: s.tokens_per_s for s in report.stages if s.tokens_per_s}
     fetch = rates.get("fetch", float("inf"))
     workers = worker_advice(report.per_worker_tokens_per_s, fetch, cpu_count)
-    return workers + data_advice(report, cache_bytes=cache_bytes) + stream_advice(report)
+    return (
+        workers
+        + data_advice(report, cache_bytes=cache_bytes)
+        + stream_advice(report)
+        + transfer_advice(report.loaders)
+    )
+
+
+# What one crossing of a worker's transfer costs the main process in DataLoader machinery
+# (queue, poll, unpickle, the next request), however small the batch: 0.1-0.15 ms measured on
+# the 2-core benchmark VM (issue 19). `ShardLoader` sends `TRANSFER_BATCHES` batches at once.
+HANDOFF_S = 0.15e-3
+HANDOFF_SHARE = 0.05  # advise above this share of the main process's time
+HANDOFF_TARGET = 0.02  # the share the advised transfer_batches brings it to
+MAX_TRANSFER_BATCHES = 64
+
+
+def transfer_advice(
+    loaders: Sequence[LoaderResult], transfer_batches: int | None = None
+) -> list[str]:
+    """Advice to raise ``transfer_batches`` where hand-offs from workers cost the main process.
+
+    That is where batches with workers come so fast that their transfers (`HANDOFF_S` each,
+    ``transfer_batches`` batches at a time; default: `ShardLoader`'s) take `HANDOFF_SHARE` of
+    the main process's time or more. Pure.
+    """
+    if transfer_batches is None:
+        from shardloader.loader import TRANSFER_BATCHES  # (imports torch: only when profiling)
+
+        transfer_batches = TRANSFER_BATCHES
+    advice = []
+    for run in loaders:
+        share = run.batches_per_s * HANDOFF_S / transfer_batches
+        if run.num_workers == 0 or share < HANDOFF_SHARE:
+            continue
+        need = run.batches_per_s * HANDOFF_S / HANDOFF_TARGET
+        advised = transfer_batches
+        while advised < need and advised < MAX_TRANSFER_BATCHES:
+            advised *= 2
+        advice.append(
+            f"with num_workers={run.num_workers} the main process takes "
+            f"{run.batches_per_s:,.0f} batches/s, and each transfer from a worker costs it about "
+            f"{HANDOFF_S * 1e3:.2f} ms: at transfer_batches={transfer_batches} that is "
+            f"{share:.0%} of its time. Pass ShardLoader(..., transfer_batches={advised}) (batches "
+            "a worker sends at once; order and state_dict do not change), or a larger batch_size"
+        )
+        break  # one line is enough: the first worker count that needs it
+    return advice
 
 
 def stream_advice(report: ProfileReport) -> list[str]:

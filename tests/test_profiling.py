@@ -13,12 +13,14 @@ import pytest
 from shardloader import ConfigError
 from shardloader.mix_profile import SourceProfile, mix_bottleneck, profile_mixture
 from shardloader.profiling import (
+    LoaderResult,
     ProfileConfig,
     ProfileReport,
     StageResult,
     profile_dataset,
     stream_advice,
     suggest,
+    transfer_advice,
 )
 from tests.conftest import ROOT, convert_docs, make_docs
 from tests.streaming import serve_dataset
@@ -332,3 +334,23 @@ def test_the_source_with_the_lowest_rate_per_share_limits_the_mix() -> None:
     # A slower source with a small share limits less than a faster one with a large share.
     _, name, _ = mix_bottleneck([source("big", 3e6, 0.9), source("small", 1e6, 0.1)])
     assert name == "big"
+
+
+def test_advice_on_fast_batches_names_transfer_batches() -> None:
+    def loader(workers: int, per_s: float) -> LoaderResult:
+        return LoaderResult(workers, 1e6, 0.1, 1000, {}, per_s)
+
+    # 0.15 ms a transfer: 4,000 batches/s in groups of 8 is 7.5% of the main process; 32 at
+    # once bring it to 1.9%.
+    fast = "\n".join(transfer_advice([loader(0, 9000.0), loader(2, 4000.0)], 8))
+    assert "num_workers=2 the main process takes 4,000 batches/s" in fast
+    assert "at transfer_batches=8 that is 8% of its time" in fast
+    assert "transfer_batches=32" in fast
+    assert transfer_advice([loader(0, 9000.0), loader(2, 2000.0)], 8) == []  # 3.8%: fine
+    assert transfer_advice([loader(2, 4000.0)], 16) == []  # 3.8% at 16
+    capped = "\n".join(transfer_advice([loader(4, 1e6)], 8))
+    assert "transfer_batches=64" in capped
+    # The report's suggestions include it, with ShardLoader's default.
+    report = synthetic(loaders=(loader(2, 4000.0),))
+    assert "transfer_batches=32" in "\n".join(suggest(report, cpu_count=4, cache_bytes=1 << 40))
+    assert "transfer_batches" not in "\n".join(suggest(synthetic(), cpu_count=4, cache_bytes=1))
