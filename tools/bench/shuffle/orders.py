@@ -176,6 +176,7 @@ def shardloader_default_order(
     topology: Topology,
     sample_bytes: int = SAMPLE_BYTES,
     shuffle_bytes: int = BLOCK_WINDOW_BYTES,
+    batch_bytes: int = ConvertConfig.batch_bytes,
 ) -> RankOrder:
     """`plan_epoch` as `shardloader.ShardDataset` plans a dataset convert made, by default.
 
@@ -191,11 +192,12 @@ def shardloader_default_order(
         topology: Ranks, workers and batch size.
         sample_bytes: Bytes of every document.
         shuffle_bytes: The window bound (`StreamConfig.shuffle_bytes`).
+        batch_bytes: Convert's record batch size (``--batch-bytes``), which is the block's.
 
     Returns:
         The rank's order.
     """
-    per_block = -(-ConvertConfig.batch_bytes // sample_bytes)  # a batch ends after its limit
+    per_block = -(-batch_bytes // sample_bytes)  # a batch ends after its limit
     units = block_sizes(sizes, per_block)
     config = PlanConfig(
         seed=seed or 0,
@@ -446,6 +448,7 @@ def sequential_order(
 MiB = 1 << 20
 BUDGETS = (16 * MiB, 256 * MiB)  # other shuffle_bytes than the default's 64 MiB
 _DEFAULT_BLOCK = -(-ConvertConfig.batch_bytes // SAMPLE_BYTES)
+_1MIB_BLOCK = -(-MiB // SAMPLE_BYTES)  # convert --batch-bytes 1MiB: smaller, faster output
 
 SYSTEMS = (
     System(
@@ -476,6 +479,13 @@ SYSTEMS = (
             f"{_DEFAULT_BLOCK} = {budget // SAMPLE_BYTES:,}",
         )
         for budget in BUDGETS
+    ),
+    System(
+        "shardloader, converted with --batch-bytes 1MiB",
+        functools.partial(shardloader_default_order, batch_bytes=MiB),
+        seed=0,
+        holds=f"64 MiB: {BLOCK_WINDOW_BYTES // (_1MIB_BLOCK * SAMPLE_BYTES)} x "
+        f"{_1MIB_BLOCK} = {BLOCK_WINDOW_BYTES // SAMPLE_BYTES:,}",
     ),
     System("Mosaic Streaming shuffle=True (py1e defaults)", mosaic_order, seed=MOSAIC_SEED),
     System(
