@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import aiobotocore.session
 import fsspec
 import pytest
 
@@ -523,6 +524,7 @@ def test_open_read_sees_an_object_written_after_a_cached_listing(s3_server, buck
 
 _FORK_SCRIPT = """
 import gc, multiprocessing, sys, time
+import aiobotocore.session
 import fsspec
 from shardloader import storage
 
@@ -565,3 +567,64 @@ def test_a_forked_child_does_not_wait_to_close_the_parents_s3_sessions(bucket):
     exitcode, seconds = result.stdout.split()
     assert exitcode == "0"
     assert 0 <= float(seconds) < 0.5
+
+
+_SHARED_LOADER_SCRIPT = """
+import multiprocessing, sys
+from shardloader import storage
+from shardloader.storage import urls
+
+url = sys.argv[1]
+assert storage.read_bytes(url) == b"x"  # this process made its session and parsed the models
+parent_session = urls._s3_session({})
+parent_loader = parent_session.get_component("data_loader")
+
+
+def child(out):
+    assert storage.read_bytes(url) == b"x"
+    session = urls._s3_session({})
+    out.value = (session is not parent_session) + 2 * (
+        session.get_component("data_loader") is parent_loader
+    )
+
+
+context = multiprocessing.get_context("fork")
+out = context.Value("i", -1)
+process = context.Process(target=child, args=(out,))
+process.start()
+process.join(60)
+print(process.exitcode, out.value)
+"""
+
+
+@pytest.mark.s3
+def test_a_forked_child_makes_its_own_s3_session_over_the_parents_parsed_models(bucket):
+    # A DataLoader worker's first GET made a new S3 client, which parsed botocore's service
+    # model and endpoint rules again (0.1-0.2 s a worker); the sessions share one data loader.
+    fsspec.filesystem("s3").pipe_file(f"{bucket}/x.bin", b"x")
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARED_LOADER_SCRIPT, f"{bucket}/x.bin"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0", "3"]  # its own session, the parent's loader
+
+
+@pytest.mark.s3
+def test_s3_options_for_the_session_itself_keep_their_own_session(s3_server):
+    from shardloader.storage import urls
+
+    plain = dict(s3_server.storage_options)
+    shared = urls._s3_session(plain)
+    assert shared is not None
+    assert urls._s3_session(plain) is shared  # one per process: fsspec's instance cache holds
+    fs, _ = storage.url_to_fs("s3://b/x", **plain)
+    assert fs.session is shared
+    assert storage.url_to_fs("s3://b/x", **plain)[0] is fs
+    # `profile` (and anything s3fs hands to the AioSession it makes) is the session's own.
+    assert urls._s3_session({**plain, "profile": "other"}) is None
+    mine = aiobotocore.session.AioSession()
+    assert storage.url_to_fs("s3://b/x", **plain, session=mine)[0].session is mine
