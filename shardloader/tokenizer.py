@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from shardloader.chat_template import read_chat_template, template_hash, template_text
 from shardloader.errors import ConfigError
 
 if TYPE_CHECKING:
+    import tokenizers
+
     from shardloader.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,8 @@ class TextTokenizer:
         self._fingerprint = _fingerprint(vocab, special)
 
     def _load_file(self, p: Path) -> tokenizers.Tokenizer:
+        import tokenizers  # here, not at import: reading token shards needs no tokenizer
+
         try:
             return tokenizers.Tokenizer.from_file(str(p))
         except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exception
@@ -320,6 +322,9 @@ def train_bpe_tokenizer(
         special_tokens += [t for t in CHAT_SPECIAL_TOKENS if t not in special_tokens]
     if vocab_size < 256 + len(special_tokens):
         raise ConfigError(f"vocab_size {vocab_size} is too small; byte-level BPE needs >= 260")
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
