@@ -122,3 +122,19 @@ def test_explicit_ids_mark_padding_and_the_next_window_is_prefetched(dataset_dir
         ("open", fetcher.opened[1])
     )
     assert reader.stage_seconds["decode"] > 0
+
+
+def test_the_reader_imports_neither_torch_nor_tokenizers() -> None:
+    # `convert`'s pool workers start without torch, and the reader runs where `tokenizers` has
+    # no wheel (free-threaded CPython 3.13t; README, Benchmarks).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, shardloader\n"
+        "from shardloader.reader import ShardReader\n"
+        "from shardloader.fetch import ShardFetcher\n"
+        "print(sorted({'torch', 'tokenizers', 'transformers'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
