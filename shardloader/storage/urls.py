@@ -7,6 +7,7 @@ scheme has none.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import posixpath
@@ -58,6 +59,13 @@ _S3_SESSION: tuple[int, Any] | None = None  # (pid, the AioSession of this proce
 _S3_LOADER: Any = None  # botocore's data loader, shared by this process and its forks
 
 
+@functools.cache
+def _s3fs_options(cls: type) -> frozenset[str]:
+    """The options ``cls`` (s3fs's filesystem) takes itself rather than handing its session."""
+    own = frozenset(inspect.signature(vars(cls)["__init__"]).parameters) - {"self", "kwargs"}
+    return own | _S3_BASE_OPTIONS
+
+
 def _s3_session(options: dict[str, Any]) -> Any | None:
     """The `AioSession` for an s3fs filesystem of ``options``, or ``None`` to let s3fs make one.
 
@@ -74,8 +82,7 @@ def _s3_session(options: dict[str, Any]) -> Any | None:
         import s3fs
     except ImportError:
         return None
-    own = set(inspect.signature(s3fs.S3FileSystem.__init__).parameters) - {"self", "kwargs"}
-    if not set(options) <= own | _S3_BASE_OPTIONS:
+    if not set(options) <= _s3fs_options(s3fs.S3FileSystem):
         return None
     with _S3_SESSION_LOCK:
         if _S3_SESSION is None or _S3_SESSION[0] != os.getpid():
