@@ -40,6 +40,14 @@ from torch.utils.data import default_collate
 
 from shardloader import storage
 from shardloader.errors import ConfigError, CorpusError, ResumeError
+from shardloader.loader import (
+    TRANSFER_BATCHES,
+    _from_wire,
+    _in_batch_order,
+    _to_wire,
+    _TransferSampler,
+    _WireRows,
+)
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
 from shardloader.mix_config import Mixture
 from shardloader.mix_plan import (
@@ -574,8 +582,26 @@ class _MixCollate:
     def __call__(
         self, item: tuple[Any, dict[str, Any]]
     ) -> tuple[Any, dict[str, Any], tuple[int, dict[str, float]]]:
-        from shardloader.loader import _to_wire, _WireRows
+        batch, counters = self.one(item)
+        info = torch.utils.data.get_worker_info()
+        dataset = info.dataset if info is not None else self.dataset
+        assert isinstance(dataset, MixDataset)
+        worker = info.id if info is not None else -1
+        return batch, counters, (worker, dataset.stage_seconds())
 
+    def group(
+        self, items: list[tuple[Any, dict[str, Any]]]
+    ) -> tuple[list[tuple[Any, dict[str, Any]]], tuple[int, dict[str, float]]]:
+        """Several steps a worker sends at once (`MixLoader`'s ``transfer_batches``)."""
+        batches = [self.one(item) for item in items]
+        info = torch.utils.data.get_worker_info()
+        dataset = info.dataset if info is not None else self.dataset
+        assert isinstance(dataset, MixDataset)
+        worker = info.id if info is not None else -1
+        return batches, (worker, dataset.stage_seconds())
+
+    def one(self, item: tuple[Any, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+        """One step's batch (on its way out of a worker: `_WireRows` or wired tensors)."""
         started = time.perf_counter()
         payload, counters = item
         info = torch.utils.data.get_worker_info()
@@ -596,18 +622,23 @@ class _MixCollate:
         dataset.count_stage("collate", time.perf_counter() - started)
         if info is not None and not isinstance(batch, _WireRows):
             batch = _to_wire(batch)
-        worker = info.id if info is not None else -1
-        return batch, counters, (worker, dataset.stage_seconds())
+        return batch, counters
 
 
 class MixLoader(torch.utils.data.DataLoader):
     """A ``DataLoader`` over a `MixDataset`: one batch per step, with an exact ``state_dict``.
+
+    With workers, each worker sends ``transfer_batches`` steps at once (after a first step of
+    its own), given out in step order, as `ShardLoader` does: a step crossing from a worker
+    costs the main process about 0.1 ms however small it is.
 
     Args:
         dataset: The mixture dataset.
         batch_size: Per rank: samples per batch, or rows per batch in a token mixture.
         collate_fn: Collates one step's samples (default: ``default_collate``; token
             mixtures: `collate_rows` plus ``sample_sources``).
+        transfer_batches: Steps a worker sends at once (1: one per request, as a plain
+            DataLoader).
         **kwargs: Passed to ``DataLoader`` (``num_workers``, ``pin_memory``, ...). Persistent
             workers are restarted at each epoch (they hold the position they started from).
     """
@@ -617,10 +648,14 @@ class MixLoader(torch.utils.data.DataLoader):
         dataset: MixDataset,
         batch_size: int | None = None,
         collate_fn: Callable[[Any], Any] | None = None,
+        *,
+        transfer_batches: int = TRANSFER_BATCHES,
         **kwargs: Any,
     ) -> None:
         if not isinstance(dataset, MixDataset):
             raise ConfigError(f"MixLoader needs a MixDataset, got {type(dataset).__name__}")
+        if transfer_batches < 1:
+            raise ConfigError(f"transfer_batches must be >= 1, got {transfer_batches}")
         if batch_size is not None:
             if dataset.batch_size not in (None, batch_size):
                 raise ConfigError(
@@ -632,8 +667,10 @@ class MixLoader(torch.utils.data.DataLoader):
         for name in ("sampler", "batch_sampler", "drop_last"):
             if kwargs.get(name):
                 raise ConfigError(f"MixLoader makes its own batches; {name} is not supported")
-        collate: Any = _MixCollate(collate_fn, dataset)
-        super().__init__(dataset, batch_size=None, collate_fn=collate, **kwargs)
+        collate = _MixCollate(collate_fn, dataset)
+        self._transfer = transfer_batches if kwargs.get("num_workers", 0) > 0 else 1
+        fn: Any = collate.group if self._transfer > 1 else collate
+        super().__init__(dataset, batch_size=None, collate_fn=fn, **kwargs)
         self._last: dict[str, Any] | None = None
         # Stage counters: the latest of each live process, and the sum of those that ended.
         self._stages: dict[int, dict[str, float]] = {}
@@ -647,8 +684,6 @@ class MixLoader(torch.utils.data.DataLoader):
         return dataset
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        from shardloader.loader import _from_wire
-
         dataset = self.mix_dataset
         if self._last is not None:
             dataset.set_counters(MixCounters.from_dict(self._last, len(dataset.mixture.sources)))
@@ -663,7 +698,13 @@ class MixLoader(torch.utils.data.DataLoader):
                 for name, seconds in stages.items():
                     self._stages_ended[name] = self._stages_ended.get(name, 0.0) + seconds
             self._stages = {}
-        for batch, counters, (worker, stages) in super().__iter__():
+        groups: Any = super().__iter__()
+        steps: Iterator[tuple[Any, Any, int, dict[str, float]]] = (
+            _in_batch_order(groups, self.num_workers)
+            if self._transfer > 1
+            else ((batch, counters, worker, stages) for batch, counters, (worker, stages) in groups)
+        )
+        for batch, counters, worker, stages in steps:
             self._stages[worker] = stages
             last = self._last = counters
             yield _from_wire(batch) if wired else batch
@@ -673,6 +714,18 @@ class MixLoader(torch.utils.data.DataLoader):
                 next_epoch(ended)
             dataset.set_counters(ended)
         self._last = None
+
+    @property
+    def _auto_collation(self) -> bool:
+        # Grouped: a worker fetches `transfer_batches` steps per request (`_index_sampler`) and
+        # the collate gets them as a list.
+        return self._transfer > 1 or super()._auto_collation
+
+    @property
+    def _index_sampler(self) -> Any:
+        if self._transfer > 1:
+            return _TransferSampler(1, self._transfer, self.num_workers)
+        return super()._index_sampler
 
     def stage_seconds(self) -> dict[str, float]:
         """Seconds the loader's processes spent per stage (like `ShardLoader.stage_seconds`)."""
