@@ -587,8 +587,8 @@ def stream_advice(report: ProfileReport) -> list[str]:
             f"read in blocks: each reading process (the main one, or each DataLoader worker) "
             f"holds at most {held} decoded (shuffle_bytes); per node that is num_workers x "
             "ranks x shuffle_bytes. Lower it to save memory, raise it to mix more shards "
-            "(README, Shuffle quality: 16 MiB sees 61-66% of a uniform permutation's shards "
-            "per 1,000 samples, the 64 MiB default 89-96%, 256 MiB 96-99%)"
+            "(README, Shuffle quality: 16 MiB sees 67-69% of a uniform permutation's shards "
+            "per 1,000 samples, the 64 MiB default 102-108%, 256 MiB 102-111%)"
         )
         if report.remote and report.bottleneck == "fetch":
             advice.append(
