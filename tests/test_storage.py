@@ -532,20 +532,42 @@ url = sys.argv[1]
 assert storage.read_bytes(url) == b"x"  # this process now holds an S3 session
 
 
-def collect(seconds):
+def child(out):
     started = time.perf_counter()
     fsspec.filesystem("s3")  # a new process: fsspec drops the instances the parent made
     gc.collect()
-    seconds.value = time.perf_counter() - started
+    out.value = time.perf_counter() - started
+"""
 
+
+_FORK_CHILD = """
+import multiprocessing
 
 context = multiprocessing.get_context("fork")
-seconds = context.Value("d", -1.0)
-child = context.Process(target=collect, args=(seconds,))
-child.start()
-child.join(30)
-print(child.exitcode, seconds.value)
+out = context.Value("d", -1.0)
+process = context.Process(target=child, args=(out,))
+process.start()
+process.join(60)
+print(process.exitcode, out.value)
 """
+
+
+def _fork_in_a_fresh_process(script: str, bucket: str) -> list[str]:
+    """Run ``script`` in a new interpreter, then its ``child(out)`` in a forked process.
+
+    The script reads ``{bucket}/x.bin`` (b"x") first. A fresh process: this one holds the S3
+    sessions of every test before. Returns the child's exit code and what it left in ``out``.
+    """
+    fsspec.filesystem("s3").pipe_file(f"{bucket}/x.bin", b"x")
+    result = subprocess.run(
+        [sys.executable, "-c", script + _FORK_CHILD, f"{bucket}/x.bin"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
 
 
 @pytest.mark.s3
@@ -555,16 +577,7 @@ def test_a_forked_child_does_not_wait_to_close_the_parents_s3_sessions(bucket):
     # child that loop's thread is gone, and each close waited 1 s (a worker stalled 2 s
     # mid-epoch). The child leaves the parent's sessions alone. (A fresh process: this one
     # holds the sessions of every test before.)
-    fsspec.filesystem("s3").pipe_file(f"{bucket}/x.bin", b"x")
-    result = subprocess.run(
-        [sys.executable, "-c", _FORK_SCRIPT, f"{bucket}/x.bin"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    exitcode, seconds = result.stdout.split()
+    exitcode, seconds = _fork_in_a_fresh_process(_FORK_SCRIPT, bucket)
     assert exitcode == "0"
     assert 0 <= float(seconds) < 0.5
 
@@ -586,14 +599,6 @@ def child(out):
     out.value = (session is not parent_session) + 2 * (
         session.get_component("data_loader") is parent_loader
     )
-
-
-context = multiprocessing.get_context("fork")
-out = context.Value("i", -1)
-process = context.Process(target=child, args=(out,))
-process.start()
-process.join(60)
-print(process.exitcode, out.value)
 """
 
 
@@ -601,16 +606,8 @@ print(process.exitcode, out.value)
 def test_a_forked_child_makes_its_own_s3_session_over_the_parents_parsed_models(bucket):
     # A DataLoader worker's first GET made a new S3 client, which parsed botocore's service
     # model and endpoint rules again (0.1-0.2 s a worker); the sessions share one data loader.
-    fsspec.filesystem("s3").pipe_file(f"{bucket}/x.bin", b"x")
-    result = subprocess.run(
-        [sys.executable, "-c", _SHARED_LOADER_SCRIPT, f"{bucket}/x.bin"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["0", "3"]  # its own session, the parent's loader
+    # its own session, the parent's loader
+    assert _fork_in_a_fresh_process(_SHARED_LOADER_SCRIPT, bucket) == ["0", "3.0"]
 
 
 @pytest.mark.s3
