@@ -13,6 +13,7 @@ optional) and the state to the start of that epoch.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -47,6 +48,32 @@ WIRE_MAX_BYTES = 16 << 20
 
 # Batches a worker sends at once (`ShardLoader`'s ``transfer_batches``).
 TRANSFER_BATCHES = 8
+
+# The kernel buffer of the pipe that carries every worker's batches to the main process (Linux's
+# default is 64 KiB; `_widen_result_pipe`). 2 workers, 300 MB corpus, medians of 5: tokens
+# 0.57 -> 0.45 s an epoch, text 0.85 -> 0.75 s, packed rows 0.68 -> 0.65 s; at 512 KiB text
+# was slower than at 64 KiB (0.87 s).
+RESULT_PIPE_BYTES = 256 << 10
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python 3.10+ names it on Linux only)
+
+
+def _widen_result_pipe(iterator: Any) -> Any:
+    """Give the pipe of a multi-process DataLoader iterator `RESULT_PIPE_BYTES` of buffer.
+
+    A worker writes its pickled batches into one pipe that all workers share; at 64 KiB the
+    writer waits for the main process to read each 64 KiB, so the two take turns instead of
+    overlapping. Linux only; elsewhere, or if torch's iterator changes, nothing is done.
+    """
+    reader = getattr(getattr(iterator, "_worker_result_queue", None), "_reader", None)
+    if reader is None or not sys.platform.startswith("linux"):
+        return iterator
+    import fcntl
+
+    try:
+        fcntl.fcntl(reader.fileno(), _F_SETPIPE_SZ, RESULT_PIPE_BYTES)
+    except (OSError, ValueError):  # above /proc/sys/fs/pipe-max-size, or a closed pipe
+        log.debug("could not widen the DataLoader's result pipe", exc_info=True)
+    return iterator
 
 
 class _Wire:
@@ -469,11 +496,11 @@ class ShardLoader(torch.utils.data.DataLoader):
 
     def _get_iterator(self) -> Any:
         if self._transfer == 1 or not self.drop_last:
-            return super()._get_iterator()
+            return _widen_result_pipe(super()._get_iterator())
         # The fetcher would drop a short group whole: the collate drops the short last batch.
         object.__setattr__(self, "drop_last", False)  # (DataLoader refuses a plain set)
         try:
-            return super()._get_iterator()
+            return _widen_result_pipe(super()._get_iterator())
         finally:
             object.__setattr__(self, "drop_last", True)
 

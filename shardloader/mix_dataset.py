@@ -46,6 +46,7 @@ from shardloader.loader import (
     _in_batch_order,
     _to_wire,
     _TransferSampler,
+    _widen_result_pipe,
     _WireRows,
 )
 from shardloader.manifest import Manifest, iter_shard_urls, read_manifest
@@ -714,6 +715,9 @@ class MixLoader(torch.utils.data.DataLoader):
                 next_epoch(ended)
             dataset.set_counters(ended)
         self._last = None
+
+    def _get_iterator(self) -> Any:
+        return _widen_result_pipe(super()._get_iterator())
 
     @property
     def _auto_collation(self) -> bool:
