@@ -584,22 +584,20 @@ class _MixCollate:
         self, item: tuple[Any, dict[str, Any]]
     ) -> tuple[Any, dict[str, Any], tuple[int, dict[str, float]]]:
         batch, counters = self.one(item)
-        info = torch.utils.data.get_worker_info()
-        dataset = info.dataset if info is not None else self.dataset
-        assert isinstance(dataset, MixDataset)
-        worker = info.id if info is not None else -1
-        return batch, counters, (worker, dataset.stage_seconds())
+        return batch, counters, self._origin()
 
     def group(
         self, items: list[tuple[Any, dict[str, Any]]]
     ) -> tuple[list[tuple[Any, dict[str, Any]]], tuple[int, dict[str, float]]]:
         """Several steps a worker sends at once (`MixLoader`'s ``transfer_batches``)."""
-        batches = [self.one(item) for item in items]
+        return [self.one(item) for item in items], self._origin()
+
+    def _origin(self) -> tuple[int, dict[str, float]]:
+        """This process's worker id (-1: the main one) and its stage counters."""
         info = torch.utils.data.get_worker_info()
         dataset = info.dataset if info is not None else self.dataset
         assert isinstance(dataset, MixDataset)
-        worker = info.id if info is not None else -1
-        return batches, (worker, dataset.stage_seconds())
+        return (info.id if info is not None else -1), dataset.stage_seconds()
 
     def one(self, item: tuple[Any, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
         """One step's batch (on its way out of a worker: `_WireRows` or wired tensors)."""
