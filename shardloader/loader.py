@@ -215,16 +215,52 @@ def _wire_leaf(data: Any) -> Any:
     return data
 
 
+class _Wired:
+    """A batch whose small tensors travel as `_Wire` arrays (`_to_wire`).
+
+    Only such batches are walked again on arrival: a batch of 64 texts holds no tensor, and
+    walking its strings cost the main process 0.07 s an epoch (300 MB of text, 2 workers).
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def unwire(self) -> Any:
+        return _map_batch(
+            self.data, lambda leaf: leaf.unwire() if isinstance(leaf, _Wire) else leaf
+        )
+
+    def pin_memory(self, device: Any = None) -> Any:
+        from torch.utils.data._utils.pin_memory import pin_memory
+
+        return pin_memory(self.unwire(), device)
+
+
 def _to_wire(data: Any) -> Any:
-    """``data`` with every small CPU tensor (in dicts, lists and tuples) as a `_Wire`."""
-    return _map_batch(data, _wire_leaf)
+    """``data`` with every small CPU tensor (in dicts, lists and tuples) as a `_Wire`.
+
+    Wrapped in a `_Wired` so that the main process undoes it; ``data`` itself where it holds
+    no such tensor (nothing to undo).
+    """
+    wired = False
+
+    def leaf(value: Any) -> Any:
+        nonlocal wired
+        out = _wire_leaf(value)
+        wired = wired or out is not value
+        return out
+
+    mapped = _map_batch(data, leaf)
+    return _Wired(mapped) if wired else data
 
 
 def _from_wire(data: Any) -> Any:
     """Undo `_to_wire` (what the pinning thread has not already turned into tensors)."""
-    if isinstance(data, _WireRows):
+    if isinstance(data, (_WireRows, _Wired)):
         return data.unwire()
-    return _map_batch(data, lambda leaf: leaf.unwire() if isinstance(leaf, _Wire) else leaf)
+    return data
 
 
 _NUMPY_DTYPES = frozenset(
