@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+from tools.bench.harness import cpu_marks, other_cpu_share
+
 DATA = os.environ.get("FT_DATA", os.path.join(".bench", "stream", "corpus-300mb-0", "s3", "bench"))
 CASES = [
     (task, mode, threads)
@@ -140,19 +142,13 @@ def run_case(task: str, mode: str, threads: int) -> dict[str, object]:
     }
 
 
-def busy_ticks() -> int:
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-
-
 def wait_quiet(limit: float = 0.15, patience_s: float = 30.0) -> None:
     """Wait until other processes use under ``limit`` of the machine (0.5 s samples)."""
     deadline = time.monotonic() + patience_s
     while time.monotonic() < deadline:
-        ticks = busy_ticks()
+        marks = cpu_marks()
         time.sleep(0.5)
-        share = (busy_ticks() - ticks) / os.sysconf("SC_CLK_TCK") / 0.5 / (os.cpu_count() or 1)
-        if share < limit:
+        if other_cpu_share(marks, 0.5) < limit:
             return
 
 
@@ -173,14 +169,9 @@ def run_all(python: str, out: str, repeats: int, env_extra: dict[str, str], labe
                     str(threads),
                 ]
                 wait_quiet()
-                ticks, wall = busy_ticks(), time.perf_counter()
-                child = resource.getrusage(resource.RUSAGE_CHILDREN)
+                marks, wall = cpu_marks(), time.perf_counter()
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-                wall = time.perf_counter() - wall
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                own = (after.ru_utime - child.ru_utime) + (after.ru_stime - child.ru_stime)
-                busy = (busy_ticks() - ticks) / os.sysconf("SC_CLK_TCK")
-                other = max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
+                other = other_cpu_share(marks, time.perf_counter() - wall)
                 if done.returncode:
                     print(done.stderr[-2000:], file=sys.stderr)
                     raise SystemExit(f"{cmd} failed")
