@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -207,7 +206,6 @@ def test_transfer_batches_must_be_positive(dataset_dir: Path) -> None:
         ShardLoader(ShardDataset(str(dataset_dir)), batch_size=2, transfer_batches=0)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
 def test_workers_send_through_a_widened_pipe_and_every_sample_arrives(dataset_dir: Path) -> None:
     # At Linux's default 64 KiB a worker waited for the main process to read each 64 KiB of its
     # batches (2 workers, tokens: 0.57 -> 0.45 s an epoch at 256 KiB).
