@@ -112,7 +112,25 @@ def _narrow(array: np.ndarray) -> np.ndarray:
     return array
 
 
-class _WireRows:
+class _OnArrival:
+    """A batch on its way from a worker that becomes the batch on arrival (`unwire`).
+
+    The main process unwires it (`_from_wire`); with ``pin_memory=True`` the DataLoader's
+    pinning thread meets it first and calls `pin_memory`, so it is unwired and pinned there.
+    """
+
+    __slots__ = ()
+
+    def unwire(self) -> Any:
+        raise NotImplementedError
+
+    def pin_memory(self, device: Any = None) -> Any:
+        from torch.utils.data._utils.pin_memory import pin_memory
+
+        return pin_memory(self.unwire(), device)
+
+
+class _WireRows(_OnArrival):
     """A batch of packed rows (and ``extra`` arrays) on its way from a worker, collated on arrival.
 
     `collate_rows` makes three ``[B, L]`` int64 arrays out of the rows' tokens (``input_ids``,
@@ -187,11 +205,6 @@ class _WireRows:
         batch.update((key, value.unwire()) for key, value in self.extra.items())
         return batch
 
-    def pin_memory(self, device: Any = None) -> dict[str, Any]:
-        from torch.utils.data._utils.pin_memory import pin_memory
-
-        return pin_memory(self.unwire(), device)
-
 
 def _map_batch(data: Any, leaf: Callable[[Any], Any]) -> Any:
     """``data`` with ``leaf`` applied to everything inside its dicts, lists and tuples."""
@@ -215,7 +228,7 @@ def _wire_leaf(data: Any) -> Any:
     return data
 
 
-class _Wired:
+class _Wired(_OnArrival):
     """A batch whose small tensors travel as `_Wire` arrays (`_to_wire`).
 
     Only such batches are walked again on arrival: a batch of 64 texts holds no tensor, and
@@ -231,11 +244,6 @@ class _Wired:
         return _map_batch(
             self.data, lambda leaf: leaf.unwire() if isinstance(leaf, _Wire) else leaf
         )
-
-    def pin_memory(self, device: Any = None) -> Any:
-        from torch.utils.data._utils.pin_memory import pin_memory
-
-        return pin_memory(self.unwire(), device)
 
 
 def _to_wire(data: Any) -> Any:
@@ -258,7 +266,7 @@ def _to_wire(data: Any) -> Any:
 
 def _from_wire(data: Any) -> Any:
     """Undo `_to_wire` (what the pinning thread has not already turned into tensors)."""
-    if isinstance(data, (_WireRows, _Wired)):
+    if isinstance(data, _OnArrival):
         return data.unwire()
     return data
 
