@@ -206,3 +206,31 @@ def test_json_depth_is_bounded_whatever_the_brackets_in_strings() -> None:
         load_json(deep.encode("utf-32"), "s")
     at_limit = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
     assert load_json(at_limit, "s") == json.loads(at_limit)
+
+
+def test_a_token_column_of_many_record_batches_is_read_without_joining_them() -> None:
+    # A whole shard is many record batches; their ids were copied into one array first.
+    from shardloader.formats.arrow import _token_column
+
+    list_type = pa.list_(pa.uint16())
+    chunks = [
+        pa.array([[1, 2, 3], [], [4]], list_type),
+        pa.array([], list_type),  # an empty batch
+        pa.array([[9, 9], [5, 6, 7], [], [8]], list_type).slice(1),  # a slice: offset 1
+        pa.array([[], [10, 11]], list_type),  # a batch starting with an empty row
+    ]
+    column = pa.chunked_array(chunks, list_type)
+    tokens = _token_column(column)
+    rows = np.array([7, 0, 6, 1, 3, 5, 2, 4], np.int64)
+    expected = column.combine_chunks().to_pylist()
+    assert [t.tolist() for t in tokens.take(rows)] == [expected[r] for r in rows]
+    lengths = tokens.offsets[rows + 1] - tokens.offsets[rows]
+    assert lengths.tolist() == [len(expected[r]) for r in rows]
+    # Views of the decoded batches, not copies.
+    assert all(
+        np.shares_memory(view, np.frombuffer(chunk.values.buffers()[1], np.uint16))
+        for view, chunk in zip(tokens.values, chunks, strict=True)
+        if len(view)
+    )
+    empty = _token_column(pa.chunked_array([], list_type))
+    assert empty.take(np.zeros(0, np.int64)) == []
