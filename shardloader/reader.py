@@ -416,7 +416,7 @@ class ShardReader:
         rows = [columns["id"], ids.tolist(), *(columns[n] for n in self._names[1:])]
         if self._mark_padding:
             rows.append(padded.tolist())
-        samples = [dict(zip(names, row, strict=True)) for row in zip(*rows, strict=True)]
+        samples = _dicts(names, rows)
         self.stage_seconds["decode"] += time.perf_counter() - started
         return samples
 
@@ -603,6 +603,25 @@ class ShardReader:
         self._ahead.clear()
         for index in list(self._open):
             self._release(index)
+
+
+def _dicts(names: Sequence[str], columns: Sequence[list[Any]]) -> list[Sample]:
+    """One dict per row of ``columns`` (equal lengths), keyed by ``names``.
+
+    A dict display with the keys in variables builds a sample about 3x faster than
+    ``dict(zip(names, row))`` (100k samples of 3 fields: 17 against 48 ms), so the usual field
+    counts get one; others take the general form.
+    """
+    if len(names) == 3:
+        a, b, c = names
+        return [{a: x, b: y, c: z} for x, y, z in zip(*columns, strict=True)]
+    if len(names) == 4:
+        a, b, c, d = names
+        return [{a: x, b: y, c: z, d: w} for x, y, z, w in zip(*columns, strict=True)]
+    if len(names) == 5:
+        a, b, c, d, e = names
+        return [{a: x, b: y, c: z, d: w, e: v} for x, y, z, w, v in zip(*columns, strict=True)]
+    return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
 
 
 def _window_shards(windows: Sequence[Window], first: np.ndarray) -> list[int]:

@@ -138,3 +138,17 @@ def test_the_reader_imports_neither_torch_nor_tokenizers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 6])
+def test_rows_become_dicts_keyed_by_name_for_any_field_count(width: int) -> None:
+    from shardloader.reader import _dicts
+
+    names = ["id", "sample_id", "text", "url", "score", "lang"][:width]
+    columns = [[f"{name}-{row}" for row in range(5)] for name in names]
+    dicts = _dicts(names, columns)
+    assert dicts == [{n: f"{n}-{row}" for n in names} for row in range(5)]
+    assert [list(d) for d in dicts] == [names] * 5  # the field order is kept
+    if width > 1:
+        with pytest.raises(ValueError, match="shorter|longer"):
+            _dicts(names, [*columns[:-1], columns[-1][:4]])  # a short column is refused
