@@ -505,8 +505,9 @@ def _block_columns(
 class ArrowColumns:
     """A decoded Arrow shard, each column made ready for indexing on first use.
 
-    Token columns become one numpy array of values plus offsets (a sample is a zero-copy slice);
-    other columns become one Python list (or parsed JSON). Taking rows is then plain indexing,
+    Token columns become numpy views of each record batch's values plus offsets over them all
+    (`_TokenColumn`: a sample is a zero-copy slice); other columns become one Python list (or
+    parsed JSON). Taking rows is then plain indexing,
     several times faster than an Arrow ``take`` per window slice.
 
     Args:
@@ -559,8 +560,8 @@ class ArrowColumns:
 
     def token_lengths(self, rows: np.ndarray, field: str) -> np.ndarray:
         """Token counts of ``rows`` of ``field``, from the offsets alone."""
-        offsets = self._column(field).offsets
-        return (offsets[rows + 1] - offsets[rows]).astype(np.int64)
+        offsets = self._column(field).offsets  # int64 (`_token_column`)
+        return offsets[rows + 1] - offsets[rows]
 
     def take_tokens(self, rows: np.ndarray, field: str) -> list[np.ndarray]:
         """The token ids of ``rows`` of ``field``: views of the decoded values."""
