@@ -102,10 +102,14 @@ class _Wire:
 
 
 def _narrow(array: np.ndarray) -> np.ndarray:
-    """An int64 array in the narrowest integer type that holds its values (others unchanged)."""
+    """An int64 array in the narrowest integer type that holds its values (others unchanged).
+
+    uint16 comes before int32: ids of vocabularies up to 65,536 (GPT-2's 50,257) take two bytes,
+    not four.
+    """
     if array.dtype == np.int64 and array.size:
         low, high = int(array.min()), int(array.max())
-        for narrow in (np.int16, np.int32):
+        for narrow in (np.int16, np.uint16, np.int32):
             info = np.iinfo(narrow)
             if info.min <= low and high <= info.max:
                 return array.astype(narrow)

@@ -239,3 +239,27 @@ def test_batches_without_tensors_cross_as_they_are() -> None:
     assert back["text"] == ["a", "b"]
     assert back["input_ids"].dtype == torch.int64
     assert torch.equal(back["input_ids"], batch["input_ids"])
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "wire_dtype"),
+    [
+        (-100, 32767, np.int16),  # labels with the ignore index
+        (0, 50256, np.uint16),  # GPT-2's vocabulary: two bytes, not four
+        (0, 65535, np.uint16),
+        (-1, 40000, np.int32),
+        (0, 65536, np.int32),
+        (0, 2**31, np.int64),
+    ],
+)
+def test_int64_tensors_cross_in_the_narrowest_type_and_arrive_as_they_were(
+    low: int, high: int, wire_dtype: type
+) -> None:
+    from shardloader.loader import _from_wire, _to_wire
+
+    values = torch.tensor([low, high, (low + high) // 2, high - 1], dtype=torch.int64)
+    wired = _to_wire({"input_ids": values})
+    assert wired.data["input_ids"].array.dtype == wire_dtype
+    back = _from_wire(pickle.loads(pickle.dumps(wired)))["input_ids"]
+    assert back.dtype == torch.int64
+    assert torch.equal(back, values)
