@@ -247,10 +247,12 @@ def _stream_markdown(stream: dict[str, Any]) -> str:
         for peer in STREAM_SYSTEMS[1:]:
             s = by_key.get((task, source, workers, peer))
             cells.append(f"{s[key][0] / scale:.1f}" if s and s["num_ok"] and s[key] else "-")
-        bound_name = "memmap" if source == "local" else "raw-get"
+        bound_name = "raw-get" if source == "s3" else "decode" if task == "text" else "memmap"
         bound = by_key.get((task, source, 0, bound_name))
         if bound and bound["num_ok"]:
-            if source == "local":
+            if bound_name == "decode":
+                bound_text = f"decode {bound['samples_per_s'][0] / 1e3:.1f}"
+            elif source == "local":
                 bound_text = f"memmap {bound['tokens_per_s'][0] / 1e6:.1f}"
             else:
                 bound_text = f"GET {bound['stored_mb_per_s'][0]:.0f} MB/s"

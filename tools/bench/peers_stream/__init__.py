@@ -41,6 +41,8 @@ rows (task ``packed``) are each system's own batches: shardloader's ``ShardLoade
 - memmap (bound): nanoGPT's ``get_batch``: a ``np.memmap`` of all token ids (uint16) re-opened per
   batch, ``batch_size`` random windows of ``block_size`` tokens stacked into an int64 tensor, as
   many batches as cover the corpus's tokens once.
+- decode (bound): every text shard of shardloader's copy read and decoded by pyarrow on 2 threads,
+  each text made a Python ``str``: no shuffle, no sample dicts, no checksums, no DataLoader.
 - raw-get (bound): ``fsspec`` ``cat`` of all of shardloader's shard files from the S3 server at
   once (s3fs issues the GETs concurrently); no decoding.
 

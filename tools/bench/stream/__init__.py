@@ -29,7 +29,9 @@ through a torch ``DataLoader`` (shardloader: its subclass ``ShardLoader``; ``--p
 for torch's own) with ``batch_size`` 64 and the same collate: a list of the texts, or one flat
 int64 tensor of the batch's token ids. The bounds: ``memmap`` (nanoGPT's ``get_batch`` over a
 ``np.memmap`` of the token ids: random windows, the same number of tokens) for local token reads,
-and ``raw-get`` (fsspec ``cat`` of shardloader's shard files from the S3 server, no decoding) for
+``decode`` (shardloader's text shards decoded by pyarrow on 2 threads and each text made a Python
+``str``: no shuffle, no sample dicts, no checksums, no DataLoader) for local text reads, and
+``raw-get`` (fsspec ``cat`` of shardloader's shard files from the S3 server, no decoding) for
 S3 reads.
 
 Every pass runs in a fresh subprocess (so imports and RSS are its own) with a fresh cache folder
@@ -40,7 +42,7 @@ the page cache. Each pass's sample (or token) count is checked against the corpu
 
 Ratios: "vs peer" is the headline rate (text MB/s, or tokens/s) over the fastest peer's in the
 same task, source and ``num_workers``; "vs bound" is tokens/s over ``memmap`` (local tokens and
-packed rows) or
+packed rows), text MB/s over ``decode`` (local text), or
 stored MB/s (bytes of the system's files per second of the pass) over ``raw-get`` (S3).
 
 Run it (on 2 cores: about 10 minutes, 2 more the first time, which prepares the data)::
@@ -82,6 +84,7 @@ CACHE_BYTES = 1 << 30
 SEED = 0
 SYSTEMS = ("shardloader", "mosaic", "litdata", "webdataset", "hf")
 PEERS = SYSTEMS[1:]
+BOUNDS = ("memmap", "decode", "raw-get")  # what no loader beats: see the module docstring
 # shardloader again with StreamConfig(verify_local=False), beside the default (True: each local
 # shard is hashed before its first use in each process), for the "local checksum cost" table.
 NO_VERIFY = "shardloader-noverify"

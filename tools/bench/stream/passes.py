@@ -45,7 +45,7 @@ class Measurement:
     """One pass of one system.
 
     Args:
-        system: A system of ``SYSTEMS``, or a bound (``memmap``, ``raw-get``).
+        system: A system of ``SYSTEMS``, or a bound (``memmap``, ``decode``, ``raw-get``).
         task: ``"text"`` or ``"tokens"``.
         source: ``"local"`` or ``"s3"``.
         num_workers: DataLoader workers.
@@ -210,7 +210,8 @@ def measure(
         url = str(link_copy(data, cache_dir / "dataset"))
     spec = _pass_spec(ctx, system=system, task=task, source=source, num_workers=num_workers)
     spec.update(
-        url=url, files=shard_files(data) if system in ("webdataset", "hf", "raw-get") else []
+        url=url,
+        files=shard_files(data) if system in ("webdataset", "hf", "raw-get", "decode") else [],
     )
     spec["cache_dir"] = str(cache_dir)
     env = job_env(system, s3_job_env(ctx.server) if source == "s3" else None)
@@ -329,6 +330,8 @@ def plan_passes(
     for task, source in sorted({(task, source) for task, source, _ in combos}):
         if task in ("tokens", "packed") and source == "local":
             passes.append(("memmap", task, "local", 0))
+        if task == "text" and source == "local" and "shardloader" in systems:
+            passes.append(("decode", task, "local", 0))
         if source == "s3":
             passes.append(("raw-get", task, "s3", 0))
     return passes

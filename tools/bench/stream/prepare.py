@@ -51,8 +51,8 @@ def data_task(task: str) -> str:
 
 
 def data_system(system: str) -> str:
-    """The system whose copy a pass reads: raw GET and ``NO_VERIFY`` read shardloader's."""
-    return "shardloader" if system in ("raw-get", NO_VERIFY) else system
+    """The system whose copy a pass reads: raw GET, decode and ``NO_VERIFY`` read shardloader's."""
+    return "shardloader" if system in ("raw-get", "decode", NO_VERIFY) else system
 
 
 def text_bytes_of(corpus: Corpus) -> int:

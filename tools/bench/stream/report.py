@@ -17,6 +17,7 @@ from tools.bench.harness import (
     target_line,
 )
 from tools.bench.stream import (
+    BOUNDS,
     CHECKSUM_TASKS,
     NO_VERIFY,
     PEERS,
@@ -99,7 +100,7 @@ def _ratios(
 ) -> tuple[float | None, float | None]:
     """(to the fastest peer, to the bound) of one configuration; ``None`` where not defined."""
     size, task, source, workers, system = key
-    if system in ("memmap", "raw-get"):
+    if system in BOUNDS:
         return None, None
     own = _rate(groups, key, best)
     peer = max(_rate(groups, (size, task, source, workers, p), best) for p in PEERS)
@@ -107,6 +108,9 @@ def _ratios(
     to_bound = None
     if source == "local" and task in ("tokens", "packed"):
         bound = _rate(groups, (size, task, "local", 0, "memmap"), best)
+        to_bound = own / bound if own and bound else None
+    elif source == "local" and task == "text":
+        bound = _rate(groups, (size, task, "local", 0, "decode"), best)
         to_bound = own / bound if own and bound else None
     elif source == "s3":
         bound = _rate(groups, (size, task, "s3", 0, "raw-get"), best)
@@ -162,7 +166,7 @@ def summarize(measurements: list[Measurement]) -> list[Summary]:
                 notes=sorted({m.note for m in runs if m.note}),
             )
         )
-    order = {s: i for i, s in enumerate((SYSTEMS[0], NO_VERIFY, *SYSTEMS[1:], "memmap", "raw-get"))}
+    order = {s: i for i, s in enumerate((SYSTEMS[0], NO_VERIFY, *SYSTEMS[1:], *BOUNDS))}
     summaries.sort(
         key=lambda s: (
             s.size != "main",
@@ -283,7 +287,8 @@ def format_verdicts(summaries: list[Summary]) -> list[str]:
                     percent=False,
                 )
             )
-        if s.ratio_to_bound and s.best_ratio_to_bound:
+        text_floor = s.source == "local" and s.task == "text"  # (a floor, with no target)
+        if s.ratio_to_bound and s.best_ratio_to_bound and not text_floor:
             bound, target = (
                 ("the memmap bound", TARGET_MEMMAP_RATIO)
                 if s.source == "local"
