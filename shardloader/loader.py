@@ -503,6 +503,10 @@ class ShardLoader(torch.utils.data.DataLoader):
         return dataset
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        """Start the epoch now, as a DataLoader does: workers start and fetch ahead at ``iter()``.
+
+        So ``it = iter(loader)`` before building the model reads the first batches meanwhile.
+        """
         dataset = self.shard_dataset
         if self._epoch_done is not None and dataset.epoch == self._epoch_done:
             dataset.set_epoch(self._epoch_done + 1)
@@ -520,6 +524,12 @@ class ShardLoader(torch.utils.data.DataLoader):
             if self._transfer > 1
             else ((batch, wire, worker, stages) for [(batch, wire)], (worker, stages) in groups)
         )
+        return self._deliver(batches, epoch)
+
+    def _deliver(
+        self, batches: Iterator[tuple[Any, WireCursor, int, dict[str, float]]], epoch: int
+    ) -> Iterator[Any]:
+        """The epoch's batches, each recorded (cursor, stage counters) as it is handed out."""
         for batch, wire, worker, stages in batches:
             self._stages[worker] = stages
             cursor = Cursor._make(wire)

@@ -683,6 +683,7 @@ class MixLoader(torch.utils.data.DataLoader):
         return dataset
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        """Start the epoch now (workers start and fetch ahead at ``iter()``, as a DataLoader's)."""
         dataset = self.mix_dataset
         if self._last is not None:
             dataset.set_counters(MixCounters.from_dict(self._last, len(dataset.mixture.sources)))
@@ -690,7 +691,6 @@ class MixLoader(torch.utils.data.DataLoader):
         self._iterator = None  # workers start from the dataset's current position
         spec = dataset.spec()
         units = dataset.batch_units(dataset.world().world_size)
-        last: dict[str, Any] | None = None
         wired = self.num_workers > 0
         if wired:  # new worker processes count from zero
             for stages in self._stages.values():
@@ -703,6 +703,18 @@ class MixLoader(torch.utils.data.DataLoader):
             if self._transfer > 1
             else ((batch, counters, worker, stages) for batch, counters, (worker, stages) in groups)
         )
+        return self._deliver(steps, spec, units, wired)
+
+    def _deliver(
+        self,
+        steps: Iterator[tuple[Any, Any, int, dict[str, float]]],
+        spec: MixSpec,
+        units: int,
+        wired: bool,
+    ) -> Iterator[Any]:
+        """The epoch's steps, each one's counters kept; the counters moved on at its end."""
+        dataset = self.mix_dataset
+        last: dict[str, Any] | None = None
         for batch, counters, worker, stages in steps:
             self._stages[worker] = stages
             last = self._last = counters

@@ -263,3 +263,50 @@ def test_int64_tensors_cross_in_the_narrowest_type_and_arrive_as_they_were(
     back = _from_wire(pickle.loads(pickle.dumps(wired)))["input_ids"]
     assert back.dtype == torch.int64
     assert torch.equal(back, values)
+
+
+class _MarkFirstBatch:
+    """A collate (run in the workers) that leaves a file behind once a batch is made."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, batch: list[dict]) -> list[int]:
+        self.path.touch()
+        return ids_of(batch)
+
+
+def _wait_for(path: Path, seconds: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_iter_starts_the_workers_before_the_first_batch_is_asked_for(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
+    # As with a DataLoader, iter() starts the epoch: a training loop that calls it before
+    # building its model has its first batches read meanwhile (first step's data wait with a
+    # 'small' model: 0.04-0.05 s -> 0.002 s).
+    mark = tmp_path / "made"
+    loader = ShardLoader(
+        ShardDataset(str(dataset_dir)),
+        batch_size=5,
+        num_workers=2,
+        collate_fn=_MarkFirstBatch(mark),
+    )
+    it = iter(loader)
+    assert _wait_for(mark), "no worker made a batch before the first next()"
+    ids = [i for batch in it for i in batch]
+    assert sorted(ids) == list(range(NUM_SAMPLES))
+    # The next epoch starts at its own iter(), with the loader's state of the epoch before.
+    mark.unlink()
+    it = iter(loader)
+    assert _wait_for(mark)
+    assert loader.shard_dataset.epoch == 1
+    assert sorted(i for batch in it for i in batch) == list(range(NUM_SAMPLES))

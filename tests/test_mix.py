@@ -746,3 +746,22 @@ def test_grouped_transfers_give_the_steps_and_states_of_single_ones(
     assert grouped[0] == single[0]
     assert grouped[1] == single[1]
     assert len({json.dumps(s, sort_keys=True) for s in grouped[1]}) == len(grouped[1])
+
+
+def test_mix_loader_iter_starts_its_workers_at_once(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    # Like ShardLoader (and a DataLoader), iter() starts the epoch before the first next().
+    from shardloader import ShardDataset, ShardLoader
+    from tests.test_loader import _MarkFirstBatch, _wait_for
+
+    mark = tmp_path / "made"
+    mixture = _mixture(sources, unit="samples", total=300)
+    loader = ShardLoader(
+        ShardDataset(mixture), batch_size=12, num_workers=2, collate_fn=_MarkFirstBatch(mark)
+    )
+    it = iter(loader)
+    assert _wait_for(mark), "no worker made a step before the first next()"
+    steps = list(it)
+    assert len(steps) == 300 // 12
+    assert all(len(step) == 12 for step in steps)

@@ -246,6 +246,12 @@ class _Trainer:
         )
         self.schedule_steps = _schedule_steps(dataset, config, self.runtime.world_size)
         self.vocab_size = _vocab_size(dataset, config)
+        self._it: Iterator[Any] | None = None
+        if not config.resume:
+            # Start the loader before the model exists: its workers fork from a small process
+            # and read their first batches while the model is built and moved to the device.
+            # (A resumed run starts it once the checkpoint has set its position.)
+            self._it = iter(self.loader)
         model = self.build_local_model()
         self.num_parameters = count_parameters(model)
         self.num_trainable = count_trainable(model)
@@ -267,7 +273,6 @@ class _Trainer:
         self.step = 0
         self.epochs_done = 0
         self.saved_step = -1  # the step of the newest checkpoint this run wrote or loaded
-        self._it: Iterator[Any] | None = None
         self._pass_may_be_empty = False  # the first pass after a resume may start at its end
         self._pass_start_step = 0
         self._last_grad_norm = float("nan")
