@@ -136,8 +136,17 @@ def test_a_mixture_is_packed_end_to_end_only(tmp_path: Path) -> None:
 
 
 def test_a_missing_model_path_is_named(token_data: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no-such-model: no such model directory"):
-        train(small_run(token_data, tmp_path / "out", model=str(tmp_path / "no-such-model")))
+    import multiprocessing
+
+    # The loader starts before the model is built: its workers end when the model fails.
+    config = small_run(
+        token_data, tmp_path / "out", model=str(tmp_path / "no-such-model"), num_workers=2
+    )
+    before = set(multiprocessing.active_children())
+    with pytest.raises(ConfigError, match="no-such-model: no such model directory") as caught:
+        train(config)
+    assert caught.traceback  # (the failed trainer stays reachable from it)
+    assert set(multiprocessing.active_children()) <= before
 
 
 def convert_docs(root: Path, docs: list[dict[str, Any]], **settings: Any) -> Path:

@@ -252,6 +252,30 @@ class _Trainer:
             # and read their first batches while the model is built and moved to the device.
             # (A resumed run starts it once the checkpoint has set its position.)
             self._it = iter(self.loader)
+        try:
+            self._make_model()
+        except BaseException:
+            # The loader's (persistent) workers end with their iterator.
+            self._it = self.loader._iterator = None
+            raise
+        self.step = 0
+        self.epochs_done = 0
+        self.saved_step = -1  # the step of the newest checkpoint this run wrote or loaded
+        self._pass_may_be_empty = False  # the first pass after a resume may start at its end
+        self._pass_start_step = 0
+        self._last_grad_norm = float("nan")
+        self.output = Path(config.output_dir)
+        self.checkpoints = self.output / CHECKPOINTS_DIR
+        self.records = RunLog(
+            config,
+            output=self.output,
+            rank=self.runtime.rank,
+            stage_seconds=self.loader.stage_seconds,
+        )
+
+    def _make_model(self) -> None:
+        """The model on its device (wrapped for the parallel mode), its optimizer and schedule."""
+        config = self.config
         model = self.build_local_model()
         self.num_parameters = count_parameters(model)
         self.num_trainable = count_trainable(model)
@@ -269,20 +293,6 @@ class _Trainer:
                 total_steps=self.schedule_steps,
                 min_ratio=self.config.min_lr_ratio,
             ),
-        )
-        self.step = 0
-        self.epochs_done = 0
-        self.saved_step = -1  # the step of the newest checkpoint this run wrote or loaded
-        self._pass_may_be_empty = False  # the first pass after a resume may start at its end
-        self._pass_start_step = 0
-        self._last_grad_norm = float("nan")
-        self.output = Path(config.output_dir)
-        self.checkpoints = self.output / CHECKPOINTS_DIR
-        self.records = RunLog(
-            config,
-            output=self.output,
-            rank=self.runtime.rank,
-            stage_seconds=self.loader.stage_seconds,
         )
 
     def build_local_model(self) -> nn.Module:
