@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench.harness import BENCH_DIR, ROOT
+from tools.bench.stream import bound_for
 
 LAUNCHER = ROOT / "tools" / "bench.py"
 VENV_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
@@ -247,7 +248,7 @@ def _stream_markdown(stream: dict[str, Any]) -> str:
         for peer in STREAM_SYSTEMS[1:]:
             s = by_key.get((task, source, workers, peer))
             cells.append(f"{s[key][0] / scale:.1f}" if s and s["num_ok"] and s[key] else "-")
-        bound_name = "raw-get" if source == "s3" else "decode" if task == "text" else "memmap"
+        bound_name = bound_for(task, source)
         bound = by_key.get((task, source, 0, bound_name))
         if bound and bound["num_ok"]:
             if bound_name == "decode":

@@ -85,6 +85,15 @@ SEED = 0
 SYSTEMS = ("shardloader", "mosaic", "litdata", "webdataset", "hf")
 PEERS = SYSTEMS[1:]
 BOUNDS = ("memmap", "decode", "raw-get")  # what no loader beats: see the module docstring
+
+
+def bound_for(task: str, source: str) -> str:
+    """The bound a task's rows are compared with: raw GET from S3, else decode (text) or memmap."""
+    if source == "s3":
+        return "raw-get"
+    return "decode" if task == "text" else "memmap"
+
+
 # shardloader again with StreamConfig(verify_local=False), beside the default (True: each local
 # shard is hashed before its first use in each process), for the "local checksum cost" table.
 NO_VERIFY = "shardloader-noverify"

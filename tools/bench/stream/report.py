@@ -28,6 +28,7 @@ from tools.bench.stream import (
     TARGET_MEMMAP_RATIO,
     TARGET_S3_RATIO,
     TASKS,
+    bound_for,
 )
 from tools.bench.stream.passes import Measurement
 
@@ -105,17 +106,10 @@ def _ratios(
     own = _rate(groups, key, best)
     peer = max(_rate(groups, (size, task, source, workers, p), best) for p in PEERS)
     to_peer = own / peer if own and peer else None
-    to_bound = None
-    if source == "local" and task in ("tokens", "packed"):
-        bound = _rate(groups, (size, task, "local", 0, "memmap"), best)
-        to_bound = own / bound if own and bound else None
-    elif source == "local" and task == "text":
-        bound = _rate(groups, (size, task, "local", 0, "decode"), best)
-        to_bound = own / bound if own and bound else None
-    elif source == "s3":
-        bound = _rate(groups, (size, task, "s3", 0, "raw-get"), best)
-        own_stored = _rate(groups, key, best, stored=True)
-        to_bound = own_stored / bound if own_stored and bound else None
+    bound = _rate(groups, (size, task, source, 0, bound_for(task, source)), best)
+    if source == "s3":  # stored bytes per second, as the raw GET counts them
+        own = _rate(groups, key, best, stored=True)
+    to_bound = own / bound if own and bound else None
     return to_peer, to_bound
 
 
