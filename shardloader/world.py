@@ -178,17 +178,31 @@ def end_process_group(*, succeeded: bool = True) -> None:
     """Leave the ``torch.distributed`` process group at the end of a run; nothing if none is up.
 
     Call it last, on every rank (Hugging Face's Trainer and Lightning leave the group to the
-    script). After a successful run every rank first waits at a barrier: a gloo thread lets go
-    of a finished collective's Python tensors a moment after the caller's wait returns, and if
-    the interpreter is shutting down by then the rank dies with SIGABRT ("terminate called
-    without an active exception") after training went well (pytorch/pytorch#179291). The
-    barrier outlasts that moment. After an error (``succeeded=False``) there is no barrier: the
-    other ranks may never reach it.
+    script). After a successful run every rank first waits at a barrier, whose work is then kept
+    for the rest of the process. Why: a gloo worker thread drops its reference to a finished
+    collective a moment after the caller's ``wait`` returns, and the barrier holds the
+    collectives still in flight when it was queued (an all-gather of the last step, with Python
+    tensors). If the interpreter is finalizing when that thread drops the last reference, freeing
+    those tensors needs the GIL, and the rank dies with SIGABRT ("terminate called without an
+    active exception") after training went well (pytorch/pytorch#179291). A barrier alone only
+    moved the race to its own work; kept alive, no collective's tensors are freed by that thread
+    any more. The cost is one small object until the process ends. After an error
+    (``succeeded=False``) there is no barrier: the other ranks may never reach it.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
     if succeeded:
-        dist.barrier()
+        work = dist.barrier(async_op=True)
+        if work is not None:
+            work.wait()
+            _keep_until_exit(work)
     dist.destroy_process_group()
+
+
+def _keep_until_exit(obj: object) -> None:
+    """Never free ``obj``: one reference more than Python will ever drop (not even at exit)."""
+    import ctypes
+
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))

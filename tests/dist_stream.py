@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shardloader import ShardDataset, ShardLoader, StreamConfig  # noqa: E402
+from shardloader import ShardDataset, ShardLoader, StreamConfig, end_process_group  # noqa: E402
 from tests.streaming import ids_of  # noqa: E402
 
 
@@ -93,8 +93,7 @@ def torchrun_main() -> None:
     if args.save and rank == 0:
         Path(args.save).write_text(json.dumps(state))
     assert os.environ["WORLD_SIZE"] == str(dist.get_world_size())
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ twice, and the union is the epoch less at most ``world_size - 1`` ids (the ``dro
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +130,29 @@ def test_end_process_group_waits_for_no_rank_after_a_failure(tmp_path: Path) -> 
     )
     assert (tmp_path / "rank0-ended").read_text() == "False"  # the group is gone
     assert (tmp_path / "rank1-saw").read_text() == "True"  # rank 0 ended before rank 1 did
+
+
+@pytest.mark.slow
+def test_ranks_that_end_their_group_with_collectives_in_flight_exit_cleanly(
+    tmp_path: Path,
+) -> None:
+    # The race (pytorch/pytorch#179291) is timing-bound: 6 pairs, each of which lost a rank to
+    # SIGABRT about 2 times in 3 before the fix.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for attempt in range(6):
+        init = tmp_path / f"init-{attempt}"
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "end_group_rank.py"), str(init), str(r)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in (0, 1)
+        ]
+        for rank in ranks:
+            _, stderr = rank.communicate(timeout=120)
+            assert rank.returncode == 0, (
+                f"pair {attempt}: a rank exited with {rank.returncode}: {stderr[-2000:]}"
+            )
