@@ -253,7 +253,7 @@ def _stream_markdown(stream: dict[str, Any]) -> str:
         if bound and bound["num_ok"]:
             if bound_name == "decode":
                 bound_text = f"decode {bound['samples_per_s'][0] / 1e3:.1f}"
-            elif source == "local":
+            elif bound_name == "memmap":
                 bound_text = f"memmap {bound['tokens_per_s'][0] / 1e6:.1f}"
             else:
                 bound_text = f"GET {bound['stored_mb_per_s'][0]:.0f} MB/s"

@@ -261,6 +261,13 @@ def format_rss_table(summaries: list[Summary], sizes_mb: dict[str, float]) -> st
     return format_columns(header, rows)
 
 
+# The bounds with a target, as the verdicts name them (``decode`` is a floor, with none).
+BOUND_TARGETS = {
+    "memmap": ("the memmap bound", TARGET_MEMMAP_RATIO),
+    "raw-get": ("raw GET throughput", TARGET_S3_RATIO),
+}
+
+
 def format_verdicts(summaries: list[Summary]) -> list[str]:
     """One line per target and configuration of shardloader."""
     lines = []
@@ -281,13 +288,9 @@ def format_verdicts(summaries: list[Summary]) -> list[str]:
                     percent=False,
                 )
             )
-        text_floor = s.source == "local" and s.task == "text"  # (a floor, with no target)
-        if s.ratio_to_bound and s.best_ratio_to_bound and not text_floor:
-            bound, target = (
-                ("the memmap bound", TARGET_MEMMAP_RATIO)
-                if s.source == "local"
-                else ("raw GET throughput", TARGET_S3_RATIO)
-            )
+        bound_target = BOUND_TARGETS.get(bound_for(s.task, s.source))
+        if s.ratio_to_bound and s.best_ratio_to_bound and bound_target:
+            bound, target = bound_target
             median, best = s.ratio_to_bound, s.best_ratio_to_bound
             lines.append(
                 target_line(
